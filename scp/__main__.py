@@ -1,0 +1,6 @@
+"""``python -m scp`` runs the sortscp command line."""
+
+from scp.cli import main
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,248 @@
+"""The ``sortscp`` command line: parse options, build a config, run, exit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from scp import __version__, config
+from scp.config import Duplicate, LogFormat, ServeConfig, SortConfig
+from scp.errors import SortscpError, TemplateError
+from scp.layout import DEFAULT_TEMPLATE, Template
+from scp.log import setup_logging
+from scp.report import Outcome, Status
+from scp.writer import Mode
+
+app = typer.Typer(
+    help="A DICOM Storage SCP that files every instance it receives, and a batch re-sorter.\n\n"
+    f"Layout: {DEFAULT_TEMPLATE}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _template(text: str) -> Template:
+    try:
+        return Template.parse(text)
+    except TemplateError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"choose one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def _positive(value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        raise typer.BadParameter("must be at least 1")
+    return value
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sortscp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """sortscp: a DICOM receiver that files what it receives."""
+
+
+TemplateOpt = Annotated[
+    Template,
+    typer.Option(
+        "--template", "-t", parser=_template, metavar="TEMPLATE",
+        help="Path template of DICOM keywords, with optional format specs "
+        "(e.g. {SeriesNumber:04}). The file name must contain {SOPInstanceUID}.",
+    ),
+]
+WorkersOpt = Annotated[
+    Optional[int],
+    typer.Option("--workers", "-w", callback=_positive, help="Worker processes [default: CPU count]."),
+]
+LogLevelOpt = Annotated[
+    str, typer.Option("--log-level", callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")
+]
+
+
+def _env(name: str) -> str:
+    return f"SORTSCP_{name}"
+
+
+@app.command()
+def serve(
+    out: Annotated[Path, typer.Option("--out", "-o", envvar=_env("OUT"), help="Output folder.")] = config.DEFAULT_OUT,
+    aet: Annotated[str, typer.Option("--aet", envvar=_env("AET"), help="Our AE title.")] = config.DEFAULT_AET,
+    port: Annotated[int, typer.Option("--port", "-p", envvar=_env("PORT"), min=0, max=65535, help="TCP port.")] = config.DEFAULT_PORT,
+    host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", envvar=_env("WORKERS"), callback=_positive, help="Worker processes [default: CPU count].")] = None,
+    template: Annotated[Template, typer.Option("--template", "-t", envvar=_env("TEMPLATE"), parser=_template, metavar="TEMPLATE", help="Path template (same engine as `sort`).")] = DEFAULT_TEMPLATE,  # type: ignore[assignment]
+    on_duplicate: Annotated[Duplicate, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE,
+    max_associations: Annotated[int, typer.Option("--max-associations", envvar=_env("MAX_ASSOCIATIONS"), min=1, help="Concurrent associations; more are rejected (local limit exceeded).")] = config.DEFAULT_MAX_ASSOCIATIONS,
+    max_pdu: Annotated[int, typer.Option("--max-pdu", envvar=_env("MAX_PDU"), min=0, help="Maximum PDU size we receive (0 = unlimited).")] = config.DEFAULT_MAX_PDU,
+    acse_timeout: Annotated[float, typer.Option("--acse-timeout", envvar=_env("ACSE_TIMEOUT"), min=0.1, help="Seconds to wait for association messages.")] = config.DEFAULT_ACSE_TIMEOUT,
+    dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, help="Seconds to wait for DIMSE messages.")] = config.DEFAULT_DIMSE_TIMEOUT,
+    network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, help="On SIGINT/SIGTERM, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
+    log_level: Annotated[str, typer.Option("--log-level", envvar=_env("LOG_LEVEL"), callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_format: Annotated[LogFormat, typer.Option("--log-format", envvar=_env("LOG_FORMAT"), help="text, or json (one object per line, for containers).")] = LogFormat.TEXT,
+) -> None:
+    """Run the Storage SCP: file every instance received with C-STORE."""
+    from scp.server import Server
+
+    setup_logging(log_level, log_format)
+    cfg = ServeConfig(
+        out=out, aet=aet, port=port, host=host, template=template,
+        workers=workers or config.default_workers(), on_duplicate=on_duplicate,
+        max_associations=max_associations, max_pdu=max_pdu, acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout, network_timeout=network_timeout, drain_timeout=drain_timeout,
+    )
+    try:
+        code = Server(cfg).run()
+    except SortscpError as exc:
+        log.error("%s", exc)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def sort(
+    src: Annotated[Path, typer.Argument(exists=True, file_okay=False, readable=True, help="Folder to read (walked recursively).")],
+    dst: Annotated[Path, typer.Argument(file_okay=False, help="Folder to fill with the layout (may be SRC itself).")],
+    mode: Annotated[Mode, typer.Option("--mode", "-m", help="copy keeps timestamps; move removes a source only once stored and flushed.")] = Mode.COPY,
+    template: TemplateOpt = DEFAULT_TEMPLATE,  # type: ignore[assignment]
+    workers: WorkersOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (source -> destination); touch nothing.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", dir_okay=False, help="Write one row per file: source, destination, outcome, reason. CSV, or JSON lines if the name ends in .json/.jsonl.")] = None,
+    fsync: Annotated[bool, typer.Option("--fsync", help="Flush every copied file to disk before naming it (move mode always does).")] = False,
+    log_level: LogLevelOpt = "WARNING",
+) -> None:
+    """Re-sort an existing folder of DICOM files into the layout, in parallel.
+
+    Exit status: 0 when every DICOM file is in place, 1 when any failed, 2 for usage errors.
+    """
+    from scp.batch import sort_tree
+
+    setup_logging(log_level)
+    cfg = SortConfig(
+        src=src, dst=dst, template=template, mode=mode,
+        workers=workers or config.default_workers(), dry_run=dry_run, fsync=fsync, report=report,
+    )
+    out = Console()
+    with _SortProgress(err, enabled=err.is_terminal and not dry_run) as progress:
+
+        def on_outcome(o: Outcome) -> None:
+            progress.advance()
+            if o.status is Status.FAILED:
+                progress.print(f"failed: {o.source}: {o.reason}")
+            elif o.status is Status.PLANNED:
+                out.print(f"{o.source} -> {dst / o.destination}", markup=False, highlight=False, soft_wrap=True)
+
+        try:
+            result = sort_tree(cfg, on_outcome, on_total=progress.set_total)
+        except KeyboardInterrupt:
+            err.print("interrupted: files already placed are complete; run the same command again to finish")
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(2) from None
+    err.print(f"{'planned' if dry_run else 'done'}: {result.summary()}", markup=False, highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+class _SortProgress:
+    """A rich progress bar on a terminal; nothing in a pipe."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _SortProgress:
+        if self.enabled:
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("sorting"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("sort", total=None)
+        return self
+
+    def set_total(self, total: int) -> None:
+        if self._progress is not None:
+            with self._lock:
+                self._progress.update(self._task, total=total)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            with self._lock:
+                self._progress.advance(self._task)
+
+    def print(self, text: str) -> None:
+        (self._progress.console if self._progress else self.console).print(text, markup=False, highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+@app.command()
+def echo(
+    host: Annotated[str, typer.Argument(help="Peer host.")],
+    port: Annotated[int, typer.Argument(help="Peer port.")],
+    aet: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "ECHOSCU",
+    called_aet: Annotated[str, typer.Option("--called-aet", help="The peer's (called) AE title.")] = config.DEFAULT_AET,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for each step.")] = 10.0,
+) -> None:
+    """Send a C-ECHO; exit 0 only if the peer answers Success."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        typer.echo(f"echo: no association with {called_aet}@{host}:{port}", err=True)
+        raise typer.Exit(1)
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        typer.echo(f"echo: {called_aet}@{host}:{port} answered {code if code is None else hex(code)}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"echo: {called_aet}@{host}:{port} answered Success")
+
+
+def main() -> None:
+    app()

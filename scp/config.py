@@ -1,0 +1,90 @@
+"""Frozen, picklable settings for ``serve`` and ``sort``. All defaults live here."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scp.layout import DEFAULT_TEMPLATE, Template
+from scp.writer import Mode, OnConflict
+
+DEFAULT_OUT = Path("sorted")
+DEFAULT_AET = "SORTSCP"
+DEFAULT_PORT = 11112
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_MAX_ASSOCIATIONS = 16
+#: Largest P-DATA PDU we accept. Bigger PDUs mean fewer round trips per instance.
+DEFAULT_MAX_PDU = 1 << 20
+DEFAULT_ACSE_TIMEOUT = 30.0
+DEFAULT_DIMSE_TIMEOUT = 60.0
+DEFAULT_NETWORK_TIMEOUT = 60.0
+#: How long a stop waits for in-flight associations before aborting them.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LogFormat(str, enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class Duplicate(str, enum.Enum):
+    """``serve``: an instance whose SOPInstanceUID is already stored, with other bytes."""
+
+    REPLACE = "replace"  #: the latest received replaces the file atomically
+    KEEP = "keep"  #: the first received stays
+
+    @property
+    def on_conflict(self) -> OnConflict:
+        return OnConflict.REPLACE if self is Duplicate.REPLACE else OnConflict.KEEP
+
+
+def _default_template() -> Template:
+    return Template.parse(DEFAULT_TEMPLATE)
+
+
+@dataclass(frozen=True)
+class SortConfig:
+    """Settings of one ``sortscp sort SRC DST`` run."""
+
+    src: Path
+    dst: Path
+    template: Template = field(default_factory=_default_template)
+    mode: Mode = Mode.COPY
+    workers: int = field(default_factory=default_workers)
+    dry_run: bool = False
+    fsync: bool = False
+    report: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of the Storage SCP."""
+
+    out: Path = DEFAULT_OUT
+    aet: str = DEFAULT_AET
+    port: int = DEFAULT_PORT
+    host: str = DEFAULT_HOST
+    template: Template = field(default_factory=_default_template)
+    workers: int = field(default_factory=default_workers)
+    on_duplicate: Duplicate = Duplicate.REPLACE
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    max_pdu: int = DEFAULT_MAX_PDU
+    acse_timeout: float = DEFAULT_ACSE_TIMEOUT
+    dimse_timeout: float = DEFAULT_DIMSE_TIMEOUT
+    network_timeout: float = DEFAULT_NETWORK_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    allow_aet: tuple[str, ...] = ()
+    require_called_aet: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None

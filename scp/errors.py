@@ -1,0 +1,27 @@
+"""The few exceptions sortscp raises on purpose."""
+
+from __future__ import annotations
+
+
+class SortscpError(Exception):
+    """Base class of every error sortscp raises on purpose."""
+
+
+class TemplateError(SortscpError, ValueError):
+    """A path template is malformed or names an unknown DICOM keyword."""
+
+
+class NotDicomError(SortscpError):
+    """A file or byte stream is not a DICOM instance (or is a DICOMDIR)."""
+
+
+class LayoutError(SortscpError):
+    """A header cannot be turned into a safe path (e.g. unreadable value)."""
+
+
+class StoreError(SortscpError):
+    """An instance could not be written to its final place."""
+
+
+class OutsideRootError(StoreError):
+    """A computed destination would lie outside the output folder."""

@@ -1,0 +1,156 @@
+"""pynetdicom event handlers: C-STORE, C-ECHO and the association log line.
+
+Handlers return statuses; no exception ever reaches the network. Each failure
+is mapped on purpose to a status the sender understands as "not stored, try
+again" (or "this dataset cannot be read").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from pynetdicom import evt
+
+from scp.config import ServeConfig
+from scp.errors import LayoutError, NotDicomError, StoreError
+from scp.jobs import store_received
+from scp.pool import WorkerPool
+from scp.report import Status
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
+SUCCESS = 0x0000
+#: Refused: Out of Resources. Disk full, unwritable folder, worker pool failure.
+OUT_OF_RESOURCES = 0xA700
+#: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
+CANNOT_UNDERSTAND = 0xC000
+
+
+def status_for(exc: BaseException) -> int:
+    """The C-STORE status for a failure to store an instance."""
+    if isinstance(exc, (NotDicomError, LayoutError)):
+        return CANNOT_UNDERSTAND
+    return OUT_OF_RESOURCES  # StoreError, OSError, a dead worker, anything else
+
+
+@dataclass
+class _AssocStats:
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    nbytes: int = 0
+
+
+class StoreHandlers:
+    """The handlers of one running server, bound to its pool and config."""
+
+    def __init__(self, pool: WorkerPool, cfg: ServeConfig) -> None:
+        self.pool = pool
+        self.cfg = cfg
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self.stored = 0
+        self.failed = 0
+
+    def bindings(self) -> list[tuple]:
+        return [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_CONN_CLOSE, self.on_close),
+        ]
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title
+        stats = self._stats.setdefault(id(assoc), _AssocStats())
+        received = str(event.dataset_path)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        try:
+            outcome = self.pool.submit(store_received, received, calling, self.cfg).result()
+        except Exception as exc:
+            status = status_for(exc)
+            stats.failed += 1
+            with self._lock:
+                self.failed += 1
+            reason = _describe(exc)
+            log.error(
+                "C-STORE failed from %s (%s): SOP Instance %s: %s -> status 0x%04X",
+                calling,
+                _peer(assoc),
+                sop_uid,
+                reason,
+                status,
+                extra={"event": "store_failed", "calling_aet": calling, "sop_instance": sop_uid,
+                       "reason": reason, "status": status},
+            )
+            return status
+        stats.stored += 1
+        stats.nbytes += outcome.nbytes
+        with self._lock:
+            self.stored += 1
+        if outcome.reason:
+            log.info("%s: %s", outcome.destination, outcome.reason)
+        log.debug(
+            "stored %s from %s -> %s (%d bytes, %s)",
+            sop_uid, calling, outcome.destination, outcome.nbytes,
+            "already there" if outcome.status is Status.ALREADY else "new",
+        )
+        return SUCCESS
+
+    def on_established(self, event: evt.Event) -> None:
+        self._stats[id(event.assoc)] = _AssocStats()
+
+    def on_close(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        _discard_partial_dataset(assoc)
+        stats = self._stats.pop(id(assoc), None)
+        if stats is None:  # rejected, or closed before association
+            return
+        calling = assoc.requestor.ae_title
+        seconds = time.monotonic() - stats.started
+        state = "aborted" if assoc.is_aborted else "released"
+        log.info(
+            "association from %s (%s) %s: %d stored, %d failed, %d bytes, %.2f s",
+            calling, _peer(assoc), state, stats.stored, stats.failed, stats.nbytes, seconds,
+            extra={"event": "association", "calling_aet": calling, "peer": _peer(assoc),
+                   "state": state, "stored": stats.stored, "failed": stats.failed,
+                   "bytes": stats.nbytes, "seconds": round(seconds, 3)},
+        )
+
+
+def _peer(assoc) -> str:
+    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BrokenProcessPool):
+        return "a worker process died while storing it"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, (StoreError, NotDicomError, LayoutError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _discard_partial_dataset(assoc) -> None:
+    """Remove the temporary file of a dataset whose transfer never finished
+    (the peer aborted mid-transfer); pynetdicom removes only complete ones."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    tmp = getattr(message, "_data_set_file", None)
+    if tmp is None:
+        return
+    try:
+        tmp.close()
+        os.unlink(tmp.name)
+    except OSError:
+        pass

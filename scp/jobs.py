@@ -1,0 +1,162 @@
+"""Worker entry points: top-level, picklable, each returning :class:`Outcome` s.
+
+Both read the header with :func:`scp.reader.read_header`, name the file with
+:func:`scp.layout.relative_path` and create it with :mod:`scp.writer`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from scp.config import ServeConfig, SortConfig
+from scp.errors import NotDicomError, SortscpError
+from scp.layout import relative_path
+from scp.reader import read_header
+from scp.report import Outcome, Status
+from scp.writer import OnConflict, Placement, place, write_atomic
+
+_STORED = {
+    Placement.STORED: (Status.STORED, ""),
+    Placement.STORED_AS_COPY: (
+        Status.STORED,
+        "another file with this SOPInstanceUID and other bytes is already stored; kept both",
+    ),
+    Placement.REPLACED: (Status.STORED, "replaced an earlier file with other bytes"),
+    Placement.IDENTICAL: (Status.ALREADY, ""),
+    Placement.KEPT_EXISTING: (Status.ALREADY, "kept the first file received; other bytes dropped"),
+}
+
+_GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+# --- serve ------------------------------------------------------------------
+
+
+def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome:
+    """File one instance received by the SCP.
+
+    `received` is the Part 10 file pynetdicom wrote while the dataset arrived
+    (File Meta for the negotiated transfer syntax, then the dataset exactly as
+    sent). The stored file gets our own File Meta (implementation UID, the
+    sender's AE title) followed by the same dataset bytes, copied in the kernel.
+    Exceptions propagate: the handler maps each to a DIMSE status.
+    """
+    with open(received, "rb") as src:
+        ds = read_header(src, cfg.template.keywords)
+        offset = _dataset_offset(src)
+        size = os.fstat(src.fileno()).st_size - offset
+        head = _file_meta_bytes(ds.file_meta, calling_aet)
+        rel = relative_path(ds, cfg.template)
+
+        def fill(dst: BinaryIO) -> None:
+            dst.write(head)
+            dst.flush()
+            _copy_range(src, dst, offset, size)
+
+        final, placement = write_atomic(
+            cfg.out, rel, fill, on_conflict=cfg.on_duplicate.on_conflict, durable=True
+        )
+    status, note = _STORED[placement]
+    return Outcome(status, received, str(final.relative_to(cfg.out)), note, size)
+
+
+def _dataset_offset(f: BinaryIO) -> int:
+    """Offset of the dataset after the preamble and the File Meta group."""
+    f.seek(132)
+    element = f.read(12)
+    if len(element) != 12 or element[:8] != _GROUP_LENGTH_TAG:
+        raise NotDicomError("the received File Meta has no group length")
+    (length,) = struct.unpack("<I", element[8:])
+    return 144 + length
+
+
+def _file_meta_bytes(received: FileMetaDataset, calling_aet: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = received.MediaStorageSOPClassUID
+    meta.MediaStorageSOPInstanceUID = received.MediaStorageSOPInstanceUID
+    meta.TransferSyntaxUID = received.TransferSyntaxUID
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if calling_aet.strip():
+        meta.SourceApplicationEntityTitle = calling_aet.strip()
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, size: int) -> None:
+    """Copy `size` bytes of `src` from `offset` to the end of `dst`, in the kernel
+    where it can, so a large instance never passes through our memory."""
+    in_fd, out_fd = src.fileno(), dst.fileno()
+    try:
+        while size > 0:
+            n = os.copy_file_range(in_fd, out_fd, size, offset)
+            if n == 0:
+                raise NotDicomError("the received file is shorter than announced")
+            offset += n
+            size -= n
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _NO_COPY_RANGE:
+            raise
+        src.seek(offset)
+        while size > 0:
+            chunk = src.read(min(size, 1 << 20))
+            if not chunk:
+                raise NotDicomError("the received file is shorter than announced") from None
+            dst.write(chunk)
+            size -= len(chunk)
+
+
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+# --- sort -------------------------------------------------------------------
+
+
+def sort_file(path: str, cfg: SortConfig) -> Outcome:
+    """Put one file of the source tree into the layout (or plan it, with --dry-run).
+
+    A file that is not a DICOM instance is skipped and left where it was; any
+    other problem is reported as a failure with its reason, never raised.
+    """
+    try:
+        with open(path, "rb") as f:
+            ds = read_header(f, cfg.template.keywords)
+            size = os.fstat(f.fileno()).st_size
+        rel = relative_path(ds, cfg.template)
+        if cfg.dry_run:
+            return Outcome(Status.PLANNED, path, str(rel), "", size)
+        final, placement = place(
+            Path(path), cfg.dst, rel, cfg.mode, on_conflict=OnConflict.BOTH, durable=cfg.fsync
+        )
+    except NotDicomError as exc:
+        return Outcome(Status.SKIPPED, path, "", str(exc))
+    except (SortscpError, OSError) as exc:
+        return Outcome(Status.FAILED, path, "", _reason(exc))
+    except Exception as exc:  # never lose track of a file: report it
+        return Outcome(Status.FAILED, path, "", f"{type(exc).__name__}: {exc}")
+    status, note = _STORED[placement]
+    return Outcome(status, path, str(final.relative_to(cfg.dst)), note, size)
+
+
+def sort_files(paths: Sequence[str], cfg: SortConfig) -> list[Outcome]:
+    """:func:`sort_file` for a batch of paths: one round trip to a worker per batch."""
+    return [sort_file(p, cfg) for p in paths]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__

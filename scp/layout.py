@@ -1,0 +1,288 @@
+"""The layout engine: one pure function turns a DICOM header into a safe relative path.
+
+Nothing in this module touches the file system. ``serve`` and ``sort`` both call
+:func:`relative_path`, so receiving a set of instances and re-sorting the same
+files give the same tree.
+
+Rules applied to every path component (each is tested):
+
+* a missing or empty value renders as :data:`PLACEHOLDER`;
+* Person Names are decoded with the dataset's SpecificCharacterSet; empty
+  trailing name components are dropped (``Doe^John^^`` -> ``Doe^John``);
+* whitespace becomes ``_``; ``/ \\ : * ? " < > |`` and control characters
+  (NUL included) become ``_``;
+* a component never starts with ``.`` nor ends with ``.`` or a space, so it
+  is never empty, ``.``, ``..`` or hidden; Windows device names (``CON``,
+  ``NUL``, ``COM1`` ...) get a leading ``_``;
+* a component longer than 255 bytes (UTF-8) is cut on a character boundary
+  and made unique with ``~`` and 12 hex digits of its SHA-256, keeping a short
+  extension such as ``.dcm``.
+
+Examples
+--------
+>>> from pydicom import Dataset
+>>> ds = Dataset()
+>>> ds.PatientName = "Doe^John"
+>>> ds.PatientID = "12/34"
+>>> ds.SeriesNumber = 3
+>>> ds.SOPInstanceUID = "1.2.3"
+>>> str(relative_path(ds, Template.parse(DEFAULT_TEMPLATE)))
+'Doe^John_12_34/UNKNOWN_3/1.2.3.dcm'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+import unicodedata
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from scp.errors import TemplateError
+
+DEFAULT_TEMPLATE = (
+    "{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}/{SOPInstanceUID}.dcm"
+)
+
+#: What a missing or empty value renders as.
+PLACEHOLDER = "UNKNOWN"
+
+#: Longest path component, in UTF-8 bytes (ext4, XFS, APFS, NTFS all allow 255).
+MAX_COMPONENT_BYTES = 255
+
+#: Characters that are unsafe in a path component on Linux, macOS or Windows.
+UNSAFE_CHARS = frozenset('/\\:*?"<>|')
+
+#: Joins the values of a multi-valued element (DICOM's own ``\\`` is unsafe).
+MULTI_VALUE_SEPARATOR = "-"
+
+_WINDOWS_DEVICE_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL"]
+    + [f"COM{i}" for i in range(10)]
+    + [f"LPT{i}" for i in range(10)]
+)
+_HASH_DIGITS = 12
+_MAX_KEPT_EXTENSION = 16
+
+
+@dataclass(frozen=True)
+class Field:
+    """One ``{Keyword:spec}`` placeholder of a template."""
+
+    keyword: str
+    spec: str = ""
+
+
+Part = str | Field
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed path template: components separated by ``/``, each a run of
+    literal text and :class:`Field` s.
+
+    Parse once with :meth:`parse`; the object is immutable and picklable, so it
+    travels inside the config to the worker processes.
+
+    Examples
+    --------
+    >>> t = Template.parse("{PatientID}/{StudyDate}/{SOPInstanceUID}.dcm")
+    >>> t.keywords
+    ('PatientID', 'StudyDate', 'SOPInstanceUID')
+    """
+
+    text: str
+    components: tuple[tuple[Part, ...], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Template:
+        """Parse and validate `text`; raise :class:`TemplateError` with a clear
+        message if it is malformed or names an unknown keyword."""
+        if not text or not text.strip():
+            raise TemplateError("the template is empty")
+        if text.startswith("/"):
+            raise TemplateError(f"the template must be a relative path: {text!r}")
+        try:
+            pieces = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise TemplateError(f"malformed template {text!r}: {exc}") from None
+
+        components: list[list[Part]] = [[]]
+        for literal, name, spec, conversion in pieces:
+            for i, chunk in enumerate(literal.split("/")):
+                if i:
+                    components.append([])
+                if chunk:
+                    components[-1].append(chunk)
+            if name is None:
+                continue
+            components[-1].append(_parse_field(text, name, spec or "", conversion))
+
+        for parts in components:
+            if not parts:
+                raise TemplateError(f"the template has an empty path component: {text!r}")
+            if all(isinstance(p, str) for p in parts) and "".join(parts) in (".", ".."):
+                raise TemplateError(f"the template may not contain '.' or '..': {text!r}")
+        if not any(
+            isinstance(p, Field) and p.keyword == "SOPInstanceUID" for p in components[-1]
+        ):
+            raise TemplateError(
+                "the file name (last component) must contain {SOPInstanceUID}, so that "
+                f"two instances never share a name: {text!r}"
+            )
+        return cls(text, tuple(tuple(parts) for parts in components))
+
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        """The DICOM keywords the template needs, in order, without repeats."""
+        seen: dict[str, None] = {}
+        for parts in self.components:
+            for p in parts:
+                if isinstance(p, Field):
+                    seen.setdefault(p.keyword)
+        return tuple(seen)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Field:
+    if conversion:
+        raise TemplateError(f"conversions like '!{conversion}' are not supported: {text!r}")
+    if not name:
+        raise TemplateError(f"empty '{{}}' in template {text!r}: name a DICOM keyword")
+    if not name.isidentifier() or tag_for_keyword(name) is None:
+        raise TemplateError(f"unknown DICOM keyword {name!r} in template {text!r}")
+    if dictionary_VR(tag_for_keyword(name)) == "SQ":
+        raise TemplateError(f"{name!r} is a sequence and cannot name a folder")
+    if spec:
+        if "{" in spec:
+            raise TemplateError(f"nested fields are not supported: {text!r}")
+        for sample in (1, 1.5, "x"):
+            try:
+                format(sample, spec)
+                break
+            except (ValueError, TypeError):
+                continue
+        else:
+            raise TemplateError(f"invalid format spec {spec!r} for {name} in {text!r}")
+    return Field(name, spec)
+
+
+def render_value(ds: Dataset, keyword: str, spec: str = "") -> str:
+    """Return the text of `keyword` in `ds`, before sanitizing.
+
+    Person Names are decoded with the dataset's SpecificCharacterSet; a missing
+    or empty value, or one that cannot be decoded, gives :data:`PLACEHOLDER`.
+    """
+    try:
+        elem = ds.data_element(keyword)
+        value = None if elem is None else elem.value
+        text = _value_text(value, spec)
+    except Exception:  # a broken value must never stop an instance from being filed
+        return PLACEHOLDER
+    return text if text else PLACEHOLDER
+
+
+def _value_text(value: Any, spec: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        texts = (_value_text(v, spec) for v in value)
+        return MULTI_VALUE_SEPARATOR.join(t for t in texts if t)
+    if isinstance(value, PersonName):
+        groups = [g.rstrip("^").strip() for g in str(value).split("=")]
+        while groups and not groups[-1]:
+            groups.pop()
+        return "=".join(groups)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace").strip("\x00 ")
+    if spec:
+        return _format(value, spec).strip()
+    return str(value).strip()
+
+
+def _format(value: Any, spec: str) -> str:
+    candidates = [value]
+    if isinstance(value, str):
+        for convert in (int, float):
+            try:
+                candidates.append(convert(value.strip()))
+            except ValueError:
+                pass
+    for candidate in candidates:
+        try:
+            return format(candidate, spec)
+        except (ValueError, TypeError):
+            continue
+    return str(value)
+
+
+def sanitize_component(text: str) -> str:
+    """Make `text` a safe, non-empty path component on Linux, macOS and Windows.
+
+    Examples
+    --------
+    >>> sanitize_component("../etc/passwd")
+    '_._etc_passwd'
+    >>> sanitize_component("Head  First.")
+    'Head__First_'
+    >>> sanitize_component("")
+    'UNKNOWN'
+    """
+    text = unicodedata.normalize("NFC", text)
+    out = []
+    for ch in text:
+        if ch.isspace():
+            out.append("_")
+        elif ch in UNSAFE_CHARS or unicodedata.category(ch) in ("Cc", "Cs"):
+            out.append("_")
+        else:
+            out.append(ch)
+    name = "".join(out)
+    if not name:
+        return PLACEHOLDER
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if name.endswith("."):
+        name = name[:-1] + "_"
+    if name.split(".", 1)[0].upper() in _WINDOWS_DEVICE_NAMES:
+        name = "_" + name
+    return _shorten(name)
+
+
+def _shorten(name: str) -> str:
+    raw = name.encode("utf-8")
+    if len(raw) <= MAX_COMPONENT_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:_HASH_DIGITS]
+    stem, dot, ext = name.rpartition(".")
+    if not (dot and stem and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION):
+        stem, ext = name, ""
+    suffix = f"~{digest}" + (f".{ext}" if ext else "")
+    budget = MAX_COMPONENT_BYTES - len(suffix.encode("utf-8"))
+    cut = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
+    return cut + suffix
+
+
+def render_component(ds: Dataset, parts: tuple[Part, ...]) -> str:
+    """Render and sanitize one path component."""
+    text = "".join(
+        p if isinstance(p, str) else render_value(ds, p.keyword, p.spec) for p in parts
+    )
+    return sanitize_component(text)
+
+
+def relative_path(ds: Dataset, template: Template) -> PurePosixPath:
+    """Return the path, relative to the output folder, where `ds` is filed.
+
+    Whatever the header holds, the result is relative, has no ``..`` and no
+    empty components: it always stays inside the output folder.
+    """
+    return PurePosixPath(*(render_component(ds, parts) for parts in template.components))

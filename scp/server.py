@@ -1,0 +1,175 @@
+"""``sortscp serve``: set up the AE, run it, stop it cleanly.
+
+Stopping (SIGINT/SIGTERM) closes the listening socket first, lets the
+associations in flight finish (bounded by ``drain_timeout``), aborts what is
+left, then closes the worker pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from scp.config import ServeConfig
+from scp.errors import SortscpError
+from scp.handlers import StoreHandlers
+from scp.pool import WorkerPool
+from scp.writer import TMP_DIRNAME
+
+log = logging.getLogger(__name__)
+
+#: Leftover temporary files older than this are removed when the server starts.
+STALE_TMP_SECONDS = 3600
+
+
+class ServeError(SortscpError):
+    """The server cannot start (folder not writable, port in use ...)."""
+
+
+def prepare_output(out: Path) -> Path:
+    """Create the output folder and its temporary folder; prove we can write there.
+
+    Pynetdicom writes each incoming dataset into the temporary folder, on the
+    same file system as the layout, so that the final step is a link, not a copy.
+    """
+    tmp = out / TMP_DIRNAME
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=tmp, prefix="probe-"):
+            pass
+    except OSError as exc:
+        raise ServeError(f"cannot write to the output folder {out}: {exc.strerror}") from None
+    _remove_stale(tmp)
+    return tmp
+
+
+def _remove_stale(tmp: Path) -> None:
+    cutoff = time.time() - STALE_TMP_SECONDS
+    removed = 0
+    for entry in os.scandir(tmp):
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d stale temporary files from %s", removed, tmp)
+
+
+def build_ae(cfg: ServeConfig) -> AE:
+    """An AE that accepts Verification and C-STORE of any storage SOP class.
+
+    pynetdicom's unrestricted storage service accepts every storage SOP class,
+    private and retired ones included, with the transfer syntax the sender
+    proposes first; the dataset is stored without decoding, so any transfer
+    syntax is fine. Datasets are received in chunks to a file, never held in
+    memory whole.
+    """
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    ae = AE(ae_title=cfg.aet)
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    ae.require_called_aet = cfg.require_called_aet
+    return ae
+
+
+class Server:
+    """A running Storage SCP: ``start()``, then ``stop()`` (or ``run()`` for both)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.pool: WorkerPool | None = None
+        self.ae: AE | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self.handlers: StoreHandlers | None = None
+        self._stop = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        return self.server.server_address[:2]
+
+    def start(self) -> None:
+        cfg = self.cfg
+        tmp = prepare_output(cfg.out)
+        tempfile.tempdir = os.fspath(tmp)  # where pynetdicom writes incoming datasets
+        self.pool = WorkerPool(cfg.workers)
+        self.pool.warm_up()
+        self.handlers = StoreHandlers(self.pool, cfg)
+        self.ae = build_ae(cfg)
+        try:
+            self.server = self.ae.start_server(
+                (cfg.host, cfg.port), block=False, evt_handlers=self.handlers.bindings()
+            )
+        except OSError as exc:
+            self.pool.close()
+            raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+        host, port = self.address
+        log.info(
+            "listening on %s:%d as %s, filing into %s with %d workers",
+            host, port, cfg.aet, cfg.out.resolve(), self.pool.workers,
+        )
+
+    def request_stop(self, *_: object) -> None:
+        """Ask the server to stop (safe to call from a signal handler)."""
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Stop listening, drain in-flight associations (bounded), then shut down."""
+        if self.server is not None:
+            self.server.shutdown()  # closes the listening socket; associations go on
+            active = self.server.active_associations
+            if active:
+                log.info(
+                    "stopping: waiting up to %.0f s for %d association(s) in flight",
+                    self.cfg.drain_timeout, len(active),
+                )
+            deadline = time.monotonic() + self.cfg.drain_timeout
+            for thread in active:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            left = [a for a in active if a.is_alive()]
+            if left:
+                log.warning("aborting %d association(s) still open after the drain", len(left))
+        if self.ae is not None:
+            self.ae.shutdown()
+        if self.pool is not None:
+            self.pool.close()
+        if self.handlers is not None:
+            log.info(
+                "stopped: %d instances stored, %d failed",
+                self.handlers.stored, self.handlers.failed,
+            )
+
+    def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
+        """Start, serve until SIGINT/SIGTERM, stop. Returns the exit code."""
+        self.start()
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if on_ready:
+                on_ready(self)
+            self.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop()
+        return 0

@@ -1,0 +1,316 @@
+"""The only code that creates files under an output root.
+
+Every file is first written under a temporary name in ``<root>/.sortscp-tmp``
+(same file system, outside the layout), then given its final name in one step
+(a hard link, which never overwrites, or ``os.replace``). A half-written file
+never carries a final name, whatever happens to the process.
+
+When the final name is already taken:
+
+* identical bytes: nothing to do (``Placement.IDENTICAL``);
+* different bytes: :class:`OnConflict` decides (replace it atomically, keep
+  the existing file, or keep both, the newcomer as ``<stem>~2<ext>``,
+  ``<stem>~3<ext>`` ...).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from scp.errors import OutsideRootError, StoreError
+
+#: Folder (inside the output root) that holds files being written.
+TMP_DIRNAME = ".sortscp-tmp"
+
+_CHUNK = 1 << 20
+
+
+class OnConflict(str, enum.Enum):
+    """What to do when the final name holds different bytes."""
+
+    REPLACE = "replace"  #: the newcomer atomically replaces the existing file
+    KEEP = "keep"  #: the existing file stays, the newcomer is dropped
+    BOTH = "both"  #: the newcomer is stored beside it as <stem>~N<ext>
+
+
+class Mode(str, enum.Enum):
+    """How ``sort`` puts a source file into the layout."""
+
+    COPY = "copy"
+    MOVE = "move"
+    HARDLINK = "hardlink"
+    SYMLINK = "symlink"
+
+
+class Placement(str, enum.Enum):
+    """What happened at the final name."""
+
+    STORED = "stored"  #: a new file now carries the final name
+    STORED_AS_COPY = "stored_as_copy"  #: name taken by other bytes: stored as <stem>~N<ext>
+    REPLACED = "replaced"  #: different bytes were atomically replaced
+    IDENTICAL = "identical"  #: the same bytes were already there
+    KEPT_EXISTING = "kept_existing"  #: different bytes were there and were kept
+
+
+def tmp_dir(root: Path) -> Path:
+    """The folder for files being written under `root` (created if needed)."""
+    path = root / TMP_DIRNAME
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def destination(root: Path, rel: PurePosixPath) -> Path:
+    """``root / rel``, refusing anything that would not stay inside `root`."""
+    parts = rel.parts
+    if (
+        not parts
+        or rel.is_absolute()
+        or any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts)
+        or parts[0] == TMP_DIRNAME
+    ):
+        raise OutsideRootError(f"refusing a path outside the output folder: {str(rel)!r}")
+    return root.joinpath(*parts)
+
+
+def write_atomic(
+    root: Path,
+    rel: PurePosixPath,
+    fill: Callable[[BinaryIO], None],
+    *,
+    on_conflict: OnConflict = OnConflict.REPLACE,
+    durable: bool = True,
+) -> tuple[Path, Placement]:
+    """Write a new file at ``root / rel`` through a temporary file.
+
+    `fill` writes the content into the open temporary file. With `durable`, the
+    file and its folder are flushed to disk before this returns.
+    Returns the final path (which differs from ``root / rel`` only for
+    :attr:`OnConflict.BOTH`) and what happened.
+    """
+    final = destination(root, rel)
+    tmp = _new_tmp(root)
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        _ensure_parent(root, final, durable)
+        return _commit(tmp, final, on_conflict, durable, keep_source=False)
+    finally:
+        _unlink_quietly(tmp)
+
+
+def place(
+    src: Path,
+    root: Path,
+    rel: PurePosixPath,
+    mode: Mode,
+    *,
+    on_conflict: OnConflict = OnConflict.BOTH,
+    durable: bool = False,
+) -> tuple[Path, Placement]:
+    """Put the file `src` at ``root / rel`` by copy, move, hard or symbolic link.
+
+    ``copy`` keeps timestamps and permissions (as ``shutil.copy2``). ``move``
+    removes `src` only once its content is at a final name in the layout and
+    flushed to disk; it never removes a file that *is* its own destination.
+    """
+    final = destination(root, rel)
+    _ensure_parent(root, final, durable or mode is Mode.MOVE)
+    if mode is Mode.COPY:
+        return _place_copy(src, root, final, on_conflict, durable)
+    if mode is Mode.HARDLINK:
+        return _commit(src, final, on_conflict, durable, keep_source=True)
+    if mode is Mode.SYMLINK:
+        return _place_symlink(src, final, on_conflict)
+    return _place_move(src, root, final, on_conflict)
+
+
+def _place_copy(
+    src: Path, root: Path, final: Path, on_conflict: OnConflict, durable: bool
+) -> tuple[Path, Placement]:
+    tmp = _new_tmp(root)
+    try:
+        shutil.copyfile(src, tmp)
+        shutil.copystat(src, tmp)
+        if durable:
+            _fsync_path(tmp)
+        return _commit(tmp, final, on_conflict, durable, keep_source=False)
+    finally:
+        _unlink_quietly(tmp)
+
+
+def _place_move(
+    src: Path, root: Path, final: Path, on_conflict: OnConflict
+) -> tuple[Path, Placement]:
+    if final.exists() and os.path.samefile(src, final):
+        return final, Placement.IDENTICAL
+    try:
+        path, placement = _commit(src, final, on_conflict, True, keep_source=True)
+    except StoreError as exc:
+        if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno != errno.EXDEV:
+            raise
+        path, placement = _place_copy(src, root, final, on_conflict, durable=True)
+    if placement is not Placement.KEPT_EXISTING and not os.path.samefile(src, path):
+        os.unlink(src)
+        _fsync_dir(src.parent)
+    return path, placement
+
+
+def _place_symlink(src: Path, final: Path, on_conflict: OnConflict) -> tuple[Path, Placement]:
+    target = os.path.abspath(src)
+    for candidate in _candidates(final, on_conflict):
+        try:
+            os.symlink(target, candidate)
+            return candidate, _stored(candidate, final)
+        except FileExistsError:
+            if os.path.islink(candidate) and os.readlink(candidate) == target:
+                return candidate, Placement.IDENTICAL
+            if _same_content(src, candidate):
+                return candidate, Placement.IDENTICAL
+            if on_conflict is OnConflict.KEEP:
+                return candidate, Placement.KEPT_EXISTING
+            if on_conflict is OnConflict.REPLACE:
+                link = candidate.with_name(f".{candidate.name}.{os.getpid()}.link")
+                _unlink_quietly(link)
+                os.symlink(target, link)
+                os.replace(link, candidate)
+                return candidate, Placement.REPLACED
+        except OSError as exc:
+            raise StoreError(f"cannot create symlink {candidate}: {exc}") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _commit(
+    src: Path, final: Path, on_conflict: OnConflict, durable: bool, *, keep_source: bool
+) -> tuple[Path, Placement]:
+    """Give the complete file `src` the name `final` without ever overwriting a
+    different file by accident (``os.link`` fails if the name exists)."""
+    for candidate in _candidates(final, on_conflict):
+        try:
+            os.link(src, candidate)
+        except FileExistsError:
+            if _same_content(src, candidate):
+                return candidate, Placement.IDENTICAL
+            if on_conflict is OnConflict.KEEP:
+                return candidate, Placement.KEPT_EXISTING
+            if on_conflict is OnConflict.REPLACE:
+                if keep_source:
+                    return _replace_via_tmp(src, candidate, durable)
+                os.replace(src, candidate)
+                return candidate, _done(candidate, Placement.REPLACED, durable)
+            continue  # OnConflict.BOTH: try the next free name
+        except OSError as exc:
+            raise StoreError(f"cannot create {candidate}: {os.strerror(exc.errno or 0)}") from exc
+        return candidate, _done(candidate, _stored(candidate, final), durable)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _replace_via_tmp(src: Path, final: Path, durable: bool) -> tuple[Path, Placement]:
+    link = final.with_name(f".{final.name}.{os.getpid()}.link")
+    _unlink_quietly(link)
+    os.link(src, link)
+    os.replace(link, final)
+    return final, _done(final, Placement.REPLACED, durable)
+
+
+def _candidates(final: Path, on_conflict: OnConflict):
+    yield final
+    if on_conflict is OnConflict.BOTH:
+        stem, ext = _split_ext(final.name)
+        n = 2
+        while True:
+            yield final.with_name(f"{stem}~{n}{ext}")
+            n += 1
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def _stored(candidate: Path, final: Path) -> Placement:
+    return Placement.STORED if candidate == final else Placement.STORED_AS_COPY
+
+
+def _done(path: Path, placement: Placement, durable: bool) -> Placement:
+    if durable:
+        _fsync_dir(path.parent)
+    return placement
+
+
+def _new_tmp(root: Path) -> Path:
+    try:
+        fd, name = tempfile.mkstemp(prefix="w-", suffix=".part", dir=tmp_dir(root))
+    except OSError as exc:
+        raise StoreError(f"cannot write under {root}: {exc.strerror}") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def _ensure_parent(root: Path, final: Path, durable: bool) -> None:
+    parent = final.parent
+    if parent.is_dir():
+        return
+    missing = []
+    while parent != root and not parent.is_dir():
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+            if durable:
+                _fsync_dir(folder.parent)
+    except OSError as exc:
+        raise StoreError(f"cannot create folder {folder}: {exc.strerror}") from exc
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):
+            return True
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                ca, cb = fa.read(_CHUNK), fb.read(_CHUNK)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+    except OSError:
+        return False
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_path(path)
+    except OSError:  # some file systems cannot fsync a folder; the data is synced
+        pass
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
