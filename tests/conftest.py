@@ -1,0 +1,183 @@
+"""Shared fixtures: real DICOM files, DCMTK tools, a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
+TEST_FILES = PYDICOM_DATA / "test_files"
+CHARSET_FILES = PYDICOM_DATA / "charset_files"
+
+
+def _data_store() -> Path | None:
+    try:
+        import data_store  # the pydicom-data package
+    except ImportError:
+        return None
+    return Path(data_store.__file__).parent / "data"
+
+
+DATA_STORE = _data_store()
+
+
+def readable_dicom_files() -> list[Path]:
+    """Every file of pydicom's test data and of pydicom-data that pydicom reads
+    as a Part 10 file with a SOP Instance UID (the files a real sender could send)."""
+    roots = [TEST_FILES, CHARSET_FILES] + ([DATA_STORE] if DATA_STORE else [])
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if not path.is_file():
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:
+                continue
+            meta = getattr(ds, "file_meta", None)
+            if meta is None or "TransferSyntaxUID" not in meta:
+                continue
+            if not (ds.get("SOPInstanceUID") and ds.get("SOPClassUID")):
+                continue
+            if ds.SOPClassUID == "1.2.840.10008.1.3.10":  # DICOMDIR
+                continue
+            found.append(path)
+    return found
+
+
+def dcmtk(tool: str) -> str | None:
+    """Path of DCMTK's `tool`, or None. pynetdicom installs its own ``storescu``
+    and ``storescp`` scripts that may come first on PATH; only DCMTK's is wanted."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
+    for folder in dirs:
+        candidate = Path(folder) / tool
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        try:
+            out = subprocess.run(
+                [str(candidate), "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (out.stdout + out.stderr).lower():
+            return str(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def storescu() -> str:
+    path = dcmtk("storescu")
+    if path is None:
+        pytest.skip("DCMTK's storescu is not installed (apt-get install dcmtk)")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0,
+                  proc: subprocess.Popen | None = None) -> None:
+    """Return once `host:port` accepts a connection; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not accept connections within {timeout} s")
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for running this checkout's CLI as ``python -m scp``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    for key in [k for k in env if k.startswith("SORTSCP_")]:
+        del env[key]
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m scp ARGS`` of this checkout; capture its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "scp", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=kwargs.pop("env", cli_env()),
+        **kwargs,
+    )
+
+
+class ServeProcess:
+    """``sortscp serve`` in a child process on a free port of 127.0.0.1."""
+
+    def __init__(self, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.out = out
+        self.port = free_port()
+        self.log_path = out.parent / f"serve-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scp", "serve", "--out", str(out), "--host", "127.0.0.1",
+             "--port", str(self.port), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(),
+        )
+        try:
+            wait_for_port(self.port, proc=self.proc)
+        except Exception:
+            self.kill()
+            raise RuntimeError(f"server did not start:\n{self.log()}") from None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._log.close()
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[callable]:
+    """Factory: ``serve_process(*args)`` starts ``sortscp serve`` writing to
+    ``tmp_path / "out"``; every server started is stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str, out: Path | None = None, env: dict[str, str] | None = None) -> ServeProcess:
+        server = ServeProcess(out or tmp_path / "out", *args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def copy_tree_of(files: list[Path], dst: Path) -> Path:
+    """Copy `files` into a flat folder `dst` with unique names; return `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        shutil.copy2(f, dst / f"{i:04d}_{f.name}")
+    return dst
