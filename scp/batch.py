@@ -168,13 +168,18 @@ def _as_completed_in_order(pending: dict[Future, list[str]]) -> Iterator[Future]
 
 def _remove_emptied(folders: set[str], src: Path, dst: Path) -> None:
     """Remove the source folders that moving emptied, and their parents that
-    became empty in turn; never `src` itself, never a folder of `dst`."""
+    became empty in turn, up to (not including) `src` and `dst` themselves.
+
+    Only folders that held a moved file are candidates, so a folder that was
+    empty before the run stays. Sorting in place (``SRC == DST``), the folders
+    of the old layout go once they are empty.
+    """
     stop = {os.path.realpath(src), os.path.realpath(dst)}
-    dst_prefix = os.path.realpath(dst).rstrip(os.sep) + os.sep
+    src_prefix = os.path.realpath(src).rstrip(os.sep) + os.sep
     for folder in sorted(folders, key=len, reverse=True):
         while True:
             real = os.path.realpath(folder)
-            if real in stop or real.startswith(dst_prefix):
+            if real in stop or not real.startswith(src_prefix):
                 break
             try:
                 os.rmdir(folder)  # fails unless empty: nothing but empty folders goes

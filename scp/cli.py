@@ -174,12 +174,20 @@ def sort(
                 cfg, on_outcome, on_total=progress.set_total if progress.bar else None
             )
         except KeyboardInterrupt:
-            err.print("interrupted: files already placed are complete; run the same command again to finish")
+            err.print(
+                "interrupted: files already placed are complete; "
+                "run the same command again to finish",
+                markup=False, highlight=False, soft_wrap=True,
+            )
             raise typer.Exit(130) from None
         except OSError as exc:
-            err.print(f"error: {exc}", markup=False)
+            what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
+            err.print(f"error: {what}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-    err.print(f"{'planned' if dry_run else 'done'}: {result.summary()}", markup=False, highlight=False)
+    err.print(
+        f"{'planned' if dry_run else 'done'}: {result.summary()}",
+        markup=False, highlight=False, soft_wrap=True,
+    )
     raise typer.Exit(result.exit_code)
 
 
