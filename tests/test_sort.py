@@ -23,7 +23,6 @@ import pytest
 
 from conftest import (
     CHARSET_FILES,
-    DATA_STORE,
     TEST_FILES,
     cli_env,
     readable_dicom_files,

@@ -9,9 +9,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from conftest import CHARSET_FILES, TEST_FILES
-from scp.errors import OutsideRootError, StoreError
+from scp.errors import NotDicomError, OutsideRootError, StoreError
 from scp.reader import check_complete, read_header
-from scp.errors import NotDicomError
 from scp.writer import (
     TMP_DIRNAME,
     Mode,
