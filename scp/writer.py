@@ -166,6 +166,8 @@ def _place_move(
     # a copy, or the same bytes stored earlier): the source name can go. Never
     # when the source *is* that name (e.g. ``<uid>~2.dcm`` sorted in place).
     if placement is not Placement.KEPT_EXISTING and not _same_entry(src, path):
+        if placement is Placement.IDENTICAL and not os.path.samefile(src, path):
+            _fsync_path(path)  # stored by an earlier copy that may not be on disk yet
         os.unlink(src)
         _fsync_dir(src.parent)
     return path, placement
