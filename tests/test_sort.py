@@ -245,6 +245,17 @@ def test_copy_keeps_timestamps(copied) -> None:
 
 def test_charset_names_are_readable_folders(copied) -> None:
     tree, dst, _, _ = copied
+    stored = {sha(p): p.relative_to(dst) for p in layout_files(dst)}
+    checked = 0
+    for path in sorted(CHARSET_FILES.glob("*.dcm")):
+        name = pydicom.dcmread(path, stop_before_pixels=True).get("PatientName")
+        if not name:
+            continue
+        expected = "=".join(g.rstrip("^").strip() for g in str(name).split("=")).rstrip("=")
+        folder = stored[sha(path)].parts[0]
+        assert "_".join(expected.split()) in folder, (path.name, folder, expected)
+        checked += 1
+    assert checked >= 15
     folders = {p.name for p in dst.iterdir()}
     for name in ("김희중", "やまだ^たろう", "Wang^XiaoDong=王^小東", "Διονυσιος", "Люкceмбypг",
                  "שרון^דבורה", "قباني^لنزار", "Hong^Gildong=洪^吉洞=홍^길동"):
