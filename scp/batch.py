@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import ExitStack
@@ -27,7 +26,7 @@ from scp.config import SortConfig
 from scp.jobs import sort_files
 from scp.pool import WorkerPool
 from scp.report import Outcome, Report, Status
-from scp.writer import TMP_DIRNAME, Mode
+from scp.writer import TMP_DIRNAME, Mode, fs_clock_ns
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +101,23 @@ def sort_tree(
     report = Report()
     in_place = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
     skip = cfg.dst if _dst_inside_src(cfg) and not in_place else None
-    started_ns = time.time_ns() - 1
-    paths = iter_files(cfg.src, skip, changed_before_ns=started_ns if in_place else None)
-    if not cfg.dry_run:
-        cfg.dst.mkdir(parents=True, exist_ok=True)
-    if on_total is not None:
-        threading.Thread(
-            target=lambda: on_total(count_files(cfg.src, skip)), name="count", daemon=True
-        ).start()
     emptied: set[str] = set()
 
     with ExitStack() as stack:
+        # The report file first: a bad --report path fails before DST is touched.
         writer = stack.enter_context(_ReportWriter(cfg.report, cfg.dst)) if cfg.report else None
+        changed_before_ns = None
+        if not cfg.dry_run:
+            cfg.dst.mkdir(parents=True, exist_ok=True)
+            if in_place:
+                # Our own output appears in the tree being walked: pass over every
+                # file changed after this moment, measured by the file system's clock.
+                changed_before_ns = fs_clock_ns(cfg.dst)
+        paths = iter_files(cfg.src, skip, changed_before_ns=changed_before_ns)
+        if on_total is not None:
+            threading.Thread(
+                target=lambda: on_total(count_files(cfg.src, skip)), name="count", daemon=True
+            ).start()
         pool = stack.enter_context(WorkerPool(cfg.workers))
         pending: dict[Future, list[str]] = {}
 
@@ -164,13 +168,18 @@ def _as_completed_in_order(pending: dict[Future, list[str]]) -> Iterator[Future]
 
 def _remove_emptied(folders: set[str], src: Path, dst: Path) -> None:
     """Remove the source folders that moving emptied, and their parents that
-    became empty in turn; never `src` itself, never a folder of `dst`."""
+    became empty in turn, up to (not including) `src` and `dst` themselves.
+
+    Only folders that held a moved file are candidates, so a folder that was
+    empty before the run stays. Sorting in place (``SRC == DST``), the folders
+    of the old layout go once they are empty.
+    """
     stop = {os.path.realpath(src), os.path.realpath(dst)}
-    dst_prefix = os.path.realpath(dst).rstrip(os.sep) + os.sep
+    src_prefix = os.path.realpath(src).rstrip(os.sep) + os.sep
     for folder in sorted(folders, key=len, reverse=True):
         while True:
             real = os.path.realpath(folder)
-            if real in stop or real.startswith(dst_prefix):
+            if real in stop or not real.startswith(src_prefix):
                 break
             try:
                 os.rmdir(folder)  # fails unless empty: nothing but empty folders goes

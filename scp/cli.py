@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,7 +26,7 @@ from scp.config import Duplicate, LogFormat, ServeConfig, SortConfig
 from scp.errors import SortscpError, TemplateError
 from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.log import setup_logging
-from scp.report import Outcome, Status
+from scp.report import Outcome, Report, Status
 from scp.writer import Mode
 
 app = typer.Typer(
@@ -40,6 +41,8 @@ err = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: In a pipe, ``sort`` prints a plain progress line at most this often.
+PLAIN_PROGRESS_SECONDS = 5.0
 
 
 def _template(text: str) -> Template:
@@ -157,39 +160,52 @@ def sort(
         workers=workers or config.default_workers(), dry_run=dry_run, fsync=fsync, report=report,
     )
     out = Console()
-    with _SortProgress(err, enabled=err.is_terminal and not dry_run) as progress:
+    with _SortProgress(err, bar=err.is_terminal, quiet=dry_run) as progress:
 
         def on_outcome(o: Outcome) -> None:
-            progress.advance()
+            progress.advance(o)
             if o.status is Status.FAILED:
                 progress.print(f"failed: {o.source}: {o.reason}")
             elif o.status is Status.PLANNED:
                 out.print(f"{o.source} -> {dst / o.destination}", markup=False, highlight=False, soft_wrap=True)
 
         try:
-            result = sort_tree(cfg, on_outcome, on_total=progress.set_total)
+            result = sort_tree(
+                cfg, on_outcome, on_total=progress.set_total if progress.bar else None
+            )
         except KeyboardInterrupt:
-            err.print("interrupted: files already placed are complete; run the same command again to finish")
+            err.print(
+                "interrupted: files already placed are complete; "
+                "run the same command again to finish",
+                markup=False, highlight=False, soft_wrap=True,
+            )
             raise typer.Exit(130) from None
         except OSError as exc:
-            err.print(f"error: {exc}", markup=False)
+            what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
+            err.print(f"error: {what}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-    err.print(f"{'planned' if dry_run else 'done'}: {result.summary()}", markup=False, highlight=False)
+    err.print(
+        f"{'planned' if dry_run else 'done'}: {result.summary()}",
+        markup=False, highlight=False, soft_wrap=True,
+    )
     raise typer.Exit(result.exit_code)
 
 
 class _SortProgress:
-    """A rich progress bar on a terminal; nothing in a pipe."""
+    """A rich progress bar on a terminal; in a pipe, a plain line now and then."""
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    def __init__(self, console: Console, bar: bool, quiet: bool = False) -> None:
         self.console = console
-        self.enabled = enabled
+        self.bar = bar and not quiet
+        self.plain = not bar and not quiet
         self._progress: Progress | None = None
         self._task = None
         self._lock = threading.Lock()
+        self._report = Report()
+        self._last_line = time.monotonic()
 
     def __enter__(self) -> _SortProgress:
-        if self.enabled:
+        if self.bar:
             self._progress = Progress(
                 SpinnerColumn(), TextColumn("sorting"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
@@ -203,13 +219,21 @@ class _SortProgress:
             with self._lock:
                 self._progress.update(self._task, total=total)
 
-    def advance(self) -> None:
+    def advance(self, outcome: Outcome) -> None:
         if self._progress is not None:
             with self._lock:
                 self._progress.advance(self._task)
+        elif self.plain:
+            self._report.add(outcome)
+            now = time.monotonic()
+            if now - self._last_line >= PLAIN_PROGRESS_SECONDS:
+                self._last_line = now
+                self.print(f"sorting: {self._report.total} files so far: {self._report.summary()}")
 
     def print(self, text: str) -> None:
-        (self._progress.console if self._progress else self.console).print(text, markup=False, highlight=False)
+        (self._progress.console if self._progress else self.console).print(
+            text, markup=False, highlight=False, soft_wrap=True
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:

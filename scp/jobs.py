@@ -21,7 +21,7 @@ from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from scp.config import ServeConfig, SortConfig
 from scp.errors import NotDicomError, SortscpError
 from scp.layout import relative_path
-from scp.reader import read_header
+from scp.reader import check_complete, read_header
 from scp.report import Outcome, Status
 from scp.writer import OnConflict, Placement, place, write_atomic
 
@@ -128,12 +128,14 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 def sort_file(path: str, cfg: SortConfig) -> Outcome:
     """Put one file of the source tree into the layout (or plan it, with --dry-run).
 
-    A file that is not a DICOM instance is skipped and left where it was; any
-    other problem is reported as a failure with its reason, never raised.
+    A file that is not a DICOM instance (text, image, DICOMDIR, empty, or cut
+    short: see :func:`scp.reader.check_complete`) is skipped and left where it
+    was; any other problem is reported as a failure with its reason, never raised.
     """
     try:
         with open(path, "rb") as f:
             ds = read_header(f, cfg.template.keywords)
+            check_complete(f, ds)
             size = os.fstat(f.fileno()).st_size
         rel = relative_path(ds, cfg.template)
         if cfg.dry_run:

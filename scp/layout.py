@@ -63,9 +63,8 @@ UNSAFE_CHARS = frozenset('/\\:*?"<>|')
 MULTI_VALUE_SEPARATOR = "-"
 
 _WINDOWS_DEVICE_NAMES = frozenset(
-    ["CON", "PRN", "AUX", "NUL"]
-    + [f"COM{i}" for i in range(10)]
-    + [f"LPT{i}" for i in range(10)]
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]
 )
 _HASH_DIGITS = 12
 _MAX_KEPT_EXTENSION = 16

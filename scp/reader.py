@@ -7,6 +7,7 @@ a binary stream or a path, and opens a file only when it was given a path.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import BinaryIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from scp.errors import NotDicomError
 
@@ -27,6 +28,19 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
+
+#: Explicit VRs whose length field is 4 bytes (after 2 reserved bytes).
+_LONG_VRS = frozenset(
+    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
+)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_PIXEL_DATA = (0x7FE0, 0x0010)
+#: Elements after the pixel data we look at before trusting the rest.
+_MAX_TRAILING_ELEMENTS = 256
+#: Fragments of encapsulated pixel data we follow (one per frame, usually).
+_MAX_FRAGMENTS = 1_000_000
 
 
 def has_dicm_prefix(head: bytes) -> bool:
@@ -97,3 +111,112 @@ def _looks_like_instance(ds: Dataset) -> bool:
         return False
     return all(uid and uid.is_valid for uid in uids)
 
+
+
+def check_complete(src: BinaryIO, ds: Dataset) -> None:
+    """Raise :class:`NotDicomError` if the file behind `ds` is cut short.
+
+    Call it right after :func:`read_header` read `ds` from `src`: the stream
+    then stands where the header reading stopped (before the pixel data, or at
+    the end). Only element headers are read from there on, never a value: the
+    declared lengths of the pixel data (or the fragments of encapsulated pixel
+    data) and of any element after it must fit in the file. A header that
+    itself ran past the end of the file is caught too.
+
+    Examples
+    --------
+    >>> from pydicom.data import get_testdata_file
+    >>> with open(get_testdata_file("MR_truncated.dcm"), "rb") as f:
+    ...     check_complete(f, read_header(f, ["PatientName"]))
+    Traceback (most recent call last):
+    ...
+    scp.errors.NotDicomError: truncated: ...
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return  # the stream is compressed as a whole; its positions mean nothing here
+    pos = src.tell()
+    size = src.seek(0, os.SEEK_END)
+    try:
+        if pos > size:
+            raise NotDicomError(
+                f"truncated: the header runs past the end of the file ({size} bytes)"
+            )
+        implicit, little = ds.original_encoding
+        if implicit is None or little is None:
+            return
+        _check_elements(src, pos, size, bool(implicit), bool(little))
+    finally:
+        src.seek(pos)
+
+
+def _check_elements(f: BinaryIO, pos: int, size: int, implicit: bool, little: bool) -> None:
+    endian = "<" if little else ">"
+    for _ in range(_MAX_TRAILING_ELEMENTS):
+        if pos >= size:
+            return
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            _truncated_unless_padding(head + f.read(), size)
+            return
+        tag = struct.unpack(endian + "HH", head[:4])
+        if implicit or tag[0] == 0xFFFE:
+            (length,) = struct.unpack(endian + "L", head[4:])
+            pos += 8
+        else:
+            vr = head[4:6]
+            if not vr.isalpha():
+                return  # not an element header we understand: don't guess
+            if vr in _LONG_VRS:
+                extra = f.read(4)
+                if len(extra) < 4:
+                    raise NotDicomError(f"truncated: element {_fmt(tag)} is cut off")
+                (length,) = struct.unpack(endian + "L", extra)
+                pos += 12
+            else:
+                (length,) = struct.unpack(endian + "H", head[6:])
+                pos += 8
+        if length == _UNDEFINED_LENGTH:
+            if tag != _PIXEL_DATA:
+                return  # a sequence of undefined length: too costly to follow
+            pos = _skip_fragments(f, pos, size, endian)
+            continue
+        pos += length
+        if pos > size:
+            raise NotDicomError(
+                f"truncated: element {_fmt(tag)} declares {length} bytes, "
+                f"the file ends {pos - size} bytes short"
+            )
+
+
+def _skip_fragments(f: BinaryIO, pos: int, size: int, endian: str) -> int:
+    """Follow the items of encapsulated pixel data; return the position after
+    its sequence delimiter."""
+    for _ in range(_MAX_FRAGMENTS):
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            raise NotDicomError("truncated: the encapsulated pixel data is cut off")
+        group, element, length = struct.unpack(endian + "HHL", head)
+        pos += 8
+        if (group, element) == _SEQUENCE_DELIMITER:
+            return pos
+        if (group, element) != _ITEM or length == _UNDEFINED_LENGTH:
+            return size  # not the layout we expect: don't guess
+        pos += length
+        if pos > size:
+            raise NotDicomError(
+                f"truncated: a pixel data fragment declares {length} bytes, "
+                f"the file ends {pos - size} bytes short"
+            )
+    return size
+
+
+def _truncated_unless_padding(rest: bytes, size: int) -> None:
+    if rest.strip(b"\0"):
+        raise NotDicomError(f"truncated: the file ends inside an element header ({size} bytes)")
+
+
+def _fmt(tag: tuple[int, int]) -> str:
+    return f"({tag[0]:04X},{tag[1]:04X})"

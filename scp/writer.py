@@ -137,6 +137,9 @@ def place(
 def _place_copy(
     src: Path, root: Path, final: Path, on_conflict: OnConflict, durable: bool
 ) -> tuple[Path, Placement]:
+    existing = _find_identical(src, final, on_conflict)
+    if existing is not None:  # a re-run: compare, don't copy again
+        return existing, Placement.IDENTICAL
     tmp = _new_tmp(root)
     try:
         shutil.copyfile(src, tmp)
@@ -151,18 +154,36 @@ def _place_copy(
 def _place_move(
     src: Path, root: Path, final: Path, on_conflict: OnConflict
 ) -> tuple[Path, Placement]:
-    if final.exists() and os.path.samefile(src, final):
-        return final, Placement.IDENTICAL
+    if _same_entry(src, final):
+        return final, Placement.IDENTICAL  # already its own destination
     try:
         path, placement = _commit(src, final, on_conflict, True, keep_source=True)
     except StoreError as exc:
         if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno != errno.EXDEV:
             raise
         path, placement = _place_copy(src, root, final, on_conflict, durable=True)
-    if placement is not Placement.KEPT_EXISTING and not os.path.samefile(src, path):
+    # The destination now holds these bytes under another name (a new hard link,
+    # a copy, or the same bytes stored earlier): the source name can go. Never
+    # when the source *is* that name (e.g. ``<uid>~2.dcm`` sorted in place).
+    if placement is not Placement.KEPT_EXISTING and not _same_entry(src, path):
+        if placement is Placement.IDENTICAL and not os.path.samefile(src, path):
+            _fsync_path(path)  # stored by an earlier copy that may not be on disk yet
         os.unlink(src)
         _fsync_dir(src.parent)
     return path, placement
+
+
+def _same_entry(a: Path, b: Path) -> bool:
+    """True if `a` and `b` are the same directory entry (not merely two hard
+    links to one file)."""
+    try:
+        return (
+            a.name == b.name
+            and os.path.samefile(a, b)
+            and os.path.samefile(a.parent, b.parent)
+        )
+    except OSError:
+        return False
 
 
 def _place_symlink(src: Path, final: Path, on_conflict: OnConflict) -> tuple[Path, Placement]:
@@ -222,6 +243,33 @@ def _replace_via_tmp(src: Path, final: Path, durable: bool) -> tuple[Path, Place
     return final, _done(final, Placement.REPLACED, durable)
 
 
+def _find_identical(src: Path, final: Path, on_conflict: OnConflict) -> Path | None:
+    """The name among `final` and its ``~N`` siblings that already holds the bytes
+    of `src`, looking only as far as the names are taken."""
+    for candidate in _candidates(final, on_conflict):
+        if not os.path.lexists(candidate):
+            return None
+        if _same_content(src, candidate):
+            return candidate
+        if on_conflict is not OnConflict.BOTH:
+            return None
+    return None  # pragma: no cover - _candidates is endless for BOTH
+
+
+def fs_clock_ns(root: Path) -> int:
+    """The output file system's idea of "now" (ns): the change time of a file
+    created and removed at once in ``<root>/.sortscp-tmp``.
+
+    Every file created later under `root` has a change time at or after it,
+    whatever the granularity of the file system's clock.
+    """
+    tmp = _new_tmp(root)
+    try:
+        return os.stat(tmp).st_ctime_ns
+    finally:
+        _unlink_quietly(tmp)
+
+
 def _candidates(final: Path, on_conflict: OnConflict):
     yield final
     if on_conflict is OnConflict.BOTH:
@@ -264,7 +312,9 @@ def _ensure_parent(root: Path, final: Path, durable: bool) -> None:
     while parent != root and not parent.is_dir():
         missing.append(parent)
         parent = parent.parent
+    folder = root
     try:
+        root.mkdir(parents=True, exist_ok=True)
         for folder in reversed(missing):
             try:
                 folder.mkdir()

@@ -1,0 +1,255 @@
+"""The writer: temp file then no-clobber naming, duplicates, the four sort modes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from conftest import CHARSET_FILES, TEST_FILES
+from scp.errors import NotDicomError, OutsideRootError, StoreError
+from scp.reader import check_complete, read_header
+from scp.writer import (
+    TMP_DIRNAME,
+    Mode,
+    OnConflict,
+    Placement,
+    fs_clock_ns,
+    place,
+    write_atomic,
+)
+
+REL = PurePosixPath("P_1/S_1/1.2.3.dcm")
+CT = TEST_FILES / "CT_small.dcm"
+MR = TEST_FILES / "MR_small.dcm"
+
+
+def files_under(root: Path) -> list[str]:
+    """Final files under `root` (the temp folder excluded), relative, sorted."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*")
+        if (p.is_file() or p.is_symlink()) and TMP_DIRNAME not in p.relative_to(root).parts
+    )
+
+
+def tmp_leftovers(root: Path) -> list[str]:
+    tmp = root / TMP_DIRNAME
+    return sorted(os.listdir(tmp)) if tmp.exists() else []
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    path = folder / "ct"
+    shutil.copy2(CT, path)
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_100_000_000_123_456_789))
+    return path
+
+
+@pytest.mark.parametrize(
+    "rel", ["../x.dcm", "/etc/x.dcm", "a/../../x.dcm", f"{TMP_DIRNAME}/x.dcm", "."]
+)
+def test_refuses_paths_outside_the_root(tmp_path: Path, src: Path, rel: str) -> None:
+    with pytest.raises(OutsideRootError):
+        place(src, tmp_path / "out", PurePosixPath(rel), Mode.COPY)
+    assert not (tmp_path / "x.dcm").exists()
+
+
+def test_copy_keeps_timestamps_and_bytes(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    final, placement = place(src, out, REL, Mode.COPY)
+    assert (final, placement) == (out / REL, Placement.STORED)
+    assert final.read_bytes() == CT.read_bytes()
+    assert final.stat().st_mtime_ns == src.stat().st_mtime_ns == 1_100_000_000_123_456_789
+    assert not os.path.samefile(src, final)
+    assert src.exists() and tmp_leftovers(out) == []
+
+
+def test_copy_again_is_identical_and_writes_nothing(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    final, _ = place(src, out, REL, Mode.COPY)
+    inode, tmp_mtime = final.stat().st_ino, (out / TMP_DIRNAME).stat().st_mtime_ns
+    os.utime(out / TMP_DIRNAME, ns=(0, 0))
+    again, placement = place(src, out, REL, Mode.COPY)
+    assert (again, placement) == (final, Placement.IDENTICAL)
+    assert final.stat().st_ino == inode
+    # no temporary file was even created (the temp folder did not change)
+    assert (out / TMP_DIRNAME).stat().st_mtime_ns == 0, tmp_mtime
+    assert files_under(out) == [str(REL)]
+
+
+def test_other_bytes_under_a_taken_name_are_kept_beside(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    shutil.copy2(MR, other)
+    place(src, out, REL, Mode.COPY)
+    final, placement = place(other, out, REL, Mode.COPY)
+    assert placement is Placement.STORED_AS_COPY
+    assert final == out / "P_1/S_1/1.2.3~2.dcm"
+    assert (out / REL).read_bytes() == CT.read_bytes()
+    assert final.read_bytes() == MR.read_bytes()
+    # and again: both are found in place, nothing new
+    assert place(other, out, REL, Mode.COPY) == (final, Placement.IDENTICAL)
+    assert place(src, out, REL, Mode.COPY) == (out / REL, Placement.IDENTICAL)
+    third = tmp_path / "third"
+    third.write_bytes(CT.read_bytes() + b"\0\0")
+    assert place(third, out, REL, Mode.HARDLINK)[0].name == "1.2.3~3.dcm"
+    assert len(files_under(out)) == 3
+
+
+def test_hardlink_shares_the_inode(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    final, placement = place(src, out, REL, Mode.HARDLINK)
+    assert placement is Placement.STORED and os.path.samefile(src, final)
+    assert place(src, out, REL, Mode.HARDLINK) == (final, Placement.IDENTICAL)
+
+
+def test_symlink_points_to_the_source(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    final, placement = place(src, out, REL, Mode.SYMLINK)
+    assert placement is Placement.STORED and final.is_symlink()
+    assert os.readlink(final) == str(src.resolve())
+    assert final.read_bytes() == CT.read_bytes()
+    assert place(src, out, REL, Mode.SYMLINK) == (final, Placement.IDENTICAL)
+
+
+def test_move_removes_the_source_once_stored(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    inode = src.stat().st_ino
+    final, placement = place(src, out, REL, Mode.MOVE)
+    assert placement is Placement.STORED
+    assert not src.exists()
+    assert final.stat().st_ino == inode and final.read_bytes() == CT.read_bytes()
+
+
+def test_move_of_a_duplicate_removes_it_and_keeps_the_stored_file(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    first, _ = place(src, out, REL, Mode.COPY)
+    dup = tmp_path / "dup"
+    shutil.copy(CT, dup)
+    final, placement = place(dup, out, REL, Mode.MOVE)
+    assert (final, placement) == (first, Placement.IDENTICAL)
+    assert not dup.exists() and first.read_bytes() == CT.read_bytes()
+
+
+def test_move_of_a_hard_link_of_the_stored_file_removes_the_source_name(
+    tmp_path: Path, src: Path
+) -> None:
+    out = tmp_path / "out"
+    final, _ = place(src, out, REL, Mode.HARDLINK)
+    assert place(src, out, REL, Mode.MOVE) == (final, Placement.IDENTICAL)
+    assert not src.exists() and final.read_bytes() == CT.read_bytes()
+
+
+def test_move_in_place_keeps_a_kept_beside_copy(tmp_path: Path, src: Path) -> None:
+    """``<uid>~2.dcm`` sorted again in place is its own destination: it stays."""
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    shutil.copy2(MR, other)
+    place(src, out, REL, Mode.MOVE)
+    beside, placement = place(other, out, REL, Mode.MOVE)
+    assert placement is Placement.STORED_AS_COPY and not other.exists()
+    for path in (out / REL, beside):
+        before = path.read_bytes()
+        assert place(path, out, REL, Mode.MOVE)[1] is Placement.IDENTICAL
+        assert path.read_bytes() == before
+    assert files_under(out) == [str(REL), str(REL.with_name("1.2.3~2.dcm"))]
+
+
+def test_move_never_removes_a_file_that_is_its_own_destination(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / REL).parent.mkdir(parents=True)
+    shutil.copy(CT, out / REL)
+    final, placement = place(out / REL, out, REL, Mode.MOVE)
+    assert (final, placement) == (out / REL, Placement.IDENTICAL)
+    assert (out / REL).read_bytes() == CT.read_bytes()
+    # also when reached through another spelling of the same path
+    place(out / "P_1" / ".." / "P_1" / "S_1" / "1.2.3.dcm", out, REL, Mode.MOVE)
+    assert (out / REL).read_bytes() == CT.read_bytes()
+
+
+def test_a_file_where_a_folder_is_needed_is_a_store_error(tmp_path: Path, src: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "P_1").write_text("in the way")
+    for mode in Mode:
+        with pytest.raises(StoreError, match="P_1"):
+            place(src, out, REL, mode)
+    assert src.read_bytes() == CT.read_bytes()  # move left the source alone
+    assert (out / "P_1").read_text() == "in the way"
+    assert tmp_leftovers(out) == []
+
+
+@pytest.mark.parametrize("on_conflict", list(OnConflict))
+def test_write_atomic_conflicts(tmp_path: Path, on_conflict: OnConflict) -> None:
+    out = tmp_path / "out"
+    write_atomic(out, REL, lambda f: f.write(b"first"))
+    assert write_atomic(out, REL, lambda f: f.write(b"first"), on_conflict=on_conflict) == (
+        out / REL, Placement.IDENTICAL)
+    final, placement = write_atomic(out, REL, lambda f: f.write(b"second"), on_conflict=on_conflict)
+    expected = {
+        OnConflict.REPLACE: (out / REL, Placement.REPLACED, b"second"),
+        OnConflict.KEEP: (out / REL, Placement.KEPT_EXISTING, b"first"),
+        OnConflict.BOTH: (out / "P_1/S_1/1.2.3~2.dcm", Placement.STORED_AS_COPY, b"second"),
+    }[on_conflict]
+    assert (final, placement, final.read_bytes()) == expected
+    assert tmp_leftovers(out) == []
+
+
+def test_write_atomic_never_names_a_half_written_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def fail_halfway(f) -> None:
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomic(out, REL, fail_halfway)
+    assert files_under(out) == [] and tmp_leftovers(out) == []
+
+
+def test_fs_clock_is_not_behind_files_created_after_it(tmp_path: Path) -> None:
+    before = fs_clock_ns(tmp_path)
+    final, _ = write_atomic(tmp_path, REL, lambda f: f.write(b"x"))
+    assert final.stat().st_ctime_ns >= before
+    assert tmp_leftovers(tmp_path) == []
+
+
+# --- completeness check (reader) used by sort --------------------------------
+
+@pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
+def test_pydicom_truncated_files_are_detected(name: str) -> None:
+    with open(TEST_FILES / name, "rb") as f:
+        ds = read_header(f, ["PatientName"])
+        with pytest.raises(NotDicomError, match="truncated"):
+            check_complete(f, ds)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [TEST_FILES / n for n in ("CT_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
+                              "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "rtplan.dcm",
+                              "ExplVR_BigEndNoMeta.dcm", "image_dfl.dcm", "MR_small_padded.dcm")]
+    + [CHARSET_FILES / "chrSQEncoding.dcm"],
+    ids=lambda p: p.name,
+)
+def test_complete_files_pass_and_each_cut_is_detected(tmp_path: Path, path: Path) -> None:
+    data = path.read_bytes()
+    with open(path, "rb") as f:
+        check_complete(f, read_header(f, ["PatientName"]))
+        stopped_at = f.tell()  # where the header ends: before the pixel data, or the end
+    if path.name == "image_dfl.dcm":
+        return  # deflated: the stream is compressed as a whole, nothing to check
+    # cut the file inside its last element, and inside the pixel data (just past
+    # its element header): each cut is found (a cut between two elements cannot be)
+    cuts = [len(data) - 1, len(data) - 7]
+    if stopped_at < len(data) - 40:
+        cuts.append(stopped_at + 20)
+    for cut in cuts:
+        short = tmp_path / f"cut{cut}"
+        short.write_bytes(data[:cut])
+        with open(short, "rb") as f, pytest.raises(NotDicomError):
+            check_complete(f, read_header(f, ["PatientName"]))
