@@ -99,6 +99,7 @@ class Server:
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
         self._stop = threading.Event()
+        self._previous_tempdir: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -108,9 +109,13 @@ class Server:
     def start(self) -> None:
         cfg = self.cfg
         tmp = prepare_output(cfg.out)
-        tempfile.tempdir = os.fspath(tmp)  # where pynetdicom writes incoming datasets
+        # The pool first: multiprocessing puts its forkserver socket under the
+        # temporary folder of that moment, and a socket path in a deep output
+        # folder can exceed the AF_UNIX limit (108 bytes).
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = os.fspath(tmp)  # where pynetdicom writes incoming datasets
         self.handlers = StoreHandlers(self.pool, cfg)
         self.ae = build_ae(cfg)
         try:
@@ -154,6 +159,8 @@ class Server:
             self.ae.shutdown()
         if self.pool is not None:
             self.pool.close()
+        if tempfile.tempdir == os.fspath(self.cfg.out / TMP_DIRNAME):
+            tempfile.tempdir = self._previous_tempdir
         if self.handlers is not None:
             log.info(
                 "stopped: %d instances stored, %d failed",
