@@ -189,3 +189,18 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
     return proc.wait(timeout)
+
+
+def big_instance(path: Path, nbytes: int) -> Path:
+    """A CT instance whose Pixel Data is `nbytes` long, written to `path`."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    frame = ds.Rows * ds.Columns * 2
+    ds.NumberOfFrames = max(1, nbytes // frame)
+    ds.PixelData = bytes(frame * ds.NumberOfFrames)
+    ds.save_as(path, enforce_file_format=True)
+    return path
