@@ -21,6 +21,7 @@ from scp.errors import LayoutError, NotDicomError, StoreError
 from scp.jobs import store_received
 from scp.pool import WorkerPool
 from scp.report import Status
+from scp.writer import tmp_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,15 @@ class StoreHandlers:
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
+        # pynetdicom writes incoming datasets into the temporary folder before
+        # any handler runs; if the output folder was removed or replaced, make
+        # it again so this association can store (the failure is logged once
+        # per association, with the instances it then cannot store).
+        try:
+            tmp_dir(self.cfg.out)
+        except OSError as exc:
+            log.error("cannot create the temporary folder in %s: %s", self.cfg.out, exc.strerror,
+                      extra={"event": "output_unwritable", "reason": exc.strerror})
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc

@@ -182,6 +182,20 @@ def test_unwritable_folder_fails_with_out_of_resources_and_serving_goes_on(
     assert not list((out / TMP_DIRNAME).iterdir()), "temporary files left behind"
 
 
+def test_removed_output_folder_is_made_again_for_the_next_association(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    mr = Path(get_testdata_file("MR_small.dcm"))
+    out = tmp_path / "out"
+    with running_server(out) as server:
+        assert send_files(server.address[1], [ct]) == {ct: SUCCESS}
+        shutil.rmtree(out)
+        assert send_files(server.address[1], [mr]) == {mr: SUCCESS}
+    assert layout_files(out) == [out / expected_path(mr)]
+    assert_stored(out, mr)
+
+
 def _with_dataset(src: Path, dst: Path, data: bytes) -> Path:
     """`src`'s preamble and File Meta followed by `data` as the dataset."""
     head = src.read_bytes()[: src.stat().st_size - len(dataset_bytes(src))]
