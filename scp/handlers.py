@@ -73,7 +73,9 @@ class StoreHandlers:
     def handle_store(self, event: evt.Event) -> int:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
-        stats = self._stats.setdefault(id(assoc), _AssocStats())
+        # get, not setdefault: if the connection already closed, re-adding an
+        # entry here would never be removed
+        stats = self._stats.get(id(assoc)) or _AssocStats()
         received = str(event.dataset_path)
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         try:
@@ -100,7 +102,11 @@ class StoreHandlers:
         with self._lock:
             self.stored += 1
         if outcome.reason:
-            log.info("%s: %s", outcome.destination, outcome.reason)
+            log.info(
+                "%s: %s", outcome.destination, outcome.reason,
+                extra={"event": "duplicate", "calling_aet": calling, "sop_instance": sop_uid,
+                       "path": outcome.destination, "reason": outcome.reason},
+            )
         log.debug(
             "stored %s from %s -> %s (%d bytes, %s)",
             sop_uid, calling, outcome.destination, outcome.nbytes,
