@@ -31,6 +31,11 @@ from scp.writer import TMP_DIRNAME
 CT = Path(get_testdata_file("CT_small.dcm"))
 MR = Path(get_testdata_file("MR_small.dcm"))
 
+def _log(server: ServeProcess) -> str:
+    """The server's output so far (also after it stopped)."""
+    return server.log_path.read_text(errors="replace")
+
+
 SERVE_OPTIONS = {
     "--out": "SORTSCP_OUT", "--aet": "SORTSCP_AET", "--port": "SORTSCP_PORT",
     "--host": "SORTSCP_HOST", "--workers": "SORTSCP_WORKERS", "--template": "SORTSCP_TEMPLATE",
@@ -117,11 +122,6 @@ def test_sigterm_is_not_held_up_by_a_connection_that_never_associated(tmp_path: 
     server = ServeProcess(tmp_path / "out", "--drain-timeout", "600", "--acse-timeout", "600")
     assert server.terminate(timeout=60) == 0, _log(server)
     assert "association(s) still open" not in _log(server)
-
-
-def _log(server: ServeProcess) -> str:
-    """The server's output so far (also after it stopped)."""
-    return server.log_path.read_text(errors="replace")
 
 
 # --- logs ----------------------------------------------------------------------
