@@ -233,12 +233,13 @@ def test_unreadable_header_fails_with_cannot_understand(tmp_path: Path, damage) 
     assert not list((out / TMP_DIRNAME).iterdir()), "temporary files left behind"
 
 
-def test_aborted_transfer_leaves_no_temporary_file(tmp_path: Path) -> None:
+def test_aborted_transfer_leaves_no_temporary_file(tmp_path: Path, caplog) -> None:
     import threading
 
     from pynetdicom import AE, _config
     from serve_helpers import big_instance, wait_until
 
+    caplog.set_level("INFO", logger="scp")
     src = big_instance(tmp_path / "big.dcm", 40 << 20)
     out = tmp_path / "out"
     with running_server(out, max_pdu=16384) as server:
@@ -263,3 +264,6 @@ def test_aborted_transfer_leaves_no_temporary_file(tmp_path: Path) -> None:
         left = list(incoming.iterdir())
     assert not left, f"temporary files left after an aborted transfer: {left}"
     assert layout_files(out) == []
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "association"]
+    assert len(lines) == 1, caplog.text
+    assert (lines[0].state, lines[0].stored, lines[0].failed) == ("aborted", 0, 0), caplog.text
