@@ -21,6 +21,7 @@ from scp.errors import LayoutError, NotDicomError, StoreError
 from scp.jobs import store_received
 from scp.pool import WorkerPool
 from scp.report import Status
+from scp.writer import tmp_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class StoreHandlers:
     def handle_store(self, event: evt.Event) -> int:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
-        stats = self._stats.setdefault(id(assoc), _AssocStats())
+        # get, not setdefault: if the connection already closed, re-adding an
+        # entry here would never be removed
+        stats = self._stats.get(id(assoc)) or _AssocStats()
         received = str(event.dataset_path)
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         try:
@@ -99,7 +102,11 @@ class StoreHandlers:
         with self._lock:
             self.stored += 1
         if outcome.reason:
-            log.info("%s: %s", outcome.destination, outcome.reason)
+            log.info(
+                "%s: %s", outcome.destination, outcome.reason,
+                extra={"event": "duplicate", "calling_aet": calling, "sop_instance": sop_uid,
+                       "path": outcome.destination, "reason": outcome.reason},
+            )
         log.debug(
             "stored %s from %s -> %s (%d bytes, %s)",
             sop_uid, calling, outcome.destination, outcome.nbytes,
@@ -109,6 +116,15 @@ class StoreHandlers:
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
+        # pynetdicom writes incoming datasets into the temporary folder before
+        # any handler runs; if the output folder was removed or replaced, make
+        # it again so this association can store (the failure is logged once
+        # per association, with the instances it then cannot store).
+        try:
+            tmp_dir(self.cfg.out)
+        except OSError as exc:
+            log.error("cannot create the temporary folder in %s: %s", self.cfg.out, exc.strerror,
+                      extra={"event": "output_unwritable", "reason": exc.strerror})
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc

@@ -52,7 +52,7 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
     Exceptions propagate: the handler maps each to a DIMSE status.
     """
     with open(received, "rb") as src:
-        ds = read_header(src, cfg.template.keywords)
+        ds = read_header(src, cfg.template.keywords, identity_from_meta=False)
         offset = _dataset_offset(src)
         size = os.fstat(src.fileno()).st_size - offset
         head = _file_meta_bytes(ds.file_meta, calling_aet)

@@ -48,12 +48,20 @@ def has_dicm_prefix(head: bytes) -> bool:
     return head[_PREAMBLE : _PREAMBLE + 4] == _MAGIC
 
 
-def read_header(src: BinaryIO | str | os.PathLike[str], keywords: Iterable[str]) -> Dataset:
+def read_header(
+    src: BinaryIO | str | os.PathLike[str],
+    keywords: Iterable[str],
+    *,
+    identity_from_meta: bool = True,
+) -> Dataset:
     """Read the tags in `keywords` (and the SOP identity) from a DICOM header.
 
     Pixel data and every other tag are skipped; SpecificCharacterSet always comes
     along, so names decode correctly. A missing SOPInstanceUID or SOPClassUID is
-    filled from the File Meta, as a C-STORE's Affected SOP Instance UID is.
+    filled from the File Meta, as a C-STORE's Affected SOP Instance UID is,
+    unless `identity_from_meta` is false: then a dataset without its own
+    SOPInstanceUID is refused (received bytes that do not parse as a dataset
+    often read as one long unknown element and nothing else).
 
     Files without the Part 10 ``DICM`` prefix are read only if they parse as a
     dataset that identifies itself with valid SOP Class and Instance UIDs.
@@ -66,7 +74,7 @@ def read_header(src: BinaryIO | str | os.PathLike[str], keywords: Iterable[str])
     """
     if isinstance(src, (str, os.PathLike)):
         with open(src, "rb") as f:
-            return read_header(f, keywords)
+            return read_header(f, keywords, identity_from_meta=identity_from_meta)
 
     start = src.tell()
     head = src.read(_PREAMBLE + 4)
@@ -77,6 +85,8 @@ def read_header(src: BinaryIO | str | os.PathLike[str], keywords: Iterable[str])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = dcmread(src, stop_before_pixels=True, specific_tags=wanted, force=not has_meta)
+            if not identity_from_meta and not ds.get("SOPInstanceUID"):
+                raise NotDicomError("the dataset has no SOP Instance UID")
             _identify(ds)
     except NotDicomError:
         raise

@@ -32,6 +32,21 @@ log = logging.getLogger(__name__)
 STALE_TMP_SECONDS = 3600
 
 
+#: How often the drain looks at the associations still in flight.
+DRAIN_POLL_SECONDS = 0.1
+
+
+def _in_flight(assoc: object) -> bool:
+    """True while an association's connection is open.
+
+    A connection closed before it associated (a port probe, a health check)
+    leaves its association thread waiting for the ACSE timeout; there is
+    nothing to drain there, and waiting for it would stall every stop.
+    """
+    dul = getattr(assoc, "dul", None)
+    return assoc.is_alive() and dul is not None and dul.is_alive()  # type: ignore[attr-defined]
+
+
 class ServeError(SortscpError):
     """The server cannot start (folder not writable, port in use ...)."""
 
@@ -99,6 +114,7 @@ class Server:
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
         self._stop = threading.Event()
+        self._previous_tempdir: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -108,9 +124,13 @@ class Server:
     def start(self) -> None:
         cfg = self.cfg
         tmp = prepare_output(cfg.out)
-        tempfile.tempdir = os.fspath(tmp)  # where pynetdicom writes incoming datasets
+        # The pool first: multiprocessing puts its forkserver socket under the
+        # temporary folder of that moment, and a socket path in a deep output
+        # folder can exceed the AF_UNIX limit (108 bytes).
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = os.fspath(tmp)  # where pynetdicom writes incoming datasets
         self.handlers = StoreHandlers(self.pool, cfg)
         self.ae = build_ae(cfg)
         try:
@@ -138,22 +158,24 @@ class Server:
         """Stop listening, drain in-flight associations (bounded), then shut down."""
         if self.server is not None:
             self.server.shutdown()  # closes the listening socket; associations go on
-            active = self.server.active_associations
+            active = [a for a in self.server.active_associations if _in_flight(a)]
             if active:
                 log.info(
                     "stopping: waiting up to %.0f s for %d association(s) in flight",
                     self.cfg.drain_timeout, len(active),
                 )
             deadline = time.monotonic() + self.cfg.drain_timeout
-            for thread in active:
-                thread.join(max(0.0, deadline - time.monotonic()))
-            left = [a for a in active if a.is_alive()]
-            if left:
-                log.warning("aborting %d association(s) still open after the drain", len(left))
+            while active and (remaining := deadline - time.monotonic()) > 0:
+                active[0].join(min(DRAIN_POLL_SECONDS, remaining))
+                active = [a for a in active if _in_flight(a)]
+            if active:
+                log.warning("aborting %d association(s) still open after the drain", len(active))
         if self.ae is not None:
             self.ae.shutdown()
         if self.pool is not None:
             self.pool.close()
+        if tempfile.tempdir == os.fspath(self.cfg.out / TMP_DIRNAME):
+            tempfile.tempdir = self._previous_tempdir
         if self.handlers is not None:
             log.info(
                 "stopped: %d instances stored, %d failed",
