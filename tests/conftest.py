@@ -142,7 +142,8 @@ class ServeProcess:
             raise RuntimeError(f"server did not start:\n{self.log()}") from None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def terminate(self, timeout: float = 60) -> int:
