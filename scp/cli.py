@@ -23,6 +23,7 @@ from rich.progress import (
 
 from scp import __version__, config
 from scp.config import Duplicate, LogFormat, ServeConfig, SortConfig
+from scp.echo import DEFAULT_CALLING_AET, DEFAULT_TIMEOUT, check_ae_title
 from scp.errors import SortscpError, TemplateError
 from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.log import setup_logging
@@ -241,8 +242,6 @@ class _SortProgress:
 
 
 def _ae_title(text: str) -> str:
-    from scp.echo import check_ae_title
-
     try:
         return check_ae_title(text)
     except ValueError as exc:
@@ -253,9 +252,9 @@ def _ae_title(text: str) -> str:
 def echo(
     host: Annotated[str, typer.Argument(help="Peer host name or address.")],
     port: Annotated[int, typer.Argument(min=1, max=65535, help="Peer port.")],
-    aet: Annotated[str, typer.Option("--aet", callback=_ae_title, help="Our (calling) AE title.")] = "ECHOSCU",
+    aet: Annotated[str, typer.Option("--aet", callback=_ae_title, help="Our (calling) AE title.")] = DEFAULT_CALLING_AET,
     called_aet: Annotated[str, typer.Option("--called-aet", callback=_ae_title, help="The peer's (called) AE title.")] = config.DEFAULT_AET,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for each answer.")] = 10.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for each answer.")] = DEFAULT_TIMEOUT,
 ) -> None:
     """Send a C-ECHO (DICOM ping).
 

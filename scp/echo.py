@@ -10,8 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from scp.config import DEFAULT_AET
 
 SUCCESS = 0x0000
 #: The calling AE title ``sortscp echo`` uses unless told otherwise.
@@ -53,7 +52,7 @@ def echo(
     host: str,
     port: int,
     aet: str = DEFAULT_CALLING_AET,
-    called_aet: str = "ANY-SCP",
+    called_aet: str = DEFAULT_AET,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> EchoResult:
     """Associate with `called_aet` at `host:port`, send one C-ECHO, release.
@@ -61,6 +60,9 @@ def echo(
     Every step (connect, association, the echo itself) waits at most `timeout`
     seconds, so the call always returns in bounded time.
     """
+    from pynetdicom import AE  # imported here: the CLI loads this module for every command
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
     peer = f"{called_aet}@{host}:{port}"
     ae = AE(ae_title=aet)
     ae.add_requested_context(Verification)
