@@ -43,7 +43,7 @@ WORKDIR /data
 
 # A real C-ECHO to ourselves: healthy only if the SCP answers Success.
 HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
-    CMD sortscp echo 127.0.0.1 "$SORTSCP_PORT" --called-aet "$SORTSCP_AET" --timeout 10
+    CMD sortscp echo 127.0.0.1 "$SORTSCP_PORT" --called-aet "$SORTSCP_AET" --aet HEALTHCHECK --timeout 10
 
 # `docker stop` sends SIGTERM to sortscp itself (exec form, no shell in
 # between): it stops accepting, lets associations in flight finish
