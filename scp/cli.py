@@ -23,6 +23,7 @@ from rich.progress import (
 
 from scp import __version__, config
 from scp.config import Duplicate, LogFormat, ServeConfig, SortConfig
+from scp.echo import DEFAULT_CALLING_AET, DEFAULT_TIMEOUT, check_ae_title
 from scp.errors import SortscpError, TemplateError
 from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.log import setup_logging
@@ -240,32 +241,32 @@ class _SortProgress:
             self._progress.stop()
 
 
+def _ae_title(text: str) -> str:
+    try:
+        return check_ae_title(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def echo(
-    host: Annotated[str, typer.Argument(help="Peer host.")],
-    port: Annotated[int, typer.Argument(help="Peer port.")],
-    aet: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "ECHOSCU",
-    called_aet: Annotated[str, typer.Option("--called-aet", help="The peer's (called) AE title.")] = config.DEFAULT_AET,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for each step.")] = 10.0,
+    host: Annotated[str, typer.Argument(help="Peer host name or address.")],
+    port: Annotated[int, typer.Argument(min=1, max=65535, help="Peer port.")],
+    aet: Annotated[str, typer.Option("--aet", callback=_ae_title, help="Our (calling) AE title.")] = DEFAULT_CALLING_AET,
+    called_aet: Annotated[str, typer.Option("--called-aet", callback=_ae_title, help="The peer's (called) AE title.")] = config.DEFAULT_AET,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for each answer.")] = DEFAULT_TIMEOUT,
 ) -> None:
-    """Send a C-ECHO; exit 0 only if the peer answers Success."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    """Send a C-ECHO (DICOM ping).
 
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        typer.echo(f"echo: no association with {called_aet}@{host}:{port}", err=True)
-        raise typer.Exit(1)
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = getattr(status, "Status", None)
-    if code != 0x0000:
-        typer.echo(f"echo: {called_aet}@{host}:{port} answered {code if code is None else hex(code)}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"echo: {called_aet}@{host}:{port} answered Success")
+    Exit status: 0 if the peer answered Success, 1 if it did not (nothing
+    listening, association rejected, another status, no answer in time),
+    2 for usage errors.
+    """
+    from scp.echo import echo as send_echo
+
+    result = send_echo(host, port, aet=aet, called_aet=called_aet, timeout=timeout)
+    typer.echo(f"echo: {result.message}", err=not result.ok)
+    raise typer.Exit(0 if result.ok else 1)
 
 
 def main() -> None:
