@@ -24,6 +24,7 @@ from scp.config import ServeConfig
 from scp.errors import SortscpError
 from scp.handlers import StoreHandlers
 from scp.pool import WorkerPool
+from scp.security import AccessControl, AllowRule, server_tls_context, start_server
 from scp.writer import TMP_DIRNAME
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class Server:
 
     def start(self) -> None:
         cfg = self.cfg
+        access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
+        tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         tmp = prepare_output(cfg.out)
         # The pool first: multiprocessing puts its forkserver socket under the
         # temporary folder of that moment, and a socket path in a deep output
@@ -134,17 +137,19 @@ class Server:
         self.handlers = StoreHandlers(self.pool, cfg)
         self.ae = build_ae(cfg)
         try:
-            self.server = self.ae.start_server(
-                (cfg.host, cfg.port), block=False, evt_handlers=self.handlers.bindings()
+            self.server = start_server(
+                self.ae, (cfg.host, cfg.port), self.handlers.bindings() + access.bindings(), tls
             )
         except OSError as exc:
             self.pool.close()
             raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         host, port = self.address
         log.info(
-            "listening on %s:%d as %s, filing into %s with %d workers",
-            host, port, cfg.aet, cfg.out.resolve(), self.pool.workers,
+            "listening on %s:%d%s as %s, filing into %s with %d workers",
+            host, port, " (TLS)" if tls else "", cfg.aet, cfg.out.resolve(), self.pool.workers,
         )
+        if access.rules:
+            log.info("accepting calling AE titles: %s", ", ".join(map(str, access.rules)))
 
     def request_stop(self, *_: object) -> None:
         """Ask the server to stop (safe to call from a signal handler)."""
