@@ -105,7 +105,13 @@ def split_allow_list(values: Iterable[str]) -> list[str]:
     >>> split_allow_list(["A, B@host", "C"])
     ['A', 'B@host', 'C']
     """
-    return [item for value in values for item in value.replace(",", " ").split()]
+    entries = []
+    for value in values:
+        items = value.replace(",", " ").split()
+        if not items:
+            raise SecurityConfigError(f"--allow-aet {value!r}: an empty entry")
+        entries.extend(items)
+    return entries
 
 
 class AccessControl:
