@@ -228,6 +228,8 @@ class HardenedAssociationServer(ThreadedAssociationServer):
     * ``get_request`` only accepts; the TLS handshake runs in the connection's
       own thread, bounded by the ACSE timeout, so a silent client cannot keep
       the accept loop waiting.
+    * A plain connection becomes an association only once its first byte
+      arrives (within the ACSE timeout): probes do not take association slots.
     * Every accepted socket gets the network timeout: a peer that stops in the
       middle of a PDU is dropped instead of holding its association for ever.
     """
@@ -249,8 +251,25 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                 )
                 _close_quietly(request)
                 return
+        elif not _first_byte_arrives(request, ae.acse_timeout):
+            _close_quietly(request)
+            return
         request.settimeout(ae.network_timeout)
         super().finish_request(request, client_address)
+
+
+def _first_byte_arrives(sock: socket.socket, timeout: float | None) -> bool:
+    """Wait (bounded) for the peer's first byte without consuming it.
+
+    A connection that closes or stays silent never becomes an association, so
+    port probes and health checks do not hold a slot of ``--max-associations``
+    (pynetdicom would keep one until its ACSE timeout).
+    """
+    try:
+        sock.settimeout(timeout)
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except OSError:  # timed out or reset
+        return False
 
 
 def _tls_reason(exc: BaseException) -> str:

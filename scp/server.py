@@ -23,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from scp.config import ServeConfig
 from scp.errors import SortscpError
 from scp.handlers import StoreHandlers
+from scp import receive
 from scp.pool import WorkerPool
 from scp.security import AccessControl, AllowRule, server_tls_context, start_server
 from scp.writer import TMP_DIRNAME
@@ -94,6 +95,7 @@ def build_ae(cfg: ServeConfig) -> AE:
     """
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.STORE_RECV_CHUNKED_DATASET = True
+    receive.install()  # a full disk fails the instance, not the association
     ae = AE(ae_title=cfg.aet)
     ae.add_supported_context(Verification)
     ae.maximum_associations = cfg.max_associations
