@@ -329,7 +329,24 @@ def test_disk_full_fails_the_instance_and_recovers(tmpfs):
             assert pydicom.dcmread(p).PixelData == pixels[: 384 * 384 * 2]
         wait_until(lambda: tmp_files(out) == [], what="the temporary folder to be empty")
         assert "No space left on device" in server.log()
+        # Now not even the incoming dataset fits: still a status, still the same association.
+        filler = out / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while f.write(bytes(4096)):
+                    pass
+            except OSError:
+                pass
+        assoc = associate(server.port)
+        uid = "1.2.826.0.1.3680043.10.2.98"
+        assert getattr(assoc.send_c_store(ct(uid, pixels)), "Status", None) == OUT_OF_RESOURCES
+        assert echo_ok(server.port) and assoc.is_established, server.log()
+        assoc.release()
+        assert "cannot write an incoming dataset" in server.log()
+        assert f"{uid}.dcm" not in {p.name for p in layout_files(out)}
+        wait_until(lambda: tmp_files(out) == [], what="the temporary folder to be empty")
         # free space: the server stores again
+        filler.unlink()
         for p in layout_files(out)[:3]:
             p.unlink()
         again = ct("1.2.826.0.1.3680043.10.2.99", pixels)
