@@ -249,12 +249,13 @@ def test_max_pdu_is_what_the_server_announces(serve_process):
         assoc.release()
 
 
-def _hostile(port: int, payload: bytes, results: dict, name: str) -> None:
+def _hostile(port: int, payload: bytes, results: dict, name: str, ready: list) -> None:
     """Connect, send `payload`, then wait (bounded) for the server to close."""
     with socket.create_connection(("127.0.0.1", port), timeout=STEP) as s:
         s.settimeout(STEP * 2)
         if payload:
             s.sendall(payload)
+        ready.append(name)
         try:
             while s.recv(4096):
                 pass
@@ -278,10 +279,13 @@ def test_hostile_connections_are_dropped_without_delaying_others(serve_process):
     every accepted socket has the network timeout."""
     server = serve_process("--acse-timeout", "2", "--network-timeout", "2", "--max-associations", "8")
     results: dict[str, str] = {}
-    threads = [threading.Thread(target=_hostile, args=(server.port, payload, results, name), daemon=True)
+    ready: list[str] = []
+    threads = [threading.Thread(target=_hostile, args=(server.port, payload, results, name, ready),
+                                daemon=True)
                for name, payload in HOSTILE.items()]
     for t in threads:
         t.start()
+    wait_until(lambda: len(ready) == len(HOSTILE), what="the hostile connections")
     ds = ct("1.2.826.0.1.3680043.10.1.2")
     assert store_one(server.port, ds) == SUCCESS, server.log()  # while they hang on
     for t in threads:
