@@ -185,6 +185,14 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def vm_hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -465,14 +473,18 @@ def test_sigkill_during_a_burst_keeps_every_acknowledged_instance(tmp_path):
 
     sender = threading.Thread(target=burst, daemon=True)
     sender.start()
+    others: list[int] = []
     try:
         wait_until(lambda: len(layout_files(out)) >= 20, timeout=60, what="20 instances stored")
         others = descendants(server.proc.pid)
+        assert len(worker_pids(server.proc.pid)) == 2
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(STEP)
-        kill_all(others)  # the pool's processes, by their own PIDs
+        # the workers and the forkserver do not outlive the server
+        wait_until(lambda: not [p for p in others if _running(p)], what=f"{others} to exit")
     finally:
         server.kill()
+        kill_all([p for p in others if _running(p)])
     sender.join(STEP * 2)
     acknowledged = [uid for uid, s in statuses.items() if s == SUCCESS]
     assert 20 <= len(acknowledged) < len(datasets), "the kill did not land during the burst"
