@@ -191,9 +191,10 @@ class Server:
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         """Start, serve until SIGINT/SIGTERM, stop. Returns the exit code."""
-        self.start()
+        # Handlers first: a supervisor may send SIGTERM as soon as the port accepts.
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self.start()
             if on_ready:
                 on_ready(self)
             self.wait()
