@@ -20,6 +20,8 @@ from typing import Any
 
 from pynetdicom import dimse_messages
 
+from scp.writer import tmp_prefix
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,7 @@ class IncomingDataset:
         self.error: OSError | None = None
         self._file: Any = None
         try:
+            kwargs.setdefault("prefix", tmp_prefix("r"))
             self._file = tempfile.NamedTemporaryFile(**kwargs)
             self.name: str = self._file.name
         except OSError as exc:

@@ -26,7 +26,7 @@ from scp.handlers import StoreHandlers
 from scp import receive
 from scp.pool import WorkerPool
 from scp.security import AccessControl, AllowRule, server_tls_context, start_server
-from scp.writer import TMP_DIRNAME
+from scp.writer import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,7 @@ def prepare_output(out: Path) -> Path:
 
 
 def _remove_stale(tmp: Path) -> None:
-    cutoff = time.time() - STALE_TMP_SECONDS
-    removed = 0
-    for entry in os.scandir(tmp):
-        try:
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue
+    removed = remove_orphans(tmp, older_than=STALE_TMP_SECONDS)
     if removed:
         log.info("removed %d stale temporary files from %s", removed, tmp)
 

@@ -410,6 +410,8 @@ def test_a_worker_killed_mid_instance_fails_it_and_the_pool_recovers(serve_proce
     sender.join(120)
     assert box.get("status") == OUT_OF_RESOURCES, f"{box}\n{server.log()}"
     assert layout_files(out) == []
+    # what the dead worker was writing is removed
+    wait_until(lambda: tmp_files(out) == [], what=f"no temporary file left ({tmp_files(out)})")
     assert "worker" in server.log()
     # later instances succeed on a new pool
     ds = ct("1.2.826.0.1.3680043.10.4.2")
@@ -500,6 +502,8 @@ def test_sigkill_during_a_burst_keeps_every_acknowledged_instance(tmp_path):
         assert len(ds.PixelData) == len(datasets[ds.SOPInstanceUID].PixelData), path
     restarted = ServeProcess(out, "--workers", "1")
     try:
+        # the temporary files of the killed server and its workers are gone
+        assert tmp_files(out) == [], restarted.log()
         assert echo_ok(restarted.port), restarted.log()
         ds = ct("1.2.826.0.1.3680043.10.6.999")
         assert store_one(restarted.port, ds) == SUCCESS, restarted.log()
