@@ -65,6 +65,15 @@ def _positive(value: Optional[int]) -> Optional[int]:
     return value
 
 
+def _allow_list(values: Optional[list[str]]) -> list[str]:
+    from scp.security import SecurityConfigError, split_allow_list
+
+    try:
+        return split_allow_list(values or ())
+    except SecurityConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"sortscp {__version__}")
@@ -116,18 +125,31 @@ def serve(
     dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, help="Seconds to wait for DIMSE messages.")] = config.DEFAULT_DIMSE_TIMEOUT,
     network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, help="On SIGINT/SIGTERM, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
+    allow_aet: Annotated[Optional[list[str]], typer.Option("--allow-aet", envvar=_env("ALLOW_AET"), callback=_allow_list, metavar="TITLE[@HOST]", help="Accept associations only from this calling AE title (optionally only from HOST); repeatable, or separated by spaces/commas in the variable. Default: anyone.")] = None,
+    require_called_aet: Annotated[bool, typer.Option("--require-called-aet", envvar=_env("REQUIRE_CALLED_AET"), help="Reject associations addressed to another AE title than --aet.")] = False,
+    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", envvar=_env("TLS_CERT"), dir_okay=False, help="Serve DICOM over TLS with this PEM certificate (chain).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", envvar=_env("TLS_KEY"), dir_okay=False, help="PEM private key of --tls-cert (if not in the same file).")] = None,
+    tls_ca: Annotated[Optional[Path], typer.Option("--tls-ca", envvar=_env("TLS_CA"), dir_okay=False, help="Require client certificates signed by these PEM CA certificates.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", envvar=_env("LOG_LEVEL"), callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar=_env("LOG_FORMAT"), help="text, or json (one object per line, for containers).")] = LogFormat.TEXT,
 ) -> None:
-    """Run the Storage SCP: file every instance received with C-STORE."""
+    """Run the Storage SCP: file every instance received with C-STORE.
+
+    Exit status: 0 after a clean stop, 2 when it cannot start (bad option, port
+    in use, output folder not writable, unusable TLS files).
+    """
     from scp.server import Server
 
+    if (tls_key or tls_ca) and not tls_cert:
+        raise typer.BadParameter("--tls-key and --tls-ca need --tls-cert", param_hint="--tls-cert")
     setup_logging(log_level, log_format)
     cfg = ServeConfig(
         out=out, aet=aet, port=port, host=host, template=template,
         workers=workers or config.default_workers(), on_duplicate=on_duplicate,
         max_associations=max_associations, max_pdu=max_pdu, acse_timeout=acse_timeout,
         dimse_timeout=dimse_timeout, network_timeout=network_timeout, drain_timeout=drain_timeout,
+        allow_aet=tuple(allow_aet or ()), require_called_aet=require_called_aet,
+        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
     )
     try:
         code = Server(cfg).run()

@@ -21,7 +21,7 @@ from scp.errors import LayoutError, NotDicomError, StoreError
 from scp.jobs import store_received
 from scp.pool import WorkerPool
 from scp.report import Status
-from scp.writer import tmp_dir
+from scp.writer import TMP_DIRNAME, remove_orphans, tmp_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class StoreHandlers:
         try:
             outcome = self.pool.submit(store_received, received, calling, self.cfg).result()
         except Exception as exc:
+            if isinstance(exc, BrokenProcessPool):  # what the dead worker was writing
+                remove_orphans(self.cfg.out / TMP_DIRNAME)
             status = status_for(exc)
             stats.failed += 1
             with self._lock:

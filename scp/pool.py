@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -21,10 +24,44 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _init_worker() -> None:
+#: How often a worker checks that its parent lives, where it cannot be told.
+PARENT_POLL_SECONDS = 1.0
+
+
+def _init_worker(parent: int | None = None) -> None:
     # Ctrl-C and SIGTERM are the parent's to handle: it drains, then closes us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Exit as soon as `parent` does (e.g. killed with SIGKILL).
+
+    A worker's own parent is the forkserver, which lives as long as any worker
+    does, so neither would ever notice that the process that started them is gone.
+    """
+    try:
+        fd = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or already gone
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])  # readable once `parent` has exited
+    else:
+        while _alive(parent):
+            time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -46,7 +83,8 @@ class WorkerPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=_context(), initializer=_init_worker
+            max_workers=self.workers, mp_context=_context(), initializer=_init_worker,
+            initargs=(os.getpid(),),
         )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:

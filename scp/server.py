@@ -23,8 +23,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 from scp.config import ServeConfig
 from scp.errors import SortscpError
 from scp.handlers import StoreHandlers
+from scp import receive
 from scp.pool import WorkerPool
-from scp.writer import TMP_DIRNAME
+from scp.security import AccessControl, AllowRule, server_tls_context, start_server
+from scp.writer import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +71,7 @@ def prepare_output(out: Path) -> Path:
 
 
 def _remove_stale(tmp: Path) -> None:
-    cutoff = time.time() - STALE_TMP_SECONDS
-    removed = 0
-    for entry in os.scandir(tmp):
-        try:
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue
+    removed = remove_orphans(tmp, older_than=STALE_TMP_SECONDS)
     if removed:
         log.info("removed %d stale temporary files from %s", removed, tmp)
 
@@ -93,6 +87,7 @@ def build_ae(cfg: ServeConfig) -> AE:
     """
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.STORE_RECV_CHUNKED_DATASET = True
+    receive.install()  # a full disk fails the instance, not the association
     ae = AE(ae_title=cfg.aet)
     ae.add_supported_context(Verification)
     ae.maximum_associations = cfg.max_associations
@@ -123,6 +118,8 @@ class Server:
 
     def start(self) -> None:
         cfg = self.cfg
+        access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
+        tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         tmp = prepare_output(cfg.out)
         # The pool first: multiprocessing puts its forkserver socket under the
         # temporary folder of that moment, and a socket path in a deep output
@@ -134,17 +131,19 @@ class Server:
         self.handlers = StoreHandlers(self.pool, cfg)
         self.ae = build_ae(cfg)
         try:
-            self.server = self.ae.start_server(
-                (cfg.host, cfg.port), block=False, evt_handlers=self.handlers.bindings()
+            self.server = start_server(
+                self.ae, (cfg.host, cfg.port), self.handlers.bindings() + access.bindings(), tls
             )
         except OSError as exc:
             self.pool.close()
             raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         host, port = self.address
         log.info(
-            "listening on %s:%d as %s, filing into %s with %d workers",
-            host, port, cfg.aet, cfg.out.resolve(), self.pool.workers,
+            "listening on %s:%d%s as %s, filing into %s with %d workers",
+            host, port, " (TLS)" if tls else "", cfg.aet, cfg.out.resolve(), self.pool.workers,
         )
+        if access.rules:
+            log.info("accepting calling AE titles: %s", ", ".join(map(str, access.rules)))
 
     def request_stop(self, *_: object) -> None:
         """Ask the server to stop (safe to call from a signal handler)."""
@@ -184,9 +183,10 @@ class Server:
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         """Start, serve until SIGINT/SIGTERM, stop. Returns the exit code."""
-        self.start()
+        # Handlers first: a supervisor may send SIGTERM as soon as the port accepts.
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self.start()
             if on_ready:
                 on_ready(self)
             self.wait()

@@ -18,8 +18,10 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -57,6 +59,59 @@ class Placement(str, enum.Enum):
     REPLACED = "replaced"  #: different bytes were atomically replaced
     IDENTICAL = "identical"  #: the same bytes were already there
     KEPT_EXISTING = "kept_existing"  #: different bytes were there and were kept
+
+
+def tmp_prefix(kind: str) -> str:
+    """Start of a temporary file name: its kind and the PID of the process writing it,
+    so that the files of a process that died can be recognised (:func:`remove_orphans`)."""
+    return f"{kind}-{os.getpid()}-"
+
+
+_TMP_OWNER = re.compile(r"^[a-z]-(\d+)-")
+
+
+def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
+    """Remove temporary files in `tmp` whose writing process is gone (or, with
+    `older_than`, that were last modified more than that many seconds ago).
+
+    Returns how many were removed. Files of live processes are never touched.
+    """
+    cutoff = None if older_than is None else time.time() - older_than
+    removed = 0
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            match = _TMP_OWNER.match(entry.name)
+            orphan = match is not None and not _pid_alive(int(match.group(1)))
+            if orphan or (cutoff is not None and entry.stat().st_mtime < cutoff):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tmp_dir(root: Path) -> Path:
@@ -297,7 +352,7 @@ def _done(path: Path, placement: Placement, durable: bool) -> Placement:
 
 def _new_tmp(root: Path) -> Path:
     try:
-        fd, name = tempfile.mkstemp(prefix="w-", suffix=".part", dir=tmp_dir(root))
+        fd, name = tempfile.mkstemp(prefix=tmp_prefix("w"), suffix=".part", dir=tmp_dir(root))
     except OSError as exc:
         raise StoreError(f"cannot write under {root}: {exc.strerror}") from exc
     os.close(fd)

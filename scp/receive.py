@@ -1,0 +1,94 @@
+"""The temporary file pynetdicom writes an incoming dataset into, made to fail softly.
+
+With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each incoming dataset to
+a ``NamedTemporaryFile`` from its network thread. If that file cannot be
+created or written (disk full, folder gone or read-only), the exception kills
+the association's network thread and the sender waits for a response that
+never comes. :class:`IncomingDataset` stands in for that file: on the first
+error it logs one clear line, removes what it wrote and discards the rest of
+the dataset, so the transfer completes and the C-STORE handler answers with a
+failure status (the file it is given does not exist).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from typing import Any
+
+from pynetdicom import dimse_messages
+
+from scp.writer import tmp_prefix
+
+log = logging.getLogger(__name__)
+
+
+class IncomingDataset:
+    """A ``NamedTemporaryFile(delete=False)`` look-alike that never raises on write.
+
+    ``error`` is the first :class:`OSError` met (None while all is well); once
+    set, the file is gone and further data is discarded.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.error: OSError | None = None
+        self._file: Any = None
+        try:
+            kwargs.setdefault("prefix", tmp_prefix("r"))
+            self._file = tempfile.NamedTemporaryFile(**kwargs)
+            self.name: str = self._file.name
+        except OSError as exc:
+            # A name that does not exist, so that reading it fails.
+            self.name = os.path.join(tempfile.gettempdir(), f".unwritable-{uuid.uuid4().hex}.dcm")
+            self._fail(exc)
+
+    @property
+    def file(self) -> IncomingDataset:
+        return self  # pynetdicom calls ``.file.flush()``
+
+    def write(self, data: bytes) -> int:
+        if self._file is not None:
+            try:
+                return self._file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        log.error(
+            "cannot write an incoming dataset to %s: %s; it will be refused (out of resources)",
+            os.path.dirname(self.name), exc.strerror or exc,
+            extra={"event": "receive_failed", "reason": exc.strerror or str(exc)},
+        )
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            try:
+                os.unlink(self.name)
+            except OSError:
+                pass
+            self._file = None
+
+
+def install() -> None:
+    """Make pynetdicom write incoming datasets through :class:`IncomingDataset`."""
+    dimse_messages.NamedTemporaryFile = IncomingDataset  # type: ignore[attr-defined,assignment]

@@ -1,0 +1,582 @@
+"""Limits and faults: too many associations, hostile connections, a full or
+read-only disk, a worker that dies, a sender that aborts, a server killed in a
+burst, a 1 GiB instance, and bad input on the command line.
+
+Each fault is injected for real (a small tmpfs, SIGKILL, a dropped socket);
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from conftest import TEST_FILES, ServeProcess, cli_env, free_port, run_cli
+
+CT = TEST_FILES / "CT_small.dcm"
+STEP = 20.0  #: seconds any single network step may take
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+TMP = ".sortscp-tmp"
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def layout_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*.dcm") if TMP not in p.relative_to(out).parts)
+
+
+def tmp_files(out: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(out / TMP))
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(predicate, timeout: float = STEP, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def new_ae(calling: str = "FAULTSCU", ts: str | None = None) -> AE:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, [ts] if ts else None)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = STEP
+    return ae
+
+
+def associate(port: int, **kwargs):
+    assoc = new_ae(**kwargs).associate("127.0.0.1", port, ae_title="SORTSCP")
+    return assoc
+
+
+def ct(uid: str, pixels: bytes | None = None) -> pydicom.Dataset:
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    if pixels is not None:
+        side = int((len(pixels) // 2) ** 0.5)
+        ds.Rows = ds.Columns = side
+        ds.PixelData = pixels[: side * side * 2]
+    return ds
+
+
+def echo_ok(port: int) -> bool:
+    assoc = associate(port)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == SUCCESS
+
+
+def store_one(port: int, ds: pydicom.Dataset) -> int | None:
+    assoc = associate(port)
+    assert assoc.is_established, "association refused"
+    status = getattr(assoc.send_c_store(ds), "Status", None)
+    assoc.release()
+    return status
+
+
+def dataset_offset(f) -> int:
+    """Offset of the dataset in a Part 10 file (after preamble and File Meta)."""
+    f.seek(132)
+    head = f.read(12)
+    assert head[:4] == b"\x02\x00\x00\x00", "no File Meta group length"
+    return 144 + struct.unpack("<I", head[8:12])[0]
+
+
+def dataset_digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of the dataset part of a Part 10 file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(dataset_offset(f))
+        size = 0
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def write_big_instance(path: Path, nbytes: int, uid: str) -> Path:
+    """A real CT instance (CT_small's header) whose pixel data is enlarged to
+    `nbytes`, written in chunks so the test never holds it in memory."""
+    ds = pydicom.dcmread(CT)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    columns = 16384
+    rows = nbytes // (columns * 2)
+    ds.Rows, ds.Columns = rows, columns
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    length = rows * columns * 2
+    block = random.Random(uid).randbytes(1 << 22)
+    with open(path, "ab") as f:
+        f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length))
+        left = length
+        while left:
+            n = min(left, len(block))
+            f.write(block[:n])
+            left -= n
+    return path
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The pool's worker processes: children of the forkserver, itself a child of the server."""
+    below = descendants(server_pid)
+    forkservers = {p for p in below if _ppid(p) == server_pid and "forkserver" in _cmdline(p)}
+    return sorted(p for p in below if _ppid(p) in forkservers)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except OSError:
+        return -1
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[callable]:
+    """Factory: ``tmpfs(size)`` mounts a tmpfs of `size` at a new folder; unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# --- limits -----------------------------------------------------------------------
+
+
+def test_extra_association_is_rejected_with_local_limit_exceeded(serve_process):
+    server = serve_process("--max-associations", "2")
+    held = [associate(server.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held), server.log()
+        extra = associate(server.port)
+        assert not extra.is_established and extra.is_rejected, server.log()
+        rj = extra.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == RJ_LOCAL_LIMIT
+    finally:
+        for a in held:
+            a.release()
+    wait_until(lambda: echo_ok(server.port), what="a free association slot")
+
+
+def test_max_pdu_is_what_the_server_announces(serve_process):
+    server = serve_process("--max-pdu", "16384")
+    assoc = associate(server.port)
+    try:
+        assert assoc.acceptor.maximum_length == 16384
+        status = assoc.send_c_store(ct("1.2.826.0.1.3680043.10.1.1"))
+        assert status.Status == SUCCESS, server.log()
+    finally:
+        assoc.release()
+
+
+def _hostile(port: int, payload: bytes, results: dict, name: str, ready: list) -> None:
+    """Connect, send `payload`, then wait (bounded) for the server to close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=STEP) as s:
+        s.settimeout(STEP * 2)
+        if payload:
+            s.sendall(payload)
+        ready.append(name)
+        try:
+            while s.recv(4096):
+                pass
+            results[name] = "closed"
+        except ConnectionResetError:
+            results[name] = "closed"
+        except TimeoutError:
+            results[name] = "still open"
+
+
+HOSTILE = {
+    "silent": b"",
+    "garbage": bytes([0xEE]) + random.Random(1).randbytes(63),
+    "half-a-header": b"\x01\x00",
+    "pdu-cut-short": b"\x01\x00\x00\x00\x03\xe8" + b"\x00" * 10,  # announces 1000 bytes, sends 10
+}
+
+
+def test_hostile_connections_are_dropped_without_delaying_others(serve_process):
+    """pynetdicom's stock server waits for ever for the rest of a PDU; here
+    every accepted socket has the network timeout."""
+    server = serve_process("--acse-timeout", "2", "--network-timeout", "2", "--max-associations", "8")
+    results: dict[str, str] = {}
+    ready: list[str] = []
+    threads = [threading.Thread(target=_hostile, args=(server.port, payload, results, name, ready),
+                                daemon=True)
+               for name, payload in HOSTILE.items()]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(ready) == len(HOSTILE), what="the hostile connections")
+    ds = ct("1.2.826.0.1.3680043.10.1.2")
+    assert store_one(server.port, ds) == SUCCESS, server.log()  # while they hang on
+    for t in threads:
+        t.join(STEP * 3)
+    assert results == {name: "closed" for name in HOSTILE}, server.log()
+    assert echo_ok(server.port), server.log()
+    assert len(layout_files(server.out)) == 1
+
+
+def test_idle_association_is_dropped(serve_process):
+    server = serve_process("--network-timeout", "1")
+    ae = new_ae()
+    ae.network_timeout = None  # the client itself would wait for ever
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP")
+    assert assoc.is_established
+    wait_until(lambda: not assoc.is_alive(), what="the server to drop the idle association")
+    assert assoc.is_aborted
+    assert echo_ok(server.port)
+
+
+# --- disk full, read-only folder ---------------------------------------------------
+
+
+def test_disk_full_fails_the_instance_and_recovers(tmpfs):
+    out = tmpfs("2m")
+    server = ServeProcess(out, "--workers", "1")
+    try:
+        pixels = random.Random(2).randbytes(384 * 384 * 2)  # ~300 KB per instance
+        sent: dict[str, int | None] = {}
+        assoc = associate(server.port)
+        assert assoc.is_established, server.log()
+        for i in range(20):
+            uid = f"1.2.826.0.1.3680043.10.2.{i}"
+            sent[uid] = getattr(assoc.send_c_store(ct(uid, pixels)), "Status", None)
+            if sent[uid] != SUCCESS:
+                break
+        assert assoc.is_established, "the association did not survive the full disk"
+        assoc.release()
+        failed = [u for u, s in sent.items() if s != SUCCESS]
+        stored = [u for u, s in sent.items() if s == SUCCESS]
+        assert len(failed) == 1 and sent[failed[0]] == OUT_OF_RESOURCES, f"{sent}\n{server.log()}"
+        names = {p.name for p in layout_files(out)}
+        assert names == {f"{u}.dcm" for u in stored}, "something partial carries a final name"
+        for p in layout_files(out):
+            assert pydicom.dcmread(p).PixelData == pixels[: 384 * 384 * 2]
+        wait_until(lambda: tmp_files(out) == [], what="the temporary folder to be empty")
+        assert "No space left on device" in server.log()
+        # Now not even the incoming dataset fits: still a status, still the same association.
+        filler = out / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while f.write(bytes(4096)):
+                    pass
+            except OSError:
+                pass
+        assoc = associate(server.port)
+        uid = "1.2.826.0.1.3680043.10.2.98"
+        assert getattr(assoc.send_c_store(ct(uid, pixels)), "Status", None) == OUT_OF_RESOURCES
+        assert echo_ok(server.port) and assoc.is_established, server.log()
+        assoc.release()
+        assert "cannot write an incoming dataset" in server.log()
+        assert f"{uid}.dcm" not in {p.name for p in layout_files(out)}
+        wait_until(lambda: tmp_files(out) == [], what="the temporary folder to be empty")
+        # free space: the server stores again
+        filler.unlink()
+        for p in layout_files(out)[:3]:
+            p.unlink()
+        again = ct("1.2.826.0.1.3680043.10.2.99", pixels)
+        assert store_one(server.port, again) == SUCCESS, server.log()
+        assert any(p.name == f"{again.SOPInstanceUID}.dcm" for p in layout_files(out))
+    finally:
+        server.kill()
+
+
+def test_read_only_output_fails_the_instance_and_recovers(tmpfs):
+    out = tmpfs("8m")
+    server = ServeProcess(out, "--workers", "1")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True, capture_output=True)
+        ds = ct("1.2.826.0.1.3680043.10.3.1")
+        assert store_one(server.port, ds) == OUT_OF_RESOURCES, server.log()
+        assert layout_files(out) == []
+        assert "Read-only file system" in server.log()
+        subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True, capture_output=True)
+        assert store_one(server.port, ds) == SUCCESS, server.log()
+        assert [p.name for p in layout_files(out)] == [f"{ds.SOPInstanceUID}.dcm"]
+    finally:
+        server.kill()
+
+
+# --- a worker dies ------------------------------------------------------------------
+
+
+def test_a_worker_killed_mid_instance_fails_it_and_the_pool_recovers(serve_process, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    big = write_big_instance(tmp_path / "big.dcm", 256 << 20, "1.2.826.0.1.3680043.10.4.1")
+    server = serve_process("--workers", "2")
+    out = server.out
+    box: dict[str, object] = {}
+
+    def send() -> None:
+        assoc = associate(server.port, ts=ExplicitVRLittleEndian)
+        box["status"] = getattr(assoc.send_c_store(big), "Status", None)
+        assoc.release()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    # The worker names its output file w-*.part once it starts writing.
+    wait_until(lambda: any(n.startswith("w-") for n in tmp_files(out)) or not sender.is_alive(),
+               timeout=120, what="a worker to start writing")
+    workers = worker_pids(server.proc.pid)
+    assert workers, "no worker processes found"
+    kill_all(workers)
+    sender.join(120)
+    assert box.get("status") == OUT_OF_RESOURCES, f"{box}\n{server.log()}"
+    assert layout_files(out) == []
+    # what the dead worker was writing is removed
+    wait_until(lambda: tmp_files(out) == [], what=f"no temporary file left ({tmp_files(out)})")
+    assert "worker" in server.log()
+    # later instances succeed on a new pool
+    ds = ct("1.2.826.0.1.3680043.10.4.2")
+    assert store_one(server.port, ds) == SUCCESS, server.log()
+    assert [p.name for p in layout_files(out)] == [f"{ds.SOPInstanceUID}.dcm"]
+    new_workers = worker_pids(server.proc.pid)
+    assert new_workers and not set(new_workers) & set(workers)
+
+
+# --- the sender aborts ---------------------------------------------------------------
+
+
+# pynetdicom's client may complain in its own thread about the abort it was asked for.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("how", ["abort", "drop"])
+def test_sender_stopping_mid_transfer_leaves_no_file(serve_process, tmp_path, monkeypatch, how):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    big = write_big_instance(tmp_path / "big.dcm", 128 << 20, "1.2.826.0.1.3680043.10.5.1")
+    server = serve_process()
+    out = server.out
+    assoc = associate(server.port, ts=ExplicitVRLittleEndian)
+    assert assoc.is_established
+    sender = threading.Thread(target=lambda: assoc.send_c_store(big), daemon=True)
+    sender.start()
+
+    def arriving() -> bool:
+        return any((out / TMP / n).stat().st_size > (1 << 20) for n in tmp_files(out)
+                   if (out / TMP / n).exists())
+
+    wait_until(arriving, what="the dataset to start arriving")
+    if how == "abort":
+        assoc.abort()
+    else:  # the connection just goes away, no A-ABORT
+        assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    wait_until(lambda: tmp_files(out) == [], what=f"no temporary file left ({tmp_files(out)})")
+    assert layout_files(out) == []
+    assert echo_ok(server.port), server.log()
+    # (pynetdicom's client thread may stay blocked until its own DIMSE timeout: not ours to wait for)
+
+
+# --- the server is killed ------------------------------------------------------------
+
+
+def test_sigkill_during_a_burst_keeps_every_acknowledged_instance(tmp_path):
+    out = tmp_path / "out"
+    server = ServeProcess(out, "--workers", "2")
+    statuses: dict[str, int | None] = {}
+    datasets = {f"1.2.826.0.1.3680043.10.6.{i}": ct(f"1.2.826.0.1.3680043.10.6.{i}") for i in range(200)}
+
+    def burst() -> None:
+        ae = new_ae(ts=ImplicitVRLittleEndian)
+        ae.dimse_timeout = ae.network_timeout = 3  # the server will vanish
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP")
+        try:
+            for uid, ds in datasets.items():
+                if not assoc.is_established:
+                    return
+                statuses[uid] = getattr(assoc.send_c_store(ds), "Status", None)
+        except Exception:  # the server vanished mid-send
+            return
+
+    sender = threading.Thread(target=burst, daemon=True)
+    sender.start()
+    others: list[int] = []
+    try:
+        wait_until(lambda: len(layout_files(out)) >= 20, timeout=60, what="20 instances stored")
+        others = descendants(server.proc.pid)
+        assert len(worker_pids(server.proc.pid)) == 2
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(STEP)
+        # the workers and the forkserver do not outlive the server
+        wait_until(lambda: not [p for p in others if _running(p)], what=f"{others} to exit")
+    finally:
+        server.kill()
+        kill_all([p for p in others if _running(p)])
+    sender.join(STEP * 2)
+    acknowledged = [uid for uid, s in statuses.items() if s == SUCCESS]
+    assert 20 <= len(acknowledged) < len(datasets), "the kill did not land during the burst"
+    by_name = {p.name: p for p in layout_files(out)}
+    for uid in acknowledged:
+        path = by_name.get(f"{uid}.dcm")
+        assert path is not None, f"{uid} was acknowledged but is not on disk"
+        with open(path, "rb") as f:
+            f.seek(dataset_offset(f))
+            assert f.read() == encode(datasets[uid], True, True), f"{uid}: dataset bytes differ"
+    for path in by_name.values():  # nothing half-written under a final name
+        ds = pydicom.dcmread(path)
+        assert len(ds.PixelData) == len(datasets[ds.SOPInstanceUID].PixelData), path
+    restarted = ServeProcess(out, "--workers", "1")
+    try:
+        # the temporary files of the killed server and its workers are gone
+        assert tmp_files(out) == [], restarted.log()
+        assert echo_ok(restarted.port), restarted.log()
+        ds = ct("1.2.826.0.1.3680043.10.6.999")
+        assert store_one(restarted.port, ds) == SUCCESS, restarted.log()
+    finally:
+        restarted.kill()
+
+
+# --- a 1 GiB instance ------------------------------------------------------------------
+
+#: Peak resident memory allowed for the server and for each worker while a
+#: 1 GiB instance goes through: a small fraction of the instance.
+MEMORY_BOUND_KIB = 256 * 1024
+
+
+def test_a_1gib_instance_is_stored_with_bounded_memory(serve_process, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    size = 1 << 30
+    big = write_big_instance(tmp_path / "big.dcm", size, "1.2.826.0.1.3680043.10.7.1")
+    server = serve_process("--workers", "1", "--dimse-timeout", "600", "--network-timeout", "600")
+    ae = new_ae(ts=ExplicitVRLittleEndian)
+    ae.dimse_timeout = ae.network_timeout = 600
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP")
+    assert assoc.is_established
+    status = getattr(assoc.send_c_store(big), "Status", None)
+    assoc.release()
+    assert status == SUCCESS, server.log()
+    peaks = {pid: vm_hwm_kib(pid) for pid in [server.proc.pid, *worker_pids(server.proc.pid)]}
+    (stored,) = layout_files(server.out)
+    assert dataset_digest(stored) == dataset_digest(big)
+    stored.unlink()  # give the disk space back early
+    print(f"peak resident memory (VmHWM, MiB) for a 1 GiB instance: "
+          f"{ {pid: kib // 1024 for pid, kib in peaks.items()} }")
+    assert len(peaks) >= 2, "no worker found"
+    assert max(peaks.values()) < MEMORY_BOUND_KIB, peaks
+
+
+# --- bad input on the command line -------------------------------------------------------
+
+
+def _cli_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "Traceback" not in output, output
+    for text in expected:
+        assert text in output, output
+
+
+def test_unknown_template_keyword(tmp_path):
+    proc = run_cli("serve", "--out", tmp_path / "out", "--port", free_port(),
+                   "--template", "{NoSuchKeyword}/{SOPInstanceUID}.dcm", timeout=60)
+    _cli_error(proc, "NoSuchKeyword")
+
+
+def test_output_under_a_regular_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli("serve", "--out", tmp_path / "file" / "out", "--host", "127.0.0.1",
+                   "--port", free_port(), timeout=60)
+    _cli_error(proc, "cannot write to the output folder", "Not a directory")
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", "--port", port,
+                       timeout=60)
+    _cli_error(proc, f"cannot listen on 127.0.0.1:{port}", "Address already in use")
+
+
+@pytest.mark.parametrize("name,value", [("SORTSCP_PORT", "abc"), ("SORTSCP_MAX_ASSOCIATIONS", "0"),
+                                        ("SORTSCP_NETWORK_TIMEOUT", "soon"), ("SORTSCP_ON_DUPLICATE", "merge")])
+def test_bad_environment_values(tmp_path, name, value):
+    env = dict(cli_env(), **{name: value})
+    proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", env=env, timeout=60)
+    _cli_error(proc, name)
