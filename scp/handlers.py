@@ -81,7 +81,8 @@ class StoreHandlers:
         try:
             outcome = self.pool.submit(store_received, received, calling, self.cfg).result()
         except Exception as exc:
-            if isinstance(exc, BrokenProcessPool):  # what the dead worker was writing
+            if isinstance(exc, BrokenProcessPool):  # what the dead workers were writing
+                self.pool.recover()
                 remove_orphans(self.cfg.out / TMP_DIRNAME)
             status = status_for(exc)
             stats.failed += 1

@@ -49,12 +49,20 @@ def _exit_with(parent: int) -> None:
     if fd is not None:
         select.select([fd], [], [])  # readable once `parent` has exited
     else:
-        while _alive(parent):
+        while pid_alive(parent):
             time.sleep(PARENT_POLL_SECONDS)
     os._exit(1)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,10 +103,21 @@ class WorkerPool:
             try:
                 return self._executor.submit(fn, *args)
             except BrokenProcessPool:
-                log.error("a worker process died; starting a new worker pool")
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._new_executor()
+                self._rebuild()
                 return self._executor.submit(fn, *args)
+
+    def recover(self) -> None:
+        """After a worker died: wait until every process of the broken pool has
+        exited (the others are terminated), then start a new pool. Once this
+        returns, no process of the old pool writes anything any more."""
+        with self._lock:
+            if getattr(self._executor, "_broken", False) and not self._closed:
+                self._rebuild()
+
+    def _rebuild(self) -> None:
+        log.error("a worker process died; starting a new worker pool")
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = self._new_executor()
 
     def warm_up(self) -> None:
         """Start every worker now, so the first instance does not wait for one."""

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from scp.errors import OutsideRootError, StoreError
+from scp.pool import pid_alive
 
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
@@ -87,31 +88,13 @@ def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
             if not entry.is_file(follow_symlinks=False):
                 continue
             match = _TMP_OWNER.match(entry.name)
-            orphan = match is not None and not _pid_alive(int(match.group(1)))
+            orphan = match is not None and not pid_alive(int(match.group(1)))
             if orphan or (cutoff is not None and entry.stat().st_mtime < cutoff):
                 os.unlink(entry.path)
                 removed += 1
         except OSError:
             continue
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, dead but not yet reaped, does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tmp_dir(root: Path) -> Path:
