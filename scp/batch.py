@@ -26,7 +26,7 @@ from scp.config import SortConfig
 from scp.jobs import sort_files
 from scp.pool import WorkerPool
 from scp.report import Outcome, Report, Status
-from scp.writer import TMP_DIRNAME, Mode, fs_clock_ns
+from scp.writer import TMP_DIRNAME, Mode, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ def sort_tree(
         changed_before_ns = None
         if not cfg.dry_run:
             cfg.dst.mkdir(parents=True, exist_ok=True)
+            removed = remove_orphans(cfg.dst / TMP_DIRNAME)  # left by an interrupted run
+            if removed:
+                log.info("removed %d temporary files left by an interrupted run", removed)
             if in_place:
                 # Our own output appears in the tree being walked: pass over every
                 # file changed after this moment, measured by the file system's clock.

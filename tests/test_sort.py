@@ -529,6 +529,9 @@ def test_resume_after_interruption(many: Tree, tmp_path: Path, how: str, mode: s
     final = layout_files(dst)
     assert sorted(p.name for p in final) == sorted(f"{uid}.dcm" for uid in by_uid)
     check_no_partial_final_files(dst, by_uid)
+    tmp = dst / TMP_DIRNAME
+    leftovers = sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
+    assert leftovers == [], f"the re-run left the killed run's temporary files: {leftovers}"
     if mode == "move":
         assert [p for p in tree.all_files() if p.name != "notes.txt"] == []
 
