@@ -99,7 +99,7 @@ class Server:
             env = dict(os.environ, TCP_NODELAY="1")
         else:
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
-                              "--aet", AET, "--log-level", "WARNING")
+                              "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "5")
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
