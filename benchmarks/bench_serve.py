@@ -98,8 +98,11 @@ class Server:
             cmd += [str(self.port)]
             env = dict(os.environ, TCP_NODELAY="1")
         else:
+            # The readiness probe (a bare TCP connect) leaves an association
+            # thread waiting for a request; a short drain keeps the stop quick.
+            # The senders have all finished when the server is stopped.
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
-                              "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "5")
+                              "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -4,7 +4,9 @@ Builds (once, cached) a tree of ~5000 small instances (128x128, 16-bit) and
 one of ~500 CT-sized instances (512x512, 16-bit), then for each tree times
 N runs of each command and prints the medians, files/s and the ratio to
 ``cp -r``. The page cache cannot be dropped, so every command gets one untimed
-warm-up run first and all of them read from a warm cache.
+warm-up run first and all of them read from a warm cache; dirty pages are
+written back (``sync``, untimed) before each run, so that no run pays for the
+write-back of the one before it. Runs of the commands are interleaved.
 
 Run from the repository root::
 
@@ -14,6 +16,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -41,6 +44,7 @@ MODES = ("copy", "hardlink", "move")
 
 def _timed(setup: Callable[[], None], run: Callable[[], None], check: Callable[[], None]) -> float:
     setup()
+    os.sync()  # no run pays for the write-back of the one before it
     start = time.perf_counter()
     run()
     elapsed = time.perf_counter() - start
