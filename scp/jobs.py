@@ -23,7 +23,7 @@ from scp.errors import NotDicomError, SortscpError
 from scp.layout import relative_path
 from scp.reader import check_complete, read_header
 from scp.report import Outcome, Status
-from scp.writer import OnConflict, Placement, place, write_atomic
+from scp.writer import Mode, MoveBatch, OnConflict, Placement, place, write_atomic
 
 _STORED = {
     Placement.STORED: (Status.STORED, ""),
@@ -125,7 +125,7 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 # --- sort -------------------------------------------------------------------
 
 
-def sort_file(path: str, cfg: SortConfig) -> Outcome:
+def sort_file(path: str, cfg: SortConfig, batch: MoveBatch | None = None) -> Outcome:
     """Put one file of the source tree into the layout (or plan it, with --dry-run).
 
     A file that is not a DICOM instance (text, image, DICOMDIR, empty, or cut
@@ -141,7 +141,8 @@ def sort_file(path: str, cfg: SortConfig) -> Outcome:
         if cfg.dry_run:
             return Outcome(Status.PLANNED, path, str(rel), "", size)
         final, placement = place(
-            Path(path), cfg.dst, rel, cfg.mode, on_conflict=OnConflict.BOTH, durable=cfg.fsync
+            Path(path), cfg.dst, rel, cfg.mode, on_conflict=OnConflict.BOTH, durable=cfg.fsync,
+            batch=batch,
         )
     except NotDicomError as exc:
         return Outcome(Status.SKIPPED, path, "", str(exc))
@@ -154,8 +155,31 @@ def sort_file(path: str, cfg: SortConfig) -> Outcome:
 
 
 def sort_files(paths: Sequence[str], cfg: SortConfig) -> list[Outcome]:
-    """:func:`sort_file` for a batch of paths: one round trip to a worker per batch."""
-    return [sort_file(p, cfg) for p in paths]
+    """:func:`sort_file` for a batch of paths: one round trip to a worker per batch.
+
+    Moves between separate trees share their folder flushes (see
+    :class:`~scp.writer.MoveBatch`). When one tree holds the other, a source
+    may be a destination name of the same batch, so each move then completes
+    on its own, in order.
+    """
+    if cfg.mode is not Mode.MOVE or cfg.dry_run or _nested(cfg):
+        return [sort_file(p, cfg) for p in paths]
+    batch = MoveBatch()
+    outcomes = [sort_file(p, cfg, batch) for p in paths]
+    failed = batch.finish()
+    return [
+        Outcome(Status.FAILED, o.source, "", _reason(failed[key]))
+        if (key := os.fspath(Path(o.source))) in failed else o
+        for o in outcomes
+    ]
+
+
+def _nested(cfg: SortConfig) -> bool:
+    """True if SRC and DST are the same folder or one lies inside the other."""
+    src, dst = os.path.realpath(cfg.src), os.path.realpath(cfg.dst)
+    return src == dst or dst.startswith(src.rstrip(os.sep) + os.sep) or src.startswith(
+        dst.rstrip(os.sep) + os.sep
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -10,12 +10,14 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from scp.errors import NotDicomError
@@ -28,6 +30,11 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
+
+#: Bytes read in one go and parsed in memory. Headers are almost always
+#: shorter; a longer one is parsed again from the stream itself.
+HEADER_PREFIX = 64 * 1024
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 #: Explicit VRs whose length field is 4 bytes (after 2 reserved bytes).
 _LONG_VRS = frozenset(
@@ -77,14 +84,13 @@ def read_header(
             return read_header(f, keywords, identity_from_meta=identity_from_meta)
 
     start = src.tell()
-    head = src.read(_PREAMBLE + 4)
-    src.seek(start)
+    head = src.read(HEADER_PREFIX)
     has_meta = has_dicm_prefix(head)
     wanted = list(dict.fromkeys([*keywords, *IDENTITY_KEYWORDS]))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = dcmread(src, stop_before_pixels=True, specific_tags=wanted, force=not has_meta)
+            ds = _read_dataset(src, start, head, wanted, force=not has_meta)
             if not identity_from_meta and not ds.get("SOPInstanceUID"):
                 raise NotDicomError("the dataset has no SOP Instance UID")
             _identify(ds)
@@ -97,6 +103,40 @@ def read_header(
     if not has_meta and not _looks_like_instance(ds):
         raise NotDicomError("not a DICOM file (no DICM prefix and no SOP identity)")
     return ds
+
+
+def _read_dataset(
+    src: BinaryIO, start: int, head: bytes, wanted: list[str], *, force: bool
+) -> Dataset:
+    """``dcmread(src, stop_before_pixels=True, specific_tags=wanted)``, parsed
+    from `head` (the first bytes of `src`) when it holds the whole header.
+
+    Parsing bytes in memory spares pydicom's many ``tell``/``seek`` calls on
+    the file object. `head` holds the whole header when the parse stopped at the
+    pixel data or `head` is the whole file; otherwise the same parse runs on
+    `src`. Either way `src` is left where the parse stopped, as ``dcmread``
+    leaves it.
+    """
+    tags = [Tag(k) for k in wanted]
+    at_pixels = False
+
+    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+        nonlocal at_pixels
+        at_pixels = tag in _PIXEL_TAGS
+        return at_pixels
+
+    buffer = BytesIO(head)
+    try:
+        ds = read_partial(buffer, stop, force=force, specific_tags=tags)
+    except Exception:
+        if len(head) < HEADER_PREFIX:  # the whole file was there: a real error
+            raise
+    else:
+        if at_pixels or len(head) < HEADER_PREFIX:
+            src.seek(start + buffer.tell())
+            return ds
+    src.seek(start)  # a header longer than `head`
+    return read_partial(src, stop, force=force, specific_tags=tags)
 
 
 def _identify(ds: Dataset) -> None:

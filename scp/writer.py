@@ -154,12 +154,15 @@ def place(
     *,
     on_conflict: OnConflict = OnConflict.BOTH,
     durable: bool = False,
+    batch: MoveBatch | None = None,
 ) -> tuple[Path, Placement]:
     """Put the file `src` at ``root / rel`` by copy, move, hard or symbolic link.
 
     ``copy`` keeps timestamps and permissions (as ``shutil.copy2``). ``move``
     removes `src` only once its content is at a final name in the layout and
     flushed to disk; it never removes a file that *is* its own destination.
+    With a `batch`, a move leaves flushing and removing `src` to
+    :meth:`MoveBatch.finish`.
     """
     final = destination(root, rel)
     _ensure_parent(root, final, durable or mode is Mode.MOVE)
@@ -169,7 +172,7 @@ def place(
         return _commit(src, final, on_conflict, durable, keep_source=True)
     if mode is Mode.SYMLINK:
         return _place_symlink(src, final, on_conflict)
-    return _place_move(src, root, final, on_conflict)
+    return _place_move(src, root, final, on_conflict, batch)
 
 
 def _place_copy(
@@ -190,12 +193,12 @@ def _place_copy(
 
 
 def _place_move(
-    src: Path, root: Path, final: Path, on_conflict: OnConflict
+    src: Path, root: Path, final: Path, on_conflict: OnConflict, batch: MoveBatch | None = None
 ) -> tuple[Path, Placement]:
     if _same_entry(src, final):
         return final, Placement.IDENTICAL  # already its own destination
     try:
-        path, placement = _commit(src, final, on_conflict, True, keep_source=True)
+        path, placement = _commit(src, final, on_conflict, batch is None, keep_source=True)
     except StoreError as exc:
         if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno != errno.EXDEV:
             raise
@@ -206,9 +209,51 @@ def _place_move(
     if placement is not Placement.KEPT_EXISTING and not _same_entry(src, path):
         if placement is Placement.IDENTICAL and not os.path.samefile(src, path):
             _fsync_path(path)  # stored by an earlier copy that may not be on disk yet
+        if batch is not None:
+            batch.remove_after_flush(src, path.parent)
+            return path, placement
         os.unlink(src)
         _fsync_dir(src.parent)
     return path, placement
+
+
+class MoveBatch:
+    """Moves of a batch of files that share their folder flushes.
+
+    Each move links its file into the layout at once; :meth:`finish` then
+    flushes every destination folder once, and only then removes the sources
+    and flushes their folders once. A source is still removed only after its
+    destination is on disk, with one flush per folder instead of two per file.
+    If the process dies before :meth:`finish`, the sources stay; the next run
+    finds them already in place and removes them then.
+    """
+
+    def __init__(self) -> None:
+        self._flush: dict[Path, None] = {}
+        self._sources: list[Path] = []
+
+    def remove_after_flush(self, src: Path, dst_folder: Path) -> None:
+        self._flush.setdefault(dst_folder)
+        self._sources.append(src)
+
+    def finish(self) -> dict[str, OSError]:
+        """Flush, remove the sources; return the sources that could not be removed."""
+        for folder in self._flush:
+            _fsync_dir(folder)
+        failed: dict[str, OSError] = {}
+        emptied: dict[Path, None] = {}
+        for src in self._sources:
+            try:
+                os.unlink(src)
+            except OSError as exc:
+                failed[os.fspath(src)] = exc
+                continue
+            emptied.setdefault(src.parent)
+        for folder in emptied:
+            _fsync_dir(folder)
+        self._flush.clear()
+        self._sources.clear()
+        return failed
 
 
 def _same_entry(a: Path, b: Path) -> bool:
