@@ -78,6 +78,7 @@ class StoreHandlers:
         stats = self._stats.get(id(assoc)) or _AssocStats()
         received = str(event.dataset_path)
         sop_uid = str(event.request.AffectedSOPInstanceUID)
+        log.debug("received %s from %s; filing it", sop_uid, calling)
         try:
             outcome = self.pool.submit(store_received, received, calling, self.cfg).result()
         except Exception as exc:

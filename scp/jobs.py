@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from collections.abc import Sequence
-from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-
-from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from scp import IMPLEMENTATION_CLASS_UID
 from scp.config import ServeConfig, SortConfig
 from scp.errors import NotDicomError, SortscpError
 from scp.layout import relative_path
+from scp.meta import file_meta_bytes, meta_end
 from scp.reader import check_complete, read_header
 from scp.report import Outcome, Status
-from scp.writer import Mode, MoveBatch, OnConflict, Placement, place, write_atomic
+from scp.writer import Mode, MoveBatch, OnConflict, Placement, commit_file, place, write_atomic
 
 _STORED = {
     Placement.STORED: (Status.STORED, ""),
@@ -36,8 +32,6 @@ _STORED = {
     Placement.KEPT_EXISTING: (Status.ALREADY, "kept the first file received; other bytes dropped"),
 }
 
-_GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
-
 
 # --- serve ------------------------------------------------------------------
 
@@ -45,55 +39,46 @@ _GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
 def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome:
     """File one instance received by the SCP.
 
-    `received` is the Part 10 file pynetdicom wrote while the dataset arrived
-    (File Meta for the negotiated transfer syntax, then the dataset exactly as
-    sent). The stored file gets our own File Meta (implementation UID, the
-    sender's AE title) followed by the same dataset bytes, copied in the kernel.
+    `received` is the Part 10 file pynetdicom wrote while the dataset arrived:
+    the File Meta, then the dataset exactly as sent. Normally it already carries
+    our File Meta (:mod:`scp.receive` writes it on the way in), and the file is
+    flushed and linked into the layout as it is. Otherwise a new file is
+    written: our File Meta, then the same dataset bytes, copied in the kernel.
     Exceptions propagate: the handler maps each to a DIMSE status.
     """
     with open(received, "rb") as src:
         ds = read_header(src, cfg.template.keywords, identity_from_meta=False)
-        offset = _dataset_offset(src)
-        size = os.fstat(src.fileno()).st_size - offset
-        head = _file_meta_bytes(ds.file_meta, calling_aet)
         rel = relative_path(ds, cfg.template)
+        on_conflict = cfg.on_duplicate.on_conflict
+        src.seek(0)
+        offset = meta_end(src.read(_META_PROBE)) or _meta_too_long()
+        size = os.fstat(src.fileno()).st_size - offset  # the dataset, as received
+        if ds.file_meta.get("ImplementationClassUID") == IMPLEMENTATION_CLASS_UID:
+            final, placement = commit_file(Path(received), cfg.out, rel, on_conflict=on_conflict)
+        else:
+            head = file_meta_bytes(
+                ds.file_meta.MediaStorageSOPClassUID,
+                ds.file_meta.MediaStorageSOPInstanceUID,
+                ds.file_meta.TransferSyntaxUID,
+                calling_aet,
+            )
 
-        def fill(dst: BinaryIO) -> None:
-            dst.write(head)
-            dst.flush()
-            _copy_range(src, dst, offset, size)
+            def fill(dst: BinaryIO) -> None:
+                dst.write(head)
+                dst.flush()
+                _copy_range(src, dst, offset, size)
 
-        final, placement = write_atomic(
-            cfg.out, rel, fill, on_conflict=cfg.on_duplicate.on_conflict, durable=True
-        )
+            final, placement = write_atomic(cfg.out, rel, fill, on_conflict=on_conflict)
     status, note = _STORED[placement]
     return Outcome(status, received, str(final.relative_to(cfg.out)), note, size)
 
 
-def _dataset_offset(f: BinaryIO) -> int:
-    """Offset of the dataset after the preamble and the File Meta group."""
-    f.seek(132)
-    element = f.read(12)
-    if len(element) != 12 or element[:8] != _GROUP_LENGTH_TAG:
-        raise NotDicomError("the received File Meta has no group length")
-    (length,) = struct.unpack("<I", element[8:])
-    return 144 + length
+#: pynetdicom's File Meta group is a few hundred bytes.
+_META_PROBE = 1 << 16
 
 
-def _file_meta_bytes(received: FileMetaDataset, calling_aet: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = received.MediaStorageSOPClassUID
-    meta.MediaStorageSOPInstanceUID = received.MediaStorageSOPInstanceUID
-    meta.TransferSyntaxUID = received.TransferSyntaxUID
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if calling_aet.strip():
-        meta.SourceApplicationEntityTitle = calling_aet.strip()
-    buf = BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue()
+def _meta_too_long() -> int:
+    raise NotDicomError("the received File Meta is longer than 64 KiB")
 
 
 def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, size: int) -> None:

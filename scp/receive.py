@@ -8,6 +8,10 @@ never comes. :class:`IncomingDataset` stands in for that file: on the first
 error it logs one clear line, removes what it wrote and discards the rest of
 the dataset, so the transfer completes and the C-STORE handler answers with a
 failure status (the file it is given does not exist).
+
+It also gives the file its final File Meta on the way in (:mod:`scp.meta`: our
+implementation UID, the sender's AE title), so that a worker only has to flush
+the complete file and link it into the layout: the dataset is written once.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import uuid
 from typing import Any
 
 from pynetdicom import dimse_messages
 
+from scp.meta import file_meta_bytes, meta_end, meta_values
 from scp.writer import tmp_prefix
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ class IncomingDataset:
     def __init__(self, **kwargs: Any) -> None:
         self.error: OSError | None = None
         self._file: Any = None
+        self._head: bytearray | None = bytearray()  # until the File Meta is complete
         try:
             kwargs.setdefault("prefix", tmp_prefix("r"))
             self._file = tempfile.NamedTemporaryFile(**kwargs)
@@ -49,12 +56,26 @@ class IncomingDataset:
         return self  # pynetdicom calls ``.file.flush()``
 
     def write(self, data: bytes) -> int:
+        n = len(data)
+        if self._head is not None:
+            self._head += data
+            try:
+                end = meta_end(self._head)
+            except ValueError:  # not what pynetdicom writes: keep it as it is
+                end = len(self._head)
+            if end is None:
+                return n
+            head, self._head = self._head, None
+            data = _our_file_meta(bytes(head[:end])) + bytes(head[end:])
+        self._write(data)
+        return n
+
+    def _write(self, data: bytes) -> None:
         if self._file is not None:
             try:
-                return self._file.write(data)
+                self._file.write(data)
             except OSError as exc:
                 self._fail(exc)
-        return len(data)
 
     def flush(self) -> None:
         if self._file is not None:
@@ -64,6 +85,9 @@ class IncomingDataset:
                 self._fail(exc)
 
     def close(self) -> None:
+        if self._head:  # never completed: keep what came
+            head, self._head = bytes(self._head), None
+            self._write(head)
         if self._file is not None:
             try:
                 self._file.close()
@@ -87,6 +111,21 @@ class IncomingDataset:
             except OSError:
                 pass
             self._file = None
+
+
+def _our_file_meta(head: bytes) -> bytes:
+    """Our File Meta in place of pynetdicom's `head`, with the same SOP identity and
+    transfer syntax. pynetdicom writes the file from the association's network
+    thread, which carries the association (and so the calling AE title)."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    requestor = getattr(assoc, "requestor", None)
+    try:
+        values = meta_values(head)
+        return file_meta_bytes(
+            values[0x0002], values[0x0003], values[0x0010], requestor.ae_title
+        )
+    except (AttributeError, KeyError, ValueError, UnicodeError):
+        return head  # the worker writes our File Meta instead
 
 
 def install() -> None:

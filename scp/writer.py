@@ -117,6 +117,16 @@ def destination(root: Path, rel: PurePosixPath) -> Path:
     return root.joinpath(*parts)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Permissions of the files we create (temporary files start as 0600).
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_atomic(
     root: Path,
     rel: PurePosixPath,
@@ -138,12 +148,31 @@ def write_atomic(
         with open(tmp, "wb") as f:
             fill(f)
             f.flush()
+            os.fchmod(f.fileno(), _NEW_FILE_MODE)
             if durable:
                 os.fsync(f.fileno())
         _ensure_parent(root, final, durable)
         return _commit(tmp, final, on_conflict, durable, keep_source=False)
     finally:
         _unlink_quietly(tmp)
+
+
+def commit_file(
+    src: Path,
+    root: Path,
+    rel: PurePosixPath,
+    *,
+    on_conflict: OnConflict = OnConflict.REPLACE,
+) -> tuple[Path, Placement]:
+    """Give the complete temporary file `src` (in ``<root>/.sortscp-tmp``) its
+    final name ``root / rel``, durably: the file and its folder are flushed to
+    disk before this returns. `src` keeps its temporary name too (its writer
+    removes it); its permissions become those of a new file (umask)."""
+    final = destination(root, rel)
+    os.chmod(src, _NEW_FILE_MODE)
+    _fsync_path(src)
+    _ensure_parent(root, final, True)
+    return _commit(src, final, on_conflict, True, keep_source=True)
 
 
 def place(

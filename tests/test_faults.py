@@ -389,10 +389,16 @@ def test_read_only_output_fails_the_instance_and_recovers(tmpfs):
 
 def test_a_worker_killed_mid_instance_fails_it_and_the_pool_recovers(serve_process, tmp_path, monkeypatch):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    big = write_big_instance(tmp_path / "big.dcm", 256 << 20, "1.2.826.0.1.3680043.10.4.1")
-    server = serve_process("--workers", "2")
+    big = write_big_instance(tmp_path / "big.dcm", 64 << 20, "1.2.826.0.1.3680043.10.4.1")
+    server = serve_process("--workers", "2", "--log-level", "DEBUG")
     out = server.out
     box: dict[str, object] = {}
+    workers = worker_pids(server.proc.pid)
+    assert workers, "no worker processes found"
+    # Freeze the workers, so that the instance is surely still in the pool's
+    # hands when they die.
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
 
     def send() -> None:
         assoc = associate(server.port, ts=ExplicitVRLittleEndian)
@@ -401,11 +407,9 @@ def test_a_worker_killed_mid_instance_fails_it_and_the_pool_recovers(serve_proce
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    # The worker names its output file w-*.part once it starts writing.
-    wait_until(lambda: any(n.startswith("w-") for n in tmp_files(out)) or not sender.is_alive(),
-               timeout=120, what="a worker to start writing")
-    workers = worker_pids(server.proc.pid)
-    assert workers, "no worker processes found"
+    uid = "1.2.826.0.1.3680043.10.4.1"
+    wait_until(lambda: f"received {uid} from FAULTSCU; filing it" in server.log()
+               or not sender.is_alive(), timeout=120, what="the instance to reach the pool")
     kill_all(workers)
     sender.join(120)
     assert box.get("status") == OUT_OF_RESOURCES, f"{box}\n{server.log()}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pydicom
@@ -44,6 +46,10 @@ def _rounds(files: list[Path]) -> list[list[Path]]:
     return rounds
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def assert_stored(out: Path, source: Path, calling: str = CALLING_AET) -> None:
     """The file received from `source` is at its expected path, with the dataset
     bytes as sent and our File Meta."""
@@ -57,6 +63,8 @@ def assert_stored(out: Path, source: Path, calling: str = CALLING_AET) -> None:
     assert meta.MediaStorageSOPInstanceUID == sop_instance, source.name
     assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID, source.name
     assert meta.SourceApplicationEntityTitle == calling, source.name
+    mode = stat.S_IMODE(target.stat().st_mode)
+    assert mode == 0o666 & ~UMASK, f"{source.name}: mode {mode:o}, readable by other users?"
 
 
 def test_every_readable_test_file_is_stored_byte_equal(tmp_path: Path) -> None:
