@@ -32,6 +32,9 @@ OUT_OF_RESOURCES = 0xA700
 #: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
 CANNOT_UNDERSTAND = 0xC000
 
+#: Sleep of pynetdicom's network thread between polls (its default: 1 ms).
+DUL_POLL_SECONDS = 0.0005
+
 
 def status_for(exc: BaseException) -> int:
     """The C-STORE status for a failure to store an instance."""
@@ -120,6 +123,11 @@ class StoreHandlers:
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
+        # pynetdicom's network thread sleeps between polls of the socket and of
+        # its outgoing queue; its 1 ms default adds up to ~0.8 ms to every
+        # C-STORE round trip (0.8 s per 1000 instances from a sender that waits
+        # for each response). 0.5 ms costs ~3 % of a core per idle association.
+        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
         # pynetdicom writes incoming datasets into the temporary folder before
         # any handler runs; if the output folder was removed or replaced, make
         # it again so this association can store (the failure is logged once
