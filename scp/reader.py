@@ -11,7 +11,6 @@ import struct
 import warnings
 from collections.abc import Iterable
 from io import BytesIO
-from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
