@@ -49,6 +49,7 @@ def iter_files(
     output, when sorting a tree in place) are passed over.
     """
     skip_real = os.path.realpath(skip) if skip is not None else None
+    skip_inode = os.stat(skip_real).st_ino if skip_real and os.path.isdir(skip_real) else None
     stack = [os.fspath(src)]
     while stack:
         folder = stack.pop()
@@ -64,7 +65,11 @@ def iter_files(
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name == TMP_DIRNAME:
                         continue
-                    if skip_real is not None and os.path.realpath(entry.path) == skip_real:
+                    if (
+                        skip_real is not None
+                        and entry.inode() == skip_inode  # free: realpath only on a match
+                        and os.path.realpath(entry.path) == skip_real
+                    ):
                         continue
                     subfolders.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
@@ -148,12 +153,9 @@ def sort_tree(
                 break
             future = pool.submit(sort_files, batch, cfg)
             pending[future] = batch
-            if len(pending) >= limit:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    collect(f)
-                    del pending[f]
-        for f in _as_completed_in_order(pending):
+            for f in _completed(pending, keep=limit - 1):
+                collect(f)
+        for f in _completed(pending):
             collect(f)
 
     if cfg.mode is Mode.MOVE and not cfg.dry_run:
@@ -161,8 +163,10 @@ def sort_tree(
     return report
 
 
-def _as_completed_in_order(pending: dict[Future, list[str]]) -> Iterator[Future]:
-    while pending:
+def _completed(pending: dict[Future, list[str]], keep: int = 0) -> Iterator[Future]:
+    """Yield futures as they finish (removing each from `pending` once the caller
+    is done with it) until at most `keep` are left."""
+    while len(pending) > keep:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for f in done:
             yield f

@@ -22,7 +22,8 @@ from rich.progress import (
 
 from scp import __version__, config
 from scp.config import Duplicate, LogFormat, ServeConfig, SortConfig
-from scp.echo import DEFAULT_CALLING_AET, DEFAULT_TIMEOUT, check_ae_title
+from scp.config import check_ae_title
+from scp.echo import DEFAULT_CALLING_AET, DEFAULT_TIMEOUT
 from scp.errors import SortscpError, TemplateError
 from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.log import setup_logging

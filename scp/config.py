@@ -12,6 +12,8 @@ from scp.writer import Mode, OnConflict
 
 DEFAULT_OUT = Path("sorted")
 DEFAULT_AET = "SORTSCP"
+#: Longest AE title (PS3.5 Table 6.2-1, AE value representation).
+MAX_AET_LENGTH = 16
 DEFAULT_PORT = 11112
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_MAX_ASSOCIATIONS = 16
@@ -22,6 +24,25 @@ DEFAULT_DIMSE_TIMEOUT = 60.0
 DEFAULT_NETWORK_TIMEOUT = 60.0
 #: How long a stop waits for in-flight associations before aborting them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def check_ae_title(title: str) -> str:
+    """Return `title` if it is a valid AE title, else raise ``ValueError``.
+
+    Examples
+    --------
+    >>> check_ae_title("SORTSCP")
+    'SORTSCP'
+    >>> check_ae_title("A" * 17)
+    Traceback (most recent call last):
+    ...
+    ValueError: an AE title has 1 to 16 characters: 'AAAAAAAAAAAAAAAAA'
+    """
+    if not title.strip() or len(title) > MAX_AET_LENGTH:
+        raise ValueError(f"an AE title has 1 to {MAX_AET_LENGTH} characters: {title!r}")
+    if "\\" in title or any(not ch.isprintable() for ch in title) or not title.isascii():
+        raise ValueError(f"an AE title is printable ASCII without '\\': {title!r}")
+    return title
 
 
 def default_workers() -> int:

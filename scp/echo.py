@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 
 from scp.config import DEFAULT_AET
+from scp.status import SUCCESS
 
-SUCCESS = 0x0000
 #: The calling AE title ``sortscp echo`` uses unless told otherwise.
 DEFAULT_CALLING_AET = "ECHOSCU"
 #: Seconds to wait for the connection and for each message.
@@ -27,25 +27,6 @@ class EchoResult:
     message: str
     status: int | None = None
     seconds: float = 0.0
-
-
-def check_ae_title(title: str) -> str:
-    """Return `title` if it is a valid AE title, else raise ``ValueError``.
-
-    Examples
-    --------
-    >>> check_ae_title("SORTSCP")
-    'SORTSCP'
-    >>> check_ae_title("A" * 17)
-    Traceback (most recent call last):
-    ...
-    ValueError: an AE title has 1 to 16 characters: 'AAAAAAAAAAAAAAAAA'
-    """
-    if not title.strip() or len(title) > 16:
-        raise ValueError(f"an AE title has 1 to 16 characters: {title!r}")
-    if "\\" in title or any(not ch.isprintable() for ch in title) or not title.isascii():
-        raise ValueError(f"an AE title is printable ASCII without '\\': {title!r}")
-    return title
 
 
 def echo(

@@ -21,16 +21,12 @@ from scp.errors import LayoutError, NotDicomError, StoreError
 from scp.jobs import store_received
 from scp.pool import WorkerPool
 from scp.report import Status
+from scp.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from scp.writer import TMP_DIRNAME, remove_orphans, tmp_dir
 
-log = logging.getLogger(__name__)
+__all__ = ["CANNOT_UNDERSTAND", "OUT_OF_RESOURCES", "SUCCESS", "StoreHandlers", "status_for"]
 
-# DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C).
-SUCCESS = 0x0000
-#: Refused: Out of Resources. Disk full, unwritable folder, worker pool failure.
-OUT_OF_RESOURCES = 0xA700
-#: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
-CANNOT_UNDERSTAND = 0xC000
+log = logging.getLogger(__name__)
 
 #: Sleep of pynetdicom's network thread between polls (its default: 1 ms).
 DUL_POLL_SECONDS = 0.0005

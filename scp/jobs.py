@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.dataset import Dataset
+
 from scp import IMPLEMENTATION_CLASS_UID
 from scp.config import ServeConfig, SortConfig
 from scp.errors import NotDicomError, SortscpError
 from scp.layout import relative_path
-from scp.meta import file_meta_bytes, meta_end
+from scp.meta import PREAMBLE, file_meta_bytes
 from scp.reader import check_complete, read_header
 from scp.report import Outcome, Status
 from scp.writer import Mode, MoveBatch, OnConflict, Placement, commit_file, place, write_atomic
@@ -50,8 +52,7 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
         ds = read_header(src, cfg.template.keywords, identity_from_meta=False)
         rel = relative_path(ds, cfg.template)
         on_conflict = cfg.on_duplicate.on_conflict
-        src.seek(0)
-        offset = meta_end(src.read(_META_PROBE)) or _meta_too_long()
+        offset = _dataset_offset(ds)
         size = os.fstat(src.fileno()).st_size - offset  # the dataset, as received
         if ds.file_meta.get("ImplementationClassUID") == IMPLEMENTATION_CLASS_UID:
             final, placement = commit_file(Path(received), cfg.out, rel, on_conflict=on_conflict)
@@ -73,12 +74,13 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
     return Outcome(status, received, str(final.relative_to(cfg.out)), note, size)
 
 
-#: pynetdicom's File Meta group is a few hundred bytes.
-_META_PROBE = 1 << 16
-
-
-def _meta_too_long() -> int:
-    raise NotDicomError("the received File Meta is longer than 64 KiB")
+def _dataset_offset(ds: Dataset) -> int:
+    """Where the dataset starts in a Part 10 file: after the preamble, ``DICM``,
+    the group length element (12 bytes) and the File Meta group it measures."""
+    length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if length is None:
+        raise NotDicomError("the received File Meta has no group length")
+    return len(PREAMBLE) + 12 + int(length)
 
 
 def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, size: int) -> None:

@@ -24,14 +24,13 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from scp.config import check_ae_title
 from scp.errors import SortscpError
 
 log = logging.getLogger(__name__)
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
-#: Longest AE title (PS3.5 Table 6.2-1, AE value representation).
-MAX_AET_LENGTH = 16
 #: Oldest TLS version we accept (the BCP 195 profiles of PS3.15 require 1.2 or later).
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
@@ -67,10 +66,10 @@ class AllowRule:
         if not at:
             title, host = host, ""
         title = title.strip()
-        if not title or len(title) > MAX_AET_LENGTH or "\\" in title:
-            raise SecurityConfigError(
-                f"--allow-aet {text!r}: an AE title has 1 to {MAX_AET_LENGTH} characters, no backslash"
-            )
+        try:
+            check_ae_title(title)
+        except ValueError as exc:
+            raise SecurityConfigError(f"--allow-aet {text!r}: {exc}") from None
         if not at:
             return cls(title)
         if not host:
@@ -192,7 +191,7 @@ def _no_password(cert: Path, key: Path | None):
 
     def refuse() -> bytes:
         raise SecurityConfigError(
-            f"{'--tls-key ' + str(key) if key else '--tls-cert ' + str(cert)}: the private key "
+            f"{_key_option(cert, key)}: the private key "
             "is encrypted; give an unencrypted key (readable by this service only)"
         )
 
@@ -204,7 +203,7 @@ def _cert_chain_problem(cert: Path, key: Path | None, exc: ssl.SSLError) -> str:
         return f"{_pair(cert, key)}: the private key does not belong to the certificate"
     if PEM_CERTIFICATE not in _head(cert):
         return f"--tls-cert {cert}: not a PEM certificate"
-    return f"{'--tls-key ' + str(key) if key else '--tls-cert ' + str(cert)}: not an unencrypted PEM private key"
+    return f"{_key_option(cert, key)}: not an unencrypted PEM private key"
 
 
 def _head(path: Path) -> bytes:
@@ -213,6 +212,11 @@ def _head(path: Path) -> bytes:
             return f.read(1 << 20)
     except OSError:
         return b""
+
+
+def _key_option(cert: Path, key: Path | None) -> str:
+    """The option that named the private key: --tls-key, or --tls-cert holding both."""
+    return f"--tls-key {key}" if key else f"--tls-cert {cert}"
 
 
 def _pair(cert: Path, key: Path | None) -> str:

@@ -300,45 +300,60 @@ def _same_entry(a: Path, b: Path) -> bool:
 
 def _place_symlink(src: Path, final: Path, on_conflict: OnConflict) -> tuple[Path, Placement]:
     target = os.path.abspath(src)
-    for candidate in _candidates(final, on_conflict):
-        try:
-            os.symlink(target, candidate)
-            return candidate, _stored(candidate, final)
-        except FileExistsError:
-            if os.path.islink(candidate) and os.readlink(candidate) == target:
-                return candidate, Placement.IDENTICAL
-            if _same_content(src, candidate):
-                return candidate, Placement.IDENTICAL
-            if on_conflict is OnConflict.KEEP:
-                return candidate, Placement.KEPT_EXISTING
-            if on_conflict is OnConflict.REPLACE:
-                link = candidate.with_name(f".{candidate.name}.{os.getpid()}.link")
-                _unlink_quietly(link)
-                os.symlink(target, link)
-                os.replace(link, candidate)
-                return candidate, Placement.REPLACED
-        except OSError as exc:
-            raise StoreError(f"cannot create symlink {candidate}: {exc}") from exc
-    raise AssertionError("unreachable")  # pragma: no cover
+
+    def identical(candidate: Path) -> bool:
+        if os.path.islink(candidate) and os.readlink(candidate) == target:
+            return True
+        return _same_content(src, candidate)
+
+    return _claim(
+        final, on_conflict, False,
+        create=lambda path: os.symlink(target, path),
+        identical=identical,
+        replace=lambda path: _replace_with(lambda tmp: os.symlink(target, tmp), path),
+    )
 
 
 def _commit(
     src: Path, final: Path, on_conflict: OnConflict, durable: bool, *, keep_source: bool
 ) -> tuple[Path, Placement]:
-    """Give the complete file `src` the name `final` without ever overwriting a
-    different file by accident (``os.link`` fails if the name exists)."""
+    """Give the complete file `src` the name `final` (a hard link); with
+    `keep_source` false, `src` may be renamed onto a name it replaces."""
+    if keep_source:
+        replace = lambda path: _replace_with(lambda tmp: os.link(src, tmp), path)  # noqa: E731
+    else:
+        replace = lambda path: os.replace(src, path)  # noqa: E731
+    return _claim(
+        final, on_conflict, durable,
+        create=lambda path: os.link(src, path),
+        identical=lambda path: _same_content(src, path),
+        replace=replace,
+    )
+
+
+def _claim(
+    final: Path,
+    on_conflict: OnConflict,
+    durable: bool,
+    *,
+    create: Callable[[Path], None],
+    identical: Callable[[Path], bool],
+    replace: Callable[[Path], None],
+) -> tuple[Path, Placement]:
+    """Create the final name with `create` (a link, which fails if the name
+    exists, so a different file is never overwritten by accident); when the name
+    is taken, `identical` decides whether there is anything to do and
+    `on_conflict` what."""
     for candidate in _candidates(final, on_conflict):
         try:
-            os.link(src, candidate)
+            create(candidate)
         except FileExistsError:
-            if _same_content(src, candidate):
+            if identical(candidate):
                 return candidate, Placement.IDENTICAL
             if on_conflict is OnConflict.KEEP:
                 return candidate, Placement.KEPT_EXISTING
             if on_conflict is OnConflict.REPLACE:
-                if keep_source:
-                    return _replace_via_tmp(src, candidate, durable)
-                os.replace(src, candidate)
+                replace(candidate)
                 return candidate, _done(candidate, Placement.REPLACED, durable)
             continue  # OnConflict.BOTH: try the next free name
         except OSError as exc:
@@ -347,12 +362,12 @@ def _commit(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _replace_via_tmp(src: Path, final: Path, durable: bool) -> tuple[Path, Placement]:
-    link = final.with_name(f".{final.name}.{os.getpid()}.link")
-    _unlink_quietly(link)
-    os.link(src, link)
-    os.replace(link, final)
-    return final, _done(final, Placement.REPLACED, durable)
+def _replace_with(make: Callable[[Path], None], final: Path) -> None:
+    """Atomically replace `final` by what `make` creates at a temporary name beside it."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.link")
+    _unlink_quietly(tmp)
+    make(tmp)
+    os.replace(tmp, final)
 
 
 def _find_identical(src: Path, final: Path, on_conflict: OnConflict) -> Path | None:

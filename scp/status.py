@@ -1,0 +1,8 @@
+"""The DIMSE status codes sortscp answers with (PS3.4 Annex B.2.3, PS3.7 Annex C)."""
+
+#: Success: the instance is on disk under its final name.
+SUCCESS = 0x0000
+#: Refused: Out of Resources. Disk full, unwritable folder, worker pool failure.
+OUT_OF_RESOURCES = 0xA700
+#: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
+CANNOT_UNDERSTAND = 0xC000
