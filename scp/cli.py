@@ -74,6 +74,13 @@ def _allow_list(values: Optional[list[str]]) -> list[str]:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _ae_title(text: str) -> str:
+    try:
+        return check_ae_title(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"sortscp {__version__}")
@@ -113,7 +120,7 @@ def _env(name: str) -> str:
 @app.command()
 def serve(
     out: Annotated[Path, typer.Option("--out", "-o", envvar=_env("OUT"), help="Output folder.")] = config.DEFAULT_OUT,
-    aet: Annotated[str, typer.Option("--aet", envvar=_env("AET"), help="Our AE title.")] = config.DEFAULT_AET,
+    aet: Annotated[str, typer.Option("--aet", envvar=_env("AET"), callback=_ae_title, help="Our AE title.")] = config.DEFAULT_AET,
     port: Annotated[int, typer.Option("--port", "-p", envvar=_env("PORT"), min=0, max=65535, help="TCP port.")] = config.DEFAULT_PORT,
     host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", envvar=_env("WORKERS"), callback=_positive, help="Worker processes [default: CPU count].")] = None,
@@ -261,13 +268,6 @@ class _SortProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
-
-
-def _ae_title(text: str) -> str:
-    try:
-        return check_ae_title(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()

@@ -561,6 +561,14 @@ def test_unknown_template_keyword(tmp_path):
     _cli_error(proc, "NoSuchKeyword")
 
 
+@pytest.mark.parametrize("aet", ["THIS_TITLE_IS_TOO_LONG", "BACK\\SLASH"])
+def test_invalid_ae_title(tmp_path, aet):
+    proc = run_cli("serve", "--out", tmp_path / "out", "--port", free_port(), "--aet", aet,
+                   timeout=60)
+    _cli_error(proc, "an AE title")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_under_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("x")
     proc = run_cli("serve", "--out", tmp_path / "file" / "out", "--host", "127.0.0.1",
