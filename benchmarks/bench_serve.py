@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,49 +27,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _trees import CT, DEFAULT_CACHE, build_tree, cli_env, count_files, instance_files, sortscp_cmd  # noqa: E402
+from localnet import DCMTK_ENV, dcmtk, free_port, wait_for_port  # noqa: E402
 
 HOST = "127.0.0.1"
 AET = "BENCHSCP"
 SENDERS = (1, 4)
 START_TIMEOUT = 30.0
 RUN_TIMEOUT = 300.0
-
-
-def dcmtk(tool: str) -> str | None:
-    """Path of DCMTK's `tool`, or None (pynetdicom's same-named scripts are skipped)."""
-    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
-    for folder in dirs:
-        candidate = Path(folder) / tool
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (out.stdout + out.stderr).lower():
-            return str(candidate)
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"port {port} did not accept connections within {timeout} s")
 
 
 def split_folders(files: list[Path], work: Path, parts: int) -> list[Path]:
@@ -95,18 +61,17 @@ class Server:
             cmd = [dcmtk("storescp"), "-aet", AET, "-od", str(out)]
             cmd += ["--fork"] if concurrent else []
             cmd += [str(self.port)]
-            env = dict(os.environ, TCP_NODELAY="1")
+            env = DCMTK_ENV
         else:
-            # The readiness probe (a bare TCP connect) leaves an association
-            # thread waiting for a request; a short drain keeps the stop quick.
-            # The senders have all finished when the server is stopped.
+            # The senders have all finished when the server is stopped; a short
+            # drain bounds the stop all the same.
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
                               "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_for_port(self.port, self.proc)
+            wait_for_port(self.port, HOST, START_TIMEOUT, proc=self.proc)
         except Exception:
             self.stop()
             raise
@@ -124,7 +89,7 @@ class Server:
 
 def send(storescu: str, port: int, folders: list[Path]) -> float:
     """Run one storescu per folder, all at once; return the wall time."""
-    env = dict(os.environ, TCP_NODELAY="1")
+    env = DCMTK_ENV
     start = time.perf_counter()
     procs = [
         subprocess.Popen([storescu, "-aec", AET, "+sd", "+r", HOST, str(port), str(folder)],

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from localnet import DCMTK_ENV, dcmtk, descendants, free_port, wait_for_port  # noqa: F401 (for the tests)
+
 
 REPO = Path(__file__).resolve().parents[1]
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
@@ -55,53 +55,22 @@ def readable_dicom_files() -> list[Path]:
     return found
 
 
-def dcmtk(tool: str) -> str | None:
-    """Path of DCMTK's `tool`, or None. pynetdicom installs its own ``storescu``
-    and ``storescp`` scripts that may come first on PATH; only DCMTK's is wanted."""
-    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
-    for folder in dirs:
-        candidate = Path(folder) / tool
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run(
-                [str(candidate), "--version"], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (out.stdout + out.stderr).lower():
-            return str(candidate)
-    return None
+def dcmtk_tool(tool: str) -> str:
+    """Path of DCMTK's `tool`; skip the test, saying why, if it is not installed."""
+    path = dcmtk(tool)
+    if path is None:
+        pytest.skip(f"DCMTK's {tool} is not installed (apt-get install dcmtk)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def storescu() -> str:
-    path = dcmtk("storescu")
-    if path is None:
-        pytest.skip("DCMTK's storescu is not installed (apt-get install dcmtk)")
-    return path
+    return dcmtk_tool("storescu")
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0,
-                  proc: subprocess.Popen | None = None) -> None:
-    """Return once `host:port` accepts a connection; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{host}:{port} did not accept connections within {timeout} s")
+@pytest.fixture(scope="session")
+def storescp() -> str:
+    return dcmtk_tool("storescp")
 
 
 def cli_env() -> dict[str, str]:

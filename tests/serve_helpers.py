@@ -160,21 +160,6 @@ def peak_rss_kib(pid: int) -> int:
     return int(re.search(r"^VmHWM:\s+(\d+) kB", text, re.M).group(1))
 
 
-def children(pid: int) -> list[int]:
-    """Direct and indirect child processes of `pid`."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    tree: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        child, parent = map(int, line.split())
-        tree.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for c in tree.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
 def serve_env_process(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
     """``python -m scp serve ARGS`` with exactly `env` (plus PYTHONPATH) in `cwd`."""
     log = open(cwd / "serve.log", "wb")

@@ -27,7 +27,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from conftest import TEST_FILES, ServeProcess, cli_env, free_port, run_cli
+from conftest import TEST_FILES, ServeProcess, cli_env, descendants, free_port, run_cli
 
 CT = TEST_FILES / "CT_small.dcm"
 STEP = 20.0  #: seconds any single network step may take
@@ -142,26 +142,6 @@ def write_big_instance(path: Path, nbytes: int, uid: str) -> Path:
             f.write(block[:n])
             left -= n
     return path
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below `pid` (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def worker_pids(server_pid: int) -> list[int]:

@@ -7,7 +7,6 @@ it with pynetdicom's SCU or DCMTK's tools.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import ssl
@@ -20,7 +19,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from conftest import TEST_FILES, cli_env, dcmtk, free_port, run_cli
+from conftest import DCMTK_ENV, TEST_FILES, cli_env, dcmtk_tool, free_port, run_cli
 
 CT = TEST_FILES / "CT_small.dcm"
 #: Seconds any single network step of a test may take before it is a failure.
@@ -95,16 +94,8 @@ def ct_instance(uid_suffix: str) -> pydicom.Dataset:
 
 
 def run_dcmtk(tool_path: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run([tool_path, *map(str, args)], capture_output=True, text=True,
-                          timeout=60, env=env)
-
-
-def dcmtk_tool(name: str) -> str:
-    path = dcmtk(name)
-    if path is None:
-        pytest.skip(f"DCMTK's {name} is not installed (apt-get install dcmtk)")
-    return path
+                          timeout=60, env=DCMTK_ENV)
 
 
 # --- access control -------------------------------------------------------------

@@ -59,6 +59,19 @@ def test_help_lists_every_option_with_its_environment_variable_and_default() -> 
         assert default in text, f"{default!r} missing from --help:\n{text}"
 
 
+def test_every_serve_option_can_come_from_its_environment_variable() -> None:
+    """Not just the options listed above: every option the command has."""
+    import typer.main
+
+    from scp.cli import app
+
+    serve = typer.main.get_command(app).commands["serve"]
+    options = [p for p in serve.params if p.param_type_name == "option" and p.name != "help"]
+    assert len(options) >= len(SERVE_OPTIONS)
+    missing = {p.opts[0]: p.envvar for p in options if p.envvar != f"SORTSCP_{p.name.upper()}"}
+    assert not missing, f"options without their SORTSCP_* variable: {missing}"
+
+
 def test_serve_without_arguments_files_into_sorted_of_the_working_folder(tmp_path: Path) -> None:
     env = cli_env()
     port = free_port()

@@ -8,15 +8,13 @@ received), fed the same tree by the same ``storescu`` command.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pydicom
-import pytest
-from conftest import ServeProcess, dcmtk, free_port, readable_dicom_files, wait_for_port
+from conftest import DCMTK_ENV, ServeProcess, free_port, readable_dicom_files, wait_for_port
 from serve_helpers import dataset_bytes, expected_path, layout_files
 
 from scp import IMPLEMENTATION_CLASS_UID
@@ -25,14 +23,6 @@ STORESCU_AET = "STORESCU"  # storescu's default calling AE title
 UNCOMPRESSED = {
     "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
 }
-
-
-@pytest.fixture(scope="module")
-def storescp() -> str:
-    path = dcmtk("storescp")
-    if path is None:
-        pytest.skip("DCMTK's storescp is not installed (apt-get install dcmtk)")
-    return path
 
 
 def _unique_instances() -> list[Path]:
@@ -61,7 +51,7 @@ def _tree(files: list[Path], root: Path) -> Path:
 def _storescu(storescu: str, port: int, tree: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [storescu, *options, "-nh", "+sd", "+r", "127.0.0.1", str(port), str(tree)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True, text=True, timeout=300, env=DCMTK_ENV,
     )
 
 

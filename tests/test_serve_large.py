@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ServeProcess
+from conftest import ServeProcess, descendants
 from serve_helpers import (
     big_instance,
-    children,
     dataset_bytes,
     expected_path,
     peak_rss_kib,
@@ -26,7 +25,7 @@ def test_large_instance_is_received_in_chunks(tmp_path: Path) -> None:
     src = big_instance(tmp_path / "big.dcm", INSTANCE_BYTES)
     server = ServeProcess(tmp_path / "out", "--workers", "1")
     try:
-        pids = [server.proc.pid, *children(server.proc.pid)]
+        pids = [server.proc.pid, *descendants(server.proc.pid)]
         before = {pid: peak_rss_kib(pid) for pid in pids}
         assert send_files(server.port, [src]) == {src: SUCCESS}
         peaks = {pid: peak_rss_kib(pid) for pid in pids}
