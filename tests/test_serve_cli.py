@@ -72,6 +72,20 @@ def test_every_serve_option_can_come_from_its_environment_variable() -> None:
     assert not missing, f"options without their SORTSCP_* variable: {missing}"
 
 
+def test_a_command_line_option_wins_over_its_environment_variable(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(cli_env(), SORTSCP_AET="FROM_ENV", SORTSCP_PORT=str(port))
+    proc = serve_env_process(env, tmp_path, "--aet", "FROM_CLI", "--host", "127.0.0.1")
+    try:
+        wait_for_port(port, proc=proc)
+        assert send_files(port, [CT], called="FROM_CLI") == {CT: SUCCESS}
+    finally:
+        code = stop(proc)
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log
+    assert f":{port} as FROM_CLI" in log, log
+
+
 def test_serve_without_arguments_files_into_sorted_of_the_working_folder(tmp_path: Path) -> None:
     env = cli_env()
     port = free_port()
