@@ -72,10 +72,12 @@ _TMP_OWNER = re.compile(r"^[a-z]-(\d+)-")
 
 
 def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
-    """Remove temporary files in `tmp` whose writing process is gone (or, with
-    `older_than`, that were last modified more than that many seconds ago).
+    """Remove temporary files in `tmp` whose writing process is gone (the PID in
+    their name), and, with `older_than`, any file there not modified for that
+    many seconds (e.g. one without a PID in its name).
 
-    Returns how many were removed. Files of live processes are never touched.
+    Returns how many were removed. Without `older_than`, the files of running
+    processes are never touched.
     """
     cutoff = None if older_than is None else time.time() - older_than
     removed = 0
