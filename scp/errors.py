@@ -25,3 +25,8 @@ class StoreError(SortscpError):
 
 class OutsideRootError(StoreError):
     """A computed destination would lie outside the output folder."""
+
+
+class TruncatedError(NotDicomError):
+    """A dataset ends before its elements say, or leaves a sequence, an item or
+    encapsulated pixel data unclosed: a fragment, not an instance."""

@@ -1,0 +1,1 @@
+"""Everything that faces the network; the only importer of pynetdicom."""
