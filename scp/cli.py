@@ -21,14 +21,12 @@ from rich.progress import (
 )
 
 from scp import __version__, config
-from scp.config import Duplicate, LogFormat, ServeConfig, SortConfig
-from scp.config import check_ae_title
-from scp.echo import DEFAULT_CALLING_AET, DEFAULT_TIMEOUT
+from scp.config import ServeConfig, SortConfig, check_ae_title
+from scp.enums import Duplicate, LogFormat, Mode, Result
 from scp.errors import SortscpError, TemplateError
 from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.log import setup_logging
-from scp.report import Outcome, Report, Status
-from scp.writer import Mode
+from scp.report import Outcome, Report
 
 app = typer.Typer(
     help="A DICOM Storage SCP that files every instance it receives, and a batch re-sorter.\n\n"
@@ -66,7 +64,7 @@ def _positive(value: Optional[int]) -> Optional[int]:
 
 
 def _allow_list(values: Optional[list[str]]) -> list[str]:
-    from scp.security import SecurityConfigError, split_allow_list
+    from scp.net.access import SecurityConfigError, split_allow_list
 
     try:
         return split_allow_list(values or ())
@@ -113,6 +111,12 @@ LogLevelOpt = Annotated[
 ]
 
 
+def _serve_duplicate(value: str) -> str:
+    if value not in (Duplicate.REPLACE.value, Duplicate.KEEP.value):
+        raise typer.BadParameter(f"{value!r} is not one of 'replace', 'keep'")
+    return value
+
+
 def _env(name: str) -> str:
     return f"SORTSCP_{name}"
 
@@ -125,7 +129,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", envvar=_env("WORKERS"), callback=_positive, help="Worker processes [default: CPU count].")] = None,
     template: Annotated[Template, typer.Option("--template", "-t", envvar=_env("TEMPLATE"), parser=_template, metavar="TEMPLATE", help="Path template (same engine as `sort`).")] = DEFAULT_TEMPLATE,  # type: ignore[assignment]
-    on_duplicate: Annotated[Duplicate, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE,
+    on_duplicate: Annotated[str, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), callback=_serve_duplicate, metavar="[replace|keep]", help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE.value,
     max_associations: Annotated[int, typer.Option("--max-associations", envvar=_env("MAX_ASSOCIATIONS"), min=1, help="Concurrent associations; more are rejected (local limit exceeded).")] = config.DEFAULT_MAX_ASSOCIATIONS,
     max_pdu: Annotated[int, typer.Option("--max-pdu", envvar=_env("MAX_PDU"), min=0, help="Maximum PDU size we receive (0 = unlimited).")] = config.DEFAULT_MAX_PDU,
     acse_timeout: Annotated[float, typer.Option("--acse-timeout", envvar=_env("ACSE_TIMEOUT"), min=0.1, help="Seconds to wait for association messages.")] = config.DEFAULT_ACSE_TIMEOUT,
@@ -145,14 +149,14 @@ def serve(
     Exit status: 0 after a clean stop, 2 when it cannot start (bad option, port
     in use, output folder not writable, unusable TLS files).
     """
-    from scp.server import Server
+    from scp.net.server import Server
 
     if (tls_key or tls_ca) and not tls_cert:
         raise typer.BadParameter("--tls-key and --tls-ca need --tls-cert", param_hint="--tls-cert")
     setup_logging(log_level, log_format)
     cfg = ServeConfig(
         out=out, aet=aet, port=port, host=host, template=template,
-        workers=workers or config.default_workers(), on_duplicate=on_duplicate,
+        workers=workers or config.default_workers(), on_duplicate=Duplicate(on_duplicate),
         max_associations=max_associations, max_pdu=max_pdu, acse_timeout=acse_timeout,
         dimse_timeout=dimse_timeout, network_timeout=network_timeout, drain_timeout=drain_timeout,
         allow_aet=tuple(allow_aet or ()), require_called_aet=require_called_aet,
@@ -182,7 +186,7 @@ def sort(
 
     Exit status: 0 when every DICOM file is in place, 1 when any failed, 2 for usage errors.
     """
-    from scp.batch import sort_tree
+    from scp.sort import sort_tree
 
     setup_logging(log_level)
     cfg = SortConfig(
@@ -194,9 +198,9 @@ def sort(
 
         def on_outcome(o: Outcome) -> None:
             progress.advance(o)
-            if o.status is Status.FAILED:
+            if o.result is Result.FAILED:
                 progress.print(f"failed: {o.source}: {o.reason}")
-            elif o.status is Status.PLANNED:
+            elif o.result is Result.PLANNED:
                 out.print(f"{o.source} -> {dst / o.destination}", markup=False, highlight=False, soft_wrap=True)
 
         try:
@@ -274,9 +278,9 @@ class _SortProgress:
 def echo(
     host: Annotated[str, typer.Argument(help="Peer host name or address.")],
     port: Annotated[int, typer.Argument(min=1, max=65535, help="Peer port.")],
-    aet: Annotated[str, typer.Option("--aet", callback=_ae_title, help="Our (calling) AE title.")] = DEFAULT_CALLING_AET,
+    aet: Annotated[str, typer.Option("--aet", callback=_ae_title, help="Our (calling) AE title.")] = config.DEFAULT_ECHO_AET,
     called_aet: Annotated[str, typer.Option("--called-aet", callback=_ae_title, help="The peer's (called) AE title.")] = config.DEFAULT_AET,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for each answer.")] = DEFAULT_TIMEOUT,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for each answer.")] = config.DEFAULT_ECHO_TIMEOUT,
 ) -> None:
     """Send a C-ECHO (DICOM ping).
 
@@ -284,7 +288,7 @@ def echo(
     listening, association rejected, another status, no answer in time),
     2 for usage errors.
     """
-    from scp.echo import echo as send_echo
+    from scp.net.echo import echo as send_echo
 
     result = send_echo(host, port, aet=aet, called_aet=called_aet, timeout=timeout)
     typer.echo(f"echo: {result.message}", err=not result.ok)

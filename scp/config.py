@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scp.layout import DEFAULT_TEMPLATE, Template
-from scp.writer import Mode, OnConflict
+from scp.enums import Duplicate, LogFormat, Mode  # noqa: F401 (LogFormat: re-exported for the CLI)
 
 DEFAULT_OUT = Path("sorted")
 DEFAULT_AET = "SORTSCP"
@@ -24,6 +23,10 @@ DEFAULT_DIMSE_TIMEOUT = 60.0
 DEFAULT_NETWORK_TIMEOUT = 60.0
 #: How long a stop waits for in-flight associations before aborting them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
+#: The calling AE title ``sortscp echo`` uses unless told otherwise.
+DEFAULT_ECHO_AET = "ECHOSCU"
+#: Seconds ``sortscp echo`` waits for the connection and for each message.
+DEFAULT_ECHO_TIMEOUT = 10.0
 
 
 def check_ae_title(title: str) -> str:
@@ -51,22 +54,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-class LogFormat(str, enum.Enum):
-    TEXT = "text"
-    JSON = "json"
-
-
-class Duplicate(str, enum.Enum):
-    """``serve``: an instance whose SOPInstanceUID is already stored, with other bytes."""
-
-    REPLACE = "replace"  #: the latest received replaces the file atomically
-    KEEP = "keep"  #: the first received stays
-
-    @property
-    def on_conflict(self) -> OnConflict:
-        return OnConflict.REPLACE if self is Duplicate.REPLACE else OnConflict.KEEP
 
 
 def _default_template() -> Template:

@@ -15,10 +15,6 @@ class NotDicomError(SortscpError):
     """A file or byte stream is not a DICOM instance (or is a DICOMDIR)."""
 
 
-class LayoutError(SortscpError):
-    """A header cannot be turned into a safe path (e.g. unreadable value)."""
-
-
 class StoreError(SortscpError):
     """An instance could not be written to its final place."""
 

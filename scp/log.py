@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from scp.config import LogFormat
+from scp.enums import LogFormat
 
 #: Attributes every LogRecord has; anything else was passed with ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -44,3 +44,29 @@ def setup_logging(level: str = "INFO", fmt: LogFormat = LogFormat.TEXT) -> None:
     root.setLevel(level.upper())
     pynetdicom_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
     logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+
+
+def safe(value: object) -> str:
+    """`value` as text fit for one log line: control characters (newlines,
+    escape sequences, NUL ...) and backslashes are escaped, so a peer's AE
+    title or a header value can neither forge a line nor colour the terminal.
+
+    >>> safe("EVIL\\n2026-01-01 INFO forged")
+    'EVIL\\\\n2026-01-01 INFO forged'
+    >>> safe("\\x1b[31mRED")
+    '\\\\x1b[31mRED'
+    >>> safe("Yamada^Tarou=山田^太郎")
+    'Yamada^Tarou=山田^太郎'
+    """
+    text = str(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)

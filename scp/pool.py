@@ -21,6 +21,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from scp._process import pid_alive
+
 log = logging.getLogger(__name__)
 
 
@@ -52,24 +54,6 @@ def _exit_with(parent: int) -> None:
         while pid_alive(parent):
             time.sleep(PARENT_POLL_SECONDS)
     os._exit(1)
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, dead but not yet reaped, does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _context() -> multiprocessing.context.BaseContext:

@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-
-class Status(str, enum.Enum):
-    """The outcome of one file or instance."""
-
-    STORED = "stored"  #: now in the layout (new, replaced, or kept beside an older one)
-    ALREADY = "already"  #: the same bytes were already at the destination
-    PLANNED = "planned"  #: --dry-run: would be stored there
-    SKIPPED = "skipped"  #: not a DICOM instance; left where it was
-    FAILED = "failed"  #: a DICOM instance that could not be stored; the reason says why
+from scp.enums import Result
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one file or received instance."""
 
-    status: Status
+    result: Result
     source: str = ""
     destination: str = ""
     reason: str = ""
     nbytes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not Status.FAILED
 
 
 @dataclass
@@ -39,8 +26,8 @@ class Report:
     Examples
     --------
     >>> r = Report()
-    >>> r.add(Outcome(Status.STORED, nbytes=10)); r.add(Outcome(Status.FAILED))
-    >>> r.counts[Status.STORED], r.exit_code
+    >>> r.add(Outcome(Result.STORED, nbytes=10)); r.add(Outcome(Result.FAILED))
+    >>> r.counts[Result.STORED], r.exit_code
     (1, 1)
     """
 
@@ -48,7 +35,7 @@ class Report:
     nbytes: int = 0
 
     def add(self, outcome: Outcome) -> None:
-        self.counts[outcome.status] += 1
+        self.counts[outcome.result] += 1
         self.nbytes += outcome.nbytes
 
     @property
@@ -57,7 +44,7 @@ class Report:
 
     @property
     def failed(self) -> int:
-        return self.counts[Status.FAILED]
+        return self.counts[Result.FAILED]
 
     @property
     def exit_code(self) -> int:
@@ -66,11 +53,11 @@ class Report:
     def summary(self) -> str:
         c = self.counts
         parts = [
-            f"{c[Status.STORED]} sorted",
-            f"{c[Status.ALREADY]} already in place",
-            f"{c[Status.SKIPPED]} skipped (not DICOM)",
-            f"{c[Status.FAILED]} failed",
+            f"{c[Result.STORED]} sorted",
+            f"{c[Result.ALREADY]} already in place",
+            f"{c[Result.SKIPPED]} skipped (not DICOM)",
+            f"{c[Result.FAILED]} failed",
         ]
-        if c[Status.PLANNED]:
-            parts.insert(0, f"{c[Status.PLANNED]} planned (dry run)")
+        if c[Result.PLANNED]:
+            parts.insert(0, f"{c[Result.PLANNED]} planned (dry run)")
         return ", ".join(parts)

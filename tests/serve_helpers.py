@@ -20,9 +20,9 @@ from pynetdicom.dsutils import split_dataset
 
 from scp.config import ServeConfig
 from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
-from scp.reader import read_header
-from scp.server import Server
-from scp.writer import TMP_DIRNAME
+from scp.dicom.reader import read_header
+from scp.net.server import Server
+from scp.store.tmp import TMP_DIRNAME
 
 #: pynetdicom refuses to propose more presentation contexts in one association.
 MAX_CONTEXTS = 128

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from scp.errors import NotDicomError
 from scp.layout import DEFAULT_TEMPLATE, Template
-from scp.reader import HEADER_PREFIX, IDENTITY_KEYWORDS, read_header
+from scp.dicom.reader import HEADER_PREFIX, IDENTITY_KEYWORDS, read_header
 
 from conftest import readable_dicom_files
 

@@ -28,7 +28,7 @@ from scp.layout import (
     render_value,
     sanitize_component,
 )
-from scp.reader import read_header
+from scp.dicom.reader import read_header
 
 DEFAULT = Template.parse(DEFAULT_TEMPLATE)
 UID = "1.2.826.0.1.3680043.8.498.1"

@@ -10,8 +10,9 @@ from pathlib import Path, PurePosixPath
 from conftest import TEST_FILES
 from scp.config import SortConfig
 from scp.jobs import sort_files
-from scp.report import Status
-from scp.writer import Mode, MoveBatch, Placement, place
+from scp.enums import Result as Status
+from scp.enums import Mode, Placement
+from scp.store.place import MoveBatch, place
 
 CT = TEST_FILES / "CT_small.dcm"
 MR = TEST_FILES / "MR_small.dcm"
@@ -54,7 +55,7 @@ def test_sort_files_moves_a_batch_and_reports_each_file(tmp_path: Path) -> None:
     cfg = SortConfig(src=src, dst=tmp_path / "dst", mode=Mode.MOVE, workers=1)
     cfg.dst.mkdir()
     outcomes = sort_files([*map(str, paths), str(src / "b" / "notes.txt")], cfg)
-    assert [o.status for o in outcomes] == [
+    assert [o.result for o in outcomes] == [
         Status.STORED, Status.STORED, Status.ALREADY, Status.SKIPPED
     ], outcomes
     assert not any(Path(p).exists() for p in paths)

@@ -21,8 +21,8 @@ from serve_helpers import (
 )
 
 from scp import IMPLEMENTATION_CLASS_UID
-from scp.handlers import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
-from scp.writer import TMP_DIRNAME
+from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from scp.store.tmp import TMP_DIRNAME
 
 FILES = readable_dicom_files()
 
@@ -121,7 +121,7 @@ def test_duplicate_replaces_by_default(tmp_path: Path, ct_pair) -> None:
 
 
 def test_duplicate_keep_leaves_the_first(tmp_path: Path, ct_pair) -> None:
-    from scp.config import Duplicate
+    from scp.enums import Duplicate
 
     first, second = ct_pair
     out = tmp_path / "out"

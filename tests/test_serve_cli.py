@@ -25,8 +25,8 @@ from serve_helpers import (
     wait_until,
 )
 
-from scp.handlers import SUCCESS
-from scp.writer import TMP_DIRNAME
+from scp.net.status import SUCCESS
+from scp.store.tmp import TMP_DIRNAME
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 MR = Path(get_testdata_file("MR_small.dcm"))
@@ -127,7 +127,7 @@ def test_serve_configured_only_by_environment(tmp_path: Path) -> None:
     assert code == 0, log
     records = [json.loads(line) for line in log.splitlines() if line.strip()]
     assert any("as ENVSCP" in r["message"] and "1 workers" in r["message"] for r in records), log
-    assert any(r["level"] == "DEBUG" and r["logger"] == "scp.handlers" for r in records), log
+    assert any(r["level"] == "DEBUG" and r["logger"] == "scp.net.handlers" for r in records), log
     target = out / expected_path(CT, "{PatientID}/{Modality}/{SOPInstanceUID}.dcm")
     assert layout_files(out) == [target]
     assert dataset_bytes(target) == dataset_bytes(first), "keep: the first received stays"

@@ -13,7 +13,7 @@ from serve_helpers import (
     send_files,
 )
 
-from scp.handlers import SUCCESS
+from scp.net.status import SUCCESS
 
 INSTANCE_BYTES = 200 << 20
 #: How much the peak memory of any server process (listener, workers) may grow

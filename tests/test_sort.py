@@ -28,10 +28,10 @@ from conftest import (
     readable_dicom_files,
     run_cli,
 )
-from scp import batch
+from scp import sort as batch
 from scp.config import SortConfig
-from scp.report import Status
-from scp.writer import TMP_DIRNAME
+from scp.enums import Result as Status
+from scp.store.tmp import TMP_DIRNAME
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -630,7 +630,7 @@ def test_jobs_in_flight_are_bounded(tmp_path: Path, monkeypatch) -> None:
     def on_progress(outcome) -> None:
         nonlocal done
         done += 1
-        assert outcome.status is Status.SKIPPED
+        assert outcome.result is Status.SKIPPED
 
     monkeypatch.setattr(batch, "iter_files", counting)
     cfg = SortConfig(src=src, dst=tmp_path / "dst", workers=1)

@@ -7,9 +7,9 @@ the association's network thread and the sender waits for a response that
 never comes. :class:`IncomingDataset` stands in for that file: on the first
 error it logs one clear line, removes what it wrote and discards the rest of
 the dataset, so the transfer completes and the C-STORE handler answers with a
-failure status (the file it is given does not exist).
+failure status: the handler answers from :attr:`IncomingDataset.error`.
 
-It also gives the file its final File Meta on the way in (:mod:`scp.meta`: our
+It also gives the file its final File Meta on the way in (:mod:`scp.dicom.meta`: our
 implementation UID, the sender's AE title), so that a worker only has to flush
 the complete file and link it into the layout: the dataset is written once.
 """
@@ -19,14 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
-from pynetdicom import dimse_messages
-
-from scp.meta import file_meta_bytes, meta_end, meta_values
-from scp.writer import tmp_prefix
+from scp.dicom.meta import file_meta_bytes, meta_end, meta_values
+from scp.net import _pynetdicom
+from scp.store.tmp import tmp_dir, tmp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +37,19 @@ class IncomingDataset:
     set, the file is gone and further data is discarded.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, folder: Path, **kwargs: Any) -> None:
         self.error: OSError | None = None
         self._file: Any = None
         self._head: bytearray | None = bytearray()  # until the File Meta is complete
+        self._folder = folder
         try:
-            kwargs.setdefault("prefix", tmp_prefix("r"))
+            kwargs["prefix"] = tmp_prefix("r")
+            kwargs["dir"] = folder
             self._file = tempfile.NamedTemporaryFile(**kwargs)
             self.name: str = self._file.name
         except OSError as exc:
             # A name that does not exist, so that reading it fails.
-            self.name = os.path.join(tempfile.gettempdir(), f".unwritable-{uuid.uuid4().hex}.dcm")
+            self.name = os.path.join(folder, f".unwritable-{uuid.uuid4().hex}.dcm")
             self._fail(exc)
 
     @property
@@ -61,12 +62,14 @@ class IncomingDataset:
             self._head += data
             try:
                 end = meta_end(self._head)
-            except ValueError:  # not what pynetdicom writes: keep it as it is
-                end = len(self._head)
-            if end is None:
+                if end is None:
+                    return n
+                head, self._head = self._head, None
+                data = _our_file_meta(bytes(head[:end])) + bytes(head[end:])
+            except (AttributeError, KeyError, ValueError, UnicodeError) as exc:
+                self._head = None
+                self._fail(OSError(f"cannot build the File Meta of an incoming dataset: {exc}"))
                 return n
-            head, self._head = self._head, None
-            data = _our_file_meta(bytes(head[:end])) + bytes(head[end:])
         self._write(data)
         return n
 
@@ -85,9 +88,7 @@ class IncomingDataset:
                 self._fail(exc)
 
     def close(self) -> None:
-        if self._head:  # never completed: keep what came
-            head, self._head = bytes(self._head), None
-            self._write(head)
+        self._head = None
         if self._file is not None:
             try:
                 self._file.close()
@@ -98,7 +99,7 @@ class IncomingDataset:
         self.error = exc
         log.error(
             "cannot write an incoming dataset to %s: %s; it will be refused (out of resources)",
-            os.path.dirname(self.name), exc.strerror or exc,
+            self._folder, exc.strerror or exc,
             extra={"event": "receive_failed", "reason": exc.strerror or str(exc)},
         )
         if self._file is not None:
@@ -117,17 +118,28 @@ def _our_file_meta(head: bytes) -> bytes:
     """Our File Meta in place of pynetdicom's `head`, with the same SOP identity and
     transfer syntax. pynetdicom writes the file from the association's network
     thread, which carries the association (and so the calling AE title)."""
-    assoc = getattr(threading.current_thread(), "assoc", None)
+    assoc = _pynetdicom.current_association()
     requestor = getattr(assoc, "requestor", None)
-    try:
-        values = meta_values(head)
-        return file_meta_bytes(
-            values[0x0002], values[0x0003], values[0x0010], requestor.ae_title
-        )
-    except (AttributeError, KeyError, ValueError, UnicodeError):
-        return head  # the worker writes our File Meta instead
+    values = meta_values(head)
+    return file_meta_bytes(values[0x0002], values[0x0003], values[0x0010], requestor.ae_title)
 
 
-def install() -> None:
-    """Make pynetdicom write incoming datasets through :class:`IncomingDataset`."""
-    dimse_messages.NamedTemporaryFile = IncomingDataset  # type: ignore[attr-defined,assignment]
+class SinkFactory:
+    """Makes the :class:`IncomingDataset` of every dataset received under `out`
+    (in its temporary area, made again if the folder was removed)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __call__(self, **kwargs: Any) -> IncomingDataset:
+        try:
+            folder = tmp_dir(self.out)
+        except OSError:
+            folder = self.out  # IncomingDataset fails and logs why
+        return IncomingDataset(folder, **kwargs)
+
+
+def install(out: Path) -> None:
+    """Make pynetdicom write the datasets it receives through :class:`IncomingDataset`
+    s in the temporary area of `out`."""
+    _pynetdicom.install_dataset_sink(SinkFactory(out))

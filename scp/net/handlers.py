@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pynetdicom import evt
 
 from scp.config import ServeConfig
-from scp.errors import LayoutError, NotDicomError, StoreError
+from scp.enums import Result
+from scp.errors import NotDicomError, StoreError
 from scp.jobs import store_received
+from scp.log import safe
+from scp.net import _pynetdicom
+from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from scp.pool import WorkerPool
-from scp.report import Status
-from scp.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
-from scp.writer import TMP_DIRNAME, remove_orphans, tmp_dir
-
-__all__ = ["CANNOT_UNDERSTAND", "OUT_OF_RESOURCES", "SUCCESS", "StoreHandlers", "status_for"]
+from scp.store.tmp import TMP_DIRNAME, remove_orphans, tmp_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,22 @@ log = logging.getLogger(__name__)
 DUL_POLL_SECONDS = 0.0005
 
 
+class NoDataset(NotDicomError):
+    """A C-STORE request that carries no dataset: it can never succeed."""
+
+
+class ReceiveFailed(StoreError):
+    """The incoming dataset could not be written to the temporary area."""
+
+
 def status_for(exc: BaseException) -> int:
-    """The C-STORE status for a failure to store an instance."""
-    if isinstance(exc, (NotDicomError, LayoutError)):
+    """The C-STORE status for a failure to store an instance: the one place
+    where failures become statuses.
+
+    >>> hex(status_for(NotDicomError("no header"))), hex(status_for(OSError(28, "No space")))
+    ('0xc000', '0xa700')
+    """
+    if isinstance(exc, NotDicomError):  # includes NoDataset and truncated datasets
         return CANNOT_UNDERSTAND
     return OUT_OF_RESOURCES  # StoreError, OSError, a dead worker, anything else
 
@@ -75,11 +88,17 @@ class StoreHandlers:
         # get, not setdefault: if the connection already closed, re-adding an
         # entry here would never be removed
         stats = self._stats.get(id(assoc)) or _AssocStats()
-        received = str(event.dataset_path)
         sop_uid = str(event.request.AffectedSOPInstanceUID)
-        log.debug("received %s from %s; filing it", sop_uid, calling)
+        log.debug("received %s from %s; filing it", safe(sop_uid), safe(calling))
         try:
-            outcome = self.pool.submit(store_received, received, calling, self.cfg).result()
+            sink = _pynetdicom.dataset_sink(event.request)
+            if sink is None:
+                raise NoDataset("the C-STORE request carries no dataset")
+            if sink.error is not None:
+                raise ReceiveFailed(
+                    f"cannot write the incoming dataset: {sink.error.strerror or sink.error}"
+                ) from sink.error
+            outcome = self.pool.submit(store_received, sink.name, calling, self.cfg).result()
         except Exception as exc:
             if isinstance(exc, BrokenProcessPool):  # what the dead workers were writing
                 self.pool.recover()
@@ -91,10 +110,10 @@ class StoreHandlers:
             reason = _describe(exc)
             log.error(
                 "C-STORE failed from %s (%s): SOP Instance %s: %s -> status 0x%04X",
-                calling,
+                safe(calling),
                 _peer(assoc),
-                sop_uid,
-                reason,
+                safe(sop_uid),
+                safe(reason),
                 status,
                 extra={"event": "store_failed", "calling_aet": calling, "sop_instance": sop_uid,
                        "reason": reason, "status": status},
@@ -106,14 +125,14 @@ class StoreHandlers:
             self.stored += 1
         if outcome.reason:
             log.info(
-                "%s: %s", outcome.destination, outcome.reason,
+                "%s: %s", safe(outcome.destination), outcome.reason,
                 extra={"event": "duplicate", "calling_aet": calling, "sop_instance": sop_uid,
                        "path": outcome.destination, "reason": outcome.reason},
             )
         log.debug(
             "stored %s from %s -> %s (%d bytes, %s)",
-            sop_uid, calling, outcome.destination, outcome.nbytes,
-            "already there" if outcome.status is Status.ALREADY else "new",
+            safe(sop_uid), safe(calling), safe(outcome.destination), outcome.nbytes,
+            "already there" if outcome.result is Result.ALREADY else "new",
         )
         return SUCCESS
 
@@ -123,7 +142,7 @@ class StoreHandlers:
         # its outgoing queue; its 1 ms default adds up to ~0.8 ms to every
         # C-STORE round trip (0.8 s per 1000 instances from a sender that waits
         # for each response). 0.5 ms costs ~3 % of a core per idle association.
-        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+        _pynetdicom.set_poll_delay(event.assoc, DUL_POLL_SECONDS)
         # pynetdicom writes incoming datasets into the temporary folder before
         # any handler runs; if the output folder was removed or replaced, make
         # it again so this association can store (the failure is logged once
@@ -145,7 +164,7 @@ class StoreHandlers:
         state = "aborted" if assoc.is_aborted else "released"
         log.info(
             "association from %s (%s) %s: %d stored, %d failed, %d bytes, %.2f s",
-            calling, _peer(assoc), state, stats.stored, stats.failed, stats.nbytes, seconds,
+            safe(calling), _peer(assoc), state, stats.stored, stats.failed, stats.nbytes, seconds,
             extra={"event": "association", "calling_aet": calling, "peer": _peer(assoc),
                    "state": state, "stored": stats.stored, "failed": stats.failed,
                    "bytes": stats.nbytes, "seconds": round(seconds, 3)},
@@ -161,7 +180,7 @@ def _describe(exc: BaseException) -> str:
         return "a worker process died while storing it"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    if isinstance(exc, (StoreError, NotDicomError, LayoutError)):
+    if isinstance(exc, (StoreError, NotDicomError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -169,8 +188,7 @@ def _describe(exc: BaseException) -> str:
 def _discard_partial_dataset(assoc) -> None:
     """Remove the temporary file of a dataset whose transfer never finished
     (the peer aborted mid-transfer); pynetdicom removes only complete ones."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    tmp = getattr(message, "_data_set_file", None)
+    tmp = _pynetdicom.partial_dataset_file(assoc)
     if tmp is None:
         return
     try:

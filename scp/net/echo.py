@@ -10,13 +10,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from scp.config import DEFAULT_AET
-from scp.status import SUCCESS
-
-#: The calling AE title ``sortscp echo`` uses unless told otherwise.
-DEFAULT_CALLING_AET = "ECHOSCU"
-#: Seconds to wait for the connection and for each message.
-DEFAULT_TIMEOUT = 10.0
+from scp.config import DEFAULT_AET, DEFAULT_ECHO_AET, DEFAULT_ECHO_TIMEOUT
+from scp.net.status import SUCCESS
 
 
 @dataclass(frozen=True)
@@ -32,9 +27,9 @@ class EchoResult:
 def echo(
     host: str,
     port: int,
-    aet: str = DEFAULT_CALLING_AET,
+    aet: str = DEFAULT_ECHO_AET,
     called_aet: str = DEFAULT_AET,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_ECHO_TIMEOUT,
 ) -> EchoResult:
     """Associate with `called_aet` at `host:port`, send one C-ECHO, release.
 

@@ -3,7 +3,7 @@
 The source tree is walked lazily (a million files are never listed into
 memory); batches of paths go to the worker pool with a bounded number in
 flight; each worker reads only the header and places the file with
-:func:`scp.writer.place`. The parent collects :class:`Outcome` s into a
+:func:`scp.store.place.place`. The parent collects :class:`Outcome` s into a
 :class:`Report`, writes the optional per-file report and advances the
 progress callback.
 """
@@ -25,8 +25,9 @@ from typing import IO
 from scp.config import SortConfig
 from scp.jobs import sort_files
 from scp.pool import WorkerPool
-from scp.report import Outcome, Report, Status
-from scp.writer import TMP_DIRNAME, Mode, fs_clock_ns, remove_orphans
+from scp.enums import Mode, Result
+from scp.report import Outcome, Report
+from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,14 @@ def sort_tree(
                 outcomes = future.result()
             except Exception as exc:  # a worker died: every file of the batch failed
                 outcomes = [
-                    Outcome(Status.FAILED, p, "", f"worker failed: {exc!r}")
+                    Outcome(Result.FAILED, p, "", f"worker failed: {exc!r}")
                     for p in pending[future]
                 ]
             for outcome in outcomes:
                 report.add(outcome)
                 if writer:
                     writer.write(outcome)
-                if cfg.mode is Mode.MOVE and outcome.status in (Status.STORED, Status.ALREADY):
+                if cfg.mode is Mode.MOVE and outcome.result in (Result.STORED, Result.ALREADY):
                     emptied.add(os.path.dirname(outcome.source))
                 if on_progress:
                     on_progress(outcome)
@@ -215,7 +216,7 @@ class _ReportWriter:
 
     def write(self, o: Outcome) -> None:
         destination = os.fspath(self.dst / o.destination) if o.destination else ""
-        row = (o.source, destination, o.status.value, o.reason)
+        row = (o.source, destination, o.result.value, o.reason)
         if self.json:
             self._file.write(json.dumps(dict(zip(self.FIELDS, row)), ensure_ascii=False) + "\n")
         else:

@@ -1,4 +1,4 @@
-"""The writer: temp file then no-clobber naming, duplicates, the four sort modes."""
+"""The store: temp file then no-clobber naming, duplicates, the four sort modes."""
 
 from __future__ import annotations
 
@@ -10,16 +10,11 @@ import pytest
 
 from conftest import CHARSET_FILES, TEST_FILES
 from scp.errors import NotDicomError, OutsideRootError, StoreError
-from scp.reader import check_complete, read_header
-from scp.writer import (
-    TMP_DIRNAME,
-    Mode,
-    OnConflict,
-    Placement,
-    fs_clock_ns,
-    place,
-    write_atomic,
-)
+from scp.dicom.reader import check_complete, read_header
+from scp.enums import Duplicate, Mode, Placement
+from scp.store.commit import write_atomic
+from scp.store.place import place
+from scp.store.tmp import TMP_DIRNAME, fs_clock_ns
 
 REL = PurePosixPath("P_1/S_1/1.2.3.dcm")
 CT = TEST_FILES / "CT_small.dcm"
@@ -183,17 +178,17 @@ def test_a_file_where_a_folder_is_needed_is_a_store_error(tmp_path: Path, src: P
     assert tmp_leftovers(out) == []
 
 
-@pytest.mark.parametrize("on_conflict", list(OnConflict))
-def test_write_atomic_conflicts(tmp_path: Path, on_conflict: OnConflict) -> None:
+@pytest.mark.parametrize("on_conflict", list(Duplicate))
+def test_write_atomic_conflicts(tmp_path: Path, on_conflict: Duplicate) -> None:
     out = tmp_path / "out"
     write_atomic(out, REL, lambda f: f.write(b"first"))
     assert write_atomic(out, REL, lambda f: f.write(b"first"), on_conflict=on_conflict) == (
         out / REL, Placement.IDENTICAL)
     final, placement = write_atomic(out, REL, lambda f: f.write(b"second"), on_conflict=on_conflict)
     expected = {
-        OnConflict.REPLACE: (out / REL, Placement.REPLACED, b"second"),
-        OnConflict.KEEP: (out / REL, Placement.KEPT_EXISTING, b"first"),
-        OnConflict.BOTH: (out / "P_1/S_1/1.2.3~2.dcm", Placement.STORED_AS_COPY, b"second"),
+        Duplicate.REPLACE: (out / REL, Placement.REPLACED, b"second"),
+        Duplicate.KEEP: (out / REL, Placement.KEPT_EXISTING, b"first"),
+        Duplicate.BOTH: (out / "P_1/S_1/1.2.3~2.dcm", Placement.STORED_AS_COPY, b"second"),
     }[on_conflict]
     assert (final, placement, final.read_bytes()) == expected
     assert tmp_leftovers(out) == []

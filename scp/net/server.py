@@ -8,7 +8,6 @@ left, then closes the worker pool.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import tempfile
 import threading
@@ -16,17 +15,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig
 from scp.errors import SortscpError
-from scp.handlers import StoreHandlers
-from scp import receive
+from scp.net import _pynetdicom, sink
+from scp.net.access import AccessControl, AllowRule
+from scp.net.handlers import StoreHandlers
+from scp.net.tls import server_tls_context
+from scp.net.transport import start_server
 from scp.pool import WorkerPool
-from scp.security import AccessControl, AllowRule, server_tls_context, start_server
-from scp.writer import TMP_DIRNAME, remove_orphans
+from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,8 @@ def build_ae(cfg: ServeConfig) -> AE:
     syntax is fine. Datasets are received in chunks to a file, never held in
     memory whole.
     """
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    receive.install()  # a full disk fails the instance, not the association
+    _pynetdicom.configure_storage()
+    sink.install(cfg.out)  # a full disk fails the instance, not the association
     ae = AE(ae_title=cfg.aet)
     ae.add_supported_context(Verification)
     ae.maximum_associations = cfg.max_associations
@@ -109,7 +109,6 @@ class Server:
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
         self._stop = threading.Event()
-        self._previous_tempdir: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -118,16 +117,12 @@ class Server:
 
     def start(self) -> None:
         cfg = self.cfg
+        _pynetdicom.check()
         access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
-        tmp = prepare_output(cfg.out)
-        # The pool first: multiprocessing puts its forkserver socket under the
-        # temporary folder of that moment, and a socket path in a deep output
-        # folder can exceed the AF_UNIX limit (108 bytes).
+        prepare_output(cfg.out)
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
-        self._previous_tempdir = tempfile.tempdir
-        tempfile.tempdir = os.fspath(tmp)  # where pynetdicom writes incoming datasets
         self.handlers = StoreHandlers(self.pool, cfg)
         self.ae = build_ae(cfg)
         try:
@@ -173,8 +168,6 @@ class Server:
             self.ae.shutdown()
         if self.pool is not None:
             self.pool.close()
-        if tempfile.tempdir == os.fspath(self.cfg.out / TMP_DIRNAME):
-            tempfile.tempdir = self._previous_tempdir
         if self.handlers is not None:
             log.info(
                 "stopped: %d instances stored, %d failed",

@@ -1,0 +1,128 @@
+"""Who may send: the calling-AE allow-list (``--allow-aet``) and the rejection of
+associations it does not admit."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pynetdicom import evt
+
+from scp.config import check_ae_title
+from scp.errors import SortscpError
+from scp.net import _pynetdicom
+from scp.log import safe
+
+log = logging.getLogger(__name__)
+
+#: A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
+REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+
+
+class SecurityConfigError(SortscpError):
+    """An access rule or a TLS file is not usable."""
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """A calling AE title that may associate, optionally only from some addresses.
+
+    Examples
+    --------
+    >>> AllowRule.parse("MODALITY1@127.0.0.1").allows("MODALITY1", "127.0.0.1")
+    True
+    >>> AllowRule.parse("MODALITY1@127.0.0.1").allows("MODALITY1", "10.0.0.9")
+    False
+    """
+
+    title: str
+    host: str | None = None
+    addresses: frozenset[str] | None = None  #: None: any address
+
+    @classmethod
+    def parse(cls, text: str) -> AllowRule:
+        """``TITLE`` or ``TITLE@HOST``; HOST (a name or an address) is resolved now."""
+        title, at, host = text.strip().rpartition("@")
+        if not at:
+            title, host = host, ""
+        title = title.strip()
+        try:
+            check_ae_title(title)
+        except ValueError as exc:
+            raise SecurityConfigError(f"--allow-aet {text!r}: {exc}") from None
+        if not at:
+            return cls(title)
+        if not host:
+            raise SecurityConfigError(f"--allow-aet {text!r}: a host is missing after '@'")
+        return cls(title, host, frozenset(_resolve(host, text)))
+
+    def allows(self, calling_aet: str, address: str) -> bool:
+        if calling_aet != self.title:
+            return False
+        return self.addresses is None or _normalize(address) in self.addresses
+
+    def __str__(self) -> str:
+        return f"{self.title}@{self.host}" if self.host else self.title
+
+
+def _resolve(host: str, text: str) -> set[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SecurityConfigError(f"--allow-aet {text!r}: cannot resolve {host!r}: {exc}") from None
+    return {_normalize(info[4][0]) for info in infos}
+
+
+def _normalize(address: str) -> str:
+    """An IPv4 peer seen on a dual-stack socket is ``::ffff:a.b.c.d``."""
+    return address.removeprefix("::ffff:") if "." in address else address
+
+
+def split_allow_list(values: Iterable[str]) -> list[str]:
+    """Entries given as repeated options and/or whitespace or comma separated text.
+
+    >>> split_allow_list(["A, B@host", "C"])
+    ['A', 'B@host', 'C']
+    """
+    entries = []
+    for value in values:
+        items = value.replace(",", " ").split()
+        if not items:
+            raise SecurityConfigError(f"--allow-aet {value!r}: an empty entry")
+        entries.extend(items)
+    return entries
+
+
+class AccessControl:
+    """An ``EVT_REQUESTED`` handler that rejects calling AE titles not on the list.
+
+    An empty list allows everyone (as DCMTK and Orthanc do by default).
+    """
+
+    def __init__(self, rules: Sequence[AllowRule]) -> None:
+        self.rules = tuple(rules)
+
+    def allows(self, calling_aet: str, address: str) -> bool:
+        return not self.rules or any(r.allows(calling_aet, address) for r in self.rules)
+
+    def bindings(self) -> list[tuple]:
+        return [(evt.EVT_REQUESTED, self.on_requested)] if self.rules else []
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        # ``requestor.ae_title`` is set only later, during negotiation.
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        if self.allows(calling, address):
+            return
+        log.warning(
+            "rejected association from %r (%s): calling AE title not allowed",
+            safe(calling), address,
+            extra={"event": "association_rejected", "calling_aet": calling, "peer": address,
+                   "reason": "calling AE title not allowed"},
+        )
+        _pynetdicom.reject(assoc, *REJECT_CALLING_AET)
+
+

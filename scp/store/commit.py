@@ -1,0 +1,168 @@
+"""The commit: how a complete file gets its final name under an output root.
+
+Every file is first written under a temporary name in the temporary area
+(:mod:`scp.store.tmp`: same file system, outside the layout), then given its
+final name in one step (a hard link, which never overwrites, or
+``os.replace``). A half-written file never carries a final name, whatever
+happens to the process.
+
+When the final name is already taken:
+
+* identical bytes: nothing to do (``Placement.IDENTICAL``);
+* different bytes: the :class:`~scp.enums.Duplicate` policy decides (replace it
+  atomically, keep the existing file, or keep both, the newcomer as
+  ``<stem>~2<ext>``, ``<stem>~3<ext>`` ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from scp.enums import Duplicate, Placement
+from scp.errors import OutsideRootError, StoreError
+from scp.store.fsops import NEW_FILE_MODE, ensure_parent, fsync_dir, fsync_path, same_content
+from scp.store.tmp import TMP_DIRNAME, new_tmp, unlink_quietly
+
+def destination(root: Path, rel: PurePosixPath) -> Path:
+    """``root / rel``, refusing anything that would not stay inside `root`."""
+    parts = rel.parts
+    if (
+        not parts
+        or rel.is_absolute()
+        or any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts)
+        or parts[0] == TMP_DIRNAME
+    ):
+        raise OutsideRootError(f"refusing a path outside the output folder: {str(rel)!r}")
+    return root.joinpath(*parts)
+
+
+def write_atomic(
+    root: Path,
+    rel: PurePosixPath,
+    fill: Callable[[BinaryIO], None],
+    *,
+    on_conflict: Duplicate = Duplicate.REPLACE,
+    durable: bool = True,
+) -> tuple[Path, Placement]:
+    """Write a new file at ``root / rel`` through a temporary file.
+
+    `fill` writes the content into the open temporary file. With `durable`, the
+    file and its folder are flushed to disk before this returns.
+    Returns the final path (which differs from ``root / rel`` only for
+    :attr:`Duplicate.BOTH`) and what happened.
+    """
+    final = destination(root, rel)
+    tmp = new_tmp(root)
+    try:
+        with open(tmp, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fchmod(f.fileno(), NEW_FILE_MODE)
+            if durable:
+                os.fsync(f.fileno())
+        ensure_parent(root, final, durable)
+        return commit(tmp, final, on_conflict, durable, keep_source=False)
+    finally:
+        unlink_quietly(tmp)
+
+
+def commit_file(
+    src: Path,
+    root: Path,
+    rel: PurePosixPath,
+    *,
+    on_conflict: Duplicate = Duplicate.REPLACE,
+) -> tuple[Path, Placement]:
+    """Give the complete temporary file `src` (in ``<root>/.sortscp-tmp``) its
+    final name ``root / rel``, durably: the file and its folder are flushed to
+    disk before this returns. `src` keeps its temporary name too (its writer
+    removes it); its permissions become those of a new file (umask)."""
+    final = destination(root, rel)
+    os.chmod(src, NEW_FILE_MODE)
+    fsync_path(src)
+    ensure_parent(root, final, True)
+    return commit(src, final, on_conflict, True, keep_source=True)
+
+
+def commit(
+    src: Path, final: Path, on_conflict: Duplicate, durable: bool, *, keep_source: bool
+) -> tuple[Path, Placement]:
+    """Give the complete file `src` the name `final` (a hard link); with
+    `keep_source` false, `src` may be renamed onto a name it replaces."""
+    if keep_source:
+        replace = lambda path: replace_with(lambda tmp: os.link(src, tmp), path)  # noqa: E731
+    else:
+        replace = lambda path: os.replace(src, path)  # noqa: E731
+    return claim(
+        final, on_conflict, durable,
+        create=lambda path: os.link(src, path),
+        identical=lambda path: same_content(src, path),
+        replace=replace,
+    )
+
+
+def claim(
+    final: Path,
+    on_conflict: Duplicate,
+    durable: bool,
+    *,
+    create: Callable[[Path], None],
+    identical: Callable[[Path], bool],
+    replace: Callable[[Path], None],
+) -> tuple[Path, Placement]:
+    """Create the final name with `create` (a link, which fails if the name
+    exists, so a different file is never overwritten by accident); when the name
+    is taken, `identical` decides whether there is anything to do and
+    `on_conflict` what."""
+    for candidate in candidates(final, on_conflict):
+        try:
+            create(candidate)
+        except FileExistsError:
+            if identical(candidate):
+                return candidate, Placement.IDENTICAL
+            if on_conflict is Duplicate.KEEP:
+                return candidate, Placement.KEPT_EXISTING
+            if on_conflict is Duplicate.REPLACE:
+                replace(candidate)
+                return candidate, _done(candidate, Placement.REPLACED, durable)
+            continue  # Duplicate.BOTH: try the next free name
+        except OSError as exc:
+            raise StoreError(f"cannot create {candidate}: {os.strerror(exc.errno or 0)}") from exc
+        return candidate, _done(candidate, _stored(candidate, final), durable)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def replace_with(make: Callable[[Path], None], final: Path) -> None:
+    """Atomically replace `final` by what `make` creates at a temporary name beside it."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.link")
+    unlink_quietly(tmp)
+    make(tmp)
+    os.replace(tmp, final)
+
+
+def candidates(final: Path, on_conflict: Duplicate):
+    yield final
+    if on_conflict is Duplicate.BOTH:
+        stem, ext = _split_ext(final.name)
+        n = 2
+        while True:
+            yield final.with_name(f"{stem}~{n}{ext}")
+            n += 1
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def _stored(candidate: Path, final: Path) -> Placement:
+    return Placement.STORED if candidate == final else Placement.STORED_AS_COPY
+
+
+def _done(path: Path, placement: Placement, durable: bool) -> Placement:
+    if durable:
+        fsync_dir(path.parent)
+    return placement

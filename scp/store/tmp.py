@@ -1,0 +1,95 @@
+"""The temporary area of an output root: where every file is written before it
+gets its final name, and how the leftovers of a process that died are found.
+
+A temporary file's name carries the PID of the process writing it
+(:func:`tmp_prefix`), so :func:`remove_orphans` can tell the files of a dead
+process from those being written right now.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from scp._process import pid_alive
+from scp.errors import StoreError
+
+#: Folder (inside the output root) that holds files being written.
+TMP_DIRNAME = ".sortscp-tmp"
+
+
+def tmp_prefix(kind: str) -> str:
+    """Start of a temporary file name: its kind and the PID of the process writing it,
+    so that the files of a process that died can be recognised (:func:`remove_orphans`)."""
+    return f"{kind}-{os.getpid()}-"
+
+
+_TMP_OWNER = re.compile(r"^[a-z]-(\d+)-")
+
+
+def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
+    """Remove temporary files in `tmp` whose writing process is gone (the PID in
+    their name), and, with `older_than`, any file there not modified for that
+    many seconds (e.g. one without a PID in its name).
+
+    Returns how many were removed. Without `older_than`, the files of running
+    processes are never touched.
+    """
+    cutoff = None if older_than is None else time.time() - older_than
+    removed = 0
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            match = _TMP_OWNER.match(entry.name)
+            orphan = match is not None and not pid_alive(int(match.group(1)))
+            if orphan or (cutoff is not None and entry.stat().st_mtime < cutoff):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def tmp_dir(root: Path) -> Path:
+    """The folder for files being written under `root` (created if needed)."""
+    path = root / TMP_DIRNAME
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_tmp(root: Path) -> Path:
+    try:
+        fd, name = tempfile.mkstemp(prefix=tmp_prefix("w"), suffix=".part", dir=tmp_dir(root))
+    except OSError as exc:
+        raise StoreError(f"cannot write under {root}: {exc.strerror}") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def fs_clock_ns(root: Path) -> int:
+    """The output file system's idea of "now" (ns): the change time of a file
+    created and removed at once in ``<root>/.sortscp-tmp``.
+
+    Every file created later under `root` has a change time at or after it,
+    whatever the granularity of the file system's clock.
+    """
+    tmp = new_tmp(root)
+    try:
+        return os.stat(tmp).st_ctime_ns
+    finally:
+        unlink_quietly(tmp)
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
