@@ -15,6 +15,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -233,7 +234,7 @@ class _SortProgress:
         self.bar = bar and not quiet
         self.plain = not bar and not quiet
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._lock = threading.Lock()
         self._report = Report()
         self._last_line = time.monotonic()
@@ -249,12 +250,12 @@ class _SortProgress:
         return self
 
     def set_total(self, total: int) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             with self._lock:
                 self._progress.update(self._task, total=total)
 
     def advance(self, outcome: Outcome) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             with self._lock:
                 self._progress.advance(self._task)
         elif self.plain:

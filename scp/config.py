@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.enums import Duplicate, LogFormat, Mode  # noqa: F401 (LogFormat: re-exported for the CLI)
+from scp.layout import DEFAULT_TEMPLATE, Template
 
 DEFAULT_OUT = Path("sorted")
 DEFAULT_AET = "SORTSCP"

@@ -13,11 +13,11 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from scp.config import ServeConfig, SortConfig
-from scp.errors import NotDicomError, SortscpError
-from scp.layout import relative_path
 from scp.dicom.meta import PREAMBLE
 from scp.dicom.reader import check_complete, read_header
 from scp.enums import Duplicate, Mode, Placement, Result
+from scp.errors import NotDicomError, SortscpError
+from scp.layout import relative_path
 from scp.report import Outcome
 from scp.store.commit import commit_file
 from scp.store.place import MoveBatch, place

@@ -126,7 +126,7 @@ class Template:
         for parts in components:
             if not parts:
                 raise TemplateError(f"the template has an empty path component: {text!r}")
-            if all(isinstance(p, str) for p in parts) and "".join(parts) in (".", ".."):
+            if all(isinstance(p, str) for p in parts) and "".join(map(str, parts)) in (".", ".."):
                 raise TemplateError(f"the template may not contain '.' or '..': {text!r}")
         if not any(
             isinstance(p, Field) and p.keyword == "SOPInstanceUID" for p in components[-1]
@@ -156,9 +156,10 @@ def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Fie
         raise TemplateError(f"conversions like '!{conversion}' are not supported: {text!r}")
     if not name:
         raise TemplateError(f"empty '{{}}' in template {text!r}: name a DICOM keyword")
-    if not name.isidentifier() or tag_for_keyword(name) is None:
+    tag = tag_for_keyword(name) if name.isidentifier() else None
+    if tag is None:
         raise TemplateError(f"unknown DICOM keyword {name!r} in template {text!r}")
-    if dictionary_VR(tag_for_keyword(name)) == "SQ":
+    if dictionary_VR(tag) == "SQ":
         raise TemplateError(f"{name!r} is a sequence and cannot name a folder")
     if spec:
         if "{" in spec:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import IO
 
 from scp.config import SortConfig
+from scp.enums import Mode, Result
 from scp.jobs import sort_files
 from scp.pool import WorkerPool
-from scp.enums import Mode, Result
 from scp.report import Outcome, Report
 from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
 
@@ -217,6 +217,7 @@ class _ReportWriter:
     def write(self, o: Outcome) -> None:
         destination = os.fspath(self.dst / o.destination) if o.destination else ""
         row = (o.source, destination, o.result.value, o.reason)
+        assert self._file is not None
         if self.json:
             self._file.write(json.dumps(dict(zip(self.FIELDS, row)), ensure_ascii=False) + "\n")
         else:

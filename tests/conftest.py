@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from localnet import DCMTK_ENV, dcmtk, descendants, free_port, wait_for_port  # noqa: F401 (for the tests)
 
+from localnet import DCMTK_ENV, dcmtk, descendants, free_port, wait_for_port  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"

@@ -19,8 +19,8 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 
 from scp.config import ServeConfig
-from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
 from scp.dicom.reader import read_header
+from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
 from scp.net.server import Server
 from scp.store.tmp import TMP_DIRNAME
 
@@ -123,6 +123,19 @@ def layout_files(out: Path) -> list[Path]:
     return sorted(
         p for p in out.rglob("*") if p.is_file() and TMP_DIRNAME not in p.relative_to(out).parts
     )
+
+
+def tmp_area(out: Path) -> Path:
+    """The temporary area of the output folder `out`."""
+    return out / TMP_DIRNAME
+
+
+def tmp_files(out: Path) -> list[str]:
+    """Names of the files in the temporary area of `out`."""
+    try:
+        return sorted(os.listdir(tmp_area(out)))
+    except FileNotFoundError:
+        return []
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:

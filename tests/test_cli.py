@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import scp
+
 from conftest import run_cli
 
 

@@ -16,7 +16,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,35 +27,16 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from conftest import TEST_FILES, ServeProcess, cli_env, descendants, free_port, run_cli
+from serve_helpers import layout_files, peak_rss_kib, tmp_area, tmp_files, wait_until
 
 CT = TEST_FILES / "CT_small.dcm"
 STEP = 20.0  #: seconds any single network step may take
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-TMP = ".sortscp-tmp"
 
 
 # --- helpers ----------------------------------------------------------------------
-
-
-def layout_files(out: Path) -> list[Path]:
-    return sorted(p for p in out.rglob("*.dcm") if TMP not in p.relative_to(out).parts)
-
-
-def tmp_files(out: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(out / TMP))
-    except FileNotFoundError:
-        return []
-
-
-def wait_until(predicate, timeout: float = STEP, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def new_ae(calling: str = "FAULTSCU", ts: str | None = None) -> AE:
@@ -171,13 +151,6 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
-
-
-def vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM for {pid}")
 
 
 def kill_all(pids: list[int]) -> None:
@@ -422,8 +395,8 @@ def test_sender_stopping_mid_transfer_leaves_no_file(serve_process, tmp_path, mo
     sender.start()
 
     def arriving() -> bool:
-        return any((out / TMP / n).stat().st_size > (1 << 20) for n in tmp_files(out)
-                   if (out / TMP / n).exists())
+        return any((tmp_area(out) / n).stat().st_size > (1 << 20) for n in tmp_files(out)
+                   if (tmp_area(out) / n).exists())
 
     wait_until(arriving, what="the dataset to start arriving")
     if how == "abort":
@@ -433,6 +406,9 @@ def test_sender_stopping_mid_transfer_leaves_no_file(serve_process, tmp_path, mo
     wait_until(lambda: tmp_files(out) == [], what=f"no temporary file left ({tmp_files(out)})")
     assert layout_files(out) == []
     assert echo_ok(server.port), server.log()
+    wait_until(lambda: "association from FAULTSCU" in server.log(), what="the association line")
+    line = next(ln for ln in server.log().splitlines() if "association from FAULTSCU" in ln)
+    assert "aborted: 0 stored, 0 failed" in line, line
     # (pynetdicom's client thread may stay blocked until its own DIMSE timeout: not ours to wait for)
 
 
@@ -514,7 +490,7 @@ def test_a_1gib_instance_is_stored_with_bounded_memory(serve_process, tmp_path, 
     status = getattr(assoc.send_c_store(big), "Status", None)
     assoc.release()
     assert status == SUCCESS, server.log()
-    peaks = {pid: vm_hwm_kib(pid) for pid in [server.proc.pid, *worker_pids(server.proc.pid)]}
+    peaks = {pid: peak_rss_kib(pid) for pid in [server.proc.pid, *worker_pids(server.proc.pid)]}
     (stored,) = layout_files(server.out)
     assert dataset_digest(stored) == dataset_digest(big)
     stored.unlink()  # give the disk space back early

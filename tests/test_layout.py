@@ -9,14 +9,14 @@ from pathlib import Path, PurePosixPath
 
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from conftest import CHARSET_FILES, run_cli
+from scp.dicom.reader import read_header
 from scp.errors import TemplateError
 from scp.layout import (
     DEFAULT_TEMPLATE,
@@ -28,7 +28,8 @@ from scp.layout import (
     render_value,
     sanitize_component,
 )
-from scp.dicom.reader import read_header
+
+from conftest import CHARSET_FILES, run_cli
 
 DEFAULT = Template.parse(DEFAULT_TEMPLATE)
 UID = "1.2.826.0.1.3680043.8.498.1"
@@ -300,9 +301,9 @@ def test_any_text_gives_a_safe_component(text: str) -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.lists(ANY_TEXT.filter(bool), min_size=2, max_size=2, unique=True))
 def test_values_that_differ_only_past_255_bytes_differ(pair: list[str]) -> None:
+    assume(sanitize_component(pair[0]) != sanitize_component(pair[1]))
     a, b = ("x" * 300 + pair[0]), ("x" * 300 + pair[1])
-    if sanitize_component(pair[0]) != sanitize_component(pair[1]) or pair[0] == pair[1]:
-        assert sanitize_component(a) != sanitize_component(b)
+    assert sanitize_component(a) != sanitize_component(b)
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -7,12 +7,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path, PurePosixPath
 
-from conftest import TEST_FILES
 from scp.config import SortConfig
-from scp.jobs import sort_files
-from scp.enums import Result as Status
 from scp.enums import Mode, Placement
+from scp.enums import Result as Status
+from scp.jobs import sort_files
 from scp.store.place import MoveBatch, place
+
+from conftest import TEST_FILES
 
 CT = TEST_FILES / "CT_small.dcm"
 MR = TEST_FILES / "MR_small.dcm"

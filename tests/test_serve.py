@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
+from scp import IMPLEMENTATION_CLASS_UID
+from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from scp.store.tmp import TMP_DIRNAME
+
 from conftest import readable_dicom_files
 from serve_helpers import (
     CALLING_AET,
@@ -19,10 +24,6 @@ from serve_helpers import (
     running_server,
     send_files,
 )
-
-from scp import IMPLEMENTATION_CLASS_UID
-from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
-from scp.store.tmp import TMP_DIRNAME
 
 FILES = readable_dicom_files()
 
@@ -239,39 +240,3 @@ def test_unreadable_header_fails_with_cannot_understand(tmp_path: Path, damage) 
         assert send_files(server.address[1], [good]) == {good: SUCCESS}
     assert layout_files(out) == [out / expected_path(good)]
     assert not list((out / TMP_DIRNAME).iterdir()), "temporary files left behind"
-
-
-def test_aborted_transfer_leaves_no_temporary_file(tmp_path: Path, caplog) -> None:
-    import threading
-
-    from pynetdicom import AE, _config
-    from serve_helpers import big_instance, wait_until
-
-    caplog.set_level("INFO", logger="scp")
-    src = big_instance(tmp_path / "big.dcm", 40 << 20)
-    out = tmp_path / "out"
-    with running_server(out, max_pdu=16384) as server:
-        ae = AE(ae_title=CALLING_AET)
-        ae.add_requested_context(*file_identity(src)[::2])
-        assoc = ae.associate("127.0.0.1", server.address[1])
-        assert assoc.is_established
-        incoming = out / TMP_DIRNAME
-
-        def partial_file_grows() -> bool:
-            return any(p.stat().st_size > (1 << 20) for p in incoming.glob("*.dcm"))
-
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        sender = threading.Thread(target=assoc.send_c_store, args=(src,), daemon=True)
-        try:
-            sender.start()
-            wait_until(partial_file_grows, what="the dataset to start arriving")
-            assoc.abort()  # the sending thread stays blocked; it is a daemon
-        finally:
-            _config.STORE_SEND_CHUNKED_DATASET = False
-        wait_until(lambda: not server.handlers._stats, what="the association to close")
-        left = list(incoming.iterdir())
-    assert not left, f"temporary files left after an aborted transfer: {left}"
-    assert layout_files(out) == []
-    lines = [r for r in caplog.records if getattr(r, "event", None) == "association"]
-    assert len(lines) == 1, caplog.text
-    assert (lines[0].state, lines[0].stored, lines[0].failed) == ("aborted", 0, 0), caplog.text

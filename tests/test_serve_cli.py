@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import ServeProcess, cli_env, free_port, readable_dicom_files, run_cli, wait_for_port
 from pydicom.data import get_testdata_file
+
+from scp.net.status import SUCCESS
+from scp.store.tmp import TMP_DIRNAME
+
+from conftest import ServeProcess, cli_env, free_port, readable_dicom_files, run_cli, wait_for_port
 from serve_helpers import (
     CALLING_AET,
     ct_copies,
@@ -24,9 +28,6 @@ from serve_helpers import (
     stop,
     wait_until,
 )
-
-from scp.net.status import SUCCESS
-from scp.store.tmp import TMP_DIRNAME
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 MR = Path(get_testdata_file("MR_small.dcm"))

@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 import pydicom
-from conftest import DCMTK_ENV, ServeProcess, free_port, readable_dicom_files, wait_for_port
-from serve_helpers import dataset_bytes, expected_path, layout_files
 
 from scp import IMPLEMENTATION_CLASS_UID
+
+from conftest import DCMTK_ENV, ServeProcess, free_port, readable_dicom_files, wait_for_port
+from serve_helpers import dataset_bytes, expected_path, layout_files
 
 STORESCU_AET = "STORESCU"  # storescu's default calling AE title
 UNCOMPRESSED = {

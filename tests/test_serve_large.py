@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scp.net.status import SUCCESS
+
 from conftest import ServeProcess, descendants
 from serve_helpers import (
     big_instance,
@@ -12,8 +14,6 @@ from serve_helpers import (
     peak_rss_kib,
     send_files,
 )
-
-from scp.net.status import SUCCESS
 
 INSTANCE_BYTES = 200 << 20
 #: How much the peak memory of any server process (listener, workers) may grow

@@ -21,6 +21,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from scp import sort as batch
+from scp.config import SortConfig
+from scp.enums import Result as Status
+from scp.store.tmp import TMP_DIRNAME
+
 from conftest import (
     CHARSET_FILES,
     TEST_FILES,
@@ -28,10 +33,6 @@ from conftest import (
     readable_dicom_files,
     run_cli,
 )
-from scp import sort as batch
-from scp.config import SortConfig
-from scp.enums import Result as Status
-from scp.store.tmp import TMP_DIRNAME
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,13 +8,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from conftest import CHARSET_FILES, TEST_FILES
-from scp.errors import NotDicomError, OutsideRootError, StoreError
 from scp.dicom.reader import check_complete, read_header
 from scp.enums import Duplicate, Mode, Placement
+from scp.errors import NotDicomError, OutsideRootError, StoreError
 from scp.store.commit import write_atomic
 from scp.store.place import place
 from scp.store.tmp import TMP_DIRNAME, fs_clock_ns
+
+from conftest import CHARSET_FILES, TEST_FILES
 
 REL = PurePosixPath("P_1/S_1/1.2.3.dcm")
 CT = TEST_FILES / "CT_small.dcm"

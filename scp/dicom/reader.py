@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from scp.errors import NotDicomError
 
@@ -25,7 +26,7 @@ from scp.errors import NotDicomError
 IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID")
 
 #: Media Storage Directory Storage: a DICOMDIR, an index rather than an instance.
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DICOMDIR_SOP_CLASS = MediaStorageDirectoryStorage
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
@@ -36,9 +37,7 @@ HEADER_PREFIX = 64 * 1024
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 #: Explicit VRs whose length field is 4 bytes (after 2 reserved bytes).
-_LONG_VRS = frozenset(
-    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
-)
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
@@ -116,7 +115,7 @@ def _read_dataset(
     `src`. Either way `src` is left where the parse stopped, as ``dcmread``
     leaves it.
     """
-    tags = [Tag(k) for k in wanted]
+    tags: list[BaseTag | int] = [Tag(k) for k in wanted]
     at_pixels = False
 
     def stop(tag: BaseTag, vr: str | None, length: int) -> bool:

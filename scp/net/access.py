@@ -12,8 +12,8 @@ from pynetdicom import evt
 
 from scp.config import check_ae_title
 from scp.errors import SortscpError
-from scp.net import _pynetdicom
 from scp.log import safe
+from scp.net import _pynetdicom
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _resolve(host: str, text: str) -> set[str]:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         raise SecurityConfigError(f"--allow-aet {text!r}: cannot resolve {host!r}: {exc}") from None
-    return {_normalize(info[4][0]) for info in infos}
+    return {_normalize(str(info[4][0])) for info in infos}
 
 
 def _normalize(address: str) -> str:
@@ -113,7 +113,7 @@ class AccessControl:
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         # ``requestor.ae_title`` is set only later, during negotiation.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()  # type: ignore[union-attr]
         address = str(assoc.requestor.address)
         if self.allows(calling, address):
             return

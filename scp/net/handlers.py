@@ -88,7 +88,7 @@ class StoreHandlers:
         # get, not setdefault: if the connection already closed, re-adding an
         # entry here would never be removed
         stats = self._stats.get(id(assoc)) or _AssocStats()
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
         log.debug("received %s from %s; filing it", safe(sop_uid), safe(calling))
         try:
             sink = _pynetdicom.dataset_sink(event.request)
@@ -161,7 +161,7 @@ class StoreHandlers:
             return
         calling = assoc.requestor.ae_title
         seconds = time.monotonic() - stats.started
-        state = "aborted" if assoc.is_aborted else "released"
+        state = "released" if assoc.is_released and not assoc.is_aborted else "aborted"
         log.info(
             "association from %s (%s) %s: %d stored, %d failed, %d bytes, %.2f s",
             safe(calling), _peer(assoc), state, stats.stored, stats.failed, stats.nbytes, seconds,

@@ -119,9 +119,10 @@ def _our_file_meta(head: bytes) -> bytes:
     transfer syntax. pynetdicom writes the file from the association's network
     thread, which carries the association (and so the calling AE title)."""
     assoc = _pynetdicom.current_association()
-    requestor = getattr(assoc, "requestor", None)
+    if assoc is None:
+        raise ValueError("no association in this thread")
     values = meta_values(head)
-    return file_meta_bytes(values[0x0002], values[0x0003], values[0x0010], requestor.ae_title)
+    return file_meta_bytes(values[0x0002], values[0x0003], values[0x0010], assoc.requestor.ae_title)
 
 
 class SinkFactory:

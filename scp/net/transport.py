@@ -102,6 +102,7 @@ def start_server(
         address, ssl_context=ssl_context, evt_handlers=evt_handlers,
         server_class=HardenedAssociationServer,
     )
+    assert isinstance(server, HardenedAssociationServer)
     _pynetdicom.register_server(ae, server)
     threading.Thread(
         target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True

@@ -26,6 +26,7 @@ from scp.errors import OutsideRootError, StoreError
 from scp.store.fsops import NEW_FILE_MODE, ensure_parent, fsync_dir, fsync_path, same_content
 from scp.store.tmp import TMP_DIRNAME, new_tmp, unlink_quietly
 
+
 def destination(root: Path, rel: PurePosixPath) -> Path:
     """``root / rel``, refusing anything that would not stay inside `root`."""
     parts = rel.parts

@@ -14,6 +14,7 @@ from scp.store.commit import candidates, claim, commit, destination, replace_wit
 from scp.store.fsops import ensure_parent, fsync_dir, fsync_path, same_content
 from scp.store.tmp import new_tmp, unlink_quietly
 
+
 def place(
     src: Path,
     root: Path,
