@@ -1,6 +1,6 @@
 """Worker entry points: top-level, picklable, each returning :class:`Outcome` s.
 
-Both read the header with :func:`scp.dicom.reader.read_header`, name the file with
+Both read the header with :func:`scp.dicom.header.read_header`, name the file with
 :func:`scp.layout.relative_path` and create it with :mod:`scp.store`.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from scp.config import ServeConfig, SortConfig
+from scp.dicom.header import check_complete, read_header
 from scp.dicom.meta import PREAMBLE
-from scp.dicom.reader import check_complete, read_header
 from scp.enums import Duplicate, Mode, Placement, Result
 from scp.errors import NotDicomError, SortscpError
 from scp.layout import relative_path
@@ -71,7 +71,7 @@ def sort_file(path: str, cfg: SortConfig, batch: MoveBatch | None = None) -> Out
     """Put one file of the source tree into the layout (or plan it, with --dry-run).
 
     A file that is not a DICOM instance (text, image, DICOMDIR, empty, or cut
-    short: see :func:`scp.dicom.reader.check_complete`) is skipped and left where it
+    short: see :func:`scp.dicom.header.check_complete`) is skipped and left where it
     was; any other problem is reported as a failure with its reason, never raised.
     """
     try:

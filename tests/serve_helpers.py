@@ -19,7 +19,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 
 from scp.config import ServeConfig
-from scp.dicom.reader import read_header
+from scp.dicom.header import read_header
 from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
 from scp.net.server import Server
 from scp.store.tmp import TMP_DIRNAME

@@ -12,8 +12,13 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from scp.dicom.header import (
-    HEADER_PREFIX, IDENTITY_KEYWORDS, _read_fast, check_complete, dataset_from_elements,
-    read_header, wanted_tags,
+    HEADER_PREFIX,
+    IDENTITY_KEYWORDS,
+    _read_fast,
+    check_complete,
+    dataset_from_elements,
+    read_header,
+    wanted_tags,
 )
 from scp.dicom.walk import walk_file
 from scp.errors import NotDicomError, TruncatedError

@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from scp.dicom.reader import read_header
+from scp.dicom.header import read_header
 from scp.errors import TemplateError
 from scp.layout import (
     DEFAULT_TEMPLATE,

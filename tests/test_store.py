@@ -8,14 +8,13 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from scp.dicom.reader import check_complete, read_header
 from scp.enums import Duplicate, Mode, Placement
-from scp.errors import NotDicomError, OutsideRootError, StoreError
+from scp.errors import OutsideRootError, StoreError
 from scp.store.commit import write_atomic
 from scp.store.place import place
 from scp.store.tmp import TMP_DIRNAME, fs_clock_ns
 
-from conftest import CHARSET_FILES, TEST_FILES
+from conftest import TEST_FILES
 
 REL = PurePosixPath("P_1/S_1/1.2.3.dcm")
 CT = TEST_FILES / "CT_small.dcm"
@@ -214,38 +213,3 @@ def test_fs_clock_is_not_behind_files_created_after_it(tmp_path: Path) -> None:
     assert tmp_leftovers(tmp_path) == []
 
 
-# --- completeness check (reader) used by sort --------------------------------
-
-@pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
-def test_pydicom_truncated_files_are_detected(name: str) -> None:
-    with open(TEST_FILES / name, "rb") as f:
-        ds = read_header(f, ["PatientName"])
-        with pytest.raises(NotDicomError, match="truncated"):
-            check_complete(f, ds)
-
-
-@pytest.mark.parametrize(
-    "path",
-    [TEST_FILES / n for n in ("CT_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
-                              "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "rtplan.dcm",
-                              "ExplVR_BigEndNoMeta.dcm", "image_dfl.dcm", "MR_small_padded.dcm")]
-    + [CHARSET_FILES / "chrSQEncoding.dcm"],
-    ids=lambda p: p.name,
-)
-def test_complete_files_pass_and_each_cut_is_detected(tmp_path: Path, path: Path) -> None:
-    data = path.read_bytes()
-    with open(path, "rb") as f:
-        check_complete(f, read_header(f, ["PatientName"]))
-        stopped_at = f.tell()  # where the header ends: before the pixel data, or the end
-    if path.name == "image_dfl.dcm":
-        return  # deflated: the stream is compressed as a whole, nothing to check
-    # cut the file inside its last element, and inside the pixel data (just past
-    # its element header): each cut is found (a cut between two elements cannot be)
-    cuts = [len(data) - 1, len(data) - 7]
-    if stopped_at < len(data) - 40:
-        cuts.append(stopped_at + 20)
-    for cut in cuts:
-        short = tmp_path / f"cut{cut}"
-        short.write_bytes(data[:cut])
-        with open(short, "rb") as f, pytest.raises(NotDicomError):
-            check_complete(f, read_header(f, ["PatientName"]))

@@ -62,7 +62,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, MediaStorageDirectoryStorage
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from scp.dicom.walk import SPECIFIC_CHARACTER_SET, DatasetWalker, walk_file
 from scp.errors import NotDicomError, TruncatedError
@@ -75,7 +76,7 @@ __all__ = [
 #: Tags read on top of the template's: they identify the instance.
 IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID")
 #: Media Storage Directory Storage: a DICOMDIR, an index rather than an instance.
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DICOMDIR_SOP_CLASS = MediaStorageDirectoryStorage
 #: Bytes read in one go and parsed in memory.
 HEADER_PREFIX = 64 * 1024
 
@@ -88,7 +89,7 @@ _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _TRANSFER_SYNTAX = 0x00020010
 _EXPL_LE = struct.Struct("<HH2sH").unpack_from
 _UL_LE = struct.Struct("<L").unpack_from
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 _SHORT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
 )
@@ -115,7 +116,7 @@ def wanted_tags(keywords: Iterable[str | int]) -> tuple[int, ...]:
             if not 0 <= tag <= 0xFFFFFFFF:
                 raise ValueError(f"not a DICOM tag: {k!r}")
         else:
-            tag = tag_for_keyword(k)
+            tag = tag_for_keyword(k)  # type: ignore[assignment]
             if tag is None:
                 raise ValueError(f"unknown DICOM keyword {k!r}")
         tags.setdefault(tag)
@@ -174,7 +175,7 @@ def read_header(
                 try:
                     ds = _read_fast(src, start, head, tags, check, identity_from_meta)
                 except _Refused:
-                    raise NotDicomError(*sys.exc_info()[1].args) from None
+                    raise NotDicomError(*sys.exc_info()[1].args) from None  # type: ignore[union-attr]
                 except NotDicomError:
                     if check:
                         raise
@@ -260,10 +261,10 @@ def dataset_from_elements(
         vr, value = elements[tag]
         t = BaseTag(tag)
         raw[t] = RawDataElement(
-            t, vr, len(value), value if value else empty_value_for_VR(vr, raw=True),
+            t, vr, len(value), value if value else empty_value_for_VR(vr, raw=True),  # type: ignore[arg-type]
             base + offsets.get(tag, 0), implicit, little,
         )
-    ds = Dataset(raw)
+    ds = Dataset(raw)  # type: ignore[arg-type]
     encoding: str | list[str] = default_encoding
     charset = raw.get(BaseTag(SPECIFIC_CHARACTER_SET))
     if charset is not None:
@@ -302,7 +303,7 @@ def _read_fast(
     ts_elem = meta_raw.get(BaseTag(_TRANSFER_SYNTAX))
     if ts_elem is None or len(head) <= data_start:
         return None
-    ts = UID(ts_elem.value.decode("ascii", "replace").strip("\0 "))
+    ts = UID(ts_elem.value.decode("ascii", "replace").strip("\0 "))  # type: ignore[union-attr]
     if ts in pydicom.uid.PrivateTransferSyntaxes:
         return None
     implicit, little, deflated = _ENCODINGS.get(ts, (False, True, False))
@@ -370,7 +371,7 @@ def _identify_raw(
         if tag == _SOP_INSTANCE_UID and not identity_from_meta:
             raise _Refused("the dataset has no SOP Instance UID")
         if media is not None and _raw_text(media.value):
-            elements[tag] = ("UI", bytes(media.value))
+            elements[tag] = ("UI", bytes(media.value))  # type: ignore[arg-type]
     if _raw_text(elements.get(_SOP_CLASS_UID, (None, b""))[1]) == _DICOMDIR:
         raise _Refused("a DICOMDIR (media index), not an instance")
 
@@ -408,7 +409,7 @@ def _parse_meta(head: bytes, start: int) -> tuple[dict[BaseTag, RawDataElement],
         vrs = vr.decode("ascii")
         value = head[i + hl : j]
         raw[tag] = RawDataElement(
-            tag, vrs, length, value if length else empty_value_for_VR(vrs, raw=True),
+            tag, vrs, length, value if length else empty_value_for_VR(vrs, raw=True),  # type: ignore[arg-type]
             start + i + hl, False, True,
         )
         i = j
@@ -418,7 +419,7 @@ def _parse_meta(head: bytes, start: int) -> tuple[dict[BaseTag, RawDataElement],
 
 
 def _file_meta(raw: dict[BaseTag, RawDataElement]) -> FileMetaDataset:
-    meta = FileMetaDataset(raw)
+    meta = FileMetaDataset(raw)  # type: ignore[arg-type]
     meta.set_original_encoding(False, True, default_encoding)
     return meta
 
@@ -449,7 +450,7 @@ def _read_pydicom(
 
     buffer = BytesIO(head)
     try:
-        ds = read_partial(buffer, stop, force=force, specific_tags=specific)
+        ds = read_partial(buffer, stop, force=force, specific_tags=specific)  # type: ignore[arg-type]
     except Exception:
         if len(head) < HEADER_PREFIX:  # the whole file was there: a real error
             raise
@@ -458,7 +459,7 @@ def _read_pydicom(
             src.seek(start + buffer.tell())
             return ds
     src.seek(start)  # a header longer than `head`
-    return read_partial(src, stop, force=force, specific_tags=specific)
+    return read_partial(src, stop, force=force, specific_tags=specific)  # type: ignore[arg-type]
 
 
 def _identify(ds: Dataset) -> None:

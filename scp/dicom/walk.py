@@ -59,6 +59,8 @@ from collections.abc import Iterable
 from struct import Struct
 from typing import BinaryIO
 
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
 from scp.errors import NotDicomError, TruncatedError
 
 __all__ = ["DatasetWalker", "walk_file", "SPECIFIC_CHARACTER_SET", "MAX_DEPTH", "MAX_ELEMENTS"]
@@ -80,7 +82,7 @@ _PIXEL_DATA = 0x7FE00010
 _NO_LIMIT = 1 << 62
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length.
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 #: Explicit VRs with a 2-byte length.
 _SHORT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
