@@ -578,3 +578,47 @@ def test_clean_close_is_not_recorded_while_another_process_has_it_open(root):
     assert "reboot" in check(root)
     b.close(clean=True)
     assert check(root) is None
+
+
+def test_sigkill_one_of_two_concurrent_workers_the_other_settles_its_intents(root):
+    rng = random.Random(7)
+    for round_ in range(8):
+        ready = [CTX.Event(), CTX.Event()]
+        kids = [CTX.Process(target=churn, args=(str(root), 100 + 2 * round_ + k, ready[k])) for k in range(2)]
+        for kid in kids:
+            kid.start()
+        assert all(r.wait(30) for r in ready)
+        time.sleep(rng.uniform(0.01, 0.2))
+        os.kill(kids[0].pid, signal.SIGKILL)  # the other goes on, meeting its intents
+        kids[0].join(10)
+        time.sleep(rng.uniform(0.05, 0.3))
+        assert kids[1].is_alive(), "the survivor failed"
+        os.kill(kids[1].pid, signal.SIGKILL)
+        kids[1].join(10)
+        index = SqliteIndex(root)
+        try:
+            finish_recovery(root, index)
+            assert_agree(root, index)
+        finally:
+            index.close()
+
+
+def test_one_index_shared_by_threads(root, idx):
+    import threading
+
+    errors = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(30):
+                put(root, idx, f"4.{i}", f"T{t}/S/4.{i}.dcm", f"{t}-{i}".encode(), durable=False)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(assert_agree(root, idx)) == 30
