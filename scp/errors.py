@@ -26,3 +26,10 @@ class OutsideRootError(StoreError):
 class TruncatedError(NotDicomError):
     """A dataset ends before its elements say, or leaves a sequence, an item or
     encapsulated pixel data unclosed: a fragment, not an instance."""
+
+
+class InstanceIndexError(StoreError):
+    """The instance index (``<root>/.sortscp/index.sqlite``) cannot do what was
+    asked: a UID held too long by another live process, a claim lost, an index
+    that is missing, stale or in use by a rebuild. A store that meets it is a
+    failure (0xA700), never a Success."""
