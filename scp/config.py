@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scp.enums import Duplicate, LogFormat, Mode  # noqa: F401 (LogFormat: re-exported for the CLI)
+from scp.enums import Duplicate, Mode
 from scp.layout import DEFAULT_TEMPLATE, Template
 
 DEFAULT_OUT = Path("sorted")

@@ -28,6 +28,14 @@ class TruncatedError(NotDicomError):
     encapsulated pixel data unclosed: a fragment, not an instance."""
 
 
+class NoDataset(NotDicomError):
+    """A C-STORE request that carries no dataset: it can never succeed."""
+
+
+class ReceiveFailed(StoreError):
+    """An incoming dataset could not be written to the temporary area."""
+
+
 class InstanceIndexError(StoreError):
     """The instance index (``<root>/.sortscp/index.sqlite``) cannot do what was
     asked: a UID held too long by another live process, a claim lost, an index

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from scp.config import ServeConfig, SortConfig
-from scp.dicom.header import check_complete, read_header
+from scp.dicom.header import read_header
 from scp.dicom.meta import PREAMBLE
 from scp.enums import Duplicate, Mode, Placement, Result
 from scp.errors import NotDicomError, SortscpError, TruncatedError
@@ -71,13 +71,12 @@ def sort_file(path: str, cfg: SortConfig, batch: MoveBatch | None = None) -> Out
     """Put one file of the source tree into the layout (or plan it, with --dry-run).
 
     A file that is not a DICOM instance (text, image, DICOMDIR, empty, or cut
-    short: see :func:`scp.dicom.header.check_complete`) is skipped and left where it
+    short: see :mod:`scp.dicom.walk`) is skipped and left where it
     was; any other problem is reported as a failure with its reason, never raised.
     """
     try:
         with open(path, "rb") as f:
-            ds = read_header(f, cfg.template.keywords)
-            check_complete(f, ds)
+            ds = read_header(f, cfg.template.keywords, check=True)  # header and completeness: one pass
             size = os.fstat(f.fileno()).st_size
         rel = relative_path(ds, cfg.template)
         if cfg.dry_run:
@@ -87,8 +86,7 @@ def sort_file(path: str, cfg: SortConfig, batch: MoveBatch | None = None) -> Out
             batch=batch,
         )
     except TruncatedError as exc:
-        reason = str(exc)
-        return Outcome(Result.SKIPPED, path, "", reason if reason.startswith("truncated") else f"truncated: {reason}")
+        return Outcome(Result.SKIPPED, path, "", f"truncated: {exc}")
     except NotDicomError as exc:
         return Outcome(Result.SKIPPED, path, "", str(exc))
     except (SortscpError, OSError) as exc:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from scp.store._prune import remove_obsolete
+from scp.store.fsops import fsync_path
 from scp.store.index import SqliteIndex
 
 TMP = ".sortscp-tmp"
@@ -24,14 +25,6 @@ def facts_for(data: bytes, series: str = "1.2.3", study: str = "1.2", **more) ->
         "study_instance_uid": study,
         **more,
     }
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def put(root: Path, index: SqliteIndex, uid: str, relpath: str, data: bytes, *, policy: str = "replace",
@@ -55,7 +48,7 @@ def put(root: Path, index: SqliteIndex, uid: str, relpath: str, data: bytes, *, 
             tmp.unlink()
             return "kept"
         if durable:
-            _fsync(tmp)
+            fsync_path(tmp)
         final = root / relpath
         for _ in range(10):  # a concurrent prune may remove the folder we made
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +60,7 @@ def put(root: Path, index: SqliteIndex, uid: str, relpath: str, data: bytes, *, 
         else:
             raise OSError(f"cannot link {final}")
         if durable:
-            _fsync(final.parent)
+            fsync_path(final.parent)
     except BaseException:
         index.abort(claim)
         tmp.unlink(missing_ok=True)

@@ -91,13 +91,13 @@ def assert_agree(root: Path, index: SqliteIndex) -> list[ix.InstanceRow]:
 # --------------------------------------------------------------- claim / commit / abort
 
 
-def test_module_imports_only_stdlib_and_errors():
+def test_module_imports_only_stdlib_errors_and_process():
     import ast
 
     tree = ast.parse(Path(ix.__file__).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert {n for n in names if n.split(".")[0] in ("scp", "pynetdicom", "pydicom")} == {"scp.errors"}
+    assert {n for n in names if n.split(".")[0] in ("scp", "pynetdicom", "pydicom")} == {"scp.errors", "scp._process"}
     assert issubclass(ix.InstanceIndexError, StoreError)
     assert isinstance(SqliteIndex.__new__(SqliteIndex), InstanceIndex)
 

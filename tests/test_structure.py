@@ -1,8 +1,9 @@
 """The module map's rules, checked on the source (README, "How it is built").
 
 * only ``scp/net/`` imports pynetdicom;
-* ``scp/layout.py`` and ``scp/dicom/`` import neither the store nor the network;
-* ``scp/store/`` imports nothing from the network, nor from the layers above it;
+* a module imports only from the layers below its own (:data:`LAYERS`): so
+  ``layout.py`` and ``dicom/`` import neither the store nor the network, and
+  ``store/`` nothing from the network nor from the layers above it;
 * inside ``scp/net/``, only ``_pynetdicom.py`` touches a pynetdicom internal
   (an underscored attribute of something that is not ours).
 
@@ -25,18 +26,27 @@ from conftest import REPO, cli_env
 
 PACKAGE = REPO / "scp"
 
-#: (modules the rule applies to, imported names they must not use, why)
-RULES: list[tuple[str, tuple[str, ...], str]] = [
-    ("scp/", ("pynetdicom",), "only scp/net imports pynetdicom"),
-    ("scp/layout.py", ("scp.store", "scp.net", "scp.jobs", "scp.pool", "scp.sort", "scp.cli"),
-     "the layout engine is pure"),
-    ("scp/dicom/", ("scp.store", "scp.net", "scp.jobs", "scp.pool", "scp.sort", "scp.cli"),
-     "dicom/ reads bytes; it neither stores nor talks to the network"),
-    ("scp/store/", ("scp.net", "scp.jobs", "scp.pool", "scp.sort", "scp.cli"),
-     "the store imports nothing from the network or the layers above it"),
+#: The layers of README's "How it is built", top to bottom: a module imports
+#: only from lower layers (and from its own sub-package). ``scp`` itself (the
+#: package's constants) is the bottom layer.
+LAYERS: list[tuple[str, ...]] = [
+    ("__main__",),
+    ("cli",),
+    ("sort", "net"),
+    ("jobs", "pool"),
+    ("store", "config", "report", "log"),
+    ("layout", "dicom"),
+    ("enums", "errors", "_process", "__init__"),
 ]
-#: Where a rule does not apply (the package that faces the network).
-EXEMPT = {"only scp/net imports pynetdicom": "scp/net/"}
+LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
+BOTTOM = len(LAYERS) - 1
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a dotted ``scp...`` name: the sub-package or the module
+    (``scp.net.handlers`` -> ``net``; ``scp.IMPLEMENTATION_CLASS_UID`` -> ``__init__``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYER_OF else "__init__"
 
 
 def imports_of(path: Path) -> set[str]:
@@ -71,29 +81,19 @@ def violations(root: Path) -> list[str]:
     found = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root.parent).as_posix()
-        imported = imports_of(path)
-        for scope, banned, why in RULES:
-            if not (rel == scope or rel.startswith(scope)):
-                continue
-            exempt = EXEMPT.get(why)
-            if exempt and rel.startswith(exempt):
-                continue
-            for name in sorted(imported):
-                if any(name == b or name.startswith(b + ".") for b in banned):
-                    found.append(f"{rel} imports {name}: {why}")
-        if rel.startswith("scp/net/") and path.name != "_pynetdicom.py":
+        inside = path.relative_to(root).parts
+        unit = inside[0] if len(inside) > 1 else path.stem
+        depth = LAYER_OF.get(unit, BOTTOM)
+        for name in sorted(imports_of(path)):
+            top = name.split(".")[0]
+            if top == "pynetdicom" and unit != "net":
+                found.append(f"{rel} imports {name}: only scp/net imports pynetdicom")
+            elif top == "scp" and _unit(name) != unit and LAYER_OF[_unit(name)] <= depth:
+                found.append(f"{rel} imports {name}: {unit} may import only from the layers below it")
+        if unit == "net" and path.name != "_pynetdicom.py":
             found.extend(f"{rel}: {use}: a pynetdicom internal outside net/_pynetdicom.py"
-                         for use in internal_uses(path) if _touches_pynetdicom(use))
+                         for use in internal_uses(path))
     return found
-
-
-#: Underscored attributes that are ours, not pynetdicom's (private helpers of our own objects).
-OUR_PRIVATE = {"._stats", "._lock", "._file", "._head", "._folder", "._write", "._fail",
-               "._stop", "._executor", "._closed"}
-
-
-def _touches_pynetdicom(use: str) -> bool:
-    return use.rsplit(": ", 1)[1] not in OUR_PRIVATE
 
 
 def test_the_package_follows_the_module_map() -> None:
@@ -119,6 +119,9 @@ def _broken_tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ("layout.py", "import scp.net.server\n", "scp/layout.py imports scp.net.server"),
         ("net/handlers.py", "def f(assoc):\n    return assoc.dul._run_loop_delay\n",
          "._run_loop_delay: a pynetdicom internal"),
+        ("pool.py", "from scp.net.status import SUCCESS\n", "scp/pool.py imports scp.net.status"),
+        ("config.py", "from scp.jobs import sort_file\n", "scp/config.py imports scp.jobs"),
+        ("dicom/header.py", "from scp.layout import Template\n", "scp/dicom/header.py imports scp.layout"),
     ],
 )
 def test_each_rule_fails_when_broken_on_purpose(tmp_path: Path, rel: str, text: str, expected: str) -> None:

@@ -65,6 +65,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from scp.dicom.meta import GROUP_LENGTH_HEADER, PREAMBLE
 from scp.dicom.walk import SPECIFIC_CHARACTER_SET, DatasetWalker, walk_file
 from scp.errors import NotDicomError, TruncatedError
 
@@ -80,10 +81,7 @@ DICOMDIR_SOP_CLASS = MediaStorageDirectoryStorage
 #: Bytes read in one go and parsed in memory.
 HEADER_PREFIX = 64 * 1024
 
-_PREAMBLE = 128
-_MAGIC = b"DICM"
-_META_START = _PREAMBLE + 4
-_GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
+_META_START = len(PREAMBLE)
 _FIRST_PIXEL_TAG = 0x7FE00008
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _TRANSFER_SYNTAX = 0x00020010
@@ -125,7 +123,7 @@ def wanted_tags(keywords: Iterable[str | int]) -> tuple[int, ...]:
 
 def has_dicm_prefix(head: bytes) -> bool:
     """True if `head` (the first 132 bytes or more) carries the Part 10 ``DICM``."""
-    return head[_PREAMBLE:_META_START] == _MAGIC
+    return head[_META_START - 4 : _META_START] == PREAMBLE[-4:]
 
 
 def read_header(
@@ -380,7 +378,7 @@ def _parse_meta(head: bytes, start: int) -> tuple[dict[BaseTag, RawDataElement],
     """The File Meta's raw elements and where the dataset starts in `head`, if
     the File Meta is regular: a group length first, then group 0002 elements
     that end exactly where it says, and no group 0002 element after."""
-    if head[_META_START : _META_START + 8] != _GROUP_LENGTH_HEADER or len(head) < 144:
+    if head[_META_START : _META_START + 8] != GROUP_LENGTH_HEADER or len(head) < 144:
         return None
     end = 144 + _UL_LE(head, 140)[0]
     if end > len(head):

@@ -29,8 +29,10 @@ import struct
 
 from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
+#: The 128-byte preamble and ``DICM``: where every Part 10 file starts.
 PREAMBLE = b"\x00" * 128 + b"DICM"
-_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+#: The header of (0002,0000) File Meta Information Group Length, UL, 4 bytes.
+GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
 
 
 def _element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
@@ -57,7 +59,7 @@ def file_meta_bytes(
     if aet:
         elements.append(_element(0x0016, b"AE", aet.encode("ascii", "replace"), b" "))
     body = b"".join(elements)
-    return PREAMBLE + _GROUP_LENGTH + struct.pack("<I", len(body)) + body
+    return PREAMBLE + GROUP_LENGTH_HEADER + struct.pack("<I", len(body)) + body
 
 
 def meta_end(head: bytes | bytearray) -> int | None:
@@ -68,7 +70,7 @@ def meta_end(head: bytes | bytearray) -> int | None:
     """
     if len(head) < 144:
         return None
-    if head[128:132] != b"DICM" or head[132:140] != _GROUP_LENGTH:
+    if head[128:132] != b"DICM" or head[132:140] != GROUP_LENGTH_HEADER:
         raise ValueError("not a Part 10 header with a File Meta group length")
     (length,) = struct.unpack("<I", head[140:144])
     end = 144 + length

@@ -18,26 +18,18 @@ from pynetdicom import evt
 
 from scp.config import ServeConfig
 from scp.enums import Result
-from scp.errors import NotDicomError, StoreError
+from scp.errors import NoDataset, NotDicomError, ReceiveFailed, StoreError
 from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
 from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from scp.pool import WorkerPool
-from scp.store.tmp import TMP_DIRNAME, remove_orphans, tmp_dir
+from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
 
 #: Sleep of pynetdicom's network thread between polls (its default: 1 ms).
 DUL_POLL_SECONDS = 0.0005
-
-
-class NoDataset(NotDicomError):
-    """A C-STORE request that carries no dataset: it can never succeed."""
-
-
-class ReceiveFailed(StoreError):
-    """The incoming dataset could not be written to the temporary area."""
 
 
 def status_for(exc: BaseException) -> int:
@@ -143,15 +135,6 @@ class StoreHandlers:
         # C-STORE round trip (0.8 s per 1000 instances from a sender that waits
         # for each response). 0.5 ms costs ~3 % of a core per idle association.
         _pynetdicom.set_poll_delay(event.assoc, DUL_POLL_SECONDS)
-        # pynetdicom writes incoming datasets into the temporary folder before
-        # any handler runs; if the output folder was removed or replaced, make
-        # it again so this association can store (the failure is logged once
-        # per association, with the instances it then cannot store).
-        try:
-            tmp_dir(self.cfg.out)
-        except OSError as exc:
-            log.error("cannot create the temporary folder in %s: %s", self.cfg.out, exc.strerror,
-                      extra={"event": "output_unwritable", "reason": exc.strerror})
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc

@@ -25,7 +25,7 @@ from typing import Any
 
 from scp.dicom.meta import file_meta_bytes, meta_end, meta_values
 from scp.net import _pynetdicom
-from scp.store.tmp import tmp_dir, tmp_prefix
+from scp.store.tmp import TMP_DIRNAME, tmp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,14 @@ class IncomingDataset:
         self._file: Any = None
         self._head: bytearray | None = bytearray()  # until the File Meta is complete
         self._folder = folder
+        kwargs["prefix"] = tmp_prefix("r")
+        kwargs["dir"] = folder
         try:
-            kwargs["prefix"] = tmp_prefix("r")
-            kwargs["dir"] = folder
-            self._file = tempfile.NamedTemporaryFile(**kwargs)
+            try:
+                self._file = tempfile.NamedTemporaryFile(**kwargs)
+            except FileNotFoundError:  # the output folder was removed: make it again, once
+                folder.mkdir(parents=True, exist_ok=True)
+                self._file = tempfile.NamedTemporaryFile(**kwargs)
             self.name: str = self._file.name
         except OSError as exc:
             # A name that does not exist, so that reading it fails.
@@ -130,14 +134,10 @@ class SinkFactory:
     (in its temporary area, made again if the folder was removed)."""
 
     def __init__(self, out: Path) -> None:
-        self.out = out
+        self.folder = out / TMP_DIRNAME
 
     def __call__(self, **kwargs: Any) -> IncomingDataset:
-        try:
-            folder = tmp_dir(self.out)
-        except OSError:
-            folder = self.out  # IncomingDataset fails and logs why
-        return IncomingDataset(folder, **kwargs)
+        return IncomingDataset(self.folder, **kwargs)
 
 
 def install(out: Path) -> None:

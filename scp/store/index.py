@@ -9,7 +9,7 @@ completed revision) for series-complete events and for ``ls``.
 
 The files stay the truth. The index can always be rebuilt from the tree
 (:func:`rebuild`), and is, when it is missing or behind (:func:`check`).
-This module imports only the standard library and :mod:`scp.errors`; it reads
+This module imports only the standard library, :mod:`scp.errors` and :mod:`scp._process`; it reads
 files (sizes, digests) but never creates, renames or removes a layout file:
 that is the caller's job (see :mod:`scp.store._prune` for removal).
 
@@ -166,6 +166,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
+from scp._process import UNKNOWN_START, start_time
 from scp.errors import InstanceIndexError
 
 #: Folder (inside the output root) that holds sortscp's state (the index).
@@ -359,28 +360,6 @@ def boot_id() -> str:
         return "unknown"
 
 
-def _proc_start(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a running `pid`; None if it is
-    not running (or a zombie); -1 if this system cannot tell (no /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return -1
-        return -1
-    fields = data.rpartition(b")")[2].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
 def owner_alive(owner: str | None) -> bool:
     """True if the process named by an owner token (``pid.start.seq``) runs."""
     if not owner:
@@ -390,10 +369,10 @@ def owner_alive(owner: str | None) -> bool:
         pid, start = int(pid_s), int(start_s)
     except ValueError:
         return False
-    now_start = _proc_start(pid)
+    now_start = start_time(pid)
     if now_start is None:
         return False
-    return now_start == -1 or start == -1 or now_start == start
+    return UNKNOWN_START in (now_start, start) or now_start == start
 
 
 def sha256_file(path: Path | str) -> str:
@@ -780,8 +759,8 @@ class SqliteIndex:
         self.root = Path(root)
         self.claim_timeout = claim_timeout
         self._pid = os.getpid()
-        start = _proc_start(self._pid)
-        self._start = -1 if start is None else start
+        start = start_time(self._pid)
+        self._start = UNKNOWN_START if start is None else start
         self._lock = threading.Lock()
         sdir = state_dir(self.root)
         path = sdir / INDEX_FILENAME
