@@ -104,7 +104,7 @@ def race(root: str, worker: int, uids: list[str], policy: str, barrier, results)
     """One of several processes storing the same UIDs under its own folder."""
     index = SqliteIndex(root)
     outcomes = {}
-    barrier.wait()
+    barrier.wait(60)
     for uid in uids:
         data = f"{uid} from worker {worker}".encode()
         outcomes[uid] = put(Path(root), index, uid, f"W{worker}/S/{uid}.dcm", data, policy=policy, durable=False)
@@ -139,7 +139,7 @@ def complete_race(root: str, kind: str, barrier, results) -> None:
     """Mark every stable series (or study) complete; report the ones we flipped."""
     index = SqliteIndex(root)
     won = []
-    barrier.wait()
+    barrier.wait(60)
     for _ in range(3):
         if kind == "series":
             for s in index.stable_series(10):

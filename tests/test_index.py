@@ -42,6 +42,26 @@ from scp.store.index import (
 )
 
 CTX = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def spawn():
+    """Start child processes that can never outlive the test: daemonic, and
+    killed at teardown if still alive (a child stuck at a barrier after its
+    sibling died would otherwise keep pytest from exiting)."""
+    kids: list = []
+
+    def start(target, *args):
+        kid = CTX.Process(target=target, args=args, daemon=True)
+        kid.start()
+        kids.append(kid)
+        return kid
+
+    yield start
+    for kid in kids:
+        if kid.is_alive():
+            kid.kill()
+        kid.join(10)
 DEAD = "999999999.1.1"  # beyond pid_max: a process that cannot exist
 
 
@@ -289,13 +309,12 @@ def test_recover_with_intended_file_mismatched_keeps_old(root, idx):
     assert_agree(root, idx)
 
 
-def test_sigkill_at_random_points_leaves_tree_and_index_in_agreement(root):
+def test_sigkill_at_random_points_leaves_tree_and_index_in_agreement(root, spawn):
     rng = random.Random(20261201)
     seen_pending = seen_obsolete = 0
     for round_ in range(20):
         ready = CTX.Event()
-        child = CTX.Process(target=churn, args=(str(root), round_, ready))
-        child.start()
+        child = spawn(churn, str(root), round_, ready)
         assert ready.wait(30), "child did not start"
         time.sleep(rng.uniform(0.005, 0.3))
         os.kill(child.pid, signal.SIGKILL)
@@ -321,12 +340,10 @@ def test_sigkill_at_random_points_leaves_tree_and_index_in_agreement(root):
 
 
 @pytest.mark.parametrize("policy", ["replace", "keep"])
-def test_four_processes_claim_the_same_uids(root, policy):
+def test_four_processes_claim_the_same_uids(root, policy, spawn):
     uids = [f"1.2.840.99.{i}" for i in range(40)]
     barrier, results = CTX.Barrier(4), CTX.Queue()
-    procs = [CTX.Process(target=race, args=(str(root), w, uids, policy, barrier, results)) for w in range(4)]
-    for p in procs:
-        p.start()
+    procs = [spawn(race, str(root), w, uids, policy, barrier, results) for w in range(4)]
     outcomes = dict(results.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(30)
@@ -349,16 +366,14 @@ def test_four_processes_claim_the_same_uids(root, policy):
 
 
 @pytest.mark.parametrize("kind", ["series", "study"])
-def test_mark_complete_exactly_once_across_two_processes(root, kind):
+def test_mark_complete_exactly_once_across_two_processes(root, kind, spawn):
     index = SqliteIndex(root)
     t0 = time.time() - 100
     for i in range(150):
         data = f"i{i}".encode()
         index.record_placed(f"5.{i}", f"P/S{i}/5.{i}.dcm", facts_for(data, series=f"7.{i}", study=f"8.{i % 50}"), now=t0)
     barrier, results = CTX.Barrier(2), CTX.Queue()
-    procs = [CTX.Process(target=complete_race, args=(str(root), kind, barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
+    procs = [spawn(complete_race, str(root), kind, barrier, results) for _ in range(2)]
     won = [results.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(30)
@@ -580,13 +595,11 @@ def test_clean_close_is_not_recorded_while_another_process_has_it_open(root):
     assert check(root) is None
 
 
-def test_sigkill_one_of_two_concurrent_workers_the_other_settles_its_intents(root):
+def test_sigkill_one_of_two_concurrent_workers_the_other_settles_its_intents(root, spawn):
     rng = random.Random(7)
     for round_ in range(8):
         ready = [CTX.Event(), CTX.Event()]
-        kids = [CTX.Process(target=churn, args=(str(root), 100 + 2 * round_ + k, ready[k])) for k in range(2)]
-        for kid in kids:
-            kid.start()
+        kids = [spawn(churn, str(root), 100 + 2 * round_ + k, ready[k]) for k in range(2)]
         assert all(r.wait(30) for r in ready)
         time.sleep(rng.uniform(0.01, 0.2))
         os.kill(kids[0].pid, signal.SIGKILL)  # the other goes on, meeting its intents
