@@ -19,7 +19,7 @@ from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from scp.errors import NotDicomError
+from scp.errors import NotDicomError, TruncatedError
 
 #: Tags read on top of the template's: they identify the instance.
 IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID")
@@ -45,6 +45,8 @@ _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 _PIXEL_DATA = (0x7FE0, 0x0010)
 #: Elements after the pixel data we look at before trusting the rest.
 _MAX_TRAILING_ELEMENTS = 256
+#: Top-level elements walked when the header parse itself reached the end of the file.
+_MAX_WALKED_ELEMENTS = 100_000
 #: Fragments of encapsulated pixel data we follow (one per frame, usually).
 _MAX_FRAGMENTS = 1_000_000
 
@@ -179,7 +181,7 @@ def check_complete(src: BinaryIO, ds: Dataset) -> None:
     ...     check_complete(f, read_header(f, ["PatientName"]))
     Traceback (most recent call last):
     ...
-    scp.errors.NotDicomError: truncated: ...
+    scp.errors.TruncatedError: truncated: ...
     """
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
@@ -188,20 +190,44 @@ def check_complete(src: BinaryIO, ds: Dataset) -> None:
     size = src.seek(0, os.SEEK_END)
     try:
         if pos > size:
-            raise NotDicomError(
+            raise TruncatedError(
                 f"truncated: the header runs past the end of the file ({size} bytes)"
+            )
+        start = _dataset_start(ds)
+        if start is not None and start >= size:
+            raise TruncatedError(
+                f"truncated: the file ({size} bytes) ends before its dataset begins "
+                f"(File Meta up to byte {start})"
             )
         implicit, little = ds.original_encoding
         if implicit is None or little is None:
+            return
+        if pos >= size and start is not None:
+            # The header parse reached the end of the file: pydicom accepts a last
+            # value shorter than its length says, so walk the elements themselves.
+            _check_elements(src, start, size, bool(implicit), bool(little), _MAX_WALKED_ELEMENTS)
             return
         _check_elements(src, pos, size, bool(implicit), bool(little))
     finally:
         src.seek(pos)
 
 
-def _check_elements(f: BinaryIO, pos: int, size: int, implicit: bool, little: bool) -> None:
+def _dataset_start(ds: Dataset) -> int | None:
+    """Where the dataset of a Part 10 file starts (after its File Meta), if known."""
+    meta = getattr(ds, "file_meta", None)
+    length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
+    try:
+        return _PREAMBLE + len(_MAGIC) + 12 + int(length) if length is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_elements(
+    f: BinaryIO, pos: int, size: int, implicit: bool, little: bool,
+    limit: int = _MAX_TRAILING_ELEMENTS,
+) -> None:
     endian = "<" if little else ">"
-    for _ in range(_MAX_TRAILING_ELEMENTS):
+    for _ in range(limit):
         if pos >= size:
             return
         f.seek(pos)
@@ -220,7 +246,7 @@ def _check_elements(f: BinaryIO, pos: int, size: int, implicit: bool, little: bo
             if vr in _LONG_VRS:
                 extra = f.read(4)
                 if len(extra) < 4:
-                    raise NotDicomError(f"truncated: element {_fmt(tag)} is cut off")
+                    raise TruncatedError(f"truncated: element {_fmt(tag)} is cut off")
                 (length,) = struct.unpack(endian + "L", extra)
                 pos += 12
             else:
@@ -233,7 +259,7 @@ def _check_elements(f: BinaryIO, pos: int, size: int, implicit: bool, little: bo
             continue
         pos += length
         if pos > size:
-            raise NotDicomError(
+            raise TruncatedError(
                 f"truncated: element {_fmt(tag)} declares {length} bytes, "
                 f"the file ends {pos - size} bytes short"
             )
@@ -246,7 +272,7 @@ def _skip_fragments(f: BinaryIO, pos: int, size: int, endian: str) -> int:
         f.seek(pos)
         head = f.read(8)
         if len(head) < 8:
-            raise NotDicomError("truncated: the encapsulated pixel data is cut off")
+            raise TruncatedError("truncated: the encapsulated pixel data is cut off")
         group, element, length = struct.unpack(endian + "HHL", head)
         pos += 8
         if (group, element) == _SEQUENCE_DELIMITER:
@@ -255,7 +281,7 @@ def _skip_fragments(f: BinaryIO, pos: int, size: int, endian: str) -> int:
             return size  # not the layout we expect: don't guess
         pos += length
         if pos > size:
-            raise NotDicomError(
+            raise TruncatedError(
                 f"truncated: a pixel data fragment declares {length} bytes, "
                 f"the file ends {pos - size} bytes short"
             )
@@ -264,7 +290,7 @@ def _skip_fragments(f: BinaryIO, pos: int, size: int, endian: str) -> int:
 
 def _truncated_unless_padding(rest: bytes, size: int) -> None:
     if rest.strip(b"\0"):
-        raise NotDicomError(f"truncated: the file ends inside an element header ({size} bytes)")
+        raise TruncatedError(f"truncated: the file ends inside an element header ({size} bytes)")
 
 
 def _fmt(tag: tuple[int, int]) -> str:
