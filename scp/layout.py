@@ -223,11 +223,11 @@ def _value_text(value: Any, spec: str) -> str:
         while groups and not groups[-1]:
             groups.pop()
         value = "=".join(groups)
-        return _format(value, spec) if spec and value else value
+        return _format(value, spec).strip() if spec and value else value
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace").strip("\x00 ")
     if spec:
-        return _format(value, spec)
+        return _format(value, spec).strip()
     return str(value).strip()
 
 
