@@ -40,6 +40,7 @@ class Placement(str, enum.Enum):
     REPLACED = "replaced"  #: different bytes were atomically replaced
     IDENTICAL = "identical"  #: the same bytes were already there
     KEPT_EXISTING = "kept_existing"  #: different bytes were there and were kept
+    DEFERRED = "deferred"  #: sort: other bytes hold the name; named after the walk (~N)
 
 
 class Result(str, enum.Enum):
