@@ -26,3 +26,15 @@ class OutsideRootError(StoreError):
 class TruncatedError(NotDicomError):
     """A dataset ends before its elements say, or leaves a sequence, an item or
     encapsulated pixel data unclosed: a fragment, not an instance."""
+
+
+class DestinationLockedError(SortscpError):
+    """Another ``sortscp sort`` holds the lock on the destination folder."""
+
+
+class Interrupted(SortscpError):
+    """A run was stopped by SIGINT or SIGTERM after it had drained and cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum

@@ -147,6 +147,11 @@ def place_at(
     _finish_move(src, name, mode, batch, identical=False)
 
 
+def place_identical(src: Path, name: Path, mode: Mode) -> None:
+    """`name` already holds the bytes of `src` as a real file: a move removes `src`."""
+    _finish_move(src, name, mode, None, identical=True)
+
+
 def rename_within(old: Path, new: Path) -> None:
     """Give the file at `old` the free name `new` too (a hard link of the entry
     itself, so a symbolic link stays one), flushed; `old` keeps it until replaced."""

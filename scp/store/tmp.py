@@ -19,6 +19,8 @@ from scp.errors import StoreError
 
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
+#: Folder (inside the output root) for sort's state: its lock (``sort.lock``).
+STATE_DIRNAME = ".sortscp"
 
 
 def tmp_prefix(kind: str) -> str:
