@@ -204,7 +204,7 @@ def sort(
     try:
         parsed = Template.parse(template)
     except TemplateError as exc:
-        raise _one_line_usage_error(str(exc)) from None
+        raise _one_line_usage_error(f"invalid --template: {exc}") from None
     if report is not None and report.suffix.lower() not in REPORT_FORMATS:
         raise _one_line_usage_error(
             f"--report {report}: unknown extension {report.suffix or '(none)'!r}; "

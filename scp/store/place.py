@@ -49,8 +49,8 @@ def place(
     With `dry_run`, the answer is computed the same way and nothing is touched.
     """
     final = destination(root, rel)
-    if mode is Mode.MOVE and _same_entry(src, final):
-        return final, Placement.IDENTICAL  # already its own destination
+    if _same_entry(src, final):
+        return final, Placement.IDENTICAL  # already its own destination (sorting in place)
     if on_conflict is not Duplicate.BOTH:
         raise ValueError("sort keeps both files: on_conflict must be Duplicate.BOTH")
     for attempt in range(2):  # a second look if another process took the name meanwhile
@@ -87,8 +87,8 @@ def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
     for candidate in candidates(final, Duplicate.BOTH):
         if not os.path.lexists(candidate):
             return None
-        if mode is Mode.MOVE and _same_entry(src, candidate):
-            return candidate, _IDENTICAL  # e.g. ``<uid>~2.dcm`` sorted in place
+        if _same_entry(src, candidate):
+            return candidate, _IDENTICAL  # its own destination, e.g. sorting in place
         if mode is Mode.SYMLINK:
             if os.path.islink(candidate) and os.readlink(candidate) == os.path.abspath(src):
                 return candidate, _IDENTICAL
