@@ -22,7 +22,7 @@ from scp.config import ServeConfig
 from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
 from scp.dicom.reader import read_header
 from scp.net.server import Server
-from scp.store.tmp import TMP_DIRNAME
+from scp.store.tmp import STATE_DIRNAME, TMP_DIRNAME
 
 #: pynetdicom refuses to propose more presentation contexts in one association.
 MAX_CONTEXTS = 128
@@ -121,7 +121,8 @@ def send_datasets(port: int, datasets: list[Dataset], calling: str = CALLING_AET
 def layout_files(out: Path) -> list[Path]:
     """Every file in the layout (the temporary folder excluded)."""
     return sorted(
-        p for p in out.rglob("*") if p.is_file() and TMP_DIRNAME not in p.relative_to(out).parts
+        p for p in out.rglob("*")
+        if p.is_file() and not {TMP_DIRNAME, STATE_DIRNAME} & set(p.relative_to(out).parts)
     )
 
 
