@@ -171,59 +171,99 @@ def serve(
     raise typer.Exit(code)
 
 
-@app.command()
+#: Exit status of ``sort`` when another sort holds the lock on DST (EX_TEMPFAIL).
+EXIT_LOCKED = 75
+
+
+def _one_line_usage_error(message: str) -> typer.Exit:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+@app.command(
+    epilog="\b\nThe default template (--template):\n  " + DEFAULT_TEMPLATE
+    + "\n\b\nExit status: 0 every DICOM file is in place (the rest skipped, each with\n"
+    "its reason), 1 an entry failed (listed in the report), 2 usage error,\n"
+    "75 another sort is writing into DST, 130 interrupted (SIGINT), 143 SIGTERM.",
+)
 def sort(
     src: Annotated[Path, typer.Argument(exists=True, file_okay=False, readable=True, help="Folder to read (walked recursively).")],
     dst: Annotated[Path, typer.Argument(file_okay=False, help="Folder to fill with the layout (may be SRC itself).")],
-    mode: Annotated[Mode, typer.Option("--mode", "-m", help="copy keeps timestamps; move removes a source only once stored and flushed.")] = Mode.COPY,
-    template: TemplateOpt = DEFAULT_TEMPLATE,  # type: ignore[assignment]
+    mode: Annotated[Mode, typer.Option("--mode", "-m", help="copy keeps timestamps; move removes a source only once a real file with its bytes is stored and flushed.")] = Mode.COPY,
+    template: Annotated[str, typer.Option("--template", "-t", metavar="TEMPLATE", show_default=False, help="Path template of DICOM keywords or tag numbers ({00100020}, {0010,0020}), with optional format specs ({SeriesNumber:04}, {PatientName:.8}). The file name must contain {SOPInstanceUID}. Default: see below.")] = DEFAULT_TEMPLATE,
     workers: WorkersOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (source -> destination); touch nothing.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", dir_okay=False, help="Write one row per file: source, destination, outcome, reason. CSV, or JSON lines if the name ends in .json/.jsonl.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (source -> destination), looking at DST as the real run does; touch nothing.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", dir_okay=False, help="Write one row per entry of SRC: source, destination, outcome, reason, category, source_b64. CSV (.csv), or JSON lines (.json, .jsonl, .ndjson).")] = None,
     fsync: Annotated[bool, typer.Option("--fsync", help="Flush every copied file to disk before naming it (move mode always does).")] = False,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Sort the files symbolic links point to (each target once; loops are detected). Without it, links are skipped and reported.")] = False,
     log_level: LogLevelOpt = "WARNING",
 ) -> None:
-    """Re-sort an existing folder of DICOM files into the layout, in parallel.
+    """Re-sort an existing folder of DICOM files into the layout, in parallel."""
+    from scp.errors import DestinationLockedError, Interrupted
+    from scp.sort import REPORT_FORMATS, sort_tree, text
 
-    Exit status: 0 when every DICOM file is in place, 1 when any failed, 2 for usage errors.
-    """
-    from scp.sort import sort_tree
-
+    try:
+        parsed = Template.parse(template)
+    except TemplateError as exc:
+        raise _one_line_usage_error(f"invalid --template: {exc}") from None
+    if report is not None and report.suffix.lower() not in REPORT_FORMATS:
+        raise _one_line_usage_error(
+            f"--report {report}: unknown extension {report.suffix or '(none)'!r}; "
+            f"use one of {', '.join(REPORT_FORMATS)}"
+        )
     setup_logging(log_level)
     cfg = SortConfig(
-        src=src, dst=dst, template=template, mode=mode,
+        src=src, dst=dst, template=parsed, mode=mode,
         workers=workers or config.default_workers(), dry_run=dry_run, fsync=fsync, report=report,
+        follow_symlinks=follow_symlinks,
     )
     out = Console()
+
+    def plain(line: str) -> None:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
     with _SortProgress(err, bar=err.is_terminal, quiet=dry_run) as progress:
 
         def on_outcome(o: Outcome) -> None:
             progress.advance(o)
             if o.result is Result.FAILED:
-                progress.print(f"failed: {o.source}: {o.reason}")
-            elif o.result is Result.PLANNED:
-                out.print(f"{o.source} -> {dst / o.destination}", markup=False, highlight=False, soft_wrap=True)
+                progress.print(f"failed: {text(o.source)}: {text(o.reason)}")
+            elif dry_run and o.result in (Result.PLANNED, Result.KEPT_AS_COPY):
+                plain(f"{text(o.source)} -> {text(str(dst / o.destination))}")
 
+        def on_rename(old: str, new: str) -> None:
+            if dry_run:
+                plain(f"(the file planned at {text(str(dst / old))} goes to "
+                      f"{text(str(dst / new))}: a file with a smaller SHA-256 claims the name)")
+
+        stopped = None
         try:
             result = sort_tree(
-                cfg, on_outcome, on_total=progress.set_total if progress.bar else None
+                cfg, on_outcome, on_total=progress.set_total if progress.bar else None,
+                on_rename=on_rename,
             )
+        except DestinationLockedError as exc:
+            stopped = (EXIT_LOCKED, str(exc))
+        except Interrupted as exc:
+            stopped = (128 + exc.signum, _INTERRUPTED)
         except KeyboardInterrupt:
-            err.print(
-                "interrupted: files already placed are complete; "
-                "run the same command again to finish",
-                markup=False, highlight=False, soft_wrap=True,
-            )
-            raise typer.Exit(130) from None
+            stopped = (130, _INTERRUPTED)
         except OSError as exc:
             what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
-            err.print(f"error: {what}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            stopped = (2, f"error: {text(str(what))}")
+    if stopped is not None:
+        err.print(stopped[1], markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped[0])
     err.print(
         f"{'planned' if dry_run else 'done'}: {result.summary()}",
         markup=False, highlight=False, soft_wrap=True,
     )
     raise typer.Exit(result.exit_code)
+
+
+_INTERRUPTED = (
+    "interrupted: files already placed are complete; run the same command again to finish"
+)
 
 
 class _SortProgress:

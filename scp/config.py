@@ -72,6 +72,7 @@ class SortConfig:
     dry_run: bool = False
     fsync: bool = False
     report: Path | None = None
+    follow_symlinks: bool = False
 
 
 @dataclass(frozen=True)

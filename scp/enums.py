@@ -40,13 +40,31 @@ class Placement(str, enum.Enum):
     REPLACED = "replaced"  #: different bytes were atomically replaced
     IDENTICAL = "identical"  #: the same bytes were already there
     KEPT_EXISTING = "kept_existing"  #: different bytes were there and were kept
+    DEFERRED = "deferred"  #: sort: other bytes hold the name; named after the walk (~N)
 
 
 class Result(str, enum.Enum):
-    """What happened to one file or received instance (a row of the report)."""
+    """What happened to one file or received instance (a row of the report).
 
-    STORED = "stored"  #: now in the layout (new, replaced, or kept beside an older one)
-    ALREADY = "already"  #: the same bytes were already at the destination
+    ``sort`` reports every entry of SRC with one of these; a ``skipped`` row
+    also carries a :class:`SkipCategory`.
+    """
+
+    NEW = "new"  #: now in the layout under a name that was free
+    REPLACED = "replaced"  #: now in the layout, where a link or other bytes were before
+    ALREADY = "already"  #: the same bytes were already at the destination (a real file)
+    KEPT_AS_COPY = "kept_as_copy"  #: other bytes hold the name: kept beside it as <stem>~N<ext>
     PLANNED = "planned"  #: --dry-run: would be stored there
-    SKIPPED = "skipped"  #: not a DICOM instance; left where it was
-    FAILED = "failed"  #: a DICOM instance that could not be stored; the reason says why
+    SKIPPED = "skipped"  #: not an instance (see SkipCategory); left where it was
+    FAILED = "failed"  #: could not be stored or read; the reason says why
+    STORED = "new"  #: alias of NEW (the name serve's code uses)
+
+
+class SkipCategory(str, enum.Enum):
+    """Why ``sort`` left an entry of SRC alone (the report's ``category``)."""
+
+    NOT_DICOM = "not_dicom"  #: text, image, DICOMDIR, empty ...
+    TRUNCATED = "truncated"  #: a fragment: the dataset ends before its elements say
+    SYMLINK = "symlink"  #: a symbolic link not followed (or a loop, dangling, seen already)
+    SPECIAL = "special"  #: a FIFO, socket or device
+    GONE = "gone"  #: listed, then removed by someone else before it was read

@@ -41,3 +41,15 @@ class InstanceIndexError(StoreError):
     asked: a UID held too long by another live process, a claim lost, an index
     that is missing, stale or in use by a rebuild. A store that meets it is a
     failure (0xA700), never a Success."""
+
+
+class DestinationLockedError(SortscpError):
+    """Another ``sortscp sort`` holds the lock on the destination folder."""
+
+
+class Interrupted(SortscpError):
+    """A run was stopped by SIGINT or SIGTERM after it had drained and cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum

@@ -33,13 +33,14 @@ Examples
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -156,6 +157,7 @@ def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Fie
         raise TemplateError(f"conversions like '!{conversion}' are not supported: {text!r}")
     if not name:
         raise TemplateError(f"empty '{{}}' in template {text!r}: name a DICOM keyword")
+    name = _keyword_of_tag_number(name, text)
     tag = tag_for_keyword(name) if name.isidentifier() else None
     if tag is None:
         raise TemplateError(f"unknown DICOM keyword {name!r} in template {text!r}")
@@ -173,6 +175,26 @@ def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Fie
         else:
             raise TemplateError(f"invalid format spec {spec!r} for {name} in {text!r}")
     return Field(name, spec)
+
+
+#: A tag number as dcm4che writes it: ``00100020``, ``0010,0020`` or ``(0010,0020)``.
+_TAG_NUMBER = re.compile(r"\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?")
+
+
+def _keyword_of_tag_number(name: str, text: str) -> str:
+    """The keyword of a field written as a tag number (e.g. ``0010,0020`` ->
+    ``PatientID``); any other name is returned as it is."""
+    match = _TAG_NUMBER.fullmatch(name)
+    if match is None:
+        return name
+    tag = int(match.group(1) + match.group(2), 16)
+    keyword = keyword_for_tag(tag)
+    if not keyword:
+        raise TemplateError(
+            f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) in template {text!r} is not in the "
+            "DICOM dictionary (private and unknown tags cannot name a folder)"
+        )
+    return keyword
 
 
 def render_value(ds: Dataset, keyword: str, spec: str = "") -> str:
@@ -200,7 +222,8 @@ def _value_text(value: Any, spec: str) -> str:
         groups = [g.rstrip("^").strip() for g in str(value).split("=")]
         while groups and not groups[-1]:
             groups.pop()
-        return "=".join(groups)
+        value = "=".join(groups)
+        return _format(value, spec).strip() if spec and value else value
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace").strip("\x00 ")
     if spec:
@@ -209,6 +232,10 @@ def _value_text(value: Any, spec: str) -> str:
 
 
 def _format(value: Any, spec: str) -> str:
+    """`value` formatted with `spec`: as a number when it reads as one and the
+    spec suits numbers (``{SeriesNumber:04}``), else as text (``{PatientName:.3}``)."""
+    if isinstance(value, str):
+        value = value.strip()
     candidates = [value]
     if isinstance(value, str):
         for convert in (int, float):

@@ -1,32 +1,44 @@
 """``sortscp sort``: re-sort an existing tree into the layout, in parallel.
 
 The source tree is walked lazily (a million files are never listed into
-memory); batches of paths go to the worker pool with a bounded number in
-flight; each worker reads only the header and places the file with
-:func:`scp.store.place.place`. The parent collects :class:`Outcome` s into a
+memory); every entry is accounted for: regular files go in batches to the
+worker pool with a bounded number in flight, links (unless followed), special
+files and unreadable folders become report rows at once. Each worker reads
+only the header and places the file with :func:`scp.store.place.place`. Files
+whose name holds other bytes are named after the walk
+(:func:`scp.jobs.sort_claims`), so ``~N`` never depends on scheduling. The
+parent holds a lock on DST, collects :class:`Outcome` s into a
 :class:`Report`, writes the optional per-file report and advances the
-progress callback.
+progress callback. SIGINT and SIGTERM drain the work in flight and stop.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
-import itertools
+import errno
+import fcntl
 import json
 import logging
 import os
+import signal
+import stat
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
 from scp.config import SortConfig
-from scp.enums import Mode, Result
-from scp.jobs import sort_files
+from scp.enums import Mode, Result, SkipCategory
+from scp.errors import DestinationLockedError, Interrupted
+from scp.jobs import Deferred, Item, sort_claims, sort_files
 from scp.pool import WorkerPool
 from scp.report import Outcome, Report
+from scp.store.fsops import same_content
+from scp.store.index import STATE_DIRNAME
 from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -35,36 +47,83 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 32
 #: Batches in flight per worker: enough to keep every worker busy, no more.
 INFLIGHT_PER_WORKER = 4
+#: The lock file, in ``DST/.sortscp/``.
+LOCK_NAME = "sort.lock"
+#: Report file name endings, and whether each is JSON lines.
+REPORT_FORMATS = {".csv": False, ".json": True, ".jsonl": True, ".ndjson": True}
+#: How often the parent looks at the stop flag while it waits for workers.
+POLL_SECONDS = 0.2
 
 ProgressFn = Callable[[Outcome], None]
+Entry = Item | Outcome
+_OUR_FOLDERS = frozenset({TMP_DIRNAME, STATE_DIRNAME})
 
 
-def iter_files(
-    src: Path, skip: Path | None = None, *, changed_before_ns: int | None = None
-) -> Iterator[str]:
-    """Yield the regular files under `src`, lazily, in a stable order.
+def text(path: str) -> str:
+    """`path` as valid UTF-8 text: undecodable bytes (carried as surrogates)
+    become ``\\xNN``. Used for the report, the log and the terminal."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
-    `skip` (the destination, when it lies inside `src`) and our temporary
-    folders are not entered. Symbolic links are not followed. With
-    `changed_before_ns`, files whose inode changed after that moment (our own
-    output, when sorting a tree in place) are passed over.
+
+# --- the walk ---------------------------------------------------------------------
+
+
+def iter_entries(
+    src: Path,
+    skip: Path | None = None,
+    *,
+    changed_before_ns: int | None = None,
+    follow_symlinks: bool = False,
+) -> Iterator[Entry]:
+    """Every entry under `src`, lazily, in a stable order (names sorted, depth first).
+
+    Regular files come as ``(path, via_link)`` items to sort; everything else as
+    an :class:`Outcome`: symbolic links not followed, FIFOs, sockets and devices
+    are ``skipped`` (category ``symlink`` / ``special``), a folder that cannot
+    be read (permissions, a path too long) is ``failed``. `skip` (the
+    destination, when it lies inside `src`) and our own folders are not
+    entered. With `follow_symlinks`, links to files and folders are followed
+    once each: the (st_dev, st_ino) of every folder entered and every file
+    yielded is remembered, so loops end and a target is sorted once.
+    With `changed_before_ns`, files whose inode changed after that moment (our
+    own output, when sorting a tree in place) are passed over.
     """
     skip_real = os.path.realpath(skip) if skip is not None else None
     skip_inode = os.stat(skip_real).st_ino if skip_real and os.path.isdir(skip_real) else None
-    stack = [os.fspath(src)]
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    if follow_symlinks:
+        st = os.stat(src)
+        seen_dirs.add((st.st_dev, st.st_ino))
+    stack: list[tuple[str, bool]] = [(os.fspath(src), False)]
     while stack:
-        folder = stack.pop()
+        folder, via_link = stack.pop()
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            log.warning("cannot read folder %s: %s", folder, exc.strerror)
+            yield Outcome(Result.FAILED, folder, "", f"cannot read this folder: {exc.strerror}")
             continue
         subfolders = []
         for entry in entries:
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    if entry.name == TMP_DIRNAME:
+                if entry.is_symlink():
+                    if not follow_symlinks:
+                        yield _link_skipped(entry.path)
+                        continue
+                    found = _follow(entry.path, seen_dirs, seen_files)
+                    if isinstance(found, Outcome):
+                        yield found
+                    elif found == "dir":
+                        subfolders.append((entry.path, True))
+                    else:
+                        yield (entry.path, True)
+                elif entry.is_dir(follow_symlinks=False):
+                    if entry.name in _OUR_FOLDERS:
                         continue
                     if (
                         skip_real is not None
@@ -72,20 +131,103 @@ def iter_files(
                         and os.path.realpath(entry.path) == skip_real
                     ):
                         continue
-                    subfolders.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    if changed_before_ns is not None:
-                        if entry.stat(follow_symlinks=False).st_ctime_ns >= changed_before_ns:
+                    if follow_symlinks:
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) in seen_dirs:
                             continue
-                    yield entry.path
-            except OSError:
-                continue
+                        seen_dirs.add((st.st_dev, st.st_ino))
+                    subfolders.append((entry.path, via_link))
+                elif entry.is_file(follow_symlinks=False):
+                    if changed_before_ns is not None or follow_symlinks:
+                        st = entry.stat(follow_symlinks=False)
+                        if changed_before_ns is not None and st.st_ctime_ns >= changed_before_ns:
+                            continue
+                        if follow_symlinks:
+                            if (st.st_dev, st.st_ino) in seen_files:
+                                yield _seen(entry.path)
+                                continue
+                            seen_files.add((st.st_dev, st.st_ino))
+                    yield (entry.path, via_link)
+                else:
+                    yield _special(entry.path, entry.stat(follow_symlinks=False).st_mode)
+            except FileNotFoundError:
+                yield Outcome(Result.SKIPPED, entry.path, "", "removed by someone else before it "
+                              "was sorted", category=SkipCategory.GONE.value)
+            except OSError as exc:
+                yield Outcome(Result.FAILED, entry.path, "", f"cannot look at it: {exc.strerror}")
         stack.extend(reversed(subfolders))
 
 
-def count_files(src: Path, skip: Path | None = None) -> int:
-    """How many files :func:`iter_files` will yield (for a progress total)."""
-    return sum(1 for _ in iter_files(src, skip))
+def _link_skipped(path: str) -> Outcome:
+    target = os.readlink(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        what = f"a dangling symbolic link (to {target})"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            what = f"a symbolic link loop (to {target})"
+        else:
+            what = f"a symbolic link (to {target}) that cannot be followed: {exc.strerror}"
+    else:
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "file"
+        what = f"a symbolic link to a {kind} ({target}); not followed (see --follow-symlinks)"
+    return Outcome(Result.SKIPPED, path, "", what, category=SkipCategory.SYMLINK.value)
+
+
+def _follow(
+    path: str, seen_dirs: set[tuple[int, int]], seen_files: set[tuple[int, int]]
+) -> str | Outcome:
+    """Where a followed link leads: ``"dir"`` or ``"file"`` to walk or sort, or
+    the Outcome that says why not (dangling, a loop, seen already, special)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _link_skipped(path)
+    key = (st.st_dev, st.st_ino)
+    if stat.S_ISDIR(st.st_mode):
+        if key in seen_dirs:
+            return Outcome(Result.SKIPPED, path, "", f"a symbolic link to a folder walked "
+                           f"already ({os.readlink(path)})", category=SkipCategory.SYMLINK.value)
+        seen_dirs.add(key)
+        return "dir"
+    if stat.S_ISREG(st.st_mode):
+        if key in seen_files:
+            return _seen(path)
+        seen_files.add(key)
+        return "file"
+    return _special(path, st.st_mode)
+
+
+def _seen(path: str) -> Outcome:
+    return Outcome(Result.SKIPPED, path, "", "the same file as one sorted already under "
+                   "another name", category=SkipCategory.SYMLINK.value)
+
+
+def _special(path: str, mode: int) -> Outcome:
+    if stat.S_ISFIFO(mode):
+        what = "a FIFO (named pipe)"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        what = "a device"
+    else:
+        what = "not a regular file"
+    return Outcome(Result.SKIPPED, path, "", what, category=SkipCategory.SPECIAL.value)
+
+
+def iter_files(
+    src: Path, skip: Path | None = None, *, changed_before_ns: int | None = None
+) -> Iterator[str]:
+    """The regular files :func:`iter_entries` yields (links not followed)."""
+    for entry in iter_entries(src, skip, changed_before_ns=changed_before_ns):
+        if isinstance(entry, tuple):
+            yield entry[0]
+
+
+def count_entries(src: Path, skip: Path | None = None, follow_symlinks: bool = False) -> int:
+    """How many entries :func:`iter_entries` will yield (for a progress total)."""
+    return sum(1 for _ in iter_entries(src, skip, follow_symlinks=follow_symlinks))
 
 
 def _dst_inside_src(cfg: SortConfig) -> bool:
@@ -93,28 +235,96 @@ def _dst_inside_src(cfg: SortConfig) -> bool:
     return dst == src or dst.startswith(src.rstrip(os.sep) + os.sep)
 
 
+# --- the lock and the signals ---------------------------------------------------------
+
+
+def lock_destination(dst: Path) -> int:
+    """Take ``DST/.sortscp/sort.lock`` (``flock``, not waiting) and write our PID
+    in it; return its descriptor (the lock lasts while it is open).
+
+    Raises :class:`DestinationLockedError` if another sort holds it.
+    """
+    state = dst / STATE_DIRNAME
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DestinationLockedError(
+            f"another sortscp sort is writing into {text(os.fspath(dst))} (pid {pid}); "
+            "try again when it has finished"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; a second signal raises KeyboardInterrupt (stop now)."""
+
+    signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+@contextmanager
+def _signals(stop: _Stop) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+# --- the run ----------------------------------------------------------------------
+
+
 def sort_tree(
     cfg: SortConfig,
     on_progress: ProgressFn | None = None,
     on_total: Callable[[int], None] | None = None,
+    on_rename: Callable[[str, str], None] | None = None,
 ) -> Report:
-    """Sort every file under ``cfg.src`` into ``cfg.dst``; return the :class:`Report`.
+    """Sort every entry under ``cfg.src`` into ``cfg.dst``; return the :class:`Report`.
 
     `on_progress` is called with each :class:`Outcome`; `on_total`, if given, is
-    called once with the number of files, counted by a background thread while
-    the sorting has already begun.
+    called once with the number of entries, counted by a background thread while
+    the sorting has already begun; `on_rename(old, new)` when a file placed at a
+    plain name during the walk moves to its ``~N`` (see :func:`scp.jobs.sort_claims`).
+
+    Raises :class:`DestinationLockedError` if another sort writes into DST, and
+    :class:`Interrupted` after a SIGINT/SIGTERM once the work in flight is done.
     """
     report = Report()
     in_place = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
     skip = cfg.dst if _dst_inside_src(cfg) and not in_place else None
     emptied: set[str] = set()
+    deferred: dict[str, list[Deferred]] = {}
+    planned: dict[str, str] = {}  # dry run: plain name -> the source planned there
+    stop = _Stop()
 
     with ExitStack() as stack:
         # The report file first: a bad --report path fails before DST is touched.
         writer = stack.enter_context(_ReportWriter(cfg.report, cfg.dst)) if cfg.report else None
-        changed_before_ns = None
+        changed_before_ns = started_ns = None
         if not cfg.dry_run:
-            cfg.dst.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = lock_destination(cfg.dst)
+            except DestinationLockedError:
+                if writer is not None:
+                    writer.discard()
+                raise
+            stack.callback(os.close, lock)
+            started_ns = os.fstat(lock).st_ctime_ns  # the file system's clock, now
             removed = remove_orphans(cfg.dst / TMP_DIRNAME)  # left by an interrupted run
             if removed:
                 log.info("removed %d temporary files left by an interrupted run", removed)
@@ -122,56 +332,151 @@ def sort_tree(
                 # Our own output appears in the tree being walked: pass over every
                 # file changed after this moment, measured by the file system's clock.
                 changed_before_ns = fs_clock_ns(cfg.dst)
-        paths = iter_files(cfg.src, skip, changed_before_ns=changed_before_ns)
+        entries = iter_entries(
+            cfg.src, skip, changed_before_ns=changed_before_ns,
+            follow_symlinks=cfg.follow_symlinks,
+        )
         if on_total is not None:
             threading.Thread(
-                target=lambda: on_total(count_files(cfg.src, skip)), name="count", daemon=True
+                target=lambda: on_total(count_entries(cfg.src, skip, cfg.follow_symlinks)),
+                name="count", daemon=True,
             ).start()
-        pool = stack.enter_context(WorkerPool(cfg.workers))
-        pending: dict[Future, list[str]] = {}
+        stack.enter_context(_signals(stop))
+        pool = WorkerPool(cfg.workers)
+        pending: dict[Future, list[Item]] = {}
+
+        def emit(outcome: Outcome) -> None:
+            report.add(outcome)
+            if writer:
+                writer.write(outcome)
+            log.debug("%s", _log_line(outcome, cfg.dst))
+            if cfg.mode is Mode.MOVE and outcome.result in (
+                Result.NEW, Result.REPLACED, Result.ALREADY, Result.KEPT_AS_COPY
+            ):
+                emptied.add(os.path.dirname(outcome.source))
+            if on_progress:
+                on_progress(outcome)
+
+        def take(result: Outcome | Deferred) -> None:
+            if isinstance(result, Deferred):
+                deferred.setdefault(result.rel, []).append(result)
+                return
+            if cfg.dry_run and result.result is Result.PLANNED:
+                first = planned.setdefault(result.destination, result.source)
+                if first != result.source:  # two files of this run planned at one name
+                    if not same_content(Path(first), Path(result.source)):
+                        deferred.setdefault(result.destination, []).append(
+                            Deferred(result.source, result.destination))
+                        return
+                    result = Outcome(Result.ALREADY, result.source, result.destination,
+                                     f"the same bytes as {text(first)}, planned there",
+                                     result.nbytes)
+            emit(result)
 
         def collect(future: Future) -> None:
             try:
-                outcomes = future.result()
+                results = future.result()
             except Exception as exc:  # a worker died: every file of the batch failed
-                outcomes = [
+                results = [
                     Outcome(Result.FAILED, p, "", f"worker failed: {exc!r}")
-                    for p in pending[future]
+                    for p, _ in pending[future]
                 ]
-            for outcome in outcomes:
-                report.add(outcome)
-                if writer:
-                    writer.write(outcome)
-                if cfg.mode is Mode.MOVE and outcome.result in (Result.STORED, Result.ALREADY):
-                    emptied.add(os.path.dirname(outcome.source))
-                if on_progress:
-                    on_progress(outcome)
+            for result in results:
+                take(result)
 
-        limit = pool.workers * INFLIGHT_PER_WORKER
-        while True:
-            batch = list(itertools.islice(paths, BATCH_SIZE))
-            if not batch:
-                break
-            future = pool.submit(sort_files, batch, cfg)
-            pending[future] = batch
-            for f in _completed(pending, keep=limit - 1):
-                collect(f)
-        for f in _completed(pending):
-            collect(f)
+        try:
+            limit = pool.workers * INFLIGHT_PER_WORKER
+            batch: list[Item] = []
+            for entry in itertools_chain(entries, stop):
+                if isinstance(entry, Outcome):
+                    take(entry)
+                    continue
+                batch.append(entry)
+                if len(batch) < BATCH_SIZE:
+                    continue
+                _submit(pool, pending, batch, cfg)
+                batch = []
+                _drain(pending, collect, stop, keep=limit - 1)
+            if batch and stop.signum is None:
+                _submit(pool, pending, batch, cfg)
+            if stop.signum is not None:
+                for f in list(pending):
+                    if f.cancel():
+                        del pending[f]
+            _drain(pending, collect, None)
+            if stop.signum is None:
+                for rel in sorted(deferred):
+                    if stop.signum is not None:
+                        break
+                    outcomes, renamed = sort_claims(
+                        rel, deferred[rel], cfg, started_ns, planned.get(rel))
+                    if renamed is not None:
+                        _renamed(rel, renamed, report, writer, cfg, on_rename)
+                    for outcome in outcomes:
+                        emit(outcome)
+        finally:
+            pool.close(wait=True)
+            if not cfg.dry_run:
+                remove_orphans(cfg.dst / TMP_DIRNAME)  # those of our workers, if any died
 
     if cfg.mode is Mode.MOVE and not cfg.dry_run:
         _remove_emptied(emptied, cfg.src, cfg.dst)
+    if stop.signum is not None:
+        raise Interrupted(stop.signum)
     return report
 
 
-def _completed(pending: dict[Future, list[str]], keep: int = 0) -> Iterator[Future]:
-    """Yield futures as they finish (removing each from `pending` once the caller
-    is done with it) until at most `keep` are left."""
+def itertools_chain(entries: Iterator[Entry], stop: _Stop) -> Iterator[Entry]:
+    """`entries` until a stop is asked for."""
+    for entry in entries:
+        if stop.signum is not None:
+            return
+        yield entry
+
+
+def _submit(pool: WorkerPool, pending: dict[Future, list[Item]], batch: list[Item],
+            cfg: SortConfig) -> None:
+    pending[pool.submit(sort_files, batch, cfg)] = batch
+
+
+def _drain(
+    pending: dict[Future, list[Item]], collect: Callable[[Future], None],
+    stop: _Stop | None, keep: int = 0,
+) -> None:
+    """Collect finished batches until at most `keep` are in flight (or a stop is
+    asked for: then the caller cancels and drains the rest)."""
     while len(pending) > keep:
-        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        if stop is not None and stop.signum is not None:
+            return
+        done, _ = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
         for f in done:
-            yield f
+            collect(f)
             del pending[f]
+
+
+def _renamed(
+    rel: str, renamed: str, report: Report, writer: _ReportWriter | None, cfg: SortConfig,
+    on_rename: Callable[[str, str], None] | None,
+) -> None:
+    """The file the walk put (or planned) at `rel` now has the name `renamed`."""
+    report.recount(Result.PLANNED if cfg.dry_run else Result.NEW, Result.KEPT_AS_COPY)
+    if writer is not None:
+        writer.amend(rel, renamed)
+    log.debug("renamed %s to %s: a file with a smaller SHA-256 claims the plain name",
+              text(os.fspath(cfg.dst / rel)), text(os.fspath(cfg.dst / renamed)))
+    if on_rename is not None:
+        on_rename(rel, renamed)
+
+
+def _log_line(o: Outcome, dst: Path) -> str:
+    line = f"{o.result.value}: {text(o.source)}"
+    if o.destination:
+        line += f" -> {text(os.fspath(dst / o.destination))}"
+    if o.category:
+        line += f" [{o.category}]"
+    if o.reason:
+        line += f" ({text(o.reason)})"
+    return line
 
 
 def _remove_emptied(folders: set[str], src: Path, dst: Path) -> None:
@@ -197,15 +502,23 @@ def _remove_emptied(folders: set[str], src: Path, dst: Path) -> None:
 
 
 class _ReportWriter:
-    """One row per file: source, destination, outcome, reason (CSV or JSON lines)."""
+    """One row per entry: source, destination, outcome, reason, category,
+    source_b64 (CSV or JSON lines).
 
-    FIELDS = ("source", "destination", "outcome", "reason")
+    Every value is valid UTF-8: a path with bytes that are not UTF-8 is written
+    with ``\\xNN`` escapes in ``source``, and its exact bytes, base64-encoded, in
+    ``source_b64`` (empty for every other path).
+    """
+
+    FIELDS = ("source", "destination", "outcome", "reason", "category", "source_b64")
 
     def __init__(self, path: Path, dst: Path) -> None:
         self.path = path
         self.dst = dst
-        self.json = path.suffix.lower() in (".json", ".jsonl", ".ndjson")
+        self.json = REPORT_FORMATS.get(path.suffix.lower(), False)
         self._file: IO[str] | None = None
+        self._amend: dict[str, tuple[str, int]] = {}
+        self._rows = 0
 
     def __enter__(self) -> _ReportWriter:
         self._file = open(self.path, "w", encoding="utf-8", newline="")
@@ -214,15 +527,69 @@ class _ReportWriter:
             self._csv.writerow(self.FIELDS)
         return self
 
-    def write(self, o: Outcome) -> None:
+    def _row(self, o: Outcome) -> tuple[str, ...]:
         destination = os.fspath(self.dst / o.destination) if o.destination else ""
-        row = (o.source, destination, o.result.value, o.reason)
+        raw = ""
+        if text(o.source) != o.source:
+            raw = base64.b64encode(os.fsencode(o.source)).decode("ascii")
+        return (text(o.source), text(destination), o.result.value, text(o.reason),
+                o.category, raw)
+
+    def write(self, o: Outcome) -> None:
+        row = self._row(o)
+        self._rows += 1
         assert self._file is not None
         if self.json:
             self._file.write(json.dumps(dict(zip(self.FIELDS, row)), ensure_ascii=False) + "\n")
         else:
             self._csv.writerow(row)
 
-    def __exit__(self, *exc: object) -> None:
+    def amend(self, old_rel: str, new_rel: str) -> None:
+        """Rows written so far with the destination `old_rel` get `new_rel`
+        (applied at close: the file is rewritten once, only if a rename happened)."""
+        old, new = (text(os.fspath(self.dst / r)) for r in (old_rel, new_rel))
+        self._amend[old] = (new, self._rows)
+
+    def discard(self) -> None:
+        """Close and remove the report (the run was refused before it began)."""
         assert self._file is not None
         self._file.close()
+        os.unlink(self.path)
+        self._file = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        if self._amend:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".report-", dir=folder)
+        with open(self.path, encoding="utf-8", newline="") as old, \
+                os.fdopen(fd, "w", encoding="utf-8", newline="") as new:
+            if self.json:
+                for i, line in enumerate(old):
+                    row = json.loads(line)
+                    self._fix(row, i)
+                    new.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                out = csv.writer(new)
+                for i, values in enumerate(csv.reader(old)):
+                    if i:
+                        row = dict(zip(self.FIELDS, values))
+                        self._fix(row, i - 1)
+                        values = [row[k] for k in self.FIELDS]
+                    out.writerow(values)
+        os.replace(tmp, self.path)
+
+    def _fix(self, row: dict[str, str], index: int) -> None:
+        new, upto = self._amend.get(row["destination"], (None, 0))
+        if new is None or index >= upto:
+            return
+        row["destination"] = new
+        if row["outcome"] in (Result.NEW.value, Result.PLANNED.value, Result.REPLACED.value):
+            row["outcome"] = Result.KEPT_AS_COPY.value
+            row["reason"] = ("another file with this SOPInstanceUID and other bytes holds the "
+                             "name; kept both")

@@ -22,6 +22,7 @@ from scp.config import ServeConfig
 from scp.dicom.header import read_header
 from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
 from scp.net.server import Server
+from scp.store.index import STATE_DIRNAME
 from scp.store.tmp import TMP_DIRNAME
 
 #: pynetdicom refuses to propose more presentation contexts in one association.
@@ -121,7 +122,8 @@ def send_datasets(port: int, datasets: list[Dataset], calling: str = CALLING_AET
 def layout_files(out: Path) -> list[Path]:
     """Every file in the layout (the temporary folder excluded)."""
     return sorted(
-        p for p in out.rglob("*") if p.is_file() and TMP_DIRNAME not in p.relative_to(out).parts
+        p for p in out.rglob("*")
+        if p.is_file() and not {TMP_DIRNAME, STATE_DIRNAME} & set(p.relative_to(out).parts)
     )
 
 

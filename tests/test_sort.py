@@ -24,6 +24,7 @@ import pytest
 from scp import sort as batch
 from scp.config import SortConfig
 from scp.enums import Result as Status
+from scp.store.index import STATE_DIRNAME
 from scp.store.tmp import TMP_DIRNAME
 
 from conftest import (
@@ -38,9 +39,11 @@ pytestmark = pytest.mark.timeout(300)
 
 TRUNCATED_NAMES = ("truncated", "too_short")  # how pydicom's test data names its cut files
 SUMMARY = re.compile(
-    r"(?P<stored>\d+) sorted, (?P<already>\d+) already in place, "
-    r"(?P<skipped>\d+) skipped \(not DICOM\), (?P<failed>\d+) failed"
+    r"(?P<new>\d+) new, (?P<replaced>\d+) replaced, (?P<already>\d+) already in place, "
+    r"(?P<kept>\d+) kept as ~N, (?P<skipped>\d+) skipped \([^)]*\), (?P<failed>\d+) failed"
 )
+FIELDS = ["source", "destination", "outcome", "reason", "category", "source_b64"]
+STORED = ("new", "replaced", "kept_as_copy")
 WORKERS = "2"
 
 
@@ -170,14 +173,17 @@ def small_tree(tmp_path_factory) -> Tree:
 def layout_files(dst: Path) -> list[Path]:
     return sorted(
         p for p in dst.rglob("*")
-        if (p.is_file() or p.is_symlink()) and TMP_DIRNAME not in p.relative_to(dst).parts
+        if (p.is_file() or p.is_symlink())
+        and not {TMP_DIRNAME, STATE_DIRNAME} & set(p.relative_to(dst).parts)
     )
 
 
 def summary(out: str) -> dict[str, int]:
     found = SUMMARY.findall(out)
     assert found, out
-    return dict(zip(("stored", "already", "skipped", "failed"), map(int, found[-1])))
+    new, replaced, already, kept, skipped, failed = map(int, found[-1])
+    return {"stored": new + replaced + kept, "already": already, "skipped": skipped,
+            "failed": failed}
 
 
 def instance_uid(path: Path) -> str:
@@ -278,13 +284,13 @@ def test_report_has_one_row_per_file(copied) -> None:
     tree, dst, report, _ = copied
     with open(report, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["source", "destination", "outcome", "reason"]
+    assert list(rows[0]) == FIELDS
     by_source = {row["source"]: row for row in rows}
     assert len(rows) == len(by_source) == len(tree.all_files())
     assert set(by_source) == {str(p) for p in tree.all_files()}
     for p in tree.dicom:
         row = by_source[str(p)]
-        assert row["outcome"] in ("stored", "already"), row
+        assert row["outcome"] in (*STORED, "already"), row
         assert Path(row["destination"]).read_bytes() == p.read_bytes(), row
     for p in tree.not_dicom:
         row = by_source[str(p)]
@@ -292,7 +298,8 @@ def test_report_has_one_row_per_file(copied) -> None:
     for p in tree.placed["truncated"]:
         assert "truncated" in by_source[str(p)]["reason"] or "cannot read" in by_source[str(p)]["reason"]
     assert "DICOMDIR" in by_source[str(tree.root / "DICOMDIR")]["reason"]
-    assert by_source[str(tree.root / "copies/CT edited.dcm")]["outcome"] == "stored"
+    assert {by_source[str(tree.root / n)]["outcome"] for n in ("copies/CT edited.dcm",
+            "copies/CT original")} <= {"new", "kept_as_copy", "already"}
 
 
 def test_rerun_is_idempotent(copied) -> None:
@@ -364,11 +371,17 @@ def test_dry_run_prints_the_plan_and_touches_nothing(small_tree: Tree, tmp_path:
         r = run_cli("sort", tree.root, dst, "--dry-run", "--mode", mode, "--workers", WORKERS)
         assert r.returncode == 0, r.stdout + r.stderr
         plan = [line.split(" -> ") for line in r.stdout.splitlines() if " -> " in line]
-        assert sorted(src for src, _ in plan) == sorted(map(str, tree.dicom)), r.stdout
+        # one line per distinct content: a second copy of the same bytes is
+        # "already" there once the first is placed, as in the real run
+        assert {sha(Path(src)) for src, _ in plan} == {sha(p) for p in tree.dicom}, r.stdout
+        assert len(plan) == len({sha(p) for p in tree.dicom}), r.stdout
+        assert {src for src, _ in plan} <= set(map(str, tree.dicom)), r.stdout
         for src, planned in plan:
             assert Path(planned).is_relative_to(dst), planned
             assert Path(planned).name.startswith(instance_uid(Path(src))), (src, planned)
-        assert f"{len(tree.dicom)} planned (dry run)" in r.stderr, r.stderr
+        counts = re.search(r"(\d+) planned \(dry run\).* (\d+) kept as ~N", r.stderr)
+        assert counts and int(counts[1]) + int(counts[2]) == len(plan), r.stderr
+        assert int(counts[2]) >= 1, r.stderr
         assert not dst.exists()
         assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tree.all_files()} == before
 
@@ -380,10 +393,10 @@ def test_json_lines_report(small_tree: Tree, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == len(tree.all_files())
-    assert all(list(row) == ["source", "destination", "outcome", "reason"] for row in rows)
+    assert all(list(row) == FIELDS for row in rows)
     outcomes = Counter(row["outcome"] for row in rows)
     assert outcomes["skipped"] == len(tree.not_dicom)
-    assert outcomes["stored"] + outcomes["already"] == len(tree.dicom)
+    assert sum(outcomes[k] for k in (*STORED, "already")) == len(tree.dicom)
     assert any("患者" in row["source"] for row in rows)  # written as text, not escaped
 
 
@@ -619,21 +632,21 @@ def test_jobs_in_flight_are_bounded(tmp_path: Path, monkeypatch) -> None:
     pulled = 0
     most_ahead = 0
     done = 0
-    real_iter = batch.iter_files
+    real_iter = batch.iter_entries
 
     def counting(*args, **kwargs):
         nonlocal pulled, most_ahead
-        for path in real_iter(*args, **kwargs):
+        for entry in real_iter(*args, **kwargs):
             pulled += 1
             most_ahead = max(most_ahead, pulled - done)
-            yield path
+            yield entry
 
     def on_progress(outcome) -> None:
         nonlocal done
         done += 1
         assert outcome.result is Status.SKIPPED
 
-    monkeypatch.setattr(batch, "iter_files", counting)
+    monkeypatch.setattr(batch, "iter_entries", counting)
     cfg = SortConfig(src=src, dst=tmp_path / "dst", workers=1)
     report = batch.sort_tree(cfg, on_progress)
     assert report.counts[Status.SKIPPED] == 1000 == done == pulled

@@ -182,6 +182,8 @@ def read_header(
                     ds = None
             if ds is None:
                 ds = _read_pydicom(src, start, head, tags, force=not has_meta)
+                if not has_meta and not _looks_like_instance(ds):
+                    raise NotDicomError("not a DICOM file (no DICM prefix and no SOP identity)")
                 if check:
                     check_complete(src, ds)
                 if not identity_from_meta and not ds.get("SOPInstanceUID"):
@@ -225,12 +227,30 @@ def check_complete(src: BinaryIO, ds: Dataset) -> None:
             raise TruncatedError(
                 f"the header runs past the end of the file ({size} bytes)"
             )
+        start = _dataset_start(ds)
+        if start is not None and start >= size:
+            raise TruncatedError(
+                f"the file ({size} bytes) ends before its dataset begins (File Meta up to byte {start})"
+            )
         implicit, little = ds.original_encoding
         if implicit is None or little is None:
             return
-        walk_file(src, pos, implicit=bool(implicit), little=bool(little))
+        # pydicom's read may have reached the end of the file, accepting a last
+        # value shorter than its length says: then walk the dataset from its start.
+        begin = start if pos >= size and start is not None else pos
+        walk_file(src, begin, implicit=bool(implicit), little=bool(little))
     finally:
         src.seek(pos)
+
+
+def _dataset_start(ds: Dataset) -> int | None:
+    """Where the dataset of a Part 10 file starts (after its File Meta), if known."""
+    meta = getattr(ds, "file_meta", None)
+    length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
+    try:
+        return len(PREAMBLE) + len(GROUP_LENGTH_HEADER) + 4 + int(length) if length is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def dataset_from_elements(

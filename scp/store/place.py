@@ -9,10 +9,12 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from scp.enums import Duplicate, Mode, Placement
-from scp.errors import StoreError
-from scp.store.commit import candidates, claim, commit, destination, replace_with
+from scp.store.commit import candidates, destination
 from scp.store.fsops import ensure_parent, fsync_dir, fsync_path, same_content
 from scp.store.tmp import new_tmp, unlink_quietly
+
+#: What a sort may find at a name that holds the bytes it brings.
+_IDENTICAL, _STALE = "identical", "stale"
 
 
 def place(
@@ -24,66 +26,171 @@ def place(
     on_conflict: Duplicate = Duplicate.BOTH,
     durable: bool = False,
     batch: MoveBatch | None = None,
+    defer: bool = False,
+    dry_run: bool = False,
 ) -> tuple[Path, Placement]:
     """Put the file `src` at ``root / rel`` by copy, move, hard or symbolic link.
 
     ``copy`` keeps timestamps and permissions (as ``shutil.copy2``). ``move``
-    removes `src` only once its content is at a final name in the layout and
-    flushed to disk; it never removes a file that *is* its own destination.
-    With a `batch`, a move leaves flushing and removing `src` to
+    removes `src` only once a regular file with its bytes is at a final name in
+    the layout and flushed to disk; it never removes a file that *is* its own
+    destination. With a `batch`, a move leaves flushing and removing `src` to
     :meth:`MoveBatch.finish`.
+
+    A name (``root / rel`` or one of its ``~N`` siblings) that already holds the
+    bytes of `src` is ``IDENTICAL`` only if it is what `mode` would make: for
+    copy and move a regular file that is not the source's own inode (a
+    symbolic link there, or a hard link to the source, is replaced by a real
+    file: ``REPLACED``); for hardlink anything but a symbolic link.
+
+    When other bytes hold ``root / rel``: with `defer`, nothing is done and
+    ``DEFERRED`` is returned (the caller names the file after the walk, see
+    :func:`place_at`); otherwise the file is kept beside as ``<stem>~N<ext>``.
+    With `dry_run`, the answer is computed the same way and nothing is touched.
     """
     final = destination(root, rel)
-    ensure_parent(root, final, durable or mode is Mode.MOVE)
-    if mode is Mode.COPY:
-        return _place_copy(src, root, final, on_conflict, durable)
-    if mode is Mode.HARDLINK:
-        return commit(src, final, on_conflict, durable, keep_source=True)
-    if mode is Mode.SYMLINK:
-        return _place_symlink(src, final, on_conflict)
-    return _place_move(src, root, final, on_conflict, batch)
-
-
-def _place_copy(
-    src: Path, root: Path, final: Path, on_conflict: Duplicate, durable: bool
-) -> tuple[Path, Placement]:
-    existing = _find_identical(src, final, on_conflict)
-    if existing is not None:  # a re-run: compare, don't copy again
-        return existing, Placement.IDENTICAL
-    tmp = new_tmp(root)
-    try:
-        shutil.copyfile(src, tmp)
-        shutil.copystat(src, tmp)
-        if durable:
-            fsync_path(tmp)
-        return commit(tmp, final, on_conflict, durable, keep_source=False)
-    finally:
-        unlink_quietly(tmp)
-
-
-def _place_move(
-    src: Path, root: Path, final: Path, on_conflict: Duplicate, batch: MoveBatch | None = None
-) -> tuple[Path, Placement]:
     if _same_entry(src, final):
-        return final, Placement.IDENTICAL  # already its own destination
+        return final, Placement.IDENTICAL  # already its own destination (sorting in place)
+    if on_conflict is not Duplicate.BOTH:
+        raise ValueError("sort keeps both files: on_conflict must be Duplicate.BOTH")
+    for attempt in range(2):  # a second look if another process took the name meanwhile
+        found = scan(src, final, mode)
+        if found is not None:
+            name, kind = found
+            if dry_run:
+                return name, Placement.IDENTICAL if kind == _IDENTICAL else Placement.REPLACED
+            if kind == _IDENTICAL:
+                _finish_move(src, name, mode, batch, identical=True)
+                return name, Placement.IDENTICAL
+            place_at(src, root, name, mode, durable=durable, replace=True, batch=batch)
+            return name, Placement.REPLACED
+        free = next(c for c in candidates(final, Duplicate.BOTH) if not os.path.lexists(c))
+        if free != final and defer:
+            return final, Placement.DEFERRED
+        if dry_run:
+            return free, Placement.STORED if free == final else Placement.STORED_AS_COPY
+        ensure_parent(root, free, durable or mode is Mode.MOVE)
+        try:
+            place_at(src, root, free, mode, durable=durable, replace=False, batch=batch)
+        except FileExistsError:
+            if attempt:
+                raise
+            continue
+        return free, Placement.STORED if free == final else Placement.STORED_AS_COPY
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
+    """The name among `final` and its taken ``~N`` siblings that holds the bytes
+    of `src`, and whether it is as `mode` wants it (``identical``) or must be
+    replaced by a real file (``stale``); None if no taken name holds them."""
+    for candidate in candidates(final, Duplicate.BOTH):
+        if not os.path.lexists(candidate):
+            return None
+        if _same_entry(src, candidate):
+            return candidate, _IDENTICAL  # its own destination, e.g. sorting in place
+        if mode is Mode.SYMLINK:
+            if os.path.islink(candidate) and os.readlink(candidate) == os.path.abspath(src):
+                return candidate, _IDENTICAL
+        if not same_content(src, candidate):
+            continue
+        link = os.path.islink(candidate)
+        if mode in (Mode.COPY, Mode.MOVE):
+            own_inode = not link and _same_inode(src, candidate)
+            return candidate, _STALE if link or own_inode else _IDENTICAL
+        if mode is Mode.HARDLINK:
+            return candidate, _STALE if link else _IDENTICAL
+        return candidate, _IDENTICAL
+    return None  # pragma: no cover - candidates is endless
+
+
+def place_at(
+    src: Path, root: Path, name: Path, mode: Mode, *, durable: bool, replace: bool,
+    batch: MoveBatch | None = None,
+) -> None:
+    """Give `name` the content of `src` as `mode` makes it: create it (a link,
+    which never overwrites: ``FileExistsError`` if taken) or, with `replace`,
+    atomically replace what is there. A move then removes `src` (see
+    :func:`place`)."""
+    ensure_parent(root, name, durable or mode is Mode.MOVE)
+    if mode is Mode.MOVE and replace and _same_inode(src, name) and not os.path.islink(name):
+        _finish_move(src, name, mode, batch, identical=False)  # already the file itself
+        return
+    direct = not replace and mode is not Mode.COPY
+    if direct:  # one link, no temporary name
+        try:
+            _make(src, name, mode)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV or mode is not Mode.MOVE:
+                raise
+            direct = False
+    if not direct:
+        tmp = new_tmp(root)
+        try:
+            unlink_quietly(tmp)
+            try:
+                _make(src, tmp, mode)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV or mode is not Mode.MOVE:
+                    raise
+                _make(src, tmp, Mode.COPY)
+            if mode in (Mode.COPY, Mode.MOVE) and (durable or mode is Mode.MOVE):
+                fsync_path(tmp)
+            if replace:
+                os.replace(tmp, name)
+            else:
+                os.link(tmp, name, follow_symlinks=False)
+        finally:
+            unlink_quietly(tmp)
+    if durable and batch is None:
+        fsync_dir(name.parent)
+    _finish_move(src, name, mode, batch, identical=False)
+
+
+def place_identical(src: Path, name: Path, mode: Mode) -> None:
+    """`name` already holds the bytes of `src` as a real file: a move removes `src`."""
+    _finish_move(src, name, mode, None, identical=True)
+
+
+def rename_within(old: Path, new: Path) -> None:
+    """Give the file at `old` the free name `new` too (a hard link of the entry
+    itself, so a symbolic link stays one), flushed; `old` keeps it until replaced."""
+    os.link(old, new, follow_symlinks=False)
+    fsync_dir(new.parent)
+
+
+def _make(src: Path, path: Path, mode: Mode) -> None:
+    if mode is Mode.COPY:
+        shutil.copyfile(src, path)
+        shutil.copystat(src, path)
+    elif mode is Mode.SYMLINK:
+        os.symlink(os.path.abspath(src), path)
+    else:
+        os.link(src, path)
+
+
+def _finish_move(
+    src: Path, name: Path, mode: Mode, batch: MoveBatch | None, *, identical: bool
+) -> None:
+    """For a move: remove `src` now that `name` holds its bytes as a regular
+    file (flushed first), unless `src` *is* that entry."""
+    if mode is not Mode.MOVE or _same_entry(src, name):
+        return
+    if identical and not _same_inode(src, name):
+        fsync_path(name)  # stored by an earlier copy that may not be on disk yet
+    if batch is not None:
+        batch.remove_after_flush(src, name.parent)
+        return
+    fsync_dir(name.parent)
+    os.unlink(src)
+    fsync_dir(src.parent)
+
+
+def _same_inode(a: Path, b: Path) -> bool:
     try:
-        path, placement = commit(src, final, on_conflict, batch is None, keep_source=True)
-    except StoreError as exc:
-        if not isinstance(exc.__cause__, OSError) or exc.__cause__.errno != errno.EXDEV:
-            raise
-        path, placement = _place_copy(src, root, final, on_conflict, durable=True)
-    # The destination now holds these bytes under another name (a new hard link,
-    # a copy, or the same bytes stored earlier): the source name can go. Never
-    # when the source *is* that name (e.g. ``<uid>~2.dcm`` sorted in place).
-    if placement is not Placement.KEPT_EXISTING and not _same_entry(src, path):
-        if placement is Placement.IDENTICAL and not os.path.samefile(src, path):
-            fsync_path(path)  # stored by an earlier copy that may not be on disk yet
-        if batch is not None:
-            batch.remove_after_flush(src, path.parent)
-            return path, placement
-        os.unlink(src)
-        fsync_dir(src.parent)
-    return path, placement
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class MoveBatch:
@@ -136,32 +243,3 @@ def _same_entry(a: Path, b: Path) -> bool:
         )
     except OSError:
         return False
-
-
-def _place_symlink(src: Path, final: Path, on_conflict: Duplicate) -> tuple[Path, Placement]:
-    target = os.path.abspath(src)
-
-    def identical(candidate: Path) -> bool:
-        if os.path.islink(candidate) and os.readlink(candidate) == target:
-            return True
-        return same_content(src, candidate)
-
-    return claim(
-        final, on_conflict, False,
-        create=lambda path: os.symlink(target, path),
-        identical=identical,
-        replace=lambda path: replace_with(lambda tmp: os.symlink(target, tmp), path),
-    )
-
-
-def _find_identical(src: Path, final: Path, on_conflict: Duplicate) -> Path | None:
-    """The name among `final` and its ``~N`` siblings that already holds the bytes
-    of `src`, looking only as far as the names are taken."""
-    for candidate in candidates(final, on_conflict):
-        if not os.path.lexists(candidate):
-            return None
-        if same_content(src, candidate):
-            return candidate
-        if on_conflict is not Duplicate.BOTH:
-            return None
-    return None  # pragma: no cover - candidates is endless for BOTH

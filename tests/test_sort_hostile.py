@@ -1,0 +1,800 @@
+"""``sortscp sort`` against careless users and hostile trees, black box.
+
+Every test runs the command line of this checkout as a child process on real
+DICOM files (pydicom's test data) and checks what a user would check: the exit
+status (the output is in every assertion message), the files at their layout
+path byte for byte, the sources kept or removed, and the ``--report`` rows.
+
+The tests are written against the conventions of the fixed ``sort``:
+
+* report rows: ``source, destination, outcome, reason, category``; outcome is
+  ``new | replaced | already | kept_as_copy | planned | skipped | failed``;
+  a ``skipped`` row has a category ``not_dicom | truncated | symlink | special``;
+* exit status 0 (all DICOM in place), 1 (any failure), 2 (usage), 75 (DST is
+  locked by another sort), 130 (SIGINT), 143 (SIGTERM);
+* sort state under ``DST/.sortscp/`` (temporary files in ``DST/.sortscp/tmp/``).
+
+Nothing here imports ``scp``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from conftest import cli_env, run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+WORKERS = "2"
+STATE_PREFIX = ".sortscp"  # DST/.sortscp/ (today DST/.sortscp-tmp)
+OUTCOMES = {"new", "replaced", "already", "kept_as_copy", "planned", "skipped", "failed"}
+SKIP_CATEGORIES = {"not_dicom", "truncated", "symlink", "special"}
+UID_ROOT = "1.2.826.0.1.3680043.8.498.4242"
+
+
+# --- real files -------------------------------------------------------------------
+
+def _testdata(name: str) -> Path:
+    return Path(get_testdata_file(name))
+
+
+CT = _testdata("CT_small.dcm")
+MR = _testdata("MR_small.dcm")
+RT = _testdata("rtplan.dcm")
+
+
+def sha(data: bytes | Path) -> str:
+    if isinstance(data, Path):
+        data = data.read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def dicom_bytes(path: Path, uid: str | None = None, **changes) -> bytes:
+    """The bytes of `path` saved by pydicom, with a new SOP Instance UID and
+    other elements changed."""
+    ds = pydicom.dcmread(path)
+    if uid is not None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def clone(src: Path, dst: Path) -> None:
+    """``cp -al``: the same files under new names (a cheap, independent tree)."""
+    for folder, _, files in os.walk(src):
+        out = dst / os.path.relpath(folder, src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.link(os.path.join(folder, name), out / name)
+
+
+# --- reading what sort did --------------------------------------------------------
+
+def layout_files(dst: Path) -> list[Path]:
+    """Files and links of the layout: everything not under a top-level ``.sortscp*``."""
+    found = []
+    if not dst.exists():
+        return found
+    for entry in sorted(dst.iterdir()):
+        if entry.name.startswith(STATE_PREFIX):
+            continue
+        if entry.is_symlink() or entry.is_file():
+            found.append(entry)
+        elif entry.is_dir():
+            found += [p for p in sorted(entry.rglob("*")) if p.is_symlink() or p.is_file()]
+    return found
+
+
+def all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def read_rows(report: Path) -> list[dict[str, str]]:
+    """The rows of a ``--report`` file (CSV or JSON lines), each with a
+    ``category`` (empty when the run did not write one)."""
+    if report.suffix.lower() == ".csv":
+        with open(report, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    for row in rows:
+        row.setdefault("category", "")
+        row["category"] = row["category"] or ""
+    return rows
+
+
+def by_source(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    found = {row["source"]: row for row in rows}
+    assert len(found) == len(rows), f"a source has more than one row: {rows}"
+    return found
+
+
+def _clip(text: str, keep: int = 2000) -> str:
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]}\n[... {len(text) - 2 * keep} characters ...]\n{text[-keep:]}"
+
+
+def show(r: subprocess.CompletedProcess | tuple) -> str:
+    """Exit status and output of a run, for an assertion message."""
+    code, out, err = r if isinstance(r, tuple) else (r.returncode, r.stdout, r.stderr)
+    return f"exit {code}\n--- stdout\n{_clip(out or '')}\n--- stderr\n{_clip(err or '')}"
+
+
+def done_line(r: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (r.stdout + "\n" + r.stderr).splitlines()
+             if line.startswith(("done:", "planned:"))]
+    assert lines, f"no summary line\n{show(r)}"
+    return lines[-1]
+
+
+def count_near(line: str, n: int, word: str) -> bool:
+    """Does the summary `line` say `n` next to `word` (``6 link`` or ``link: 6``)?"""
+    w = re.escape(word)
+    return bool(re.search(rf"\b{n}\b[^,;:\d]*{w}|{w}[^,;\d]*\b{n}\b", line))
+
+
+def check_ok(r: subprocess.CompletedProcess, code: int = 0) -> None:
+    assert r.returncode == code, show(r)
+    assert "Traceback" not in r.stderr, show(r)
+
+
+# --- a tree of many small instances -----------------------------------------------
+
+N_MANY = 2000
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, str]]:
+    """N_MANY distinct instances (MR_small with new UIDs) in nested folders.
+    Returns (root, relative path -> bytes, relative path -> UID)."""
+    root = tmp_path_factory.mktemp("many") / "src"
+    ds = pydicom.dcmread(MR)
+    contents, uids = {}, {}
+    for i in range(N_MANY):
+        uid = f"{UID_ROOT}.5.{i}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SeriesNumber = i % 7
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        rel = f"batch {i % 11}/{i % 3}/IM{i:05d}"
+        write(root / rel, buf.getvalue())
+        contents[rel], uids[rel] = buf.getvalue(), uid
+    return root, contents, uids
+
+
+def start_sort(*args: object, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "scp", "sort", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env(),
+        start_new_session=True,  # its own process group: workers included
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.communicate(timeout=30)
+    except (subprocess.TimeoutExpired, ValueError, OSError):  # pipes already read
+        proc.wait(30)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def count_dcm(dst: Path) -> int:
+    return sum(1 for _ in dst.rglob("*.dcm")) if dst.exists() else 0
+
+
+def wait_for_files(dst: Path, count: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if count_dcm(dst) >= count:
+            return
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=30) if proc.poll() is not None else ("", "")
+    raise AssertionError(f"the sort did not get going: {show((proc.returncode, out, err))}")
+
+
+# === 1. a second run in another mode over links from the first ========================
+
+def _three_instances(src: Path) -> dict[Path, bytes]:
+    files = {
+        src / "a" / "ct.dcm": CT.read_bytes(),
+        src / "a" / "mr.dcm": MR.read_bytes(),
+        src / "b" / "plan": RT.read_bytes(),
+        src / "b" / "mr again.dcm": dicom_bytes(MR, f"{UID_ROOT}.1.1"),
+    }
+    for path, data in files.items():
+        write(path, data)
+    return files
+
+
+def _check_nothing_lost(sources: dict[Path, bytes], dst: Path, r) -> None:
+    regular_in_dst = {sha(p) for p in layout_files(dst) if not p.is_symlink() and p.is_file()}
+    for path, data in sources.items():
+        at_source = path.exists() and not path.is_symlink() and path.read_bytes() == data
+        assert at_source or sha(data) in regular_in_dst, (
+            f"{path} is lost: not at its source, not a regular file in DST\n{show(r)}")
+    dangling = [p for p in layout_files(dst) if p.is_symlink() and not p.exists()]
+    assert dangling == [], f"dangling links in DST: {dangling}\n{show(r)}"
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("symlink", "move"), ("symlink", "copy"), ("hardlink", "move")])
+def test_second_mode_over_first_loses_nothing(tmp_path: Path, first: str, second: str) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    sources = _three_instances(src)
+    r = run_cli("sort", src, dst, "--mode", first, "--workers", WORKERS)
+    check_ok(r)
+    report = tmp_path / "second.jsonl"
+    r = run_cli("sort", src, dst, "--mode", second, "--workers", WORKERS, "--report", report)
+    check_ok(r)
+    _check_nothing_lost(sources, dst, r)
+    stored = layout_files(dst)
+    assert sorted(sha(p) for p in stored) == sorted(sha(d) for d in sources.values()), show(r)
+    if second == "copy":
+        # copy means copies: the links of the first run became regular files
+        links = [p for p in stored if p.is_symlink()]
+        assert links == [], f"copy left links in DST: {links}\n{show(r)}"
+        rows = read_rows(report)
+        assert not [row for row in rows if row["outcome"] == "already"], rows
+        for path, data in sources.items():
+            assert path.read_bytes() == data  # copy leaves the sources
+    if second == "move":
+        for p in stored:
+            assert not p.is_symlink() and p.is_file(), f"{p} is not a regular file\n{show(r)}"
+
+
+# === 2. a fragment is not an instance ==============================================
+
+def _cuts() -> list[tuple[str, int]]:
+    size = CT.stat().st_size
+    pixel_start = size - 128 * 128 * 2  # CT_small: 128x128, 16 bits, the last element
+    return [("300 bytes", 300), ("1000 bytes", 1000), ("header only", pixel_start - 20),
+            ("in the pixel data", pixel_start + 5000), ("one byte short", size - 1)]
+
+
+@pytest.mark.parametrize("mode", ["copy", "move"])
+@pytest.mark.parametrize(("what", "cut"), _cuts(), ids=[c[0] for c in _cuts()])
+def test_a_fragment_is_skipped_as_truncated(tmp_path: Path, mode: str, what: str, cut: int) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    fragment = CT.read_bytes()[:cut]
+    path = write(src / "CT fragment.dcm", fragment)
+    r = run_cli("sort", src, dst, "--mode", mode, "--workers", WORKERS, "--report", report)
+    check_ok(r)
+    assert layout_files(dst) == [], f"a fragment ({what}) was filed\n{show(r)}"
+    assert path.read_bytes() == fragment, f"the fragment was touched\n{show(r)}"
+    row = by_source(read_rows(report))[str(path)]
+    assert (row["outcome"], row["category"]) == ("skipped", "truncated"), (row, show(r))
+    assert not row["destination"], row
+
+
+# === 3. every entry accounted for ==================================================
+
+def make_socket_file(path: Path) -> None:
+    """A UNIX socket file at `path` (bound at a short path, then renamed: the
+    socket address limit is 108 bytes)."""
+    short = tempfile.mkdtemp(prefix="s", dir="/tmp")
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(os.path.join(short, "s"))
+        s.close()
+        os.rename(os.path.join(short, "s"), path)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_every_entry_is_accounted_for(tmp_path: Path) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    write(src / "real.dcm", CT.read_bytes())
+    write(src / "sub" / "b.dcm", MR.read_bytes())
+    links = ["link to file", "link to folder", "dangling", "loop a", "loop b", "sub/up"]
+    os.symlink("real.dcm", src / "link to file")
+    os.symlink("sub", src / "link to folder")
+    os.symlink("no such file", src / "dangling")
+    os.symlink("loop b", src / "loop a")
+    os.symlink("loop a", src / "loop b")
+    os.symlink("..", src / "sub" / "up")
+    os.mkfifo(src / "fifo")
+    make_socket_file(src / "sock")
+    special = ["fifo", "sock"]
+
+    r = run_cli("sort", src, dst, "--workers", WORKERS, "--report", report, timeout=120)
+    check_ok(r)
+    rows = by_source(read_rows(report))
+    for rel in links:
+        row = rows.get(str(src / rel))
+        assert row and (row["outcome"], row["category"]) == ("skipped", "symlink"), (
+            rel, row, show(r))
+    for rel in special:
+        row = rows.get(str(src / rel))
+        assert row and (row["outcome"], row["category"]) == ("skipped", "special"), (
+            rel, row, show(r))
+    for rel in ("real.dcm", "sub/b.dcm"):
+        assert rows[str(src / rel)]["outcome"] == "new", rows[str(src / rel)]
+    assert len(rows) == 2 + len(links) + len(special), rows
+    line = done_line(r)
+    assert count_near(line, 2, "new"), line
+    assert count_near(line, len(links), "link"), line
+    assert count_near(line, len(special), "special"), line
+    assert sorted(sha(p) for p in layout_files(dst)) == sorted([sha(CT), sha(MR)])
+    assert all(not p.is_symlink() for p in layout_files(dst))
+
+
+def test_a_tree_of_only_links_is_not_an_empty_run(tmp_path: Path) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.csv"
+    outside = write(tmp_path / "outside" / "ct.dcm", CT.read_bytes())
+    src.mkdir()
+    for name in ("one", "two", "three"):
+        os.symlink(outside, src / name)
+    r = run_cli("sort", src, dst, "--workers", WORKERS, "--report", report)
+    check_ok(r)
+    line = done_line(r)
+    assert any(int(n) for n in re.findall(r"\d+", line)), f"says nothing happened: {line}"
+    assert count_near(line, 3, "link"), line
+    rows = read_rows(report)
+    assert sorted((row["source"], row["outcome"], row["category"]) for row in rows) == sorted(
+        (str(src / n), "skipped", "symlink") for n in ("one", "two", "three")), rows
+
+
+def test_follow_symlinks_sorts_each_target_once_and_survives_loops(tmp_path: Path) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    outside = tmp_path / "outside"
+    targets = {
+        write(outside / "a.dcm", CT.read_bytes()): CT.read_bytes(),
+        write(outside / "folder" / "b.dcm", MR.read_bytes()): MR.read_bytes(),
+        write(outside / "folder" / "c", RT.read_bytes()): RT.read_bytes(),
+    }
+    os.symlink("..", outside / "folder" / "up")  # a loop through the linked folder
+    src.mkdir()
+    os.symlink(outside / "a.dcm", src / "x")
+    os.symlink(outside / "a.dcm", src / "y")  # the same target twice
+    os.symlink(outside / "folder", src / "dir")
+    os.symlink(".", src / "self")
+    os.symlink("loop b", src / "loop a")
+    os.symlink("loop a", src / "loop b")
+    os.symlink("nowhere", src / "dangling")
+    r = run_cli("sort", src, dst, "--follow-symlinks", "--workers", WORKERS, "--report", report,
+                timeout=120)
+    check_ok(r)
+    stored = layout_files(dst)
+    got = Counter(sha(p) for p in stored)
+    assert set(got) == {sha(d) for d in targets.values()}, show(r)
+    assert max(got.values()) == 1, f"a target stored twice: {stored}\n{show(r)}"
+    assert len(stored) == 3 and not any(p.is_symlink() for p in stored), stored
+    assert not [p for p in stored if "~" in p.name], stored
+    for path, data in targets.items():
+        assert path.read_bytes() == data
+    rows = read_rows(report)
+    assert not [row for row in rows if row["outcome"] == "failed"], rows
+    assert {row["outcome"] for row in rows} <= OUTCOMES, rows
+
+
+def _drop_privileges_prefix() -> list[str]:
+    """A command prefix under which permissions apply (we may be root)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv is not installed: cannot make a folder unreadable")
+    # root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH obeys the mode bits
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    probe = tempfile.mkdtemp()
+    try:
+        os.chmod(probe, 0)
+        p = subprocess.run([*prefix, sys.executable, "-c", f"import os; os.listdir({probe!r})"],
+                           check=False, capture_output=True)
+        if p.returncode == 0:
+            pytest.skip("cannot drop root's permission override here (setpriv had no effect)")
+    finally:
+        os.chmod(probe, 0o700)
+        os.rmdir(probe)
+    return prefix
+
+
+def test_an_unreadable_folder_is_a_failure(tmp_path: Path) -> None:
+    prefix = _drop_privileges_prefix()
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    write(src / "ok" / "ct.dcm", CT.read_bytes())
+    write(src / "locked" / "mr.dcm", MR.read_bytes())
+    os.chmod(src / "locked", 0)
+    try:
+        r = subprocess.run(
+            [*prefix, sys.executable, "-m", "scp", "sort", str(src), str(dst),
+             "--workers", WORKERS, "--report", str(report)],
+            check=False, capture_output=True, text=True, timeout=120, env=cli_env())
+    finally:
+        os.chmod(src / "locked", 0o755)
+    check_ok(r, 1)
+    assert [sha(p) for p in layout_files(dst)] == [sha(CT)], show(r)
+    rows = read_rows(report)
+    failed = [row for row in rows if row["outcome"] == "failed"]
+    assert [row["source"] for row in failed] == [str(src / "locked")], (rows, show(r))
+    assert failed[0]["reason"], failed
+    assert str(src / "locked") in r.stderr, show(r)
+
+
+def test_a_path_too_long_is_a_failure(tmp_path: Path) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    write(src / "ct.dcm", CT.read_bytes())
+    name = "d" * 200
+    depth = 4200 // (len(name) + 1) + 1
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open("mr.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, MR.read_bytes())
+        os.close(out)
+    finally:
+        os.close(fd)
+    assert len(str(src)) + depth * (len(name) + 1) > 4096
+    try:
+        r = run_cli("sort", src, dst, "--workers", WORKERS, "--report", report, timeout=120)
+        check_ok(r, 1)
+        assert [sha(p) for p in layout_files(dst)] == [sha(CT)], show(r)
+        failed = [row for row in read_rows(report) if row["outcome"] == "failed"]
+        assert failed and all(row["source"].startswith(str(src / name)) for row in failed), (
+            failed, show(r))
+        assert all(row["reason"] for row in failed), failed
+    finally:
+        shutil.rmtree(src)  # fd-based: copes with the long path
+
+
+# === 4. any file name ================================================================
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_non_utf8_names_are_moved_and_reported(tmp_path: Path, suffix: str) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / f"r{suffix}"
+    src.mkdir()
+    bsrc = os.fsencode(src)
+    contents = {}
+    for i in range(128):
+        name = bytes([0x80 + i]) + b"\xfe.dcm"  # never valid UTF-8
+        data = dicom_bytes(RT, f"{UID_ROOT}.4.{i}")
+        fd = os.open(os.path.join(bsrc, name), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        contents[name] = data
+    r = run_cli("sort", src, dst, "--mode", "move", "--workers", WORKERS, "--report", report)
+    check_ok(r)
+    assert os.listdir(bsrc) == [], f"not moved: {os.listdir(bsrc)[:5]}\n{show(r)}"
+    assert sorted(sha(p) for p in layout_files(dst)) == sorted(map(sha, contents.values()))
+    rows = read_rows(report)  # the report is valid UTF-8 text
+    assert len(rows) == 128 and len({row["source"] for row in rows}) == 128, show(r)
+    assert {row["outcome"] for row in rows} == {"new"}, rows[:3]
+
+
+# === 5. two runs at once =============================================================
+
+def test_two_runs_at_once_lose_nothing(many, tmp_path: Path) -> None:
+    root, contents, uids = many
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    clone(root, src)
+    reports = [tmp_path / "r1.jsonl", tmp_path / "r2.jsonl"]
+    procs = [start_sort(src, dst, "--mode", "move", "--workers", "1", "--report", rep)
+             for rep in reports]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            results.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_group(proc)
+    both = "\n\n".join(map(show, results))
+    codes = sorted(code for code, _, _ in results)
+    assert codes in ([0, 0], [0, 75]), both
+    for code, out, err in results:
+        assert "Traceback" not in err, both
+        if code == 75:
+            assert len(err.strip().splitlines()) == 1, both
+            assert "another sortscp sort is writing into" in err, both
+    stored = layout_files(dst)
+    names = Counter(p.name for p in stored)
+    assert sorted(names) == sorted(f"{u}.dcm" for u in uids.values()), (
+        f"missing: {sorted({f'{u}.dcm' for u in uids.values()} - set(names))[:5]}, "
+        f"extra: {sorted(set(names) - {f'{u}.dcm' for u in uids.values()})[:5]}\n{both}")
+    assert max(names.values()) == 1, both
+    by_uid = {uids[rel]: data for rel, data in contents.items()}
+    bad = [p for p in stored if p.read_bytes() != by_uid[p.name.removesuffix(".dcm")]]
+    assert bad == [], bad[:5]
+    assert all_files(src) == [], f"left in SRC: {all_files(src)[:5]}\n{both}"
+    for rep, (code, _, _) in zip(reports, results):
+        if code == 0:
+            failed = [row for row in read_rows(rep) if row["outcome"] == "failed"]
+            assert failed == [], f"{len(failed)} failed rows, e.g. {failed[:3]}"
+
+
+# === 6. same tree, same names ========================================================
+
+def test_same_tree_gives_same_names(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    uid = uid_of(CT)
+    variants = {}
+    filler = 0
+    for k in range(6):
+        data = dicom_bytes(CT, InstanceNumber=100 + k)  # same UID, same folders, other bytes
+        variants[sha(data)] = write(src / f"group {k}" / f"variant {k}.dcm", data)
+        for _ in range(40):  # spread the claimants over batches and workers
+            write(src / f"group {k}" / f"filler {filler:03d}", dicom_bytes(RT, f"{UID_ROOT}.6.{filler}"))
+            filler += 1
+    assert len(variants) == 6
+    mappings = []
+    for run in range(4):
+        dst = tmp_path / f"dst{run}"
+        r = run_cli("sort", src, dst, "--workers", WORKERS)
+        check_ok(r)
+        mapping = {sha(p): p.name for p in layout_files(dst) if p.name.startswith(uid)}
+        assert sorted(mapping.values()) == sorted(
+            [f"{uid}.dcm"] + [f"{uid}~{n}.dcm" for n in range(2, 7)]), (mapping, show(r))
+        assert set(mapping) == set(variants)
+        mappings.append(mapping)
+    assert all(m == mappings[0] for m in mappings), (
+        "the same tree got different names:\n" + "\n".join(
+            " ".join(f"{variants[d].parent.name}->{m[d].removeprefix(uid)}" for d in sorted(m))
+            for m in mappings))
+
+
+# === 7. --dry-run tells the truth ====================================================
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.lstat().st_mtime_ns, p.lstat().st_size)
+            for p in [root, *sorted(root.rglob("*"))]}
+
+
+def test_dry_run_after_a_copy_tells_the_truth(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "ct.dcm", CT.read_bytes())
+    write(src / "mr.dcm", MR.read_bytes())
+    write(src / "plan", RT.read_bytes())
+    check_ok(run_cli("sort", src, dst, "--workers", WORKERS))
+    before = snapshot(dst)
+
+    report = tmp_path / "dry1.jsonl"
+    r = run_cli("sort", src, dst, "--dry-run", "--workers", WORKERS, "--report", report)
+    check_ok(r)
+    rows = read_rows(report)
+    assert sorted((row["source"], row["outcome"]) for row in rows) == sorted(
+        (str(src / n), "already") for n in ("ct.dcm", "mr.dcm", "plan")), (rows, show(r))
+    assert " -> " not in r.stdout, f"plans work that is done\n{show(r)}"
+    assert snapshot(dst) == before
+
+    # a different file claiming CT's UID: the real run would keep it as ~2
+    write(src / "ct edited.dcm", dicom_bytes(CT, InstanceNumber=99))
+    report = tmp_path / "dry2.jsonl"
+    r = run_cli("sort", src, dst, "--dry-run", "--workers", WORKERS, "--report", report)
+    check_ok(r)
+    rows = by_source(read_rows(report))
+    edited = rows[str(src / "ct edited.dcm")]
+    assert edited["outcome"] == "kept_as_copy", (edited, show(r))
+    assert edited["destination"].endswith(f"{uid_of(CT)}~2.dcm"), edited
+    assert Path(edited["destination"]).parent == Path(rows[str(src / "ct.dcm")]["destination"]).parent
+    assert [row["outcome"] for s, row in rows.items() if s != str(src / "ct edited.dcm")] == [
+        "already"] * 3, rows
+    assert snapshot(dst) == before
+
+
+# === 8. stopping =====================================================================
+
+def test_sigterm_stops_cleanly_and_a_rerun_finishes(many, tmp_path: Path) -> None:
+    root, contents, uids = many
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    clone(root, src)
+    proc = start_sort(src, dst, "--workers", "1", "--fsync")
+    try:
+        wait_for_files(dst, 20, proc)
+        assert proc.poll() is None, "finished before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, as a service manager does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    result = (proc.returncode, out, err)
+    assert proc.returncode == 143, show(result)
+    assert "interrupted" in err and "run the same command again" in err, show(result)
+    assert "leaked semaphore" not in err and "Traceback" not in err, show(result)
+    deadline = time.monotonic() + 10
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = group_alive(proc.pid)
+    parts = [p for p in dst.rglob("*") if p.name.endswith(".part")]
+    if survivors:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not survivors, "workers still running 10 s after the sort exited"
+    assert parts == [], f"temporary files left after exit: {parts[:5]}"
+    assert 0 < len(layout_files(dst)) < N_MANY
+
+    r = run_cli("sort", src, dst, "--workers", WORKERS)
+    check_ok(r)
+    by_uid = {uids[rel]: data for rel, data in contents.items()}
+    stored = layout_files(dst)
+    assert sorted(p.name for p in stored) == sorted(f"{u}.dcm" for u in by_uid), show(r)
+    assert all(p.read_bytes() == by_uid[p.name.removesuffix(".dcm")] for p in stored)
+
+
+def test_sigkill_at_random_moments_loses_nothing(many, tmp_path: Path) -> None:
+    root, contents, uids = many
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    clone(root, src)
+    digests = {rel: sha(data) for rel, data in contents.items()}
+    rng = random.Random(20240601)
+    killed_mid_run = 0
+    for attempt in range(5):
+        before = count_dcm(dst)
+        proc = start_sort(src, dst, "--mode", "move", "--workers", "1")
+        delay = rng.uniform(0, 0.4)  # after it has begun to move files
+        try:
+            wait_for_files(dst, before + 5, proc, timeout=60)
+            time.sleep(delay)
+            if proc.poll() is None:
+                killed_mid_run += 1
+        except AssertionError:  # it finished (or failed) first
+            pass
+        kill_group(proc)
+        in_dst = {p.name.removesuffix(".dcm"): p for p in layout_files(dst)}
+        for rel, digest in digests.items():
+            at_source = (src / rel).exists() and sha(src / rel) == digest
+            placed = in_dst.get(uids[rel])
+            at_dst = placed is not None and sha(placed) == digest
+            assert at_source or at_dst, (
+                f"attempt {attempt} (killed after {delay:.2f} s): {rel} lost "
+                f"(source {'present' if (src / rel).exists() else 'gone'}, destination "
+                f"{'incomplete' if placed else 'absent'})")
+        for path in in_dst.values():
+            assert sha(path) in digests.values(), f"{path} is not a complete copy"
+
+    assert killed_mid_run >= 3, f"only {killed_mid_run} of 5 runs were killed while working"
+
+    r = run_cli("sort", src, dst, "--mode", "move", "--workers", WORKERS)
+    check_ok(r)
+    stored = layout_files(dst)
+    assert sorted(p.name for p in stored) == sorted(f"{u}.dcm" for u in uids.values()), show(r)
+    assert sorted(sha(p) for p in stored) == sorted(digests.values())
+    assert all_files(src) == [], all_files(src)[:5]
+
+
+# === 9. templates ====================================================================
+
+@pytest.mark.parametrize(("template", "folder"), [
+    ("{PatientName:.3}/{SOPInstanceUID}.dcm", "Com"),
+    ("{PatientName:_<30}/{SOPInstanceUID}.dcm", "CompressedSamples^CT1_________"),
+    ("{PatientID}/{SOPInstanceUID}.dcm", "1CT1"),
+    ("{00100020}/{SOPInstanceUID}.dcm", "1CT1"),
+    ("{0010,0020}/{SOPInstanceUID}.dcm", "1CT1"),
+])
+def test_template_specs_and_tag_numbers(tmp_path: Path, template: str, folder: str) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "ct", CT.read_bytes())
+    r = run_cli("sort", src, dst, "--template", template, "--workers", WORKERS)
+    check_ok(r)
+    assert [p.relative_to(dst) for p in layout_files(dst)] == [
+        Path(folder) / f"{uid_of(CT)}.dcm"], show(r)
+    assert (dst / folder / f"{uid_of(CT)}.dcm").read_bytes() == CT.read_bytes()
+
+
+def test_an_invalid_spec_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "ct", CT.read_bytes())
+    r = run_cli("sort", src, dst, "--template", "{PatientName:Q}/{SOPInstanceUID}.dcm")
+    assert r.returncode == 2, show(r)
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "Q" in lines[0], show(r)
+    assert not dst.exists()
+
+
+def test_help_shows_the_default_template_unbroken() -> None:
+    r = run_cli("sort", "--help", env=cli_env() | {"COLUMNS": "80"})
+    check_ok(r)
+    assert "{SOPInstanceUID}" in r.stdout, r.stdout
+    assert "{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}/{SOPInstanceUID}.dcm" in (
+        r.stdout), r.stdout
+
+
+# === 10. counts =====================================================================
+
+def test_a_report_with_an_unknown_extension_is_refused(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "ct", CT.read_bytes())
+    r = run_cli("sort", src, dst, "--report", tmp_path / "out.txt")
+    assert r.returncode == 2, show(r)
+    assert ".txt" in r.stdout + r.stderr, show(r)
+    assert not dst.exists() and not (tmp_path / "out.txt").exists(), show(r)
+    assert os.listdir(src) == ["ct"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".ndjson", ".CSV"])
+def test_report_extensions_that_are_accepted(tmp_path: Path, suffix: str) -> None:
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / f"r{suffix}"
+    write(src / "ct", CT.read_bytes())
+    r = run_cli("sort", src, dst, "--report", report)
+    check_ok(r)
+    rows = read_rows(report)
+    assert [(row["source"], row["outcome"]) for row in rows] == [(str(src / "ct"), "new")], rows
+
+
+def _tree_of_every_kind(src: Path) -> None:
+    write(src / "new-ct.dcm", CT.read_bytes())
+    write(src / "same-ct-again.dcm", CT.read_bytes())  # already in place
+    write(src / "edited-ct.dcm", dicom_bytes(CT, InstanceNumber=77))  # kept as ~2
+    write(src / "new-mr.dcm", MR.read_bytes())
+    write(src / "notes-file.txt", b"not a DICOM file\n")
+    write(src / "cut-mr.dcm", MR.read_bytes()[:1000])
+    target = write(src.parent / "outside" / "link-target", CT.read_bytes())
+    os.symlink(target, src / "link-file")  # to a name not in SRC: one line mentions it
+    os.mkfifo(src / "fifo-file")
+
+
+def test_debug_log_has_one_line_per_file(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree_of_every_kind(src)
+    names = sorted(os.listdir(src))
+    r = run_cli("sort", src, dst, "--log-level", "DEBUG", "--workers", WORKERS, timeout=120)
+    check_ok(r)
+    lines = (r.stdout + r.stderr).splitlines()
+    counts = {name: sum(1 for line in lines if name in line) for name in names}
+    assert counts == dict.fromkeys(names, 1), (counts, show(r))
+
+
+def test_summary_separates_every_kind(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree_of_every_kind(src)
+    r = run_cli("sort", src, dst, "--workers", WORKERS, timeout=120)
+    check_ok(r)
+    line = done_line(r)
+    for word in ("new", "already in place", "kept", "skipped", "failed",
+                 "not DICOM", "truncated", "link", "special"):
+        assert word in line, f"{word!r} not in the summary: {line}"
+    assert count_near(line, 2, "new"), line
+    assert count_near(line, 1, "already in place"), line
+    assert count_near(line, 1, "not DICOM") and count_near(line, 1, "truncated"), line
+    assert count_near(line, 1, "link") and count_near(line, 1, "special"), line
+    assert count_near(line, 0, "failed"), line
