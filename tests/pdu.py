@@ -315,7 +315,7 @@ class Peer:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 return None
             except OSError:  # reset
                 return time.monotonic() - start
