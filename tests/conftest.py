@@ -94,7 +94,8 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
 class ServeProcess:
     """``sortscp serve`` in a child process on a free port of 127.0.0.1."""
 
-    def __init__(self, out: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, out: Path, *args: str, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.out = out
         self.port = free_port()
         self.log_path = out.parent / f"serve-{self.port}.log"
@@ -102,7 +103,7 @@ class ServeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scp", "serve", "--out", str(out), "--host", "127.0.0.1",
              "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(),
+            stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(), cwd=cwd,
         )
         try:
             wait_for_port(self.port, proc=self.proc)
@@ -135,8 +136,9 @@ def serve_process(tmp_path: Path) -> Iterator[callable]:
     ``tmp_path / "out"``; every server started is stopped after the test."""
     started: list[ServeProcess] = []
 
-    def start(*args: str, out: Path | None = None, env: dict[str, str] | None = None) -> ServeProcess:
-        server = ServeProcess(out or tmp_path / "out", *args, env=env)
+    def start(*args: str, out: Path | None = None, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> ServeProcess:
+        server = ServeProcess(out or tmp_path / "out", *args, env=env, cwd=cwd)
         started.append(server)
         return server
 
