@@ -28,6 +28,12 @@ class TruncatedError(NotDicomError):
     encapsulated pixel data unclosed: a fragment, not an instance."""
 
 
+class DatasetMismatch(NotDicomError):
+    """A received dataset names another SOP Instance (or Class) than the
+    C-STORE command that carried it: the file and its File Meta could not
+    agree on one identity."""
+
+
 class NoDataset(NotDicomError):
     """A C-STORE request that carries no dataset: it can never succeed."""
 

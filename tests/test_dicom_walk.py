@@ -388,6 +388,23 @@ def test_a_cut_or_corrupt_deflate_bomb_fails(bomb: bytes) -> None:
         w.feed(b"\xff" * 64 + bomb[:1000])
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64 * 1024, 1 << 24])
+def test_a_deflate_stream_padded_to_an_even_length_ends(chunk: int) -> None:
+    """A deflated dataset padded with a zero byte (PS3.5 A.5: even length),
+    whose inflated size is a multiple of the inflate piece: the walk ends (it
+    once looped for ever on the byte past the end of the stream)."""
+    body = UID + NAME + el(0x7FE0, 0x0010, b"OB", b"", length=3 << 20)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = z.compress(body + bytes(3 << 20)) + z.flush()
+    for padded in (stream + b"\0", stream + b"\0\0\0"):
+        w = DatasetWalker(implicit=False, little=True, deflated=True, wanted=[0x00100010])
+        for i in range(0, len(padded), chunk):
+            w.feed(padded[i : i + chunk])
+        w.close()
+        assert w.position == len(body) + (3 << 20)
+        assert w.elements[0x00100010] == ("PN", b"Doe^John")
+
+
 def test_walk_file_seeks_over_large_values(tmp_path: Path) -> None:
     data = UID + NAME + el(0x7FE0, 0x0010, b"OB", b"", length=50_000_000)
     path = tmp_path / "sparse.dcm"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -11,10 +12,10 @@ import pydicom
 import pytest
 
 from scp import IMPLEMENTATION_CLASS_UID
-from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from scp.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
 from scp.store.tmp import TMP_DIRNAME
 
-from conftest import readable_dicom_files
+from conftest import CUT_SHORT, names_its_instance, readable_dicom_files, storable_dicom_files
 from serve_helpers import (
     CALLING_AET,
     dataset_bytes,
@@ -25,7 +26,9 @@ from serve_helpers import (
     send_files,
 )
 
-FILES = readable_dicom_files()
+ALL_FILES = readable_dicom_files()
+FILES = storable_dicom_files()
+MISMATCHED = [f for f in ALL_FILES if f.name not in CUT_SHORT and not names_its_instance(f)]
 
 
 def _rounds(files: list[Path]) -> list[list[Path]]:
@@ -84,6 +87,35 @@ def test_every_readable_test_file_is_stored_byte_equal(tmp_path: Path) -> None:
             assert set(stored) == expected, "one file per instance, nothing else"
             for folder in [p for p in out.iterdir() if p.name != TMP_DIRNAME]:
                 shutil.rmtree(folder)
+
+
+def test_file_whose_meta_names_another_instance_is_refused(tmp_path: Path, caplog) -> None:
+    """Its command (UIDs from the File Meta) and its dataset disagree on the
+    instance: refused as DCMTK's storescp does (0xA900), nothing filed, one log
+    line with the reason; the sender learns of it instead of a misnamed file."""
+    assert MISMATCHED, "pydicom's test files include some whose File Meta disagrees with the dataset"
+    out = tmp_path / "out"
+    with running_server(out) as server:
+        statuses = send_files(server.address[1], MISMATCHED)
+    assert {f.name: s for f, s in statuses.items()} == {f.name: DATA_SET_MISMATCH for f in MISMATCHED}
+    assert layout_files(out) == []
+    lines = [r.getMessage() for r in caplog.records if "0xA900" in r.getMessage()]
+    assert len(lines) == len(MISMATCHED), lines  # one line per refused instance
+    for f in MISMATCHED:
+        uid = file_identity(f)[1]
+        assert any(uid in line and "is not the command's" in line for line in lines), (f.name, lines)
+
+
+def test_test_file_that_is_cut_short_is_refused(tmp_path: Path, caplog) -> None:
+    cut = [f for f in ALL_FILES if f.name in CUT_SHORT]
+    assert len(cut) == len(CUT_SHORT)
+    out = tmp_path / "out"
+    with running_server(out) as server:
+        statuses = send_files(server.address[1], cut)
+    assert {f.name: s for f, s in statuses.items()} == {f.name: CANNOT_UNDERSTAND for f in cut}
+    assert layout_files(out) == []
+    lines = [r.getMessage() for r in caplog.records if "0xC000" in r.getMessage()]
+    assert len(lines) == len(cut) and all(re.search(r"declares|cut|delimiter|ends", line) for line in lines), lines
 
 
 # --- duplicates ----------------------------------------------------------------

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from scp.net.status import SUCCESS
 from scp.store.tmp import TMP_DIRNAME
 
-from conftest import ServeProcess, cli_env, free_port, readable_dicom_files, run_cli, wait_for_port
+from conftest import ServeProcess, cli_env, free_port, run_cli, storable_dicom_files, wait_for_port
 from serve_helpers import (
     CALLING_AET,
     ct_copies,
@@ -277,7 +277,7 @@ def test_sigterm_during_a_transfer_finishes_the_association_and_exits_0(serve_pr
 def test_serve_and_sort_give_the_same_tree(tmp_path: Path, serve_process) -> None:
     seen: set[str] = set()
     files = []
-    for f in readable_dicom_files():
+    for f in storable_dicom_files():
         uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
         if uid not in seen:
             seen.add(uid)

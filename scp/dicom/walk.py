@@ -59,6 +59,7 @@ from collections.abc import Iterable
 from struct import Struct
 from typing import BinaryIO
 
+import pydicom.uid
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from scp.errors import NotDicomError, TruncatedError
@@ -67,6 +68,8 @@ __all__ = ["DatasetWalker", "walk_file", "SPECIFIC_CHARACTER_SET", "MAX_DEPTH", 
 
 #: (0008,0005) Specific Character Set: always kept, names need it.
 SPECIFIC_CHARACTER_SET = 0x00080005
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
 #: Deepest nesting of sequences followed.
 MAX_DEPTH = 32
 #: Most element, item and fragment headers followed in one dataset.
@@ -96,6 +99,19 @@ _MAX_FRAMES = 2 * MAX_DEPTH + 1
 
 def _fmt(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def encoding_of(transfer_syntax: str) -> tuple[bool, bool, bool] | None:
+    """(implicit VR, little endian, deflated) of a dataset in `transfer_syntax`;
+    None for a private syntax pydicom does not know (its encoding cannot be told).
+
+    >>> encoding_of("1.2.840.10008.1.2"), encoding_of("1.2.840.10008.1.2.4.50")
+    ((True, True, False), (False, True, False))
+    """
+    uid = pydicom.uid.UID(transfer_syntax)
+    if not uid.is_transfer_syntax:
+        return None
+    return uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated
 
 
 class DatasetWalker:
@@ -231,6 +247,8 @@ class DatasetWalker:
             self._feed_raw(data)
             return
         limit = self._max_inflate
+        if z.eof:
+            return  # bytes after the end of the deflate stream (padding to an even length)
         try:
             out = z.decompress(data, limit)
             while True:
@@ -238,7 +256,9 @@ class DatasetWalker:
                     self._feed_raw(out)
                     if self.stopped:
                         return
-                if len(out) < limit and not z.unconsumed_tail:
+                # past the end of the stream, zlib keeps the rest as an
+                # unconsumed tail for ever: it is padding, not data
+                if z.eof or (len(out) < limit and not z.unconsumed_tail):
                     return
                 out = z.decompress(z.unconsumed_tail, limit)
         except zlib.error as exc:

@@ -8,7 +8,6 @@ again" (or "this dataset cannot be read").
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -18,11 +17,11 @@ from pynetdicom import evt
 
 from scp.config import ServeConfig
 from scp.enums import Result
-from scp.errors import NoDataset, NotDicomError, ReceiveFailed, StoreError
+from scp.errors import DatasetMismatch, NoDataset, NotDicomError, ReceiveFailed, StoreError
 from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
-from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from scp.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
 from scp.pool import WorkerPool
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
@@ -39,6 +38,8 @@ def status_for(exc: BaseException) -> int:
     >>> hex(status_for(NotDicomError("no header"))), hex(status_for(OSError(28, "No space")))
     ('0xc000', '0xa700')
     """
+    if isinstance(exc, DatasetMismatch):
+        return DATA_SET_MISMATCH
     if isinstance(exc, NotDicomError):  # includes NoDataset and truncated datasets
         return CANNOT_UNDERSTAND
     return OUT_OF_RESOURCES  # StoreError, OSError, a dead worker, anything else
@@ -90,6 +91,8 @@ class StoreHandlers:
                 raise ReceiveFailed(
                     f"cannot write the incoming dataset: {sink.error.strerror or sink.error}"
                 ) from sink.error
+            if sink.problem is not None:
+                raise sink.problem
             outcome = self.pool.submit(store_received, sink.name, calling, self.cfg).result()
         except Exception as exc:
             if isinstance(exc, BrokenProcessPool):  # what the dead workers were writing
@@ -171,11 +174,6 @@ def _describe(exc: BaseException) -> str:
 def _discard_partial_dataset(assoc) -> None:
     """Remove the temporary file of a dataset whose transfer never finished
     (the peer aborted mid-transfer); pynetdicom removes only complete ones."""
-    tmp = _pynetdicom.partial_dataset_file(assoc)
-    if tmp is None:
-        return
-    try:
-        tmp.close()
-        os.unlink(tmp.name)
-    except OSError:
-        pass
+    sink = _pynetdicom.partial_dataset_file(assoc)
+    if sink is not None and not sink.finished:
+        sink.abandon("the association ended before its last fragment", _peer(assoc))

@@ -1,17 +1,28 @@
-"""The temporary file pynetdicom writes an incoming dataset into, made to fail softly.
+"""The file an incoming dataset is written to, checked as it arrives.
 
-With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each incoming dataset to
-a ``NamedTemporaryFile`` from its network thread. If that file cannot be
-created or written (disk full, folder gone or read-only), the exception kills
-the association's network thread and the sender waits for a response that
-never comes. :class:`IncomingDataset` stands in for that file: on the first
-error it logs one clear line, removes what it wrote and discards the rest of
-the dataset, so the transfer completes and the C-STORE handler answers with a
-failure status: the handler answers from :attr:`IncomingDataset.error`.
+pynetdicom streams each C-STORE dataset to a file from the association's
+network thread (``STORE_RECV_CHUNKED_DATASET``). sortscp decodes the P-DATA
+itself (:func:`scp.net._pynetdicom.install_receiver`) and hands every dataset
+fragment to an :class:`IncomingDataset`, opened once the command set is
+complete. That object:
 
-It also gives the file its final File Meta on the way in (:mod:`scp.dicom.meta`: our
-implementation UID, the sender's AE title), so that a worker only has to flush
-the complete file and link it into the layout: the dataset is written once.
+* writes **our File Meta** first, built only from the association: the
+  command's Affected SOP Class/Instance UID, the negotiated transfer syntax,
+  the real calling AE title (:mod:`scp.dicom.meta`); nothing inside the
+  dataset can change it;
+* writes the dataset **exactly as received**, except (0002,xxxx) elements a
+  sender put in front of it, which are dropped (they belong to the File Meta,
+  which is ours);
+* walks it as it arrives (:class:`scp.dicom.walk.DatasetWalker`: element
+  headers only, deflated data inflated in bounded pieces), so that
+  :attr:`problem` says, by the last fragment, whether it is complete and
+  whether its SOP Class/Instance UID are the command's;
+* never raises: a write error (disk full, folder gone) is kept in
+  :attr:`error`, the file removed and the rest discarded, so the transfer
+  completes and the handler answers a failure status from it.
+
+A dataset that never completes (the association ends, or another command
+starts first) is removed by :meth:`abandon`.
 """
 
 from __future__ import annotations
@@ -23,64 +34,118 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from scp.dicom.meta import file_meta_bytes, meta_end, meta_values
+from scp.dicom.meta import file_meta_bytes
+from scp.dicom.walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, encoding_of
+from scp.errors import DatasetMismatch, NotDicomError, SortscpError, TruncatedError
+from scp.log import safe
 from scp.net import _pynetdicom
-from scp.store.tmp import TMP_DIRNAME, tmp_prefix
+from scp.store.tmp import tmp_dir, tmp_prefix
 
 log = logging.getLogger(__name__)
 
 
 class IncomingDataset:
-    """A ``NamedTemporaryFile(delete=False)`` look-alike that never raises on write.
+    """One dataset arriving on an association, written to the temporary area.
 
-    ``error`` is the first :class:`OSError` met (None while all is well); once
-    set, the file is gone and further data is discarded.
+    Attributes
+    ----------
+    name : str
+        Path of the temporary file (our File Meta, then the dataset).
+    error : OSError | None
+        The first write error (the file is then gone): out of resources.
+    problem : SortscpError | None
+        Why the dataset cannot be stored even though it was written: cut
+        short, malformed, or naming another instance than the command
+        (:class:`~scp.errors.TruncatedError`, :class:`~scp.errors.NotDicomError`,
+        :class:`~scp.errors.DatasetMismatch`). Final once :meth:`finish` ran.
+    dataset_offset : int
+        Where the dataset starts in the file (the length of our File Meta).
     """
 
-    def __init__(self, folder: Path, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_aet: str,
+    ) -> None:
         self.error: OSError | None = None
-        self._file: Any = None
-        self._head: bytearray | None = bytearray()  # until the File Meta is complete
+        self.problem: SortscpError | None = None
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_aet = calling_aet
+        self.finished = False
         self._folder = folder
-        kwargs["prefix"] = tmp_prefix("r")
-        kwargs["dir"] = folder
+        self._file: Any = None
+        self._received = 0
+        encoding = encoding_of(transfer_syntax)
+        self._walker: DatasetWalker | None = None
+        self._deflated = False
+        if encoding is not None:  # a private syntax we cannot walk is taken on trust
+            implicit, little, self._deflated = encoding
+            self._walker = DatasetWalker(
+                implicit=implicit, little=little, deflated=self._deflated,
+                wanted=(SOP_CLASS_UID, SOP_INSTANCE_UID),
+            )
+        meta = b""
         try:
-            try:
-                self._file = tempfile.NamedTemporaryFile(**kwargs)
-            except FileNotFoundError:  # the output folder was removed: make it again, once
-                folder.mkdir(parents=True, exist_ok=True)
-                self._file = tempfile.NamedTemporaryFile(**kwargs)
+            meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, calling_aet)
+        except (UnicodeError, ValueError) as exc:
+            self.problem = NotDicomError(f"cannot build the File Meta from the command: {exc}")
+        self.dataset_offset = len(meta)
+        try:
+            folder = tmp_dir(folder)  # made again if the output folder was removed
+            self._file = tempfile.NamedTemporaryFile(
+                prefix=tmp_prefix("r"), suffix=".dcm", dir=folder, delete=False
+            )
             self.name: str = self._file.name
+            self._file.write(meta)
         except OSError as exc:
-            # A name that does not exist, so that reading it fails.
-            self.name = os.path.join(folder, f".unwritable-{uuid.uuid4().hex}.dcm")
+            self.name = getattr(self, "name", os.path.join(folder, f".unwritable-{uuid.uuid4().hex}.dcm"))
             self._fail(exc)
 
+    # pynetdicom calls ``.file.flush()`` and ``.close()`` on the dataset file
     @property
     def file(self) -> IncomingDataset:
-        return self  # pynetdicom calls ``.file.flush()``
+        return self
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
+        """The next fragment of the dataset."""
         n = len(data)
-        if self._head is not None:
-            self._head += data
+        self._received += n
+        if self.problem is None and self._walker is not None:
             try:
-                end = meta_end(self._head)
-                if end is None:
-                    return n
-                head, self._head = self._head, None
-                data = _our_file_meta(bytes(head[:end])) + bytes(head[end:])
-            except (AttributeError, KeyError, ValueError, UnicodeError) as exc:
-                self._head = None
-                self._fail(OSError(f"cannot build the File Meta of an incoming dataset: {exc}"))
-                return n
-        self._write(data)
-        return n
-
-    def _write(self, data: bytes) -> None:
+                self._walker.feed(data)
+            except (TruncatedError, NotDicomError) as exc:
+                self._refuse(exc)
         if self._file is not None:
             try:
                 self._file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return n
+
+    def finish(self) -> None:
+        """The last fragment arrived: decide :attr:`problem` and make the file
+        what will be stored (leading group 0002 elements removed)."""
+        if self.finished:
+            return
+        self.finished = True
+        walker = self._walker
+        if self.problem is None and walker is not None:
+            try:
+                walker.close()
+                self._check_identity(walker)
+            except (TruncatedError, NotDicomError) as exc:
+                self._refuse(exc)
+        if self._file is not None:
+            try:
+                self._file.flush()
+                if self.problem is None and walker is not None and walker.leading_meta_end:
+                    self._drop_leading_meta(walker.leading_meta_end)
             except OSError as exc:
                 self._fail(exc)
 
@@ -92,55 +157,120 @@ class IncomingDataset:
                 self._fail(exc)
 
     def close(self) -> None:
-        self._head = None
         if self._file is not None:
             try:
                 self._file.close()
             except OSError as exc:
                 self._fail(exc)
 
+    def abandon(self, why: str, peer: str = "") -> None:
+        """Remove a dataset that will never be complete, with one log line."""
+        if self.finished and self._file is None:
+            return
+        self.finished = True
+        log.warning(
+            "dataset of SOP Instance %s from %s%s abandoned after %d bytes: %s; nothing stored",
+            safe(self.sop_instance_uid), safe(self.calling_aet), f" ({peer})" if peer else "",
+            self._received, why,
+            extra={"event": "dataset_abandoned", "calling_aet": self.calling_aet,
+                   "sop_instance": self.sop_instance_uid, "reason": why},
+        )
+        self._discard()
+
+    # --- internals -------------------------------------------------------------
+
+    def _check_identity(self, walker: DatasetWalker) -> None:
+        for tag, expected, what in (
+            (SOP_INSTANCE_UID, self.sop_instance_uid, "SOP Instance UID"),
+            (SOP_CLASS_UID, self.sop_class_uid, "SOP Class UID"),
+        ):
+            found = walker.elements.get(tag)
+            if found is None:
+                if tag == SOP_INSTANCE_UID:
+                    raise DatasetMismatch(f"the dataset has no {what} (the command says {expected})")
+                continue
+            value = found[1].rstrip(b"\x00 ").decode("ascii", "replace")
+            if value != expected.rstrip("\x00 "):
+                raise DatasetMismatch(
+                    f"the dataset's {what} {value!r} is not the command's {expected!r}"
+                )
+
+    def _drop_leading_meta(self, end: int) -> None:
+        """Rewrite the file without the first `end` dataset bytes (elements of
+        group 0002 the sender put in the dataset)."""
+        if self._deflated:  # inside the compressed stream: cannot cut it out
+            self._refuse(NotDicomError("the deflated dataset starts with File Meta (0002) elements"))
+            return
+        old = self._file
+        old.close()
+        self._file = None
+        with open(self.name, "rb") as src, tempfile.NamedTemporaryFile(
+            prefix=tmp_prefix("r"), suffix=".dcm", dir=os.path.dirname(self.name), delete=False
+        ) as dst:
+            try:
+                dst.write(src.read(self.dataset_offset))
+                src.seek(self.dataset_offset + end)
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            except OSError:
+                os.unlink(dst.name)
+                raise
+        os.replace(dst.name, self.name)
+        log.info(
+            "dataset of SOP Instance %s from %s carried %d bytes of File Meta (0002) elements; "
+            "dropped (the File Meta comes from the association)",
+            safe(self.sop_instance_uid), safe(self.calling_aet), end,
+        )
+
+    def _refuse(self, exc: SortscpError) -> None:
+        """The dataset cannot be stored: stop writing it, keep the reason."""
+        self.problem = exc
+        self._discard()
+
     def _fail(self, exc: OSError) -> None:
         self.error = exc
         log.error(
             "cannot write an incoming dataset to %s: %s; it will be refused (out of resources)",
-            self._folder, exc.strerror or exc,
-            extra={"event": "receive_failed", "reason": exc.strerror or str(exc)},
+            self._folder, _strerror(exc),
+            extra={"event": "receive_failed", "reason": _strerror(exc)},
         )
+        self._discard()
+
+    def _discard(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
-            try:
-                os.unlink(self.name)
-            except OSError:
-                pass
             self._file = None
+        try:
+            os.unlink(self.name)
+        except OSError:
+            pass
 
 
-def _our_file_meta(head: bytes) -> bytes:
-    """Our File Meta in place of pynetdicom's `head`, with the same SOP identity and
-    transfer syntax. pynetdicom writes the file from the association's network
-    thread, which carries the association (and so the calling AE title)."""
-    assoc = _pynetdicom.current_association()
-    if assoc is None:
-        raise ValueError("no association in this thread")
-    values = meta_values(head)
-    return file_meta_bytes(values[0x0002], values[0x0003], values[0x0010], assoc.requestor.ae_title)
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 class SinkFactory:
-    """Makes the :class:`IncomingDataset` of every dataset received under `out`
+    """Opens the :class:`IncomingDataset` of each C-STORE received under `out`
     (in its temporary area, made again if the folder was removed)."""
 
     def __init__(self, out: Path) -> None:
-        self.folder = out / TMP_DIRNAME
+        self.folder = out
 
-    def __call__(self, **kwargs: Any) -> IncomingDataset:
-        return IncomingDataset(self.folder, **kwargs)
+    def __call__(self, command: Any, transfer_syntax: str, calling_aet: str) -> IncomingDataset:
+        return IncomingDataset(
+            self.folder,
+            sop_class_uid=str(command.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(command.AffectedSOPInstanceUID or ""),
+            transfer_syntax=str(transfer_syntax),
+            calling_aet=calling_aet,
+        )
 
 
 def install(out: Path) -> None:
-    """Make pynetdicom write the datasets it receives through :class:`IncomingDataset`
-    s in the temporary area of `out`."""
-    _pynetdicom.install_dataset_sink(SinkFactory(out))
+    """Make the server write the datasets it receives through
+    :class:`IncomingDataset` s in the temporary area of `out`."""
+    _pynetdicom.install_receiver(SinkFactory(out))

@@ -4,5 +4,8 @@
 SUCCESS = 0x0000
 #: Refused: Out of Resources. Disk full, unwritable folder, worker pool failure.
 OUT_OF_RESOURCES = 0xA700
+#: Error: Data Set does not match SOP Class (0xA900): the dataset's SOP Class or
+#: Instance UID is not the command's (what DCMTK's storescp answers too).
+DATA_SET_MISMATCH = 0xA900
 #: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
 CANNOT_UNDERSTAND = 0xC000
