@@ -258,7 +258,31 @@ def sort(
         f"{'planned' if dry_run else 'done'}: {result.summary()}",
         markup=False, highlight=False, soft_wrap=True,
     )
+    if not dry_run:
+        _refresh_index(dst, err)
     raise typer.Exit(result.exit_code)
+
+
+def _refresh_index(dst: Path, err: Console) -> None:
+    """If DST has an instance index (it is, or was, a serve output folder),
+    rebuild it from the files, so that serve keeps one file per SOPInstanceUID
+    with what sort added (the index is never left behind)."""
+    from scp.jobs import identity_facts
+    from scp.store.index import IndexInUseError, index_path, rebuild
+
+    if not index_path(dst).is_file():
+        return
+    try:
+        summary = rebuild(dst, identity_facts)
+    except IndexInUseError:
+        err.print(
+            f"warning: a running server holds the instance index of {dst}; "
+            f"run 'sortscp reindex {dst}' once it is stopped",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+        return
+    err.print(f"instance index of {dst} rebuilt: {summary.instances} instances",
+              markup=False, highlight=False, soft_wrap=True)
 
 
 _INTERRUPTED = (
@@ -334,6 +358,43 @@ def echo(
     result = send_echo(host, port, aet=aet, called_aet=called_aet, timeout=timeout)
     typer.echo(f"echo: {result.message}", err=not result.ok)
     raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def reindex(
+    out: Annotated[Path, typer.Argument(help="The output folder whose instance index to rebuild.")],
+    digests: Annotated[bool, typer.Option("--digests", help="Also record the sha256 of every file (reads them whole).")] = False,
+) -> None:
+    """Rebuild the instance index (OUT/.sortscp/index.sqlite) from the files.
+
+    The files are the truth: run this after files were added, removed or moved
+    under OUT by other tools. serve rebuilds it by itself when it is missing or
+    was left behind by a crash. Where several files hold one SOPInstanceUID the
+    newest is indexed and the others are listed.
+
+    Exit status: 0 done; 1 OUT is not a folder or files could not be read;
+    75 a running server holds the index (stop it first).
+    """
+    from scp.jobs import identity_facts
+    from scp.store.index import IndexInUseError, rebuild
+
+    if not out.is_dir():
+        typer.echo(f"reindex: {out} is not a folder", err=True)
+        raise typer.Exit(1)
+    try:
+        summary = rebuild(out, identity_facts, digests=digests)
+    except IndexInUseError as exc:
+        typer.echo(f"reindex: {exc}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
+    for uid, kept, other in summary.duplicates:
+        typer.echo(f"reindex: {other}: another file of SOPInstanceUID {uid} (indexed: {kept})", err=True)
+    for rel, reason in summary.unreadable:
+        typer.echo(f"reindex: {rel}: not indexed: {reason}", err=True)
+    typer.echo(
+        f"reindex: {summary.instances} instances indexed from {summary.files_seen} files, "
+        f"{len(summary.duplicates)} duplicates, {len(summary.unreadable)} unreadable"
+    )
+    raise typer.Exit(1 if summary.unreadable else 0)
 
 
 def main() -> None:

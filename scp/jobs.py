@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -22,7 +24,9 @@ from scp.enums import Duplicate, Mode, Placement, Result, SkipCategory
 from scp.errors import NotDicomError, SortscpError, TruncatedError
 from scp.layout import relative_path
 from scp.report import Outcome
-from scp.store.commit import candidates, commit_file, destination
+from scp.store.commit import candidates, destination
+from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
+from scp.store.instance import commit_instance
 from scp.store.place import MoveBatch, place, place_at, place_identical, rename_within
 
 _STORED = {
@@ -45,17 +49,110 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
 
     `received` is the complete temporary file the network thread wrote while
     the dataset arrived (:mod:`scp.net.sink`): our File Meta, then the dataset
-    exactly as sent. It is flushed and linked into the layout as it is: the
-    dataset is written once. Exceptions propagate: the handler maps each to a
-    DIMSE status.
+    exactly as sent, already checked complete and naming the command's
+    instance. It is flushed and linked into the layout as it is (the dataset
+    is written once), through the instance index so that the tree keeps one
+    file per SOPInstanceUID (:mod:`scp.store.instance`). Exceptions
+    propagate: the handler maps each to a DIMSE status.
     """
     with open(received, "rb") as src:
-        ds = read_header(src, cfg.template.keywords, identity_from_meta=False)
-        size = os.fstat(src.fileno()).st_size - _dataset_offset(ds)  # the dataset, as received
+        ds = read_header(src, (*cfg.template.keywords, *FACT_KEYWORDS), identity_from_meta=False)
+        size = os.fstat(src.fileno()).st_size
     rel = relative_path(ds, cfg.template)
-    final, placement = commit_file(Path(received), cfg.out, rel, on_conflict=cfg.on_duplicate)
-    result, note = _STORED[placement]
-    return Outcome(result, received, str(final.relative_to(cfg.out)), note, size)
+    uid = str(ds.SOPInstanceUID)
+    facts = instance_facts(ds, size, calling_aet)
+    done = commit_instance(
+        Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate
+    )
+    result, note = _STORED[done.placement]
+    if done.other is not None:
+        if done.placement is Placement.KEPT_EXISTING:
+            note = f"kept the first copy received, at {done.other}; this one (for {rel}) dropped"
+        elif cfg.on_duplicate is Duplicate.BOTH:
+            note = f"an earlier copy stays at {done.other}"
+        else:
+            note = f"replaced the earlier copy at {done.other} (removed)"
+    nbytes = size - _dataset_offset(ds)  # the dataset, as received
+    return Outcome(result, received, str(done.final.relative_to(cfg.out)), note, nbytes)
+
+
+#: Header values kept in the instance index (besides the template's).
+FACT_KEYWORDS = (
+    "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientName", "PatientID",
+    "StudyDate", "SeriesDescription", "SeriesNumber", "Modality",
+)
+
+
+def instance_facts(ds: Dataset, size: int, calling_aet: str | None = None) -> dict[str, Any]:
+    """The index's facts of an instance read with :data:`FACT_KEYWORDS`.
+    The digest is left unknown: computing it would cost every C-STORE a read
+    of the file; the manifest of a completed series computes it."""
+    def text(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else str(value)
+
+    meta = getattr(ds, "file_meta", None)
+    return {
+        "size": size,
+        "digest": None,
+        "sop_class_uid": text("SOPClassUID"),
+        "transfer_syntax_uid": str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None,
+        "study_instance_uid": text("StudyInstanceUID"),
+        "series_instance_uid": text("SeriesInstanceUID"),
+        "patient_name": text("PatientName"),
+        "patient_id": text("PatientID"),
+        "study_date": text("StudyDate"),
+        "series_description": text("SeriesDescription"),
+        "series_number": text("SeriesNumber"),
+        "modality": text("Modality"),
+        "calling_aet": calling_aet if calling_aet is not None else (
+            str(meta.get("SourceApplicationEntityTitle", "")).strip() or None if meta is not None else None
+        ),
+    }
+
+
+def identity_facts(path: Path) -> dict[str, Any] | None:
+    """What :func:`scp.store.index.rebuild` needs of a file of the tree."""
+    with open(path, "rb") as f:
+        ds = read_header(f, FACT_KEYWORDS)
+        size = os.fstat(f.fileno()).st_size
+    return {"sop_instance_uid": str(ds.SOPInstanceUID), **instance_facts(ds, size)}
+
+
+#: The index of each output root, opened once per process (never across fork).
+_INDEXES: dict[tuple[int, Path], SqliteIndex] = {}
+
+
+def worker_index(root: Path) -> SqliteIndex:
+    """This process's connection to the index of `root` (opened on first use;
+    the server's main process created and recovered it before any worker ran)."""
+    key = (os.getpid(), Path(root))
+    index = _INDEXES.get(key)
+    if index is not None and not index_path(root).is_file():
+        index.close()  # the output folder (or its state) was removed while we ran
+        index = None
+    if index is None:
+        for stale in [k for k in _INDEXES if k[0] != key[0]]:
+            del _INDEXES[stale]  # inherited through fork: never used here
+        index = _INDEXES[key] = _open_or_rebuild(Path(root))
+    return index
+
+
+def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
+    """Open the index of `root`; if it is gone (the folder was removed while the
+    server ran), rebuild it from what the tree holds now. Another worker may be
+    doing the same: then wait for its rebuild."""
+    for _ in range(attempts):
+        try:
+            return SqliteIndex(root)
+        except IndexStaleError:
+            try:
+                rebuild(root, identity_facts)
+            except IndexInUseError:
+                time.sleep(0.1)
+        except IndexInUseError:
+            time.sleep(0.1)
+    return SqliteIndex(root)
 
 
 def _dataset_offset(ds: Dataset) -> int:

@@ -325,12 +325,18 @@ def test_read_only_output_fails_the_instance_and_recovers(tmpfs):
     out = tmpfs("8m")
     server = ServeProcess(out, "--workers", "1")
     try:
-        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True, capture_output=True)
+        # A read-only bind mount over the folder: what new opens see when the file
+        # system goes read-only (a plain remount,ro is refused while the server
+        # holds its instance index open for writing).
+        subprocess.run(["mount", "--bind", str(out), str(out)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(out)], check=True, capture_output=True)
         ds = ct("1.2.826.0.1.3680043.10.3.1")
-        assert store_one(server.port, ds) == OUT_OF_RESOURCES, server.log()
-        assert layout_files(out) == []
-        assert "Read-only file system" in server.log()
-        subprocess.run(["mount", "-o", "remount,rw", str(out)], check=True, capture_output=True)
+        try:
+            assert store_one(server.port, ds) == OUT_OF_RESOURCES, server.log()
+            assert layout_files(out) == []
+            assert "Read-only file system" in server.log()
+        finally:
+            subprocess.run(["umount", str(out)], check=True, capture_output=True)
         assert store_one(server.port, ds) == SUCCESS, server.log()
         assert [p.name for p in layout_files(out)] == [f"{ds.SOPInstanceUID}.dcm"]
     finally:

@@ -17,12 +17,14 @@ from pynetdicom import evt
 
 from scp.config import ServeConfig
 from scp.enums import Result
-from scp.errors import DatasetMismatch, NoDataset, NotDicomError, ReceiveFailed, StoreError
+from scp.errors import DatasetMismatch, InstanceIndexError, NoDataset, NotDicomError, ReceiveFailed, StoreError
 from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
 from scp.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
 from scp.pool import WorkerPool
+from scp.store.index import SqliteIndex
+from scp.store.instance import settle
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,10 @@ class _AssocStats:
 class StoreHandlers:
     """The handlers of one running server, bound to its pool and config."""
 
-    def __init__(self, pool: WorkerPool, cfg: ServeConfig) -> None:
+    def __init__(self, pool: WorkerPool, cfg: ServeConfig, index: SqliteIndex | None = None) -> None:
         self.pool = pool
         self.cfg = cfg
+        self.index = index
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self.stored = 0
@@ -95,9 +98,8 @@ class StoreHandlers:
                 raise sink.problem
             outcome = self.pool.submit(store_received, sink.name, calling, self.cfg).result()
         except Exception as exc:
-            if isinstance(exc, BrokenProcessPool):  # what the dead workers were writing
-                self.pool.recover()
-                remove_orphans(self.cfg.out / TMP_DIRNAME)
+            if isinstance(exc, BrokenProcessPool):
+                self.after_worker_death()
             status = status_for(exc)
             stats.failed += 1
             with self._lock:
@@ -130,6 +132,17 @@ class StoreHandlers:
             "already there" if outcome.result is Result.ALREADY else "new",
         )
         return SUCCESS
+
+    def after_worker_death(self) -> None:
+        """A worker died: new workers, its temporary files removed, its index
+        intents settled (and the files they superseded removed)."""
+        self.pool.recover()
+        remove_orphans(self.cfg.out / TMP_DIRNAME)
+        if self.index is not None:
+            try:
+                settle(self.index, self.cfg.out)
+            except (InstanceIndexError, OSError) as exc:
+                log.error("cannot settle the instance index after a worker died: %s", exc)
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()

@@ -20,13 +20,16 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig
-from scp.errors import SortscpError
+from scp.errors import InstanceIndexError, SortscpError
+from scp.jobs import identity_facts
 from scp.net import _pynetdicom, sink
 from scp.net.access import AccessControl, AllowRule
 from scp.net.handlers import StoreHandlers
 from scp.net.tls import server_tls_context
 from scp.net.transport import start_server
 from scp.pool import WorkerPool
+from scp.store.index import SqliteIndex
+from scp.store.instance import open_for_serving
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,19 @@ def build_ae(cfg: ServeConfig) -> AE:
     return ae
 
 
+def _open_index(out: Path) -> SqliteIndex:
+    """The instance index of `out`, rebuilt if missing or behind, settled."""
+    try:
+        index, rebuilt, removed = open_for_serving(out, identity_facts)
+    except InstanceIndexError as exc:
+        raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
+    if rebuilt:
+        log.info("instance index of %s rebuilt from the files (%s)", out, rebuilt)
+    if removed:
+        log.info("removed %d superseded files left by a process that died", removed)
+    return index
+
+
 class Server:
     """A running Storage SCP: ``start()``, then ``stop()`` (or ``run()`` for both)."""
 
@@ -108,6 +124,7 @@ class Server:
         self.ae: AE | None = None
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
+        self.index: SqliteIndex | None = None
         self._stop = threading.Event()
 
     @property
@@ -121,9 +138,10 @@ class Server:
         access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
+        self.index = _open_index(cfg.out)
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
-        self.handlers = StoreHandlers(self.pool, cfg)
+        self.handlers = StoreHandlers(self.pool, cfg, self.index)
         self.ae = build_ae(cfg)
         try:
             self.server = start_server(
@@ -131,6 +149,7 @@ class Server:
             )
         except OSError as exc:
             self.pool.close()
+            self.index.close(clean=True)
             raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         host, port = self.address
         log.info(
@@ -168,6 +187,9 @@ class Server:
             self.ae.shutdown()
         if self.pool is not None:
             self.pool.close()
+        if self.index is not None:
+            self.index.close(clean=True)  # after the workers: they had it open
+            self.index = None
         if self.handlers is not None:
             log.info(
                 "stopped: %d instances stored, %d failed",

@@ -1,0 +1,101 @@
+"""One file per SOPInstanceUID: committing a received instance through the index.
+
+:func:`commit_instance` runs the crash-consistency protocol of
+:mod:`scp.store.index` around :func:`scp.store.commit.commit_file`:
+
+1. claim the UID in the index (waits while another process holds it);
+2. give the complete temporary file its final name, durably;
+3. record it; if the UID was filed elsewhere before (a resend with a
+   corrected PatientName or SeriesNumber), remove the old file and prune the
+   folders it leaves empty.
+
+What a resend under another path does depends on the duplicate policy:
+``replace`` (the default) files the newcomer and then removes the old copy;
+``keep`` keeps the first copy and drops the newcomer (logged by the caller);
+``both`` files the newcomer and leaves the old copy where it is (the index
+then points at the newest). A resend to the same path is the commit's usual
+identical / replace / keep / ``~N`` logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from scp.enums import Duplicate, Placement
+from scp.store._prune import remove_obsolete
+from scp.store.commit import commit_file
+from scp.store.index import InstanceIndex, SqliteIndex, open_index
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Where the instance is now, what happened, and what it superseded."""
+
+    final: Path
+    placement: Placement
+    #: the earlier copy elsewhere in the tree that was removed (replace) or kept (keep/both)
+    other: str | None = None
+
+
+def commit_instance(
+    src: Path,
+    root: Path,
+    rel: PurePosixPath,
+    uid: str,
+    facts: Mapping[str, Any],
+    index: InstanceIndex,
+    *,
+    on_conflict: Duplicate = Duplicate.REPLACE,
+) -> Committed:
+    """File the complete temporary file `src` as ``root / rel``, keeping one
+    file per SOPInstanceUID `uid` in the tree (see the module docstring)."""
+    claim = index.begin(uid, rel.as_posix(), facts)
+    try:
+        old = claim.old
+        elsewhere = old is not None and old.path is not None and old.path != rel.as_posix() \
+            and (root / old.path).is_file()
+        if elsewhere and on_conflict is Duplicate.KEEP:
+            index.abort(claim)
+            assert old is not None
+            return Committed(root / str(old.path), Placement.KEPT_EXISTING, old.path)
+        final, placement = commit_file(src, root, rel, on_conflict=on_conflict)
+        if final != root / rel or (placement is Placement.KEPT_EXISTING and old is not None):
+            # stored as ~N beside other bytes, or the indexed file kept: the row stays as it was
+            index.abort(claim)
+            return Committed(final, placement)
+    except BaseException:
+        index.abort(claim)
+        raise
+    superseded = index.commit(claim)
+    if superseded is not None:
+        if on_conflict is Duplicate.BOTH:
+            index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
+        else:
+            remove_obsolete(root, superseded)
+            index.obsolete_removed(superseded)
+    if elsewhere and placement is Placement.STORED:
+        placement = Placement.REPLACED
+    return Committed(final, placement, superseded)
+
+
+def open_for_serving(root: Path, read_identity) -> tuple[SqliteIndex, str | None, int]:
+    """The index of `root` for a server's main process: rebuilt from the files
+    if missing or behind, intents of dead processes settled, their obsolete
+    files removed. Returns (index, why it was rebuilt or None, files removed)."""
+    index, report = open_index(root, read_identity)
+    removed = settle(index, root, report.obsolete)
+    return index, report.rebuilt, removed
+
+
+def settle(index: SqliteIndex, root: Path, obsolete: list[str] | None = None) -> int:
+    """Remove the obsolete files the index hands back (all of them after a
+    worker died: ``recover``), confirming each. Returns how many were removed."""
+    removed = 0
+    for rel in index.recover() if obsolete is None else obsolete:
+        if remove_obsolete(root, rel):
+            removed += 1
+        index.obsolete_removed(rel)
+    return removed

@@ -1,0 +1,78 @@
+"""``sortscp reindex OUT`` and the instance index as users meet it: files moved
+by other tools, a running server holding the index, sort into a served tree."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+from test_serve_hostile import ct_dataset, ct_path, layout_files, scu_store
+
+from scp.store.index import SqliteIndex, index_path
+
+from conftest import run_cli
+
+FAST = ("--workers", "1")
+
+
+def _rows(out: Path) -> dict[str, str]:
+    index = SqliteIndex(out)
+    try:
+        return {r.sop_instance_uid: r.path for r in index.all_instances()}
+    finally:
+        index.close()
+
+
+def test_reindex_follows_files_moved_by_other_tools(serve_process, tmp_path):
+    out = tmp_path / "out"
+    server = serve_process(*FAST, out=out)
+    first = ct_dataset(generate_uid(), PatientName="Moved^ByHand", SeriesNumber=1)
+    assert scu_store(server.port, first) == 0
+    assert server.terminate() == 0
+    old = ct_path(out, first)
+    moved = out / "elsewhere" / old.name
+    moved.parent.mkdir()
+    shutil.move(old, moved)  # a user tidies up by hand
+    done = run_cli("reindex", out, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 instances indexed" in done.stdout
+    assert _rows(out) == {first.SOPInstanceUID: f"elsewhere/{old.name}"}
+    # the resend of a corrected header replaces the moved copy: still one file
+    again = serve_process(*FAST, out=out)
+    second = ct_dataset(first.SOPInstanceUID, PatientName="Moved^ByHand", SeriesNumber=2)
+    assert scu_store(again.port, second) == 0
+    assert layout_files(out) == [ct_path(out, second)]
+
+
+def test_reindex_refuses_while_a_server_holds_the_index(serve_process, tmp_path):
+    out = tmp_path / "out"
+    server = serve_process(*FAST, out=out)
+    assert scu_store(server.port, ct_dataset(generate_uid())) == 0
+    done = run_cli("reindex", out, timeout=60)
+    assert done.returncode == 75, done.stdout + done.stderr
+    assert "stop it first" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert scu_store(server.port, ct_dataset(generate_uid())) == 0  # the server is unharmed
+
+
+def test_reindex_of_a_folder_that_does_not_exist_is_one_clear_line(tmp_path):
+    done = run_cli("reindex", tmp_path / "nowhere", timeout=60)
+    assert done.returncode == 1
+    assert "is not a folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_sort_into_a_served_tree_keeps_its_index_current(serve_process, tmp_path):
+    out = tmp_path / "out"
+    server = serve_process(*FAST, out=out)
+    served = ct_dataset(generate_uid(), PatientName="Served^One")
+    assert scu_store(server.port, served) == 0
+    assert server.terminate() == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    extra = ct_dataset(generate_uid(), PatientName="Sorted^In")
+    extra.save_as(src / "extra.dcm", enforce_file_format=True)
+    done = run_cli("sort", src, out, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert index_path(out).is_file()
+    assert set(_rows(out)) == {served.SOPInstanceUID, extra.SOPInstanceUID}
