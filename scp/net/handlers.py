@@ -155,6 +155,7 @@ class StoreHandlers:
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
         _discard_partial_dataset(assoc)
+        remove_orphans(self.cfg.out / TMP_DIRNAME)  # left by processes that died (cheap: a scandir)
         stats = self._stats.pop(id(assoc), None)
         if stats is None:  # rejected, or closed before association
             return

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Leftover temporary files older than this are removed when the server starts.
 STALE_TMP_SECONDS = 3600
+#: How often the temporary area is swept while serving.
+SWEEP_SECONDS = 600
 
 
 #: How often the drain looks at the associations still in flight.
@@ -102,6 +104,26 @@ def build_ae(cfg: ServeConfig) -> AE:
     return ae
 
 
+class _Sweeper(threading.Thread):
+    """Every `interval` seconds, remove from the temporary area what no one
+    will finish: files of processes that are gone, and files untouched for
+    :data:`STALE_TMP_SECONDS` (a file being received or filed is written or
+    linked within seconds). A safety net: each path removes its own leftovers."""
+
+    def __init__(self, tmp: Path, interval: float = SWEEP_SECONDS) -> None:
+        super().__init__(name="sortscp-tmp-sweeper", daemon=True)
+        self.tmp = tmp
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                _remove_stale(self.tmp)
+            except Exception as exc:  # never let the safety net take the server down
+                log.warning("sweeping %s failed: %s", self.tmp, exc)
+
+
 def _open_index(out: Path) -> SqliteIndex:
     """The instance index of `out`, rebuilt if missing or behind, settled."""
     try:
@@ -125,6 +147,7 @@ class Server:
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
         self.index: SqliteIndex | None = None
+        self._sweeper: _Sweeper | None = None
         self._stop = threading.Event()
 
     @property
@@ -139,6 +162,8 @@ class Server:
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
         self.index = _open_index(cfg.out)
+        self._sweeper = _Sweeper(cfg.out / TMP_DIRNAME)
+        self._sweeper.start()
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
         self.handlers = StoreHandlers(self.pool, cfg, self.index)
@@ -187,6 +212,8 @@ class Server:
             self.ae.shutdown()
         if self.pool is not None:
             self.pool.close()
+        if self._sweeper is not None:
+            self._sweeper.stopped.set()
         if self.index is not None:
             self.index.close(clean=True)  # after the workers: they had it open
             self.index = None

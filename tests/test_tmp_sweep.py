@@ -1,0 +1,40 @@
+"""Leftovers in the temporary area are swept while serving, not only at start."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pydicom.uid import generate_uid
+from test_serve_hostile import ct_dataset, scu_store
+
+from scp.store.tmp import TMP_DIRNAME
+
+
+def _dead_pid() -> int:
+    for pid in range(4_000_000, 3_000_000, -7):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise AssertionError("no free pid found")
+
+
+def test_files_of_dead_processes_are_swept_when_an_association_ends(serve_process, tmp_path):
+    out = tmp_path / "out"
+    server = serve_process("--workers", "1", out=out)
+    tmp = out / TMP_DIRNAME
+    pid = _dead_pid()
+    left = [tmp / f"r-{pid}-abandoned.dcm", tmp / f"w-{pid}-half.part"]
+    for path in left:
+        path.write_bytes(b"\0" * 4096)  # what a process killed mid-write leaves
+    mine = tmp / f"r-{server.proc.pid}-in-progress.dcm"
+    mine.write_bytes(b"\0" * 10)  # looks like one of the live server's own: kept
+    assert scu_store(server.port, ct_dataset(generate_uid())) == 0
+    deadline = time.monotonic() + 10
+    while any(p.exists() for p in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(p.exists() for p in left), sorted(os.listdir(tmp))
+    assert mine.exists()
