@@ -23,7 +23,7 @@ from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
 from scp.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
-from scp.pool import WorkerPool
+from scp.pool import JobTimeout, WorkerPool
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,11 @@ class StoreHandlers:
                 raise ReceiveFailed(
                     f"cannot write the incoming dataset: {sink.error.strerror or sink.error}"
                 ) from sink.error
-            outcome = self.pool.submit(store_received, sink.name, calling, self.cfg).result()
+            outcome = self.pool.run(
+                store_received, sink.name, calling, self.cfg, timeout=self.cfg.job_timeout
+            )
         except Exception as exc:
-            if isinstance(exc, BrokenProcessPool):  # what the dead workers were writing
+            if isinstance(exc, (BrokenProcessPool, JobTimeout)):  # what dead workers were writing
                 self.pool.recover()
                 remove_orphans(self.cfg.out / TMP_DIRNAME)
             status = status_for(exc)
