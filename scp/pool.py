@@ -128,6 +128,7 @@ class _Generation:
     progress: float = field(default_factory=time.monotonic)  # last start or finish
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: threading.Event = field(default_factory=threading.Event)
+    gone: set[int] = field(default_factory=set)  # finished before their start was read
 
     def listen(self) -> None:
         """Read start announcements until the generation ends.
@@ -144,12 +145,17 @@ class _Generation:
             except Exception:  # noqa: BLE001 - closed or garbled: this generation is over
                 return
             with self.lock:
-                self.running[job_id] = (pid, since)
+                if job_id in self.gone:  # its caller is done with it already
+                    self.gone.discard(job_id)
+                else:
+                    self.running[job_id] = (pid, since)
                 self.progress = time.monotonic()
 
-    def finished(self, job_id: int) -> None:
+    def finished(self, job_id: int, may_announce: bool) -> None:
+        """The caller of `job_id` is done with it (once per job)."""
         with self.lock:
-            self.running.pop(job_id, None)
+            if self.running.pop(job_id, None) is None and may_announce:
+                self.gone.add(job_id)  # its announcement is still on its way
             self.progress = time.monotonic()
 
     def processes(self) -> list[Any]:
@@ -220,13 +226,13 @@ class WorkerPool:
                 self._rebuild("a worker process died")
                 gen = self._gen
                 future = gen.executor.submit(_run_job, job_id, start_by, fn, *args)
-        future.add_done_callback(lambda _: gen.finished(job_id))
         try:
             result = self._wait(gen, future, job_id, submitted, timeout)
         finally:
-            gen.finished(job_id)
+            future.cancel()  # one given up on before it reached a worker never will
+            gen.finished(job_id, may_announce=not future.cancelled())
         if isinstance(result, _Expired):
-            raise JobTimeout(f"no worker took it up within {timeout:g} s")
+            raise JobTimeout(f"no worker was free to take it up within {timeout:g} s")
         return result
 
     def _wait(self, gen: _Generation, future: Future, job_id: int, submitted: float,
@@ -246,19 +252,19 @@ class WorkerPool:
                 if now - since <= timeout:
                     continue
                 self._replace(gen, f"a job ran past its {timeout:g} s deadline (worker {pid})")
+                why = f"not finished within {timeout:g} s; its worker was killed and replaced"
             elif now - submitted > timeout + START_MARGIN_SECONDS:
-                if stalled and gen.pids() - busy:  # an idle-looking worker took nothing
-                    self._replace(gen, f"no worker took up a job for {timeout:g} s")
-                elif not future.done():
+                if not (stalled and gen.pids() - busy):
                     # Queued behind busy workers: it will find its deadline passed.
-                    raise JobTimeout(f"no worker took it up within {timeout:g} s")
+                    raise JobTimeout(f"no worker was free to take it up within {timeout:g} s")
+                # An idle-looking worker took nothing for a whole deadline: it hangs.
+                self._replace(gen, f"no worker took up a job for {timeout:g} s")
+                why = f"no worker took it up within {timeout:g} s; the hung workers were replaced"
             else:
                 continue
             if future.done() and not future.exception():  # finished just in time
                 return future.result()
-            raise JobTimeout(
-                f"not finished within {timeout:g} s; its worker was killed and replaced"
-            )
+            raise JobTimeout(why)
 
     def _replace(self, gen: _Generation, why: str) -> None:
         """Kill every worker of `gen` (a hung one among them) and start a new pool,
