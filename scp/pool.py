@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scp._process import pid_alive
+from scp.enums import LogFormat
 from scp.errors import StoreError
+from scp.log import setup_worker_logging, worker_setup
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ class _Expired:
 _started_pipe: Any = None
 
 
-def _init_worker(parent: int | None = None, started: Any = None) -> None:
+def _init_worker(parent: int | None = None, started: Any = None,
+                 log_setup: tuple[str, LogFormat] | None = None) -> None:
     global _started_pipe
+    if log_setup is not None:
+        setup_worker_logging(log_setup)  # never Python's raw last-resort output
     # Ctrl-C and SIGTERM are the parent's to handle: it drains, then closes us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -177,6 +182,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._ctx = _context()
+        self._log_setup = worker_setup()
         self._gen = self._new_generation()
         self._closed = False
 
@@ -184,7 +190,7 @@ class WorkerPool:
         reader, writer = self._ctx.Pipe(duplex=False)
         executor = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=self._ctx, initializer=_init_worker,
-            initargs=(os.getpid(), writer),
+            initargs=(os.getpid(), writer, self._log_setup),
         )
         gen = _Generation(executor, reader)
         threading.Thread(target=gen.listen, name="pool-starts", daemon=True).start()

@@ -7,6 +7,7 @@ again" (or "this dataset cannot be read").
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -160,14 +161,48 @@ def _peer(assoc) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
 
+#: What an OS error means for the instance, said plainly before the system's words.
+_OS_MEANING = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the output file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOENT: "a file or folder vanished",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files",
+    errno.EIO: "an input/output error on the disk",
+}
+
+
 def _describe(exc: BaseException) -> str:
+    """The reason a failure line gives: what happened, then the system's words.
+
+    >>> _describe(OSError(28, "No space left on device", "/out/x.dcm"))
+    'the disk is full (No space left on device): /out/x.dcm'
+    """
     if isinstance(exc, BrokenProcessPool):
         return "a worker process died while storing it"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, OSError):
+        return _describe_os(exc)
     if isinstance(exc, (StoreError, NotDicomError)):
-        return str(exc)
+        text = str(exc)
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and (meaning := _OS_MEANING.get(cause.errno or 0)) \
+                and meaning not in text:
+            text += f" ({meaning})"
+        return text
     return f"{type(exc).__name__}: {exc}"
+
+
+def _describe_os(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    meaning = _OS_MEANING.get(exc.errno or 0)
+    if meaning:
+        text = f"{meaning} ({text})"
+    if exc.filename:
+        text += f": {exc.filename}"
+    return text
 
 
 def _discard_partial_dataset(assoc) -> None:

@@ -135,7 +135,10 @@ class Server:
     def start(self) -> None:
         cfg = self.cfg
         _pynetdicom.check()
-        access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
+        access = AccessControl(
+            [AllowRule.parse(rule) for rule in cfg.allow_aet],
+            called_aet=cfg.aet if cfg.require_called_aet else None,
+        )
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
         self.pool = WorkerPool(cfg.workers)
