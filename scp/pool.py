@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -59,6 +59,10 @@ KILL_WAIT_SECONDS = 5.0
 
 class JobTimeout(StoreError):
     """A pool job did not finish within its deadline; its worker was killed."""
+
+
+class PoolClosed(StoreError):
+    """The pool was closed (the server is stopping) before a job could finish."""
 
 
 class _Expired:
@@ -224,7 +228,7 @@ class WorkerPool:
         start_by = submitted + timeout
         with self._lock:
             if self._closed:
-                raise RuntimeError("the worker pool is closed")
+                raise PoolClosed("the server is stopping; it was not filed")
             try:
                 gen = self._gen
                 future = gen.executor.submit(_run_job, job_id, start_by, fn, *args)
@@ -234,6 +238,10 @@ class WorkerPool:
                 future = gen.executor.submit(_run_job, job_id, start_by, fn, *args)
         try:
             result = self._wait(gen, future, job_id, submitted, timeout)
+        except (BrokenProcessPool, CancelledError) as exc:
+            if self._closed:
+                raise PoolClosed("the server stopped before it was filed") from exc
+            raise
         finally:
             future.cancel()  # one given up on before it reached a worker never will
             gen.finished(job_id, may_announce=not future.cancelled())
@@ -315,6 +323,10 @@ class WorkerPool:
         for p in alive:
             p.join(max(0.0, deadline - time.monotonic()))
         gen.ended.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def warm_up(self) -> None:
         """Start every worker now, so the first instance does not wait for one."""

@@ -43,6 +43,8 @@ DRAIN_POLL_SECONDS = 0.1
 POOL_CLOSE_GRACE_SECONDS = 2.0
 #: How long a stop waits for pynetdicom to abort the associations left.
 AE_SHUTDOWN_SECONDS = 3.0
+#: How long a stop waits for aborted associations to log their last line.
+FINAL_LINES_SECONDS = 1.0
 
 
 def _bounded(fn: Callable[[], object], seconds: float, what: str) -> None:
@@ -176,9 +178,11 @@ class Server:
         second signal), close the worker pool (bounded, whatever the workers
         do), then abort what is left."""
         active: list = []
+        threads: list = []
         if self.server is not None:
             self.server.shutdown()  # closes the listening socket; associations go on
-            active = [a for a in self.server.active_associations if _in_flight(a)]
+            threads = list(self.server.active_associations)
+            active = [a for a in threads if _in_flight(a)]
             if active:
                 log.info(
                     "stopping: waiting up to %.0f s for %d association(s) in flight",
@@ -199,6 +203,9 @@ class Server:
             self.pool.close(grace=0.0 if active else POOL_CLOSE_GRACE_SECONDS)
         if self.ae is not None:
             _bounded(self.ae.shutdown, AE_SHUTDOWN_SECONDS, "aborting the associations left")
+        deadline = time.monotonic() + FINAL_LINES_SECONDS  # their last log lines come first
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self.handlers is not None:
             log.info(
                 "stopped: %d instances stored, %d failed",
