@@ -322,6 +322,10 @@ class WorkerPool:
         deadline = time.monotonic() + KILL_WAIT_SECONDS
         for p in alive:
             p.join(max(0.0, deadline - time.monotonic()))
+        stuck = [p.pid for p in alive if p.is_alive()]
+        if stuck:  # e.g. blocked in the kernel on a hung network file system
+            log.error("worker process(es) %s did not exit after SIGKILL; going on without them",
+                      ", ".join(map(str, stuck)))
         gen.ended.set()
 
     @property
