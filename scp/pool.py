@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 PARENT_POLL_SECONDS = 1.0
 #: How often a caller of :meth:`WorkerPool.run` looks at its job's deadline.
 DEADLINE_POLL_SECONDS = 0.2
-#: How long after a job's deadline the parent waits for news that it started.
-START_MARGIN_SECONDS = 1.0
+#: How long after a job's deadline the parent looks whether it started (for
+#: the clock's sake only: the check itself is exact, see ``_Generation.drain``).
+START_MARGIN_SECONDS = 0.5
 #: How long a worker sent SIGTERM gets before SIGKILL when the pool closes.
 TERMINATE_GRACE_SECONDS = 1.0
 #: How long :meth:`WorkerPool.close` waits for a killed process to be gone.
@@ -136,6 +137,7 @@ class _Generation:
     running: dict[int, tuple[int, float]] = field(default_factory=dict)  # job -> (pid, since)
     progress: float = field(default_factory=time.monotonic)  # last start or finish
     lock: threading.Lock = field(default_factory=threading.Lock)
+    read_lock: threading.Lock = field(default_factory=threading.Lock)
     ended: threading.Event = field(default_factory=threading.Event)
     gone: set[int] = field(default_factory=set)  # finished before their start was read
 
@@ -148,17 +150,25 @@ class _Generation:
         """
         while not self.ended.is_set():
             try:
-                if not self.reader.poll(DEADLINE_POLL_SECONDS):
-                    continue
-                job_id, pid, since = self.reader.recv()
+                if self.reader.poll(DEADLINE_POLL_SECONDS):
+                    self.drain()
             except Exception:  # noqa: BLE001 - closed or garbled: this generation is over
                 return
-            with self.lock:
-                if job_id in self.gone:  # its caller is done with it already
-                    self.gone.discard(job_id)
-                else:
-                    self.running[job_id] = (pid, since)
-                self.progress = time.monotonic()
+
+    def drain(self) -> None:
+        """Record every announcement already written. A caller that drains after
+        its job's ``start_by`` and finds no announcement knows the job never
+        starts: an announcement written later is checked against ``start_by``
+        after it is written, by the same machine-wide clock."""
+        with self.read_lock:
+            while self.reader.poll(0):
+                job_id, pid, since = self.reader.recv()
+                with self.lock:
+                    if job_id in self.gone:  # its caller is done with it already
+                        self.gone.discard(job_id)
+                    else:
+                        self.running[job_id] = (pid, since)
+                    self.progress = time.monotonic()
 
     def finished(self, job_id: int, may_announce: bool) -> None:
         """The caller of `job_id` is done with it (once per job)."""
@@ -268,7 +278,17 @@ class WorkerPool:
                 self._replace(gen, f"a job ran past its {timeout:g} s deadline (worker {pid})")
                 why = f"not finished within {timeout:g} s; its worker was killed and replaced"
             elif now - submitted > timeout + START_MARGIN_SECONDS:
-                if not (stalled and gen.pids() - busy):
+                try:
+                    gen.drain()  # the last word on whether it started
+                    known = True
+                except Exception:  # noqa: BLE001 - the pipe broke: cannot tell, so kill
+                    known = False
+                with gen.lock:
+                    if job_id in gen.running:
+                        continue
+                    stalled = time.monotonic() - gen.progress > timeout
+                    busy = {pid for pid, _ in gen.running.values()}
+                if known and not (stalled and gen.pids() - busy):
                     # Queued behind busy workers: it will find its deadline passed.
                     raise JobTimeout(f"no worker was free to take it up within {timeout:g} s")
                 # An idle-looking worker took nothing for a whole deadline: it hangs.
