@@ -210,10 +210,6 @@ class WorkerPool:
         threading.Thread(target=gen.listen, name="pool-starts", daemon=True).start()
         return gen
 
-    @property
-    def _executor(self) -> ProcessPoolExecutor:
-        return self._gen.executor
-
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Submit `fn(*args)`, without a deadline; rebuild the pool first if a worker died."""
         with self._lock:
