@@ -6,6 +6,7 @@ never starts; the pool serves the next job."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -87,3 +88,44 @@ def test_close_with_grace_ends_a_hung_pool_in_bounded_time(tmp_path):
     assert took < 0.5 + 7, f"close took {took:.1f} s"
     assert done.wait(5), "the caller of the killed job was never answered"
     assert "error" in answer, f"a killed job gave a result: {answer}"
+
+
+def test_a_stopped_idle_worker_never_stalls_the_pool():
+    """One of two workers is stopped (SIGSTOP) while idle. Every job is answered
+    within its deadline plus a few seconds. If the stopped worker held a lock of
+    the pool's queues (waiting for the next job, or just after sending a result:
+    both seen here), one job fails and the pool is rebuilt; either way jobs go on."""
+    with WorkerPool(2) as pool:
+        pool.warm_up()
+        pids: set[int] = set()
+        for _ in range(20):  # both workers, each holding a job for a moment
+            threads = [threading.Thread(target=lambda: pids.add(pool.run(pid_after, 0.3, timeout=10)))
+                       for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, f"could not see both workers: {pids}"
+        stopped = sorted(pids)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            outcomes = []
+            for _ in range(6):
+                start = time.monotonic()
+                try:
+                    outcomes.append(pool.run(pid_after, 0, timeout=2))
+                except JobTimeout:
+                    outcomes.append("timeout")
+                took = time.monotonic() - start
+                assert took < 2 + 5, f"a job was answered after {took:.1f} s"
+            assert outcomes.count("timeout") <= 1, outcomes
+            assert stopped not in outcomes
+            assert outcomes[-1] != "timeout"
+        finally:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
