@@ -137,6 +137,7 @@ def serve(
     dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, help="Seconds to wait for DIMSE messages.")] = config.DEFAULT_DIMSE_TIMEOUT,
     network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, help="On SIGINT/SIGTERM, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
+    job_timeout: Annotated[float, typer.Option("--job-timeout", envvar=_env("JOB_TIMEOUT"), min=0.1, help="Seconds a worker may take to file one instance; past it the instance gets 0xA700 (out of resources) and the worker is replaced.")] = config.DEFAULT_JOB_TIMEOUT,
     allow_aet: Annotated[Optional[list[str]], typer.Option("--allow-aet", envvar=_env("ALLOW_AET"), callback=_allow_list, metavar="TITLE[@HOST]", help="Accept associations only from this calling AE title (optionally only from HOST); repeatable, or separated by spaces/commas in the variable. Default: anyone.")] = None,
     require_called_aet: Annotated[bool, typer.Option("--require-called-aet", envvar=_env("REQUIRE_CALLED_AET"), help="Reject associations addressed to another AE title than --aet.")] = False,
     tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", envvar=_env("TLS_CERT"), dir_okay=False, help="Serve DICOM over TLS with this PEM certificate (chain).")] = None,
@@ -160,7 +161,7 @@ def serve(
         workers=workers or config.default_workers(), on_duplicate=Duplicate(on_duplicate),
         max_associations=max_associations, max_pdu=max_pdu, acse_timeout=acse_timeout,
         dimse_timeout=dimse_timeout, network_timeout=network_timeout, drain_timeout=drain_timeout,
-        allow_aet=tuple(allow_aet or ()), require_called_aet=require_called_aet,
+        job_timeout=job_timeout, allow_aet=tuple(allow_aet or ()), require_called_aet=require_called_aet,
         tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
     )
     try:

@@ -21,6 +21,8 @@ DEFAULT_MAX_PDU = 1 << 20
 DEFAULT_ACSE_TIMEOUT = 30.0
 DEFAULT_DIMSE_TIMEOUT = 60.0
 DEFAULT_NETWORK_TIMEOUT = 60.0
+#: How long a worker may take to file one instance before it is killed and replaced.
+DEFAULT_JOB_TIMEOUT = 60.0
 #: How long a stop waits for in-flight associations before aborting them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
 #: The calling AE title ``sortscp echo`` uses unless told otherwise.
@@ -92,6 +94,7 @@ class ServeConfig:
     dimse_timeout: float = DEFAULT_DIMSE_TIMEOUT
     network_timeout: float = DEFAULT_NETWORK_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    job_timeout: float = DEFAULT_JOB_TIMEOUT
     allow_aet: tuple[str, ...] = ()
     require_called_aet: bool = False
     tls_cert: Path | None = None

@@ -1,4 +1,13 @@
-"""Logging set-up: configured once, by the CLI."""
+"""Logging set-up: configured once, by the CLI (and in each worker process).
+
+Every record passes :class:`EscapeFilter` on its way out, whoever wrote it:
+control characters (newlines, escape sequences, NUL ...) are escaped, so no
+peer-supplied text can forge a log line or colour a terminal. Our own messages
+quote such text with :func:`safe`; pynetdicom's and pydicom's (which quote AE
+titles and values as received) are escaped as a whole. A traceback is indented
+below its line; a library's (bad input, already said in its line) is dropped
+unless the level is DEBUG.
+"""
 
 from __future__ import annotations
 
@@ -25,14 +34,50 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         doc.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        elif record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
+#: Loggers whose messages are ours: they quote peer text with :func:`safe` already.
+OURS = "scp"
+
+
+class EscapeFilter(logging.Filter):
+    """Escape control characters in every record a handler emits (see the module)."""
+
+    def __init__(self, keep_library_tracebacks: bool = False) -> None:
+        super().__init__()
+        self.keep_library_tracebacks = keep_library_tracebacks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == OURS or record.name.startswith(OURS + ".")
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string: log what there is
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg = escape_controls(message) if ours else safe(message)
+        record.args = None
+        if record.exc_info and not ours and not self.keep_library_tracebacks:
+            record.exc_info = None
+            record.exc_text = None
+        elif record.exc_info or record.exc_text:
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
+            record.exc_text = "\n".join("    " + escape_controls(line) for line in text.splitlines())
+        record.stack_info = None
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: LogFormat = LogFormat.TEXT) -> None:
-    """Send our logs to stderr at `level`; pynetdicom's stay at WARNING unless DEBUG."""
+    """Send our logs to stderr at `level`; pynetdicom's stay at WARNING unless DEBUG.
+
+    Python warnings (pydicom's about odd values, which quote them) become log
+    records too, so they pass the same filter.
+    """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EscapeFilter(keep_library_tracebacks=level.upper() == "DEBUG"))
     if fmt is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
     else:
@@ -44,6 +89,40 @@ def setup_logging(level: str = "INFO", fmt: LogFormat = LogFormat.TEXT) -> None:
     root.setLevel(level.upper())
     pynetdicom_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
     logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+    logging.captureWarnings(True)
+
+
+def worker_setup() -> tuple[str, LogFormat]:
+    """What a worker process needs to log as this process does (picklable)."""
+    root = logging.getLogger()
+    fmt = LogFormat.TEXT
+    for handler in root.handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            fmt = LogFormat.JSON
+    return logging.getLevelName(root.getEffectiveLevel()), fmt
+
+
+def setup_worker_logging(setup: tuple[str, LogFormat]) -> None:
+    """In a worker: log like the parent (:func:`worker_setup`), never raw.
+
+    Without this a worker has no handler, and Python's last resort prints
+    pydicom's warnings, peer-supplied values and all, straight to stderr.
+    """
+    level, fmt = setup
+    setup_logging(level, fmt)
+
+
+def escape_controls(text: str) -> str:
+    r"""`text` with its control characters escaped and its backslashes kept
+    (for text whose peer-supplied parts went through :func:`safe` already).
+
+    >>> print(escape_controls("a\\b\x1b[0m\n"))
+    a\b\x1b[0m\n
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
 
 
 def safe(value: object) -> str:

@@ -294,6 +294,8 @@ def test_disk_full_fails_the_instance_and_recovers(tmpfs):
             assert pydicom.dcmread(p).PixelData == pixels[: 384 * 384 * 2]
         wait_until(lambda: tmp_files(out) == [], what="the temporary folder to be empty")
         assert "No space left on device" in server.log()
+        failed_line = [line for line in server.log().splitlines() if failed[0] in line]
+        assert failed_line and "the disk is full" in failed_line[0], server.log()
         # Now not even the incoming dataset fits: still a status, still the same association.
         filler = out / "filler"
         with open(filler, "wb", buffering=0) as f:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+#: A-ASSOCIATE-RJ: rejected-permanent, by the service user, called AE title not recognized.
+REJECT_CALLED_AET = (0x01, 0x01, 0x07)
 
 
 class SecurityConfigError(SortscpError):
@@ -96,33 +98,42 @@ def split_allow_list(values: Iterable[str]) -> list[str]:
 
 
 class AccessControl:
-    """An ``EVT_REQUESTED`` handler that rejects calling AE titles not on the list.
+    """An ``EVT_REQUESTED`` handler that rejects calling AE titles not on the list
+    and, with `called_aet`, associations addressed to another AE title: every
+    rejection gets the same WARNING line (calling and called AE title, address,
+    reason).
 
     An empty list allows everyone (as DCMTK and Orthanc do by default).
     """
 
-    def __init__(self, rules: Sequence[AllowRule]) -> None:
+    def __init__(self, rules: Sequence[AllowRule], called_aet: str | None = None) -> None:
         self.rules = tuple(rules)
+        self.called_aet = called_aet
 
     def allows(self, calling_aet: str, address: str) -> bool:
         return not self.rules or any(r.allows(calling_aet, address) for r in self.rules)
 
     def bindings(self) -> list[tuple]:
-        return [(evt.EVT_REQUESTED, self.on_requested)] if self.rules else []
+        return [(evt.EVT_REQUESTED, self.on_requested)] if self.rules or self.called_aet else []
 
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         # ``requestor.ae_title`` is set only later, during negotiation.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()  # type: ignore[union-attr]
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()  # type: ignore[union-attr]
+        called = str(primitive.called_ae_title).strip()  # type: ignore[union-attr]
         address = str(assoc.requestor.address)
-        if self.allows(calling, address):
+        if not self.allows(calling, address):
+            reason, rsd = "calling AE title not allowed", REJECT_CALLING_AET
+            detail = f"{reason} (called '{safe(called)}')"
+        elif self.called_aet is not None and called != self.called_aet:
+            reason, rsd = "called AE title not ours", REJECT_CALLED_AET
+            detail = f"called AE title '{safe(called)}' is not {self.called_aet}"
+        else:
             return
         log.warning(
-            "rejected association from %r (%s): calling AE title not allowed",
-            safe(calling), address,
-            extra={"event": "association_rejected", "calling_aet": calling, "peer": address,
-                   "reason": "calling AE title not allowed"},
+            "rejected association from '%s' (%s): %s", safe(calling), address, detail,
+            extra={"event": "association_rejected", "calling_aet": calling, "called_aet": called,
+                   "peer": address, "reason": reason},
         )
-        _pynetdicom.reject(assoc, *REJECT_CALLING_AET)
-
-
+        _pynetdicom.reject(assoc, *rsd)

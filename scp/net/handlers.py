@@ -7,6 +7,7 @@ again" (or "this dataset cannot be read").
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
 from scp.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
-from scp.pool import WorkerPool
+from scp.pool import JobTimeout, WorkerPool
 from scp.store.index import SqliteIndex
 from scp.store.instance import settle
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
@@ -96,9 +97,11 @@ class StoreHandlers:
                 ) from sink.error
             if sink.problem is not None:
                 raise sink.problem
-            outcome = self.pool.submit(store_received, sink.name, calling, self.cfg).result()
+            outcome = self.pool.run(
+                store_received, sink.name, calling, self.cfg, timeout=self.cfg.job_timeout
+            )
         except Exception as exc:
-            if isinstance(exc, BrokenProcessPool):
+            if isinstance(exc, (BrokenProcessPool, JobTimeout)):  # what dead workers were writing
                 self.after_worker_death()
             status = status_for(exc)
             stats.failed += 1
@@ -175,14 +178,48 @@ def _peer(assoc) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
 
+#: What an OS error means for the instance, said plainly before the system's words.
+_OS_MEANING = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the output file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOENT: "a file or folder vanished",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files",
+    errno.EIO: "an input/output error on the disk",
+}
+
+
 def _describe(exc: BaseException) -> str:
+    """The reason a failure line gives: what happened, then the system's words.
+
+    >>> _describe(OSError(28, "No space left on device", "/out/x.dcm"))
+    'the disk is full (No space left on device): /out/x.dcm'
+    """
     if isinstance(exc, BrokenProcessPool):
         return "a worker process died while storing it"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, OSError):
+        return _describe_os(exc)
     if isinstance(exc, (StoreError, NotDicomError)):
-        return str(exc)
+        text = str(exc)
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and (meaning := _OS_MEANING.get(cause.errno or 0)) \
+                and meaning not in text:
+            text += f" ({meaning})"
+        return text
     return f"{type(exc).__name__}: {exc}"
+
+
+def _describe_os(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    meaning = _OS_MEANING.get(exc.errno or 0)
+    if meaning:
+        text = f"{meaning} ({text})"
+    if exc.filename:
+        text += f": {exc.filename}"
+    return text
 
 
 def _discard_partial_dataset(assoc) -> None:

@@ -1,8 +1,10 @@
 """``sortscp serve``: set up the AE, run it, stop it cleanly.
 
 Stopping (SIGINT/SIGTERM) closes the listening socket first, lets the
-associations in flight finish (bounded by ``drain_timeout``), aborts what is
-left, then closes the worker pool.
+associations in flight finish (bounded by ``drain_timeout``; a second signal
+cuts it short), closes the worker pool (killing workers that do not exit, so a
+hung one cannot hold the stop), then aborts what is left. A stop takes at most
+``drain_timeout`` plus a few seconds, whatever the workers and peers do.
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ SWEEP_SECONDS = 600
 
 #: How often the drain looks at the associations still in flight.
 DRAIN_POLL_SECONDS = 0.1
+#: After a complete drain, how long idle workers get to exit before they are killed.
+POOL_CLOSE_GRACE_SECONDS = 2.0
+#: How long a stop waits for pynetdicom to abort the associations left.
+AE_SHUTDOWN_SECONDS = 3.0
+#: How long a stop waits for aborted associations to log their last line.
+FINAL_LINES_SECONDS = 1.0
+
+
+def _bounded(fn: Callable[[], object], seconds: float, what: str) -> None:
+    """Run `fn` in a daemon thread; give up waiting on it after `seconds`
+    (a peer that does not read must not hold up the stop)."""
+    thread = threading.Thread(target=fn, name="stop", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        log.warning("stopping: gave up %s after %.0f s", what, seconds)
 
 
 def _in_flight(assoc: object) -> bool:
@@ -149,6 +167,7 @@ class Server:
         self.index: SqliteIndex | None = None
         self._sweeper: _Sweeper | None = None
         self._stop = threading.Event()
+        self._force = threading.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -158,7 +177,10 @@ class Server:
     def start(self) -> None:
         cfg = self.cfg
         _pynetdicom.check()
-        access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
+        access = AccessControl(
+            [AllowRule.parse(rule) for rule in cfg.allow_aet],
+            called_aet=cfg.aet if cfg.require_called_aet else None,
+        )
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
         self.index = _open_index(cfg.out)
@@ -185,7 +207,10 @@ class Server:
             log.info("accepting calling AE titles: %s", ", ".join(map(str, access.rules)))
 
     def request_stop(self, *_: object) -> None:
-        """Ask the server to stop (safe to call from a signal handler)."""
+        """Ask the server to stop; asked again while stopping, stop at once
+        (safe to call from a signal handler)."""
+        if self._stop.is_set():
+            self._force.set()
         self._stop.set()
 
     def wait(self) -> None:
@@ -193,25 +218,38 @@ class Server:
             pass
 
     def stop(self) -> None:
-        """Stop listening, drain in-flight associations (bounded), then shut down."""
+        """Stop listening, drain in-flight associations (bounded, cut short by a
+        second signal), close the worker pool (bounded, whatever the workers
+        do), then abort what is left."""
+        active: list = []
+        threads: list = []
         if self.server is not None:
             self.server.shutdown()  # closes the listening socket; associations go on
-            active = [a for a in self.server.active_associations if _in_flight(a)]
+            threads = list(self.server.active_associations)
+            active = [a for a in threads if _in_flight(a)]
             if active:
                 log.info(
                     "stopping: waiting up to %.0f s for %d association(s) in flight",
                     self.cfg.drain_timeout, len(active),
                 )
             deadline = time.monotonic() + self.cfg.drain_timeout
-            while active and (remaining := deadline - time.monotonic()) > 0:
+            while active and not self._force.is_set() \
+                    and (remaining := deadline - time.monotonic()) > 0:
                 active[0].join(min(DRAIN_POLL_SECONDS, remaining))
                 active = [a for a in active if _in_flight(a)]
-            if active:
+            if self._force.is_set():
+                log.warning("stopping now (second signal): %d association(s) cut off", len(active))
+            elif active:
                 log.warning("aborting %d association(s) still open after the drain", len(active))
-        if self.ae is not None:
-            self.ae.shutdown()
         if self.pool is not None:
-            self.pool.close()
+            # Idle workers exit at once; a hung one, or one whose association is
+            # being cut off, is killed: its instance was never answered Success.
+            self.pool.close(grace=0.0 if active else POOL_CLOSE_GRACE_SECONDS)
+        if self.ae is not None:
+            _bounded(self.ae.shutdown, AE_SHUTDOWN_SECONDS, "aborting the associations left")
+        deadline = time.monotonic() + FINAL_LINES_SECONDS  # their last log lines come first
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._sweeper is not None:
             self._sweeper.stopped.set()
         if self.index is not None:
@@ -225,15 +263,18 @@ class Server:
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         """Start, serve until SIGINT/SIGTERM, stop. Returns the exit code."""
-        # Handlers first: a supervisor may send SIGTERM as soon as the port accepts.
+        # Handlers first: a supervisor may send SIGTERM as soon as the port accepts;
+        # they stay through the stop, where a second signal cuts the drain short.
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start()
-            if on_ready:
-                on_ready(self)
-            self.wait()
+            try:
+                self.start()
+                if on_ready:
+                    on_ready(self)
+                self.wait()
+            finally:
+                self.stop()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self.stop()
         return 0

@@ -1,0 +1,65 @@
+"""Log lines cannot be forged: whatever a record carries (a peer's AE title with a
+newline, an escape sequence, a traceback quoting it), each record is one line at
+column 0 followed only by indented lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from scp.enums import LogFormat
+from scp.log import EscapeFilter, JsonFormatter
+
+FORGED = "EV\nFORGED 2026-01-01 INFO scp: stored\x1b[31m"
+
+
+def _emit(logger_name: str, *, fmt: LogFormat = LogFormat.TEXT, debug: bool = False,
+          exc: bool = False) -> str:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(EscapeFilter(keep_library_tracebacks=debug))
+    handler.setFormatter(JsonFormatter() if fmt is LogFormat.JSON
+                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        if exc:
+            try:
+                raise ValueError(f"Invalid 'Calling AE Title' value '{FORGED}'")
+            except ValueError:
+                logger.exception("Invalid 'Calling AE Title' value '%s'", FORGED)
+        else:
+            logger.error("Invalid 'Calling AE Title' value '%s'", FORGED)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", ["pynetdicom.dul", "pydicom", "scp.net.handlers"])
+@pytest.mark.parametrize("exc", [False, True])
+def test_no_record_starts_a_forged_line(name, exc):
+    text = _emit(name, exc=exc)
+    assert "\x1b" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("ERROR "), text
+    assert all(line.startswith("    ") for line in lines[1:]), f"a line at column 0:\n{text}"
+    assert r"EV\nFORGED" in lines[0] or r"EV\\nFORGED" in lines[0], text
+
+
+def test_a_library_traceback_about_bad_input_only_at_debug():
+    assert len(_emit("pynetdicom.dul", exc=True).splitlines()) == 1
+    assert "Traceback" in _emit("pynetdicom.dul", exc=True, debug=True)
+    assert "Traceback" in _emit("scp.net.server", exc=True)  # ours: a bug, keep it
+
+
+def test_json_lines_stay_one_object_each():
+    text = _emit("pynetdicom.dul", fmt=LogFormat.JSON, exc=True, debug=True)
+    assert len(text.splitlines()) == 1, text
+    doc = json.loads(text)
+    assert "FORGED" in doc["message"] and "\n" not in doc["message"]
+    assert "\x1b" not in doc["exception"] and "\n    " in doc["exception"]

@@ -1,0 +1,131 @@
+"""The worker pool's deadlines, with real worker processes: a job past its
+deadline is stopped by killing its worker *before* the caller hears of it, so
+it can never write anything afterwards; a job that waited too long for a worker
+never starts; the pool serves the next job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from scp._process import pid_alive
+from scp.pool import JobTimeout, WorkerPool
+
+
+def write_after(path: str, seconds: float) -> str:
+    """A job that writes `path` after `seconds` (a stand-in for a slow commit)."""
+    time.sleep(seconds)
+    Path(path).write_text("late")
+    return path
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@pytest.fixture
+def pool():
+    with WorkerPool(1) as p:
+        p.warm_up()
+        yield p
+
+
+def test_a_job_past_its_deadline_is_killed_before_the_caller_hears(pool, tmp_path):
+    worker = pool.run(pid_after, 0, timeout=10)
+    late = tmp_path / "late"
+    start = time.monotonic()
+    with pytest.raises(JobTimeout, match="killed"):
+        pool.run(write_after, str(late), 3, timeout=1)
+    took = time.monotonic() - start
+    assert took < 1 + 5, f"answered after {took:.1f} s"
+    assert not pid_alive(worker), "the worker that ran past its deadline still runs"
+    time.sleep(3)
+    assert not late.exists(), "a job answered as timed out wrote its file afterwards"
+    assert pool.run(pid_after, 0, timeout=10) != worker  # a new worker serves
+
+
+def test_a_job_queued_past_its_deadline_never_runs(pool, tmp_path):
+    """One worker busy (within its own deadline): the queued job fails without
+    killing anyone, and does not run when the worker gets free."""
+    busy: dict = {}
+    first = threading.Thread(target=lambda: busy.update(pid=pool.run(pid_after, 3, timeout=10)))
+    first.start()
+    time.sleep(0.5)
+    queued = tmp_path / "queued"
+    with pytest.raises(JobTimeout, match="free"):
+        pool.run(write_after, str(queued), 0, timeout=1)
+    first.join(15)
+    assert busy.get("pid"), "the busy job did not finish: its worker was killed"
+    time.sleep(1)
+    assert not queued.exists(), "a job answered as timed out ran later"
+    assert pool.run(pid_after, 0, timeout=10) == busy["pid"]  # same worker, never replaced
+
+
+def test_close_with_grace_ends_a_hung_pool_in_bounded_time(tmp_path):
+    pool = WorkerPool(1)
+    pool.warm_up()
+    answer: dict = {}
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            answer["result"] = pool.run(pid_after, 60, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - what the caller hears is the point
+            answer["error"] = exc
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    pool.close(grace=0.5)
+    took = time.monotonic() - start
+    assert took < 0.5 + 7, f"close took {took:.1f} s"
+    assert done.wait(5), "the caller of the killed job was never answered"
+    assert "error" in answer, f"a killed job gave a result: {answer}"
+
+
+def test_a_stopped_idle_worker_never_stalls_the_pool():
+    """One of two workers is stopped (SIGSTOP) while idle. Every job is answered
+    within its deadline plus a few seconds. If the stopped worker held a lock of
+    the pool's queues (waiting for the next job, or just after sending a result:
+    both seen here), one job fails and the pool is rebuilt; either way jobs go on."""
+    with WorkerPool(2) as pool:
+        pool.warm_up()
+        pids: set[int] = set()
+        for _ in range(20):  # both workers, each holding a job for a moment
+            threads = [threading.Thread(target=lambda: pids.add(pool.run(pid_after, 0.3, timeout=10)))
+                       for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, f"could not see both workers: {pids}"
+        stopped = sorted(pids)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            outcomes = []
+            for _ in range(6):
+                start = time.monotonic()
+                try:
+                    outcomes.append(pool.run(pid_after, 0, timeout=2))
+                except JobTimeout:
+                    outcomes.append("timeout")
+                took = time.monotonic() - start
+                assert took < 2 + 5, f"a job was answered after {took:.1f} s"
+            assert outcomes.count("timeout") <= 1, outcomes
+            assert stopped not in outcomes
+            assert outcomes[-1] != "timeout"
+        finally:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
