@@ -45,11 +45,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from scp import DEFAULT_TEMPLATE as DEFAULT_TEMPLATE  # the layout's default, re-exported
 from scp.errors import TemplateError
-
-DEFAULT_TEMPLATE = (
-    "{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}/{SOPInstanceUID}.dcm"
-)
 
 #: What a missing or empty value renders as.
 PLACEHOLDER = "UNKNOWN"

@@ -64,6 +64,17 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def start_early() -> None:
+    """Start the forkserver now, without waiting for it: it imports the workers'
+    modules (pydicom: a good part of a short run's time) while this process
+    imports its own, on another core. The pool forks its workers from it later."""
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 class WorkerPool:
     """A process pool that replaces itself when a worker dies."""
 
