@@ -97,10 +97,11 @@ def instance_files(root: Path) -> list[Path]:
 
 
 def count_files(root: Path) -> int:
-    """Regular files under `root`, ignoring sortscp's temporary folder."""
+    """Files (and links to files) under `root`, ignoring sortscp's own folders
+    (the temporary area, and the lock in ``.sortscp``)."""
     total = 0
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".sortscp-tmp"]
+        dirs[:] = [d for d in dirs if d not in (".sortscp-tmp", ".sortscp")]
         total += len(files)
     return total
 

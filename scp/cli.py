@@ -201,9 +201,12 @@ def sort(
     log_level: LogLevelOpt = "WARNING",
 ) -> None:
     """Re-sort an existing folder of DICOM files into the layout, in parallel."""
-    from scp.pool import start_early
+    import sys
 
-    start_early()  # the workers import pydicom while we do
+    if sys.stderr.isatty() and not dry_run:  # a progress bar (a thread): no fork for workers
+        from scp.pool import start_early
+
+        start_early()  # the forkserver imports pydicom while we do
     from rich.console import Console
 
     from scp.errors import DestinationLockedError, Interrupted

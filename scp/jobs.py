@@ -23,6 +23,7 @@ from scp.errors import NotDicomError, SortscpError, TruncatedError
 from scp.layout import relative_path
 from scp.report import Outcome
 from scp.store.commit import candidates, commit_file, destination
+from scp.store.fsops import flush_count
 from scp.store.place import (
     PENDING,
     PLACED,
@@ -217,6 +218,14 @@ def sort_files(items: Sequence[Item], cfg: SortConfig) -> list[Outcome | Deferre
         if isinstance(o, Outcome) and (key := os.fspath(Path(o.source))) in failed else o
         for o in outcomes
     ]
+
+
+def sort_batch(items: Sequence[Item], cfg: SortConfig) -> tuple[list[Outcome | Deferred], int]:
+    """:func:`sort_files`, and how many flushes to disk it made (the run's
+    report counts them: ``--fsync never`` makes none)."""
+    before = flush_count()
+    outcomes = sort_files(items, cfg)
+    return outcomes, flush_count() - before
 
 
 def _settled(o: Outcome | Deferred | _Pending) -> Outcome | Deferred:

@@ -1,7 +1,11 @@
 """The worker process pool, shared by ``serve`` and ``sort``.
 
 Workers come from a *forkserver* context: the server is threaded, and forking
-a threaded process can copy a held lock into the child. A worker that dies
+a threaded process can copy a held lock into the child. ``sort`` asks for
+*fork* (``fork=True``): it has imported everything its workers need, so they
+start at once instead of importing pydicom again; the pool then forks only
+while the process has a single thread (its workers are started at once, see
+:class:`WorkerPool`), else it uses the forkserver too. A worker that dies
 breaks a :class:`~concurrent.futures.ProcessPoolExecutor` for good, so
 :class:`WorkerPool` rebuilds it; the jobs that were in flight fail (and are
 answered with a failure status), later jobs run on the new pool.
@@ -56,8 +60,10 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context(fork: bool = False) -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
+    if fork and "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["scp.jobs"])
@@ -78,17 +84,23 @@ def start_early() -> None:
 class WorkerPool:
     """A process pool that replaces itself when a worker dies."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, fork: bool = False) -> None:
         self.workers = max(1, workers)
+        self._fork = fork
         self._lock = threading.Lock()
         self._executor = self._new_executor()
         self._closed = False
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=_context(), initializer=_init_worker,
+        ctx = _context(self._fork)
+        executor = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
             initargs=(os.getpid(),),
         )
+        if ctx.get_start_method() == "fork":  # every worker now, while we have one thread
+            for f in [executor.submit(_ping) for _ in range(self.workers)]:
+                f.result()
+        return executor
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Submit `fn(*args)`; rebuild the pool first if a worker died."""
