@@ -69,6 +69,7 @@ class Case:
     source: Callable[[int], Path] | None = None  # fresh source per run (move)
     times: list[float] = field(default_factory=list)
     rss: list[tuple[int, int]] = field(default_factory=list)  # (parent, largest worker) KiB
+    env: dict[str, str] | None = None  # another checkout's (--compare)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -151,7 +152,8 @@ def startup_seconds(cache: Path, runs: int) -> float:
     return statistics.median(times[1:])
 
 
-def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None) -> list[Case]:
+def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None,
+               compare: Path | None = None) -> list[Case]:
     src = build_tree(spec, cache)
     expected = count_files(src)
     work = cache / f"work-{spec.name}"
@@ -174,6 +176,12 @@ def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None) -> l
                     source: Path = src) -> list[str]:
             return sortscp_cmd("sort", str(source), str(dst), "--mode", mode, *options, *extra)
         cases.append(Case(f"sortscp {label}", command, fresh_links if mode == "move" else None))
+    if compare is not None:
+        other = dict(env, PYTHONPATH=str(compare.resolve()))
+        for mode in ("copy", "hardlink"):
+            def command(dst: Path, mode: str = mode) -> list[str]:
+                return sortscp_cmd("sort", str(src), str(dst), "--mode", mode, *extra)
+            cases.append(Case(f"sortscp {mode} ({compare.name})", command, env=other))
 
     n = 0
     for round_ in range(runs + 1):  # round 0: untimed warm-up
@@ -185,7 +193,7 @@ def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None) -> l
                 source = case.source(n)
                 cmd = [source.as_posix() if a == src.as_posix() else a for a in cmd]
                 os.sync()
-            seconds, parent, worker = run_measured(cmd, env)
+            seconds, parent, worker = run_measured(cmd, case.env or env)
             found = count_files(dst)  # links to files count as files
             if found != expected:
                 raise RuntimeError(f"{case.name}: {found} entries in {dst}, expected {expected}")
@@ -218,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("small", "large"), default=None, help="one tree only")
     parser.add_argument("--settle", type=float, default=65.0,
                         help="seconds to wait after removing a tree's outputs")
+    parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run copy and hardlink of another checkout (e.g. main), "
+                        "on its defaults, side by side")
     args = parser.parse_args(argv)
     specs = {"small": [(SMALL, args.runs)], "large": [(LARGE, args.runs_large)],
              None: [(SMALL, args.runs), (LARGE, args.runs_large)]}[args.only]
@@ -226,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, (spec, runs) in enumerate(specs):
         if i:
             time.sleep(args.settle)
-        results.append((spec, runs, bench_tree(spec, args.cache, runs, args.workers)))
+        results.append((spec, runs, bench_tree(spec, args.cache, runs, args.workers,
+                                               args.compare)))
 
     print(f"\n{time.strftime('%Y-%m-%d')}; {_versions()}")
     print(f"sortscp sort start-up (a one-file tree, median of 5): {startup:.3f} s; "
@@ -243,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 "copy" not in case.name) else ""
             after = rss = ""
             if case.name.startswith("sortscp"):
-                after = f"{spec.count / (med - startup):,.0f}" if med > startup else ""
+                if "(" not in case.name:  # another checkout has its own start-up
+                    after = f"{spec.count / (med - startup):,.0f}" if med > startup else ""
                 parent = max(p for p, _ in case.rss) / 1024
                 worker = max(w for _, w in case.rss) / 1024
                 rss = f"{parent:.0f} / {worker:.0f}"

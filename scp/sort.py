@@ -345,12 +345,14 @@ def sort_tree(
             ).start()
         stack.enter_context(_signals(stop))
         pending: dict[Future, list[Item]] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
 
         def emit(outcome: Outcome) -> None:
             report.add(outcome)
             if writer:
                 writer.write(outcome)
-            log.debug("%s", _log_line(outcome, cfg.dst))
+            if debug:  # the line costs more than the rest of emit(): build it only if logged
+                log.debug("%s", _log_line(outcome, cfg.dst))
             if cfg.mode is Mode.MOVE and outcome.result in (
                 Result.NEW, Result.REPLACED, Result.ALREADY, Result.KEPT_AS_COPY
             ):
