@@ -1,35 +1,48 @@
-"""Benchmark ``sortscp sort`` (copy, hardlink, move) against ``cp -r``.
+"""Benchmark ``sortscp sort`` in every mode against ``cp -r`` and ``cp -al``.
 
-Builds (once, cached) a tree of ~5000 small instances (128x128, 16-bit) and
-one of ~500 CT-sized instances (512x512, 16-bit), then for each tree times
-N runs of each command and prints the medians, files/s and the ratio to
-``cp -r``. The page cache cannot be dropped, so every command gets one untimed
-warm-up run first and all of them read from a warm cache; dirty pages are
-written back (``sync``, untimed) before each run, so that no run pays for the
-write-back of the one before it. Runs of the commands are interleaved.
+Trees (built once, cached): 5,000 and 50,000 instances of ~37 KB (128x128,
+16-bit). For each tree, every command runs once untimed, then ``--runs`` timed
+runs (``--runs-large`` for the 50,000-file tree), interleaved, so a busy moment
+of the machine hits all alike. Medians, files/s, ratios, the start-up of
+``sortscp sort`` (a one-file tree) and the files/s after it, and the peak RSS
+of the sortscp process and of its largest worker.
+
+Honest on this file system (see the notes on ext4 without a journal): every
+run writes to a fresh destination and nothing is deleted while a tree is timed
+(creating files soon after deleting many is slow); every timed run, the
+references included, ends with ``sync`` inside the timing, so the write-back of
+copies is paid by whoever made them. The outputs are removed after the tree,
+then the benchmark waits ``--settle`` seconds before the next tree.
+
+``move`` moves a fresh tree of hard links to the cached files (``cp -al``,
+untimed): the same ``link`` + ``unlink`` per file as a tree of real files, and
+the cached tree stays whole.
 
 Run from the repository root::
 
-    python benchmarks/bench_sort.py [--runs 5] [--cache /tmp/sortscp-bench]
+    python benchmarks/bench_sort.py [--runs 5] [--runs-large 3] [--only small|large]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _trees import (  # noqa: E402
-    CT,
     DEFAULT_CACHE,
+    LARGE,
     SMALL,
     TreeSpec,
     build_tree,
@@ -39,118 +52,216 @@ from _trees import (  # noqa: E402
     sortscp_cmd,
 )
 
-MODES = ("copy", "hardlink", "move")
+#: (label, mode, extra sortscp options); compared with cp -r, links also with cp -al.
+SORT_CASES = (
+    ("copy", "copy", ()),
+    ("copy --fsync never", "copy", ("--fsync", "never")),
+    ("hardlink", "hardlink", ()),
+    ("move", "move", ()),
+    ("symlink", "symlink", ()),
+)
 
 
-def _timed(setup: Callable[[], None], run: Callable[[], None], check: Callable[[], None]) -> float:
-    setup()
-    os.sync()  # no run pays for the write-back of the one before it
+@dataclass
+class Case:
+    name: str
+    run: Callable[[Path], list[str]]  # destination -> command
+    source: Callable[[int], Path] | None = None  # fresh source per run (move)
+    times: list[float] = field(default_factory=list)
+    rss: list[tuple[int, int]] = field(default_factory=list)  # (parent, largest worker) KiB
+    env: dict[str, str] | None = None  # another checkout's (--compare)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                found += kids
+                todo += kids
+        except OSError:
+            continue
+    return found
+
+
+def _hwm_kib(pid: int) -> int:
+    """Peak resident set of `pid` (VmHWM), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _is_forkserver(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"forkserver" in f.read()
+    except OSError:
+        return False
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None) -> tuple[float, int, int]:
+    """Run `cmd`, then ``sync``; return seconds (sync included) and the peak RSS
+    (KiB) of the process and of its largest worker, sampled from /proc."""
     start = time.perf_counter()
-    run()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peaks: dict[int, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                if pid == proc.pid or not _is_forkserver(pid):
+                    peaks[pid] = max(peaks.get(pid, 0), _hwm_kib(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err.decode()}")
+    os.sync()
     elapsed = time.perf_counter() - start
-    check()
-    return elapsed
+    parent = peaks.pop(proc.pid, 0)
+    return elapsed, parent, max(peaks.values(), default=0)
 
 
-def startup_seconds(cache: Path, runs: int, workers: int | None) -> float:
-    """Median time of ``sortscp sort`` on a one-file tree: interpreter, imports
-    and worker pool, the fixed cost of every run."""
+def startup_seconds(cache: Path, runs: int) -> float:
+    """Median time of ``sortscp sort`` (hardlink) of a one-file tree: interpreter,
+    imports, worker pool, the fixed cost of every run."""
     work = cache / "work-startup"
     shutil.rmtree(work, ignore_errors=True)
     (work / "src").mkdir(parents=True)
-    shutil.copy2(next(p for p in sorted((build_tree(SMALL, cache)).rglob("*")) if p.is_file()),
-                 work / "src" / "IM0001")
-    extra = ["--workers", str(workers)] if workers else []
+    first = next(p for p in sorted(build_tree(SMALL, cache).rglob("*")) if p.is_file())
+    shutil.copy2(first, work / "src" / "IM0001")
     times = []
     for i in range(runs + 1):
-        dst = work / f"dst{i}"
+        cmd = sortscp_cmd("sort", str(work / "src"), str(work / f"dst{i}"), "--mode", "hardlink")
         start = time.perf_counter()
-        run_checked(sortscp_cmd("sort", str(work / "src"), str(dst), "--mode", "hardlink", *extra),
-                    env=cli_env())
+        run_checked(cmd, env=cli_env())
         times.append(time.perf_counter() - start)
     shutil.rmtree(work, ignore_errors=True)
     return statistics.median(times[1:])
 
 
-def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None) -> list[tuple]:
+def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None,
+               compare: Path | None = None) -> list[Case]:
     src = build_tree(spec, cache)
     expected = count_files(src)
     work = cache / f"work-{spec.name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    dst = work / "dst"
-    moved_src = work / "src-copy"
     env = cli_env()
     extra = ["--workers", str(workers)] if workers else []
 
-    def clear() -> None:
-        shutil.rmtree(dst, ignore_errors=True)
+    def fresh_links(i: int) -> Path:
+        path = work / f"move-src-{i}"
+        subprocess.run(["cp", "-al", str(src), str(path)], check=True)
+        return path
 
-    def expect(folder: Path) -> Callable[[], None]:
-        def check() -> None:
-            found = count_files(folder)
+    cases = [
+        Case("cp -r", lambda dst: ["cp", "-r", str(src), str(dst)]),
+        Case("cp -al", lambda dst: ["cp", "-al", str(src), str(dst)]),
+    ]
+    for label, mode, options in SORT_CASES:
+        def command(dst: Path, mode: str = mode, options: tuple = options,
+                    source: Path = src) -> list[str]:
+            return sortscp_cmd("sort", str(source), str(dst), "--mode", mode, *options, *extra)
+        cases.append(Case(f"sortscp {label}", command, fresh_links if mode == "move" else None))
+    if compare is not None:
+        other = dict(env, PYTHONPATH=str(compare.resolve()))
+        for mode in ("copy", "hardlink"):
+            def command(dst: Path, mode: str = mode) -> list[str]:
+                return sortscp_cmd("sort", str(src), str(dst), "--mode", mode, *extra)
+            cases.append(Case(f"sortscp {mode} ({compare.name})", command, env=other))
+
+    n = 0
+    for round_ in range(runs + 1):  # round 0: untimed warm-up
+        for case in cases:
+            n += 1
+            dst = work / f"dst-{n}"
+            cmd = case.run(dst)
+            if case.source is not None:
+                source = case.source(n)
+                cmd = [source.as_posix() if a == src.as_posix() else a for a in cmd]
+                os.sync()
+            seconds, parent, worker = run_measured(cmd, case.env or env)
+            found = count_files(dst)  # links to files count as files
             if found != expected:
-                raise RuntimeError(f"{folder}: {found} files, expected {expected}")
-        return check
-
-    def cp() -> None:
-        run_checked(["cp", "-r", str(src), str(dst)])
-
-    def sort(mode: str, source: Path) -> Callable[[], None]:
-        def run() -> None:
-            run_checked(sortscp_cmd("sort", str(source), str(dst), "--mode", mode, *extra), env=env)
-        return run
-
-    def fresh_copy() -> None:
-        clear()
-        shutil.rmtree(moved_src, ignore_errors=True)
-        subprocess.run(["cp", "-r", str(src), str(moved_src)], check=True)
-
-    cases = [("cp -r", clear, cp)]
-    for mode in MODES:
-        if mode == "move":
-            cases.append((f"sortscp {mode}", fresh_copy, sort(mode, moved_src)))
-        else:
-            cases.append((f"sortscp {mode}", clear, sort(mode, src)))
-
-    # One untimed run of each first, so every command starts from the same warm cache.
-    for _, setup, run in cases:
-        _timed(setup, run, expect(dst))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in cases}
-    for _ in range(runs):  # interleaved, so a slow moment of the machine hits all alike
-        for name, setup, run in cases:
-            times[name].append(_timed(setup, run, expect(dst)))
+                raise RuntimeError(f"{case.name}: {found} entries in {dst}, expected {expected}")
+            if round_:
+                case.times.append(seconds)
+                if case.name.startswith("sortscp"):
+                    case.rss.append((parent, worker))
+            print(f"  {spec.name} round {round_} {case.name}: {seconds:.3f} s", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
+    os.sync()
+    return cases
 
-    base = statistics.median(times["cp -r"])
-    rows = []
-    for name, _, _ in cases:
-        med = statistics.median(times[name])
-        rows.append((spec.name, name, med, expected / med, med / base))
-    return rows
+
+def _versions() -> str:
+    import pydicom
+    import pynetdicom
+
+    kernel = platform.release()
+    return (f"Python {platform.python_version()}, pydicom {pydicom.__version__}, "
+            f"pynetdicom {pynetdicom.__version__}, Linux {kernel}, {os.cpu_count()} CPUs")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per command (median)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the trees are built")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per command, 5,000 files")
+    parser.add_argument("--runs-large", type=int, default=3,
+                        help="timed runs per command, 50,000 files")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where trees are built")
     parser.add_argument("--workers", type=int, default=None, help="sortscp --workers")
-    parser.add_argument("--only", choices=("small", "ct"), default=None, help="one tree only")
+    parser.add_argument("--only", choices=("small", "large"), default=None, help="one tree only")
+    parser.add_argument("--settle", type=float, default=65.0,
+                        help="seconds to wait after removing a tree's outputs")
+    parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run copy and hardlink of another checkout (e.g. main), "
+                        "on its defaults, side by side")
     args = parser.parse_args(argv)
-    specs = {"small": [SMALL], "ct": [CT], None: [SMALL, CT]}[args.only]
-    rows = []
-    for spec in specs:
-        rows += bench_tree(spec, args.cache, args.runs, args.workers)
-    startup = startup_seconds(args.cache, args.runs, args.workers)
-    print(f"\nmedian of {args.runs} runs (after one warm-up run each); "
-          f"sortscp start-up (a one-file tree): {startup:.3f} s")
-    print(f"{'tree':<16} {'command':<18} {'median s':>9} {'files/s':>9} {'x cp -r':>8} "
-          f"{'files/s after start-up':>23}")
-    for tree, name, med, rate, ratio in rows:
-        n = rate * med
-        shown = name.startswith("sortscp") and med > 2 * startup  # else too noisy to mean much
-        net = f"{n / (med - startup):23.0f}" if shown else ""
-        print(f"{tree:<16} {name:<18} {med:9.3f} {rate:9.0f} {ratio:8.2f} {net}")
+    specs = {"small": [(SMALL, args.runs)], "large": [(LARGE, args.runs_large)],
+             None: [(SMALL, args.runs), (LARGE, args.runs_large)]}[args.only]
+    startup = startup_seconds(args.cache, 5)
+    results = []
+    for i, (spec, runs) in enumerate(specs):
+        if i:
+            time.sleep(args.settle)
+        results.append((spec, runs, bench_tree(spec, args.cache, runs, args.workers,
+                                               args.compare)))
+
+    print(f"\n{time.strftime('%Y-%m-%d')}; {_versions()}")
+    print(f"sortscp sort start-up (a one-file tree, median of 5): {startup:.3f} s; "
+          "every run ends with `sync`, inside its time\n")
+    print("| files | command | runs | median s | files/s | x `cp -r` | x `cp -al` "
+          "| files/s after start-up | peak RSS parent / worker MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec, runs, cases in results:
+        base = statistics.median(next(c for c in cases if c.name == "cp -r").times)
+        links = statistics.median(next(c for c in cases if c.name == "cp -al").times)
+        for case in cases:
+            med = statistics.median(case.times)
+            vs_links = f"{med / links:.2f}" if case.name != "cp -r" and (
+                "copy" not in case.name) else ""
+            after = rss = ""
+            if case.name.startswith("sortscp"):
+                if "(" not in case.name:  # another checkout has its own start-up
+                    after = f"{spec.count / (med - startup):,.0f}" if med > startup else ""
+                parent = max(p for p, _ in case.rss) / 1024
+                worker = max(w for _, w in case.rss) / 1024
+                rss = f"{parent:.0f} / {worker:.0f}"
+            print(f"| {spec.count:,} | `{case.name}` | {runs} | {med:.3f} | "
+                  f"{spec.count / med:,.0f} | {med / base:.2f} | {vs_links} | {after} | {rss} |")
     return 0
 
 

@@ -7,6 +7,12 @@ disk (``sortscp sort``) are placed into the same folder layout, computed by
 
 __version__ = "0.1.0"
 
+#: The layout of ``serve`` and ``sort`` unless ``--template`` says otherwise
+#: (here, not in :mod:`scp.layout`, so the command line needs no pydicom to show it).
+DEFAULT_TEMPLATE = (
+    "{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}/{SOPInstanceUID}.dcm"
+)
+
 #: Implementation Class UID written into the File Meta of every stored file.
 #: Derived once, deterministically, under pydicom's UID root:
 #: ``generate_uid(entropy_srcs=["sortscp implementation class"])``.

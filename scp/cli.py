@@ -1,33 +1,32 @@
-"""The ``sortscp`` command line: parse options, build a config, run, exit."""
+"""The ``sortscp`` command line: parse options, build a config, run, exit.
+
+Start-up matters (``sortscp sort`` of a small tree, ``--help``): pydicom, rich
+and the commands' own modules are imported when a command runs, not here.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, cast
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-from scp import __version__, config
+from scp import DEFAULT_TEMPLATE, __version__, config
 from scp.config import ServeConfig, SortConfig, check_ae_title
-from scp.enums import Duplicate, LogFormat, Mode, Result
+from scp.enums import Duplicate, Fsync, LogFormat, Mode, Result
 from scp.errors import SortscpError, TemplateError
-from scp.layout import DEFAULT_TEMPLATE, Template
 from scp.log import setup_logging
 from scp.report import Outcome, Report
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from scp.layout import Template
 
 app = typer.Typer(
     help="A DICOM Storage SCP that files every instance it receives, and a batch re-sorter.\n\n"
@@ -37,8 +36,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True)
 log = logging.getLogger(__name__)
+
+
+@cache
+def _err() -> Console:
+    """The standard error console (rich is imported on first use)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: In a pipe, ``sort`` prints a plain progress line at most this often.
@@ -46,6 +53,8 @@ PLAIN_PROGRESS_SECONDS = 5.0
 
 
 def _template(text: str) -> Template:
+    from scp.layout import Template
+
     try:
         return Template.parse(text)
     except TemplateError as exc:
@@ -95,14 +104,6 @@ def _main(
     """sortscp: a DICOM receiver that files what it receives."""
 
 
-TemplateOpt = Annotated[
-    Template,
-    typer.Option(
-        "--template", "-t", parser=_template, metavar="TEMPLATE",
-        help="Path template of DICOM keywords, with optional format specs "
-        "(e.g. {SeriesNumber:04}). The file name must contain {SOPInstanceUID}.",
-    ),
-]
 WorkersOpt = Annotated[
     Optional[int],
     typer.Option("--workers", "-w", callback=_positive, help="Worker processes [default: CPU count]."),
@@ -129,7 +130,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", envvar=_env("PORT"), min=0, max=65535, help="TCP port.")] = config.DEFAULT_PORT,
     host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", envvar=_env("WORKERS"), callback=_positive, help="Worker processes [default: CPU count].")] = None,
-    template: Annotated[Template, typer.Option("--template", "-t", envvar=_env("TEMPLATE"), parser=_template, metavar="TEMPLATE", help="Path template (same engine as `sort`).")] = DEFAULT_TEMPLATE,  # type: ignore[assignment]
+    template: Annotated[str, typer.Option("--template", "-t", envvar=_env("TEMPLATE"), parser=_template, metavar="TEMPLATE", help="Path template (same engine as `sort`).")] = DEFAULT_TEMPLATE,
     on_duplicate: Annotated[str, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), callback=_serve_duplicate, metavar="[replace|keep]", help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE.value,
     max_associations: Annotated[int, typer.Option("--max-associations", envvar=_env("MAX_ASSOCIATIONS"), min=1, help="Concurrent associations; more are rejected (local limit exceeded).")] = config.DEFAULT_MAX_ASSOCIATIONS,
     max_pdu: Annotated[int, typer.Option("--max-pdu", envvar=_env("MAX_PDU"), min=0, help="Maximum PDU size we receive (0 = unlimited).")] = config.DEFAULT_MAX_PDU,
@@ -145,6 +146,7 @@ def serve(
     tls_ca: Annotated[Optional[Path], typer.Option("--tls-ca", envvar=_env("TLS_CA"), dir_okay=False, help="Require client certificates signed by these PEM CA certificates.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", envvar=_env("LOG_LEVEL"), callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar=_env("LOG_FORMAT"), help="text, or json (one object per line, for containers).")] = LogFormat.TEXT,
+    fsync: Annotated[Fsync, typer.Option("--fsync", envvar=_env("FSYNC"), help="always: answer Success only once the file and its folder entry are on disk. never: do not flush (the system writes back within seconds; a crash can lose instances already acknowledged), for storage that is safe already.")] = Fsync.ALWAYS,
 ) -> None:
     """Run the Storage SCP: file every instance received with C-STORE.
 
@@ -157,12 +159,12 @@ def serve(
         raise typer.BadParameter("--tls-key and --tls-ca need --tls-cert", param_hint="--tls-cert")
     setup_logging(log_level, log_format)
     cfg = ServeConfig(
-        out=out, aet=aet, port=port, host=host, template=template,
+        out=out, aet=aet, port=port, host=host, template=cast("Template", template),
         workers=workers or config.default_workers(), on_duplicate=Duplicate(on_duplicate),
         max_associations=max_associations, max_pdu=max_pdu, acse_timeout=acse_timeout,
         dimse_timeout=dimse_timeout, network_timeout=network_timeout, drain_timeout=drain_timeout,
         job_timeout=job_timeout, allow_aet=tuple(allow_aet or ()), require_called_aet=require_called_aet,
-        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, fsync=fsync,
     )
     try:
         code = Server(cfg).run()
@@ -177,7 +179,7 @@ EXIT_LOCKED = 75
 
 
 def _one_line_usage_error(message: str) -> typer.Exit:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    _err().print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -195,14 +197,24 @@ def sort(
     workers: WorkersOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (source -> destination), looking at DST as the real run does; touch nothing.")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", dir_okay=False, help="Write one row per entry of SRC: source, destination, outcome, reason, category, source_b64. CSV (.csv), or JSON lines (.json, .jsonl, .ndjson).")] = None,
-    fsync: Annotated[bool, typer.Option("--fsync", help="Flush every copied file to disk before naming it (move mode always does).")] = False,
+    fsync: Annotated[Fsync, typer.Option("--fsync", envvar=_env("FSYNC"), help="always: every file reported placed is on disk (flushed once per batch of files), and move removes a source only once its copy is. never: nothing is flushed: faster, but a crash soon after can lose copies, and with move the files themselves.")] = Fsync.ALWAYS,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Sort the files symbolic links point to (each target once; loops are detected). Without it, links are skipped and reported.")] = False,
     log_level: LogLevelOpt = "WARNING",
 ) -> None:
     """Re-sort an existing folder of DICOM files into the layout, in parallel."""
+    import sys
+
+    if sys.stderr.isatty() and not dry_run:  # a progress bar (a thread): no fork for workers
+        from scp.pool import start_early
+
+        start_early()  # the forkserver imports pydicom while we do
+    from rich.console import Console
+
     from scp.errors import DestinationLockedError, Interrupted
+    from scp.layout import Template
     from scp.sort import REPORT_FORMATS, sort_tree, text
 
+    err = _err()
     try:
         parsed = Template.parse(template)
     except TemplateError as exc:
@@ -306,6 +318,16 @@ class _SortProgress:
 
     def __enter__(self) -> _SortProgress:
         if self.bar:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
             self._progress = Progress(
                 SpinnerColumn(), TextColumn("sorting"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,

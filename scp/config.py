@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scp.enums import Duplicate, Mode
-from scp.layout import DEFAULT_TEMPLATE, Template
+from scp import DEFAULT_TEMPLATE
+from scp.enums import Duplicate, Fsync, Mode
+
+if TYPE_CHECKING:  # imported when a config is made: the command line starts without pydicom
+    from scp.layout import Template
 
 DEFAULT_OUT = Path("sorted")
 DEFAULT_AET = "SORTSCP"
@@ -59,6 +63,8 @@ def default_workers() -> int:
 
 
 def _default_template() -> Template:
+    from scp.layout import Template
+
     return Template.parse(DEFAULT_TEMPLATE)
 
 
@@ -72,7 +78,9 @@ class SortConfig:
     mode: Mode = Mode.COPY
     workers: int = field(default_factory=default_workers)
     dry_run: bool = False
-    fsync: bool = False
+    #: ``always``: what sort reports placed is on disk, and a move removes a
+    #: source only once its copy is (flushed once per batch, not per file).
+    fsync: Fsync = Fsync.ALWAYS
     report: Path | None = None
     follow_symlinks: bool = False
 
@@ -100,3 +108,5 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    #: ``always``: Success only once the file and its folder entry are on disk.
+    fsync: Fsync = Fsync.ALWAYS

@@ -68,3 +68,19 @@ class SkipCategory(str, enum.Enum):
     SYMLINK = "symlink"  #: a symbolic link not followed (or a loop, dangling, seen already)
     SPECIAL = "special"  #: a FIFO, socket or device
     GONE = "gone"  #: listed, then removed by someone else before it was read
+
+
+class Fsync(str, enum.Enum):
+    """Whether files are flushed to disk (``fsync``) before they count as stored.
+
+    ``always``: a stored file and its folder entry are on disk before ``serve``
+    answers Success and before ``sort`` reports the file placed (and before a
+    move removes its source). ``never``: nothing is flushed; the operating
+    system writes the data back in its own time (seconds), so a power loss or
+    a kernel crash soon after can lose files reported as stored, or, for a
+    move, both the copy and its source. For storage that is safe already
+    (battery-backed cache, ZFS ``sync=always``), or for speed.
+    """
+
+    ALWAYS = "always"
+    NEVER = "never"

@@ -20,14 +20,25 @@ from pydicom.dataset import Dataset
 from scp.config import ServeConfig, SortConfig
 from scp.dicom.header import read_header
 from scp.dicom.meta import PREAMBLE
-from scp.enums import Duplicate, Mode, Placement, Result, SkipCategory
+from scp.enums import Duplicate, Fsync, Mode, Placement, Result, SkipCategory
 from scp.errors import NotDicomError, SortscpError, TruncatedError
 from scp.layout import relative_path
 from scp.report import Outcome
 from scp.store.commit import candidates, destination
+from scp.store.fsops import flush_count
 from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
 from scp.store.instance import commit_instance
-from scp.store.place import MoveBatch, place, place_at, place_identical, rename_within
+from scp.store.place import (
+    PENDING,
+    PLACED,
+    TAKEN,
+    MoveBatch,
+    SortBatch,
+    place,
+    place_at,
+    place_identical,
+    rename_within,
+)
 
 _STORED = {
     Placement.STORED: (Result.STORED, ""),
@@ -62,7 +73,8 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
     uid = str(ds.SOPInstanceUID)
     facts = instance_facts(ds, size, calling_aet)
     done = commit_instance(
-        Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate
+        Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate,
+        durable=cfg.fsync is Fsync.ALWAYS,
     )
     result, note = _STORED[done.placement]
     if done.other is not None:
@@ -198,8 +210,9 @@ Item = tuple[str, bool]
 
 
 def sort_file(
-    path: str, cfg: SortConfig, batch: MoveBatch | None = None, via_link: bool = False
-) -> Outcome | Deferred:
+    path: str, cfg: SortConfig, batch: MoveBatch | None = None, via_link: bool = False,
+    fast: SortBatch | None = None,
+) -> Outcome | Deferred | _Pending:
     """Put one file of the source tree into the layout (or plan it, with --dry-run).
 
     A file that is not a DICOM instance (text, image, DICOMDIR, empty) or is a
@@ -208,20 +221,34 @@ def sort_file(
     problem is a failure with its reason, never raised. A file reached through a
     symbolic link (``--follow-symlinks``) is read through it and never removed:
     a move copies it, hardlink and symlink modes link its target.
+
+    With `fast` (not for links followed), a file whose final name is free is
+    placed by :meth:`SortBatch.claim`: a copy is then :class:`_Pending` until
+    :meth:`SortBatch.finish` names it; any other case goes through
+    :func:`~scp.store.place.place`.
     """
     mode, target = cfg.mode, path
     if via_link:
         target = os.path.realpath(path)
         if mode is Mode.MOVE:
             mode = Mode.COPY
+        fast = None
     try:
         with open(target, "rb") as f:
             ds = read_header(f, cfg.template.keywords, check=True)  # header and completeness: one pass
-            size = os.fstat(f.fileno()).st_size
-        rel = relative_path(ds, cfg.template)
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            rel = relative_path(ds, cfg.template)
+            if fast is not None:
+                final = destination(cfg.dst, rel)
+                claimed = fast.claim(Path(target), f.fileno(), st, final)
+                if claimed == PENDING:
+                    return _Pending(path, str(rel), size)
+                if claimed == PLACED:
+                    return Outcome(Result.NEW, path, str(rel), "", size)
         final, placement = place(
-            Path(target), cfg.dst, rel, mode, on_conflict=Duplicate.BOTH, durable=cfg.fsync,
-            batch=batch, defer=True, dry_run=cfg.dry_run,
+            Path(target), cfg.dst, rel, mode, on_conflict=Duplicate.BOTH,
+            durable=cfg.fsync is Fsync.ALWAYS, batch=batch, defer=True, dry_run=cfg.dry_run,
         )
     except TruncatedError as exc:
         return Outcome(Result.SKIPPED, path, "", f"truncated: {exc}", category=SkipCategory.TRUNCATED.value)
@@ -254,25 +281,74 @@ def gone(path: str) -> Outcome:
     )
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A copy waiting in the temporary area for :meth:`SortBatch.finish`."""
+
+    source: str
+    rel: str
+    nbytes: int
+
+
 def sort_files(items: Sequence[Item], cfg: SortConfig) -> list[Outcome | Deferred]:
     """:func:`sort_file` for a batch of paths: one round trip to a worker per batch.
 
-    Moves between separate trees share their folder flushes (see
-    :class:`~scp.store.place.MoveBatch`). When one tree holds the other, a source
-    may be a destination name of the same batch, so each move then completes
-    on its own, in order.
+    Between separate trees, files whose final name is free take the fast path
+    (:class:`~scp.store.place.SortBatch`: the batch shares its flushes), the
+    others :func:`~scp.store.place.place`, moves sharing their folder flushes
+    (:class:`~scp.store.place.MoveBatch`). When one tree holds the other, a
+    source may be a destination name of the same batch, so each file then
+    completes on its own, in order, through :func:`~scp.store.place.place`.
     """
     items = [(p, False) if isinstance(p, str) else p for p in items]
-    if cfg.mode is not Mode.MOVE or cfg.dry_run or _nested(cfg):
-        return [sort_file(p, cfg, via_link=v) for p, v in items]
-    batch = MoveBatch()
-    outcomes = [sort_file(p, cfg, batch, v) for p, v in items]
-    failed = batch.finish()
+    durable = cfg.fsync is Fsync.ALWAYS
+    if cfg.dry_run or _nested(cfg):
+        return [_settled(sort_file(p, cfg, via_link=v)) for p, v in items]
+    fast = SortBatch(cfg.dst, cfg.mode, durable)
+    batch = MoveBatch(durable) if cfg.mode is Mode.MOVE else None
+    sorted_ = [sort_file(p, cfg, batch, v, fast) for p, v in items]
+    done = fast.finish()
+    outcomes = [_named(o, done, cfg, batch) for o in sorted_]
+    failed = batch.finish() if batch is not None else {}
     return [
         _unremoved(o, failed[key])
         if isinstance(o, Outcome) and (key := os.fspath(Path(o.source))) in failed else o
         for o in outcomes
     ]
+
+
+def sort_batch(items: Sequence[Item], cfg: SortConfig) -> tuple[list[Outcome | Deferred], int]:
+    """:func:`sort_files`, and how many flushes to disk it made (the run's
+    report counts them: ``--fsync never`` makes none)."""
+    before = flush_count()
+    outcomes = sort_files(items, cfg)
+    return outcomes, flush_count() - before
+
+
+def _settled(o: Outcome | Deferred | _Pending) -> Outcome | Deferred:
+    assert not isinstance(o, _Pending), "a copy is pending only with a SortBatch"
+    return o
+
+
+def _named(
+    o: Outcome | Deferred | _Pending, done: dict[str, str | Exception], cfg: SortConfig,
+    batch: MoveBatch | None,
+) -> Outcome | Deferred:
+    """What became of `o` once the fast batch finished."""
+    key = os.fspath(Path(o.source))  # as SortBatch names it
+    if isinstance(o, _Pending):
+        result = done.get(key)
+        if result == PLACED:
+            return Outcome(Result.NEW, o.source, o.rel, "", o.nbytes)
+        if result == TAKEN:  # another file took the name meanwhile: decide as usual
+            return _settled(sort_file(o.source, cfg, batch))
+        if isinstance(result, FileNotFoundError) and not os.path.lexists(o.source):
+            return gone(o.source)
+        exc = result if isinstance(result, Exception) else OSError("not placed")
+        return Outcome(Result.FAILED, o.source, "", _reason(exc))
+    if isinstance(o, Outcome) and isinstance(done.get(key), OSError):  # a move's source stayed
+        return _unremoved(o, done[key])  # type: ignore[arg-type]
+    return o
 
 
 def _unremoved(o: Outcome, exc: OSError) -> Outcome:
@@ -344,7 +420,7 @@ def sort_claims(
     if ours_digest is not None and names[ours_digest] != final:
         renamed = names[ours_digest]
         if not cfg.dry_run:
-            rename_within(final, renamed)
+            rename_within(final, renamed, cfg.fsync is Fsync.ALWAYS)
     if ours_digest is not None:
         held[ours_digest] = names[ours_digest]
     for d, group in sorted(groups.items()):
@@ -372,12 +448,13 @@ def _claimed(
     dest = str(name.relative_to(cfg.dst))
     try:
         size = os.path.getsize(target)
+        durable = cfg.fsync is Fsync.ALWAYS
         if placement is Placement.IDENTICAL:
             if not cfg.dry_run:
-                place_identical(Path(target), name, mode)
+                place_identical(Path(target), name, mode, durable)
             return Outcome(Result.ALREADY, claim.source, dest, "", size)
         if not cfg.dry_run:
-            place_at(Path(target), cfg.dst, name, mode, durable=True, replace=replace)
+            place_at(Path(target), cfg.dst, name, mode, durable=durable, replace=replace)
     except (SortscpError, OSError) as exc:
         if isinstance(exc, FileNotFoundError) and not os.path.lexists(target):
             return gone(claim.source)

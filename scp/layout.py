@@ -45,11 +45,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from scp import DEFAULT_TEMPLATE as DEFAULT_TEMPLATE  # the layout's default, re-exported
 from scp.errors import TemplateError
-
-DEFAULT_TEMPLATE = (
-    "{PatientName}_{PatientID}/{SeriesDescription}_{SeriesNumber}/{SOPInstanceUID}.dcm"
-)
 
 #: What a missing or empty value renders as.
 PLACEHOLDER = "UNKNOWN"
@@ -68,6 +65,10 @@ _WINDOWS_DEVICE_NAMES = frozenset(
     + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]
 )
 _HASH_DIGITS = 12
+#: ASCII whitespace, control characters and UNSAFE_CHARS -> "_".
+_ASCII_UNSAFE = str.maketrans(
+    {c: "_" for c in [*map(chr, range(0x21)), "\x7f", *UNSAFE_CHARS]}
+)
 _MAX_KEPT_EXTENSION = 16
 
 
@@ -263,16 +264,19 @@ def sanitize_component(text: str) -> str:
     >>> sanitize_component("")
     'UNKNOWN'
     """
-    text = unicodedata.normalize("NFC", text)
-    out = []
-    for ch in text:
-        if ch.isspace():
-            out.append("_")
-        elif ch in UNSAFE_CHARS or unicodedata.category(ch) in ("Cc", "Cs"):
-            out.append("_")
-        else:
-            out.append(ch)
-    name = "".join(out)
+    if text.isascii():  # the same rules, in one C call (whitespace and controls are all < 0x21)
+        name = text.translate(_ASCII_UNSAFE)
+    else:
+        text = unicodedata.normalize("NFC", text)
+        out = []
+        for ch in text:
+            if ch.isspace():
+                out.append("_")
+            elif ch in UNSAFE_CHARS or unicodedata.category(ch) in ("Cc", "Cs"):
+                out.append("_")
+            else:
+                out.append(ch)
+        name = "".join(out)
     if not name:
         return PLACEHOLDER
     if name.startswith("."):

@@ -1,7 +1,11 @@
 """The worker process pool, shared by ``serve`` and ``sort``.
 
 Workers come from a *forkserver* context: the server is threaded, and forking
-a threaded process can copy a held lock into the child. A worker that dies
+a threaded process can copy a held lock into the child. ``sort`` asks for
+*fork* (``fork=True``): it has imported everything its workers need, so they
+start at once instead of importing pydicom again; the pool then forks only
+while the process has a single thread (its workers are started at once, see
+:class:`WorkerPool`), else it uses the forkserver too. A worker that dies
 breaks a :class:`~concurrent.futures.ProcessPoolExecutor` for good, so
 :class:`WorkerPool` rebuilds it; the jobs that were in flight fail (and are
 answered with a failure status), later jobs run on the new pool.
@@ -120,12 +124,25 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context(fork: bool = False) -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
+    if fork and "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["scp.jobs"])
     return ctx
+
+
+def start_early() -> None:
+    """Start the forkserver now, without waiting for it: it imports the workers'
+    modules (pydicom: a good part of a short run's time) while this process
+    imports its own, on another core. The pool forks its workers from it later."""
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 @dataclass
@@ -191,21 +208,25 @@ class _Generation:
 class WorkerPool:
     """A process pool that replaces itself when a worker dies or hangs."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, fork: bool = False) -> None:
         self.workers = max(1, workers)
+        self._fork = fork
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._ctx = _context()
         self._log_setup = worker_setup()
         self._gen = self._new_generation()
         self._closed = False
 
     def _new_generation(self) -> _Generation:
-        reader, writer = self._ctx.Pipe(duplex=False)
+        ctx = _context(self._fork)
+        reader, writer = ctx.Pipe(duplex=False)
         executor = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=self._ctx, initializer=_init_worker,
+            max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
             initargs=(os.getpid(), writer, self._log_setup),
         )
+        if ctx.get_start_method() == "fork":  # every worker now, while we have one thread
+            for f in [executor.submit(_ping) for _ in range(self.workers)]:
+                f.result()
         gen = _Generation(executor, reader)
         threading.Thread(target=gen.listen, name="pool-starts", daemon=True).start()
         return gen

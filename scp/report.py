@@ -49,6 +49,8 @@ class Report:
     counts: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     nbytes: int = 0
+    #: Flushes to disk the workers made (``fsync``/``syncfs``; 0 with ``--fsync never``).
+    flushes: int = 0
 
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome.result] += 1

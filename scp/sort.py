@@ -34,17 +34,17 @@ from typing import IO
 from scp.config import SortConfig
 from scp.enums import Mode, Result, SkipCategory
 from scp.errors import DestinationLockedError, Interrupted
-from scp.jobs import Deferred, Item, sort_claims, sort_files
+from scp.jobs import Deferred, Item, sort_batch, sort_claims
 from scp.pool import WorkerPool
 from scp.report import Outcome, Report
-from scp.store.fsops import same_content
+from scp.store.fsops import flush_count, same_content
 from scp.store.index import STATE_DIRNAME
 from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
 
 #: Paths sent to a worker in one round trip.
-BATCH_SIZE = 32
+BATCH_SIZE = 64
 #: Batches in flight per worker: enough to keep every worker busy, no more.
 INFLIGHT_PER_WORKER = 4
 #: The lock file, in ``DST/.sortscp/``.
@@ -305,6 +305,7 @@ def sort_tree(
     :class:`Interrupted` after a SIGINT/SIGTERM once the work in flight is done.
     """
     report = Report()
+    parent_flushes = flush_count()  # ours (the names given after the walk), beside the workers'
     in_place = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
     skip = cfg.dst if _dst_inside_src(cfg) and not in_place else None
     emptied: set[str] = set()
@@ -336,20 +337,22 @@ def sort_tree(
             cfg.src, skip, changed_before_ns=changed_before_ns,
             follow_symlinks=cfg.follow_symlinks,
         )
+        pool = WorkerPool(cfg.workers, fork=True)  # before any thread of ours starts
         if on_total is not None:
             threading.Thread(
                 target=lambda: on_total(count_entries(cfg.src, skip, cfg.follow_symlinks)),
                 name="count", daemon=True,
             ).start()
         stack.enter_context(_signals(stop))
-        pool = WorkerPool(cfg.workers)
         pending: dict[Future, list[Item]] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
 
         def emit(outcome: Outcome) -> None:
             report.add(outcome)
             if writer:
                 writer.write(outcome)
-            log.debug("%s", _log_line(outcome, cfg.dst))
+            if debug:  # the line costs more than the rest of emit(): build it only if logged
+                log.debug("%s", _log_line(outcome, cfg.dst))
             if cfg.mode is Mode.MOVE and outcome.result in (
                 Result.NEW, Result.REPLACED, Result.ALREADY, Result.KEPT_AS_COPY
             ):
@@ -375,7 +378,8 @@ def sort_tree(
 
         def collect(future: Future) -> None:
             try:
-                results = future.result()
+                results, flushes = future.result()
+                report.flushes += flushes
             except Exception as exc:  # a worker died: every file of the batch failed
                 results = [
                     Outcome(Result.FAILED, p, "", f"worker failed: {exc!r}")
@@ -421,6 +425,8 @@ def sort_tree(
 
     if cfg.mode is Mode.MOVE and not cfg.dry_run:
         _remove_emptied(emptied, cfg.src, cfg.dst)
+    report.flushes += flush_count() - parent_flushes
+    log.info("--fsync %s: %d flushes to disk", cfg.fsync.value, report.flushes)
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return report
@@ -436,7 +442,7 @@ def itertools_chain(entries: Iterator[Entry], stop: _Stop) -> Iterator[Entry]:
 
 def _submit(pool: WorkerPool, pending: dict[Future, list[Item]], batch: list[Item],
             cfg: SortConfig) -> None:
-    pending[pool.submit(sort_files, batch, cfg)] = batch
+    pending[pool.submit(sort_batch, batch, cfg)] = batch
 
 
 def _drain(

@@ -506,7 +506,7 @@ def test_resume_after_interruption(many: Tree, tmp_path: Path, how: str, mode: s
     tree = many.clone(tmp_path / "src")
     by_uid = {f"1.2.826.0.1.3680043.8.498.77.{i}": p.read_bytes() for i, p in enumerate(many.dicom)}
     dst = tmp_path / "dst"
-    proc = start_sort(tree.root, dst, "--mode", mode, "--workers", "1", "--fsync")
+    proc = start_sort(tree.root, dst, "--mode", mode, "--workers", "1", "--fsync", "always")
     try:
         wait_for_files(dst, 20, proc)
         assert proc.poll() is None, "finished before it could be interrupted"

@@ -629,7 +629,7 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes(many, tmp_path: Path) -> Non
     root, contents, uids = many
     src, dst = tmp_path / "src", tmp_path / "dst"
     clone(root, src)
-    proc = start_sort(src, dst, "--workers", "1", "--fsync")
+    proc = start_sort(src, dst, "--workers", "1", "--fsync", "always")
     try:
         wait_for_files(dst, 20, proc)
         assert proc.poll() is None, "finished before it could be stopped"

@@ -23,7 +23,14 @@ from typing import BinaryIO
 
 from scp.enums import Duplicate, Placement
 from scp.errors import OutsideRootError, StoreError
-from scp.store.fsops import NEW_FILE_MODE, ensure_parent, fsync_dir, fsync_path, same_content
+from scp.store.fsops import (
+    NEW_FILE_MODE,
+    ensure_parent,
+    fsync_dir,
+    fsync_fd,
+    fsync_path,
+    same_content,
+)
 from scp.store.tmp import TMP_DIRNAME, new_tmp, unlink_quietly
 
 
@@ -63,7 +70,7 @@ def write_atomic(
             f.flush()
             os.fchmod(f.fileno(), NEW_FILE_MODE)
             if durable:
-                os.fsync(f.fileno())
+                fsync_fd(f.fileno())
         ensure_parent(root, final, durable)
         return commit(tmp, final, on_conflict, durable, keep_source=False)
     finally:
@@ -76,16 +83,19 @@ def commit_file(
     rel: PurePosixPath,
     *,
     on_conflict: Duplicate = Duplicate.REPLACE,
+    durable: bool = True,
 ) -> tuple[Path, Placement]:
     """Give the complete temporary file `src` (in ``<root>/.sortscp-tmp``) its
-    final name ``root / rel``, durably: the file and its folder are flushed to
-    disk before this returns. `src` keeps its temporary name too (its writer
-    removes it); its permissions become those of a new file (umask)."""
+    final name ``root / rel``; with `durable` (``--fsync always``) the file and
+    its folder are flushed to disk before this returns. `src` keeps its
+    temporary name too (its writer removes it); its permissions become those
+    of a new file (umask)."""
     final = destination(root, rel)
     os.chmod(src, NEW_FILE_MODE)
-    fsync_path(src)
-    ensure_parent(root, final, True)
-    return commit(src, final, on_conflict, True, keep_source=True)
+    if durable:
+        fsync_path(src)
+    ensure_parent(root, final, durable)
+    return commit(src, final, on_conflict, durable, keep_source=True)
 
 
 def commit(

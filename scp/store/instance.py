@@ -49,6 +49,7 @@ def commit_instance(
     index: InstanceIndex,
     *,
     on_conflict: Duplicate = Duplicate.REPLACE,
+    durable: bool = True,
 ) -> Committed:
     """File the complete temporary file `src` as ``root / rel``, keeping one
     file per SOPInstanceUID `uid` in the tree (see the module docstring)."""
@@ -61,7 +62,7 @@ def commit_instance(
             index.abort(claim)
             assert old is not None
             return Committed(root / str(old.path), Placement.KEPT_EXISTING, old.path)
-        final, placement = commit_file(src, root, rel, on_conflict=on_conflict)
+        final, placement = commit_file(src, root, rel, on_conflict=on_conflict, durable=durable)
         if final != root / rel or (placement is Placement.KEPT_EXISTING and old is not None):
             # stored as ~N beside other bytes, or the indexed file kept: the row stays as it was
             index.abort(claim)

@@ -4,14 +4,24 @@ each ending in the commit of :mod:`scp.store.commit`."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
+import stat
 from pathlib import Path, PurePosixPath
 
 from scp.enums import Duplicate, Mode, Placement
+from scp.errors import StoreError
 from scp.store.commit import candidates, destination
-from scp.store.fsops import ensure_parent, fsync_dir, fsync_path, same_content
-from scp.store.tmp import new_tmp, unlink_quietly
+from scp.store.fsops import (
+    CHUNK,
+    ensure_parent,
+    fsync_dir,
+    fsync_path,
+    same_content,
+    sync_filesystem,
+)
+from scp.store.tmp import new_tmp, tmp_dir, tmp_prefix, unlink_quietly
 
 #: What a sort may find at a name that holds the bytes it brings.
 _IDENTICAL, _STALE = "identical", "stale"
@@ -24,7 +34,7 @@ def place(
     mode: Mode,
     *,
     on_conflict: Duplicate = Duplicate.BOTH,
-    durable: bool = False,
+    durable: bool = True,
     batch: MoveBatch | None = None,
     defer: bool = False,
     dry_run: bool = False,
@@ -33,9 +43,9 @@ def place(
 
     ``copy`` keeps timestamps and permissions (as ``shutil.copy2``). ``move``
     removes `src` only once a regular file with its bytes is at a final name in
-    the layout and flushed to disk; it never removes a file that *is* its own
-    destination. With a `batch`, a move leaves flushing and removing `src` to
-    :meth:`MoveBatch.finish`.
+    the layout and, with `durable` (``--fsync always``), flushed to disk; it
+    never removes a file that *is* its own destination. With a `batch`, a move
+    leaves flushing and removing `src` to :meth:`MoveBatch.finish`.
 
     A name (``root / rel`` or one of its ``~N`` siblings) that already holds the
     bytes of `src` is ``IDENTICAL`` only if it is what `mode` would make: for
@@ -60,7 +70,7 @@ def place(
             if dry_run:
                 return name, Placement.IDENTICAL if kind == _IDENTICAL else Placement.REPLACED
             if kind == _IDENTICAL:
-                _finish_move(src, name, mode, batch, identical=True)
+                _finish_move(src, name, mode, batch, identical=True, durable=durable)
                 return name, Placement.IDENTICAL
             place_at(src, root, name, mode, durable=durable, replace=True, batch=batch)
             return name, Placement.REPLACED
@@ -69,7 +79,7 @@ def place(
             return final, Placement.DEFERRED
         if dry_run:
             return free, Placement.STORED if free == final else Placement.STORED_AS_COPY
-        ensure_parent(root, free, durable or mode is Mode.MOVE)
+        ensure_parent(root, free, durable)
         try:
             place_at(src, root, free, mode, durable=durable, replace=False, batch=batch)
         except FileExistsError:
@@ -112,9 +122,9 @@ def place_at(
     which never overwrites: ``FileExistsError`` if taken) or, with `replace`,
     atomically replace what is there. A move then removes `src` (see
     :func:`place`)."""
-    ensure_parent(root, name, durable or mode is Mode.MOVE)
+    ensure_parent(root, name, durable)
     if mode is Mode.MOVE and replace and _same_inode(src, name) and not os.path.islink(name):
-        _finish_move(src, name, mode, batch, identical=False)  # already the file itself
+        _finish_move(src, name, mode, batch, identical=False, durable=durable)  # the file itself
         return
     direct = not replace and mode is not Mode.COPY
     if direct:  # one link, no temporary name
@@ -134,7 +144,7 @@ def place_at(
                 if exc.errno != errno.EXDEV or mode is not Mode.MOVE:
                     raise
                 _make(src, tmp, Mode.COPY)
-            if mode in (Mode.COPY, Mode.MOVE) and (durable or mode is Mode.MOVE):
+            if mode in (Mode.COPY, Mode.MOVE) and durable:
                 fsync_path(tmp)
             if replace:
                 os.replace(tmp, name)
@@ -142,21 +152,22 @@ def place_at(
                 os.link(tmp, name, follow_symlinks=False)
         finally:
             unlink_quietly(tmp)
-    if durable and batch is None:
+    if durable and batch is None and mode is not Mode.MOVE:
         fsync_dir(name.parent)
-    _finish_move(src, name, mode, batch, identical=False)
+    _finish_move(src, name, mode, batch, identical=False, durable=durable)
 
 
-def place_identical(src: Path, name: Path, mode: Mode) -> None:
+def place_identical(src: Path, name: Path, mode: Mode, durable: bool = True) -> None:
     """`name` already holds the bytes of `src` as a real file: a move removes `src`."""
-    _finish_move(src, name, mode, None, identical=True)
+    _finish_move(src, name, mode, None, identical=True, durable=durable)
 
 
-def rename_within(old: Path, new: Path) -> None:
+def rename_within(old: Path, new: Path, durable: bool = True) -> None:
     """Give the file at `old` the free name `new` too (a hard link of the entry
     itself, so a symbolic link stays one), flushed; `old` keeps it until replaced."""
     os.link(old, new, follow_symlinks=False)
-    fsync_dir(new.parent)
+    if durable:
+        fsync_dir(new.parent)
 
 
 def _make(src: Path, path: Path, mode: Mode) -> None:
@@ -170,20 +181,23 @@ def _make(src: Path, path: Path, mode: Mode) -> None:
 
 
 def _finish_move(
-    src: Path, name: Path, mode: Mode, batch: MoveBatch | None, *, identical: bool
+    src: Path, name: Path, mode: Mode, batch: MoveBatch | None, *, identical: bool,
+    durable: bool,
 ) -> None:
     """For a move: remove `src` now that `name` holds its bytes as a regular
-    file (flushed first), unless `src` *is* that entry."""
+    file (flushed first, if `durable`), unless `src` *is* that entry."""
     if mode is not Mode.MOVE or _same_entry(src, name):
         return
-    if identical and not _same_inode(src, name):
+    if durable and identical and not _same_inode(src, name):
         fsync_path(name)  # stored by an earlier copy that may not be on disk yet
     if batch is not None:
         batch.remove_after_flush(src, name.parent)
         return
-    fsync_dir(name.parent)
+    if durable:
+        fsync_dir(name.parent)
     os.unlink(src)
-    fsync_dir(src.parent)
+    if durable:
+        fsync_dir(src.parent)
 
 
 def _same_inode(a: Path, b: Path) -> bool:
@@ -204,7 +218,8 @@ class MoveBatch:
     finds them already in place and removes them then.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = True) -> None:
+        self.durable = durable
         self._flush: dict[Path, None] = {}
         self._sources: list[Path] = []
 
@@ -214,8 +229,9 @@ class MoveBatch:
 
     def finish(self) -> dict[str, OSError]:
         """Flush, remove the sources; return the sources that could not be removed."""
-        for folder in self._flush:
-            fsync_dir(folder)
+        if self.durable:
+            for folder in self._flush:
+                fsync_dir(folder)
         failed: dict[str, OSError] = {}
         emptied: dict[Path, None] = {}
         for src in self._sources:
@@ -225,8 +241,9 @@ class MoveBatch:
                 failed[os.fspath(src)] = exc
                 continue
             emptied.setdefault(src.parent)
-        for folder in emptied:
-            fsync_dir(folder)
+        if self.durable:
+            for folder in emptied:
+                fsync_dir(folder)
         self._flush.clear()
         self._sources.clear()
         return failed
@@ -243,3 +260,175 @@ def _same_entry(a: Path, b: Path) -> bool:
         )
     except OSError:
         return False
+
+
+#: Results of :meth:`SortBatch.claim`: the name is taken (use :func:`place`),
+#: the entry is made, or (copy) the file waits in the temporary area for
+#: :meth:`SortBatch.finish`.
+TAKEN, PLACED, PENDING = "taken", "placed", "pending"
+_COPY_FALLBACK = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM})
+_tmp_seq = itertools.count()
+
+
+class SortBatch:
+    """The fast path of one worker batch: files whose final name is free.
+
+    Each file gets its final name with as few system calls as its mode needs:
+    hardlink and move one ``link``, symlink one ``symlink``, copy one
+    ``copy_file_range`` from the descriptor the header was read from into a
+    temporary file, then one ``link`` to the final name. No name is examined
+    before it is claimed (a link never overwrites: a taken name is left to
+    :func:`place`, which decides); a folder is created when a link finds it
+    missing, and remembered. With `durable` (``--fsync always``),
+    :meth:`finish` flushes the copies' data with one ``syncfs`` before any of
+    them gets its final name, the new entries with another, and only then
+    removes the sources of moves (and flushes their folders): the same promises
+    as :func:`place`, with two disk flushes per batch instead of two per file.
+    """
+
+    def __init__(self, root: Path, mode: Mode, durable: bool) -> None:
+        self.root, self.mode, self.durable = root, mode, durable
+        self._folders: set[Path] = set()
+        self._copies: list[tuple[str, Path, Path]] = []  # source, temporary file, final
+        self._moved: list[Path] = []
+        self._made: dict[Path, None] = {}  # folders that got new entries
+        self._tmp: Path | None = None
+
+    def claim(self, src: Path, fd: int, st: os.stat_result, final: Path) -> str:
+        """Put `src` (open as `fd`, its ``fstat`` `st`) at `final` if that name
+        is free: :data:`PLACED`, :data:`PENDING` (a copy, named by
+        :meth:`finish`) or :data:`TAKEN` (nothing done). Raises ``OSError``."""
+        if self.mode is Mode.COPY:
+            if os.path.lexists(final):
+                return TAKEN
+            while True:
+                tmp = self._new_tmp()
+                try:
+                    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                except FileExistsError:  # left by a process of the same PID: another name
+                    continue
+                try:
+                    _copy_into(fd, out, st)
+                except BaseException:
+                    unlink_quietly(tmp)
+                    raise
+                finally:
+                    os.close(out)
+                break
+            self._copies.append((os.fspath(src), tmp, final))
+            return PENDING
+        try:
+            self._entry(src, final)
+        except FileExistsError:
+            return TAKEN
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return TAKEN  # another file system: place() copies
+        if self.mode is Mode.MOVE:
+            self._moved.append(src)
+        return PLACED
+
+    def finish(self) -> dict[str, str | Exception]:
+        """Name the pending copies, flush, remove the sources of moves.
+
+        Returns, by source path: for each pending copy :data:`PLACED`,
+        :data:`TAKEN` (another file took the name meanwhile: its temporary copy
+        is gone, use :func:`place`) or the error that stopped it; for a
+        move whose source could not be removed, that ``OSError``.
+        """
+        results: dict[str, str | Exception] = {}
+        try:
+            if self._copies:
+                if self.durable and not sync_filesystem(self.root):
+                    for _, tmp, _ in self._copies:
+                        fsync_path(tmp)
+                for source, tmp, final in self._copies:
+                    try:
+                        self._entry(tmp, final)
+                        results[source] = PLACED
+                    except FileExistsError:
+                        results[source] = TAKEN
+                    except (OSError, StoreError) as exc:
+                        results[source] = exc
+            if self.durable and self._made and not sync_filesystem(self.root):
+                for folder in self._made:
+                    fsync_dir(folder)
+            emptied: dict[Path, None] = {}
+            for src in self._moved:
+                try:
+                    os.unlink(src)
+                except OSError as exc:
+                    results[os.fspath(src)] = exc
+                    continue
+                emptied.setdefault(src.parent)
+            if self.durable:
+                for folder in emptied:
+                    fsync_dir(folder)
+        finally:
+            for _, tmp, _ in self._copies:
+                unlink_quietly(tmp)
+            self._copies.clear()
+            self._moved.clear()
+            self._made.clear()
+        return results
+
+    def _entry(self, src: Path, final: Path) -> None:
+        """Make the entry `final` for `src` as the mode does (a link, or a
+        symbolic link), creating its folder if it is missing."""
+        for attempt in (0, 1):
+            try:
+                if self.mode is Mode.SYMLINK:
+                    os.symlink(os.path.abspath(src), final)
+                else:
+                    os.link(src, final)
+            except (FileNotFoundError, NotADirectoryError):
+                parent = final.parent
+                if attempt or parent in self._folders:
+                    raise  # the folder is there: the source is gone
+                ensure_parent(self.root, final, self.durable)
+                self._folders.add(parent)
+                continue
+            self._made.setdefault(final.parent)
+            return
+
+    def _new_tmp(self) -> Path:
+        if self._tmp is None:
+            self._tmp = tmp_dir(self.root)
+        return self._tmp / f"{tmp_prefix('w')}f{next(_tmp_seq)}.part"
+
+
+def _copy_into(fd: int, out: int, st: os.stat_result) -> None:
+    """Copy the file open as `fd` (``fstat`` `st`) into the new, empty file open
+    as `out`, with its permissions, timestamps and extended attributes (as
+    ``shutil.copy2``)."""
+    done, size = 0, st.st_size
+    try:
+        while done < size:
+            n = os.copy_file_range(fd, out, size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in _COPY_FALLBACK:
+            raise
+        os.lseek(fd, done, os.SEEK_SET)
+        os.lseek(out, done, os.SEEK_SET)
+        while chunk := os.read(fd, CHUNK):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view):]
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+        names = []
+    for name in names:
+        try:
+            os.setxattr(out, name, os.getxattr(fd, name))
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA, errno.EINVAL):
+                raise
+    os.chmod(out, stat.S_IMODE(st.st_mode))
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -1,0 +1,159 @@
+"""``--fsync {always,never}`` reaches the code that flushes, for ``sort`` and ``serve``.
+
+A flush leaves no trace on disk, so the tests count them: every flush sortscp
+makes goes through :mod:`scp.store.fsops`, which counts them per process, and
+``sort`` reports its workers' count (``--log-level INFO``). ``never`` must
+make none and still place every file, byte for byte; ``always`` must flush.
+The README's option tables and ``--help`` must say the same.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scp.config import ServeConfig, SortConfig
+from scp.dicom.meta import PREAMBLE
+from scp.enums import Fsync, Mode, Result
+from scp.jobs import sort_files, store_received
+from scp.sort import sort_tree
+from scp.store.fsops import flush_count
+from scp.store.tmp import new_tmp
+
+from conftest import REPO, TEST_FILES, cli_env, run_cli
+
+FILES = [TEST_FILES / name for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm")]
+FLUSHES = re.compile(r"--fsync (always|never): (\d+) flushes to disk")
+
+
+def source_tree(root: Path) -> dict[str, bytes]:
+    """A small tree of real instances, in two folders; name -> bytes."""
+    contents = {}
+    for i, f in enumerate(FILES):
+        path = root / f"d{i % 2}" / f"IM{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, path)
+        contents[f.name] = f.read_bytes()
+    return contents
+
+
+def stored(dst: Path) -> list[bytes]:
+    return sorted(p.read_bytes() for p in dst.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("fsync", list(Fsync))
+def test_sort_flushes_only_with_always_and_places_every_file(
+    tmp_path: Path, mode: Mode, fsync: Fsync
+) -> None:
+    contents = source_tree(tmp_path / "src")
+    cfg = SortConfig(src=tmp_path / "src", dst=tmp_path / "dst", mode=mode, workers=1, fsync=fsync)
+    before = flush_count()
+    outcomes = sort_files(sorted(map(str, (tmp_path / "src").rglob("IM*"))), cfg)
+    flushes = flush_count() - before
+    assert [o.result for o in outcomes] == [Result.NEW] * len(FILES), outcomes
+    assert stored(cfg.dst) == sorted(contents.values())
+    if fsync is Fsync.NEVER:
+        assert flushes == 0
+    else:
+        assert flushes > 0
+    if mode is Mode.MOVE:
+        assert not list((tmp_path / "src").rglob("IM*")), "a moved source is still there"
+
+
+@pytest.mark.parametrize("fsync", list(Fsync))
+def test_sort_tree_reports_its_workers_flushes(tmp_path: Path, fsync: Fsync) -> None:
+    source_tree(tmp_path / "src")
+    cfg = SortConfig(src=tmp_path / "src", dst=tmp_path / "dst", mode=Mode.COPY, workers=2,
+                     fsync=fsync)
+    report = sort_tree(cfg)
+    assert report.counts[Result.NEW] == len(FILES)
+    assert (report.flushes == 0) is (fsync is Fsync.NEVER), report.flushes
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    ((), "always"), (("--fsync", "never"), "never"), (("--fsync", "always"), "always"),
+    ("env:never", "never"), ("env:always", "always"),
+])
+def test_the_command_line_and_its_variable_reach_the_workers(
+    tmp_path: Path, how: tuple[str, ...] | str, expected: str
+) -> None:
+    contents = source_tree(tmp_path / "src")
+    env = cli_env()
+    args: tuple[str, ...] = ()
+    if isinstance(how, str):
+        env["SORTSCP_FSYNC"] = how.removeprefix("env:")
+    else:
+        args = how
+    r = run_cli("sort", tmp_path / "src", tmp_path / "dst", "--workers", "2",
+                "--log-level", "INFO", *args, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = FLUSHES.search(r.stderr)
+    assert found, r.stderr
+    assert found.group(1) == expected
+    assert (int(found.group(2)) == 0) is (expected == "never"), r.stderr
+    assert stored(tmp_path / "dst") == sorted(contents.values())
+
+
+def test_a_bad_value_is_one_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    for command in (("sort", tmp_path / "src", tmp_path / "dst"), ("serve", "--port", "0")):
+        r = run_cli(*command, "--fsync", "sometimes")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "sometimes" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "dst").exists()
+
+
+def _received(out: Path, source: Path) -> Path:
+    """A received file as the network thread leaves it: File Meta, then the dataset
+    (here simply a Part 10 file, which is both)."""
+    tmp = new_tmp(out)
+    data = source.read_bytes()
+    assert data[128:132] == PREAMBLE[-4:]
+    tmp.write_bytes(data)
+    return tmp
+
+
+@pytest.mark.parametrize("fsync", list(Fsync))
+def test_serve_stores_and_flushes_only_with_always(tmp_path: Path, fsync: Fsync) -> None:
+    out = tmp_path / "out"
+    cfg = ServeConfig(out=out, workers=1, fsync=fsync)
+    received = _received(out, FILES[0])
+    before = flush_count()
+    outcome = store_received(str(received), "SENDER", cfg)
+    flushes = flush_count() - before
+    assert outcome.result is Result.STORED, outcome
+    assert (out / outcome.destination).read_bytes() == FILES[0].read_bytes()
+    if fsync is Fsync.NEVER:
+        assert flushes == 0
+    else:
+        assert flushes >= 2  # the file, and the folder that holds its new name
+
+
+def test_serve_config_defaults_to_always() -> None:
+    assert ServeConfig().fsync is Fsync.ALWAYS
+    assert SortConfig(src=Path("a"), dst=Path("b")).fsync is Fsync.ALWAYS
+
+
+def _readme_row(option: str, section: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    part = text.split(section, 1)[1].split("\n### ", 1)[0]
+    for line in part.splitlines():
+        if line.startswith(f"| `{option}"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no {option} row under {section!r} in the README")
+
+
+@pytest.mark.parametrize("command", ["serve", "sort"])
+def test_help_and_readme_agree(command: str) -> None:
+    r = run_cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "--fsync <always|never>" in text, text
+    assert "SORTSCP_FSYNC" in text and "default: always" in text, text
+    row = _readme_row("--fsync", f"### `sortscp {command}")
+    assert "SORTSCP_FSYNC" in " ".join(row) and "`always`" in row, row
+    assert "`always`" in row[-1] and "`never`" in row[-1], row
