@@ -1,5 +1,5 @@
 """Who may send: the calling-AE allow-list (``--allow-aet``) and the rejection of
-associations it does not admit."""
+associations it does not admit, or whose request is unusable."""
 
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def split_allow_list(values: Iterable[str]) -> list[str]:
 
 
 class AccessControl:
-    """An ``EVT_REQUESTED`` handler that rejects calling AE titles not on the list.
+    """An ``EVT_REQUESTED`` handler that rejects malformed requests
+    (:func:`request_problem`) and calling AE titles not on the list.
 
     An empty list allows everyone (as DCMTK and Orthanc do by default).
     """
@@ -108,21 +109,47 @@ class AccessControl:
         return not self.rules or any(r.allows(calling_aet, address) for r in self.rules)
 
     def bindings(self) -> list[tuple]:
-        return [(evt.EVT_REQUESTED, self.on_requested)] if self.rules else []
+        return [(evt.EVT_REQUESTED, self.on_requested)]
 
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        primitive = assoc.requestor.primitive
         # ``requestor.ae_title`` is set only later, during negotiation.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()  # type: ignore[union-attr]
+        calling = str(primitive.calling_ae_title).strip()  # type: ignore[union-attr]
         address = str(assoc.requestor.address)
-        if self.allows(calling, address):
+        problem = request_problem(primitive)
+        if problem:
+            rejection = REJECT_MALFORMED
+        elif not self.allows(calling, address):
+            problem, rejection = "calling AE title not allowed", REJECT_CALLING_AET
+        else:
             return
         log.warning(
-            "rejected association from %r (%s): calling AE title not allowed",
-            safe(calling), address,
+            "rejected association from %r (%s): %s", safe(calling), address, problem,
             extra={"event": "association_rejected", "calling_aet": calling, "peer": address,
-                   "reason": "calling AE title not allowed"},
+                   "reason": problem},
         )
-        _pynetdicom.reject(assoc, *REJECT_CALLING_AET)
+        _pynetdicom.reject(assoc, *rejection)
+
+
+#: A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given.
+REJECT_MALFORMED = (0x01, 0x01, 0x01)
+
+
+def request_problem(primitive: object) -> str | None:
+    """What makes an A-ASSOCIATE request unusable (None: nothing): no
+    presentation context, or one with an empty abstract syntax or without a
+    transfer syntax. pynetdicom accepts such a request (an empty abstract syntax
+    even gets its context accepted), leaving an association nothing can be
+    sent on."""
+    contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+    if not contexts:
+        return "no presentation context proposed"
+    for cx in contexts:
+        if not str(cx.abstract_syntax or "").strip("\0 "):
+            return f"presentation context {cx.context_id} has an empty abstract syntax"
+        if not [ts for ts in cx.transfer_syntax if str(ts).strip("\0 ")]:
+            return f"presentation context {cx.context_id} proposes no transfer syntax"
+    return None
 
 

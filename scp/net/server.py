@@ -118,6 +118,7 @@ class Server:
     def start(self) -> None:
         cfg = self.cfg
         _pynetdicom.check()
+        _pynetdicom.install_network_threads()
         access = AccessControl([AllowRule.parse(rule) for rule in cfg.allow_aet])
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
