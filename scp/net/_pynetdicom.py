@@ -265,10 +265,10 @@ _INTERNALS.extend([
     ],
     *[
         (f"Association.{name}", lambda name=name: callable(getattr(Association, name, None)))
-        for name in ("__init__", "_run_reactor", "_serve_request", "abort")
+        for name in ("_run_reactor", "_serve_request", "abort")
     ],
     *[
-        (f"Association.{name}", lambda name=name: _source_mentions(Association.__init__, name))
+        (f"Association.{name}", lambda name=name: _source_mentions(_original(Association, "__init__"), name))
         for name in ("_is_paused", "_reactor_checkpoint", "_dul_ready", "_kill")
     ],
     ("DIMSEServiceProvider.msg_queue", lambda: _source_mentions(DIMSEServiceProvider.__init__, "msg_queue")),
@@ -733,8 +733,10 @@ def _assoc_run_reactor(self: Any) -> None:
             self._serve_request(msg, context_id)
 
         if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
+            # Released before the response goes: woken at once, the DUL may send it
+            # and see the connection close (EVT_CONN_CLOSE) before the next line.
             self.is_released = True
+            self.acse.send_release(is_response=True)
             self.is_established = False
             evt.trigger(self, evt.EVT_RELEASED, {})
             self.kill()
