@@ -425,8 +425,9 @@ def _who(dul: Any) -> str:
     """'AE' (address:port) of the peer, for a log line."""
     try:
         peer = dul.assoc.requestor if dul.assoc.is_acceptor else dul.assoc.acceptor
-        title = peer.ae_title or getattr(peer.primitive, "calling_ae_title", "") or ""
-        return f"{safe(str(title).strip())!r} ({peer.address}:{peer.port})"
+        title = str(peer.ae_title or getattr(peer.primitive, "calling_ae_title", "") or "").strip()
+        where = f"{peer.address}:{peer.port}"
+        return f"{safe(title)!r} ({where})" if title else where
     except Exception:  # a log line must never fail
         return "a peer"
 
@@ -510,7 +511,7 @@ def _read_some(dul: Any, state: _NetState, sock: socket.socket) -> bool:
     try:
         pdu, event = dul._decode_pdu(buf)
     except Exception as exc:
-        return _refuse(dul, state, f"a PDU that cannot be decoded ({type(exc).__name__}: {exc})", "bad_pdu")
+        return _refuse(dul, state, f"a PDU that cannot be decoded ({type(exc).__name__}: {safe(exc)})", "bad_pdu")
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
     return True
@@ -639,7 +640,7 @@ def _dul_run_reactor(self: Any) -> None:
                     self._idle_timer.restart()
             except Exception as exc:
                 log.error("network thread of the association with %s failed (%s: %s); aborting it",
-                          _who(self), type(exc).__name__, exc, extra={"event": "network_error"})
+                          _who(self), type(exc).__name__, safe(exc), extra={"event": "network_error"})
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
