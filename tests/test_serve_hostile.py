@@ -26,17 +26,18 @@ import time
 import zlib
 from pathlib import Path
 
-import pdu
 import pydicom
 import pytest
-from conftest import run_cli
-from localnet import descendants
-from pdu import LAST, Peer
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+
+import pdu
+from conftest import run_cli
+from localnet import descendants
+from pdu import LAST, Peer
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
