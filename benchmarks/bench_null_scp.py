@@ -82,6 +82,9 @@ def serve(mode: str, port: int, bufsize: int | None) -> None:
                             server_class=server_class)
     import threading
 
+    from scp.net import _pynetdicom
+
+    _pynetdicom.register_server(ae, server)  # what start_server() does
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

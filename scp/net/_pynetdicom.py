@@ -617,6 +617,32 @@ def _after_pdu(dul: Any, state: _NetState, event: str) -> None:
     state.msg_bytes = 0
 
 
+def _fail(dul: Any, exc: BaseException) -> None:
+    """The network thread met an error it cannot go on from: one log line, an
+    A-ABORT to the peer (bypassing the state machine, as pynetdicom does), stop."""
+    log.error("network thread of the association with %s failed (%s: %s); aborting it",
+              _who(dul), type(exc).__name__, safe(exc), extra={"event": "network_error"})
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    assoc = dul.assoc
+    assoc.is_aborted = True
+    assoc.is_established = False
+    try:
+        if dul.socket is not None:
+            dul.socket.send(abort_pdu.encode())
+            dul.socket.close()
+        # What pynetdicom's own connection-closed actions do (AA-4): so that the
+        # EVT_CONN_CLOSE handlers (the association's log line, the removal of a
+        # partial dataset) run for this association too.
+        remote = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": remote.address_info.as_tuple})
+    except Exception:
+        pass
+    assoc._kill = True
+    dul._kill_thread = True
+
+
 def _dul_run_reactor(self: Any) -> None:
     """``DULServiceProvider.run_reactor``, waiting on events instead of sleeping."""
     state = getattr(self, "_sortscp_net", None)
@@ -639,17 +665,7 @@ def _dul_run_reactor(self: Any) -> None:
                 elif _transport_event(self, state):
                     self._idle_timer.restart()
             except Exception as exc:
-                log.error("network thread of the association with %s failed (%s: %s); aborting it",
-                          _who(self), type(exc).__name__, safe(exc), extra={"event": "network_error"})
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                if self.socket is not None:
-                    self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                _fail(self, exc)
                 return None
             try:
                 event = event_queue.get(block=False)
@@ -668,6 +684,9 @@ def _dul_run_reactor(self: Any) -> None:
                         self.to_provider_queue.get(block=False)
                     except queue.Empty:
                         pass
+            except Exception as exc:  # an action failed: stock's thread dies with a traceback
+                _fail(self, exc)
+                return None
             _after_pdu(self, state, event)
     finally:
         state.stopped = True
@@ -724,7 +743,8 @@ def _assoc_run_reactor(self: Any) -> None:
         timeout = SAFETY_TIMEOUT
         if idle.timeout is not None:
             timeout = max(0.0, min(timeout, idle.remaining))
-        wake.wait(timeout)
+        if not self.dimse.msg_queue.qsize():  # else a set() before our clear() is not lost
+            wake.wait(timeout)
         wake.clear()
         self._reactor_checkpoint.wait()
         self._is_paused = False
