@@ -511,6 +511,53 @@ def test_release_is_answered_and_closed(server):
     assert assoc.is_released and not assoc.is_aborted
 
 
+
+def test_bad_first_pdu_frees_the_association_at_once(server):
+    """The DUL stops before any A-ASSOCIATE-RQ: the association thread is told at
+    once instead of waiting out the ACSE timeout (30 s) with its slot."""
+    srv = server(acse_timeout=30)
+    sock = socket.create_connection((HOST, srv.port))
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 10) + b"\0" * 10)  # P-DATA-TF first
+    kind, _ = read_pdu(sock, timeout=3)
+    assert kind == 0x07
+    wait_closed(sock, 3)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while srv.server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not srv.server.active_associations
+
+
+@pytest.mark.parametrize("first", [
+    struct.pack(">BBL", 0x04, 0, 400_000_000),  # a P-DATA-TF header instead of a request
+    struct.pack(">BBL", 0x01, 0, 50 << 20),  # an A-ASSOCIATE-RQ of 50 MiB
+])
+def test_sortscp_transport_refuses_a_bad_first_pdu_without_a_slot(first):
+    """sortscp's transport: such a peer never becomes an association; with one slot,
+    a well-behaved sender associates right after."""
+    from scp.net.transport import start_server
+
+    ae = AE(ae_title="FASTSCP")
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = 1
+    ae.acse_timeout = 30
+    srv = start_server(ae, (HOST, 0), [])
+    try:
+        port = srv.server_address[1]
+        sock = socket.create_connection((HOST, port))
+        sock.sendall(first)
+        kind, _ = read_pdu(sock, timeout=3)
+        assert kind == 0x07
+        wait_closed(sock, 3)
+        sock.close()
+        assoc = scu().associate(HOST, port, ae_title="FASTSCP")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        ae.shutdown()
+
+
 def test_shutdown_is_prompt(server):
     before = set(threading.enumerate())
     srv = Server()

@@ -692,7 +692,12 @@ def _dul_run_reactor(self: Any) -> None:
         state.stopped = True
         state.close()
         state.buf = state.view = None
-        _wake_assoc(self.assoc)
+        assoc = self.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None and not self.to_user_queue.qsize():
+            # Stopped before any A-ASSOCIATE-RQ was delivered: the association thread
+            # waits for one for the ACSE timeout, holding a slot; tell it now.
+            self.to_user_queue.put(None)
+        _wake_assoc(assoc)
     return None
 
 

@@ -60,6 +60,15 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                 return
         else:
             got, wanted = _request_arrives(request, ae.acse_timeout)
+            refused = _not_a_request(request) if got >= 6 else None
+            if refused:
+                log.warning(
+                    "closed the connection from %s:%s: %s", *client_address[:2], refused,
+                    extra={"event": "association_refused", "peer": str(client_address[0]),
+                           "reason": refused},
+                )
+                _abort_quietly(request)
+                return
             if got < wanted:
                 if got:  # a silent probe or health check is not worth a line
                     log.warning(
@@ -123,6 +132,38 @@ def _request_arrives(sock: socket.socket, timeout: float | None) -> tuple[int, i
         return got, wanted
     finally:
         _set_lowat(sock, 1)
+
+
+def _not_a_request(sock: socket.socket) -> str | None:
+    """Why the first PDU waiting on `sock` cannot start an association (None: it
+    can). Such a peer is refused here, before it becomes an association: else
+    pynetdicom's association thread would hold its slot for the ACSE timeout,
+    waiting for a request that never comes."""
+    try:
+        head = sock.recv(6, socket.MSG_PEEK)
+    except OSError:
+        return None
+    if len(head) < 6:
+        return None
+    kind, _, length = struct.unpack(">BBL", head)
+    if kind != 0x01:
+        return f"its first PDU (type 0x{kind:02X}) is not an A-ASSOCIATE-RQ"
+    if length > _pynetdicom.OTHER_PDU_LIMIT:
+        return f"it announced an A-ASSOCIATE-RQ of {length} bytes, more than the {_pynetdicom.OTHER_PDU_LIMIT} we accept"
+    return None
+
+
+#: A-ABORT, service-provider initiated, reason not specified.
+_A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x00)
+
+
+def _abort_quietly(sock: socket.socket) -> None:
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(_A_ABORT)
+    except OSError:
+        pass
+    _close_quietly(sock)
 
 
 def _set_lowat(sock: socket.socket, n: int) -> None:
