@@ -82,8 +82,11 @@ wrapped here, with the upstream change that would remove it:
     ``AssociationServer`` (today only ``get_request`` can be overridden).
 
   TLS sockets keep pynetdicom's own blocking PDU read (with the network
-  timeout on the socket); they get the event-driven waits and the message
-  progress rule between PDUs.
+  timeout on the socket); they get the event-driven waits, and the message
+  progress rule is kept by the association's thread, which shuts the socket
+  down under a read past its allowance (and under the read of a request that
+  did not arrive within the ACSE timeout). Upstream for this too: a
+  non-blocking transport.
 
 :func:`check` runs before the server starts: a pynetdicom whose internals
 moved stops sortscp with one line naming what is missing, never a feature that
@@ -607,6 +610,35 @@ def _check_progress(dul: Any, state: _NetState) -> None:
                             f"allowed: --dimse-timeout plus 1 s per {MIN_RATE >> 10} KiB)", "too_slow")
 
 
+def _watch_blocking_read(dul: Any, state: _NetState) -> None:
+    """For a socket read with pynetdicom's own blocking read (TLS), called from the
+    association's thread: a message past its allowance gets its socket shut down,
+    which ends the read the DUL is blocked in (the DUL then sees the connection
+    closed: A-P-ABORT, EVT_CONN_CLOSE)."""
+    start = state.msg_start
+    if start is None or not dul.assoc.is_established:
+        return
+    allowance = message_allowance(dul.assoc.dimse_timeout, state.msg_bytes)
+    took = time.monotonic() - start
+    if allowance is None or took <= allowance:
+        return
+    why = (f"a DIMSE message still incomplete after {took:.1f} s ({state.msg_bytes} bytes; "
+           f"allowed: --dimse-timeout plus 1 s per {MIN_RATE >> 10} KiB)")
+    log.warning("aborting the association with %s: %s", _who(dul), why,
+                extra={"event": "too_slow", "reason": why})
+    state.dead = True
+    _shutdown_raw(dul)
+
+
+def _shutdown_raw(dul: Any) -> None:
+    sock = getattr(dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def _after_pdu(dul: Any, state: _NetState, event: str) -> None:
     """A PDU was processed: the message it belonged to may be complete."""
     if event not in _PDU_EVENTS:
@@ -725,6 +757,12 @@ def _assoc_kill(self: Any) -> None:
     _wake_assoc(self)
     dul = self.dul
     _wake_dul(dul)
+    state = getattr(dul, "_sortscp_net", None)
+    if (state is not None and state.fallback and self.is_acceptor and self.requestor.primitive is None
+            and dul.is_alive() and threading.current_thread() is not dul):
+        # No request within the ACSE timeout, the DUL blocked in a TLS read of it:
+        # end that read, or this loop waits as long as the peer drips.
+        _shutdown_raw(dul)
     while dul.is_alive() and not dul.stop_dul():
         # The DUL is finishing a state (e.g. Sta13); join returns when it stops.
         if threading.current_thread() is not dul:
@@ -777,6 +815,8 @@ def _assoc_run_reactor(self: Any) -> None:
             return None
 
         state = getattr(dul, "_sortscp_net", None)
+        if state is not None and state.fallback and not state.dead:
+            _watch_blocking_read(dul, state)
         if state is not None and state.stopped:
             dul.join(1.0)
         if not dul.is_alive():
