@@ -123,7 +123,7 @@ def _request_arrives(sock: socket.socket, timeout: float | None) -> tuple[int, i
             if got >= 6 and wanted == 6:
                 kind, _, length = struct.unpack(">BBL", data[:6])
                 if kind != 0x01 or 6 + length > REQUEST_PEEK_LIMIT:
-                    return got, got  # not ours to judge: the network thread refuses it
+                    return got, got  # complete enough to judge (_not_a_request) or to hand over
                 wanted = 6 + length
             if got >= wanted:
                 return got, wanted
