@@ -311,3 +311,72 @@ def test_bad_tls_files_are_a_clear_startup_error(tmp_path, certs, case):
     assert "Traceback" not in output, output
     errors = [line for line in output.splitlines() if "ERROR" in line or line.startswith("Error")]
     assert len(errors) == 1, output
+
+
+def _tls_peer(port: int, certs: Path):
+    import pdu
+
+    peer = pdu.Peer(port, timeout=10)
+    peer.sock = client_tls(certs).wrap_socket(peer.sock, server_hostname="localhost")
+    return peer
+
+
+def test_tls_peer_dripping_its_request_is_closed_after_the_acse_timeout(serve_process, certs):
+    """With TLS the request cannot be peeked at before it becomes an association; the
+    network thread's read blocks. The ACSE timeout still bounds it in total."""
+    import time
+
+    import pdu
+
+    server = serve_process(*tls_args(certs), "--acse-timeout", "2", "--workers", "1")
+    rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+    with _tls_peer(server.port, certs) as peer:
+        start = time.monotonic()
+        closed = None
+        for i in range(40):  # 20 s at most
+            try:
+                peer.send(rq[i:i + 1])
+            except OSError:
+                closed = time.monotonic() - start
+                break
+            if peer.closed_within(0.5) is not None:
+                closed = time.monotonic() - start
+                break
+    assert closed is not None, f"a TLS peer dripping its A-ASSOCIATE-RQ was never closed\n{server.log()}"
+    assert closed < 2 + 4, f"closed only after {closed:.1f} s"
+    result = scu(server.port, tls=client_tls(certs), store=ct_instance("31"))
+    assert result.statuses == [SUCCESS, SUCCESS], f"{result}\n{server.log()}"
+
+
+@pytest.mark.parametrize("drip", ["whole-pdus", "inside-one-pdu"])
+def test_tls_peer_dripping_its_dataset_is_cut_off(serve_process, certs, drip):
+    """A byte every 0.5 s, as P-DATA PDUs of one byte each, or as the body of one
+    P-DATA PDU (the network thread then sits in pynetdicom's blocking TLS read)."""
+    import time
+
+    import pdu
+
+    server = serve_process(*tls_args(certs), "--dimse-timeout", "2", "--workers", "1")
+    with _tls_peer(server.port, certs) as peer:
+        cid = peer.associate([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])]).accepted_ids()[0]
+        peer.send_command(cid, pdu.c_store_rq(pdu.CT_IMAGE_STORAGE, pydicom.uid.generate_uid()))
+        start = time.monotonic()
+        cut = None
+        if drip == "inside-one-pdu":
+            whole = pdu.p_data((cid, 0, bytes(100)))
+            peer.send(whole[:12])
+            drips = [whole[i:i + 1] for i in range(12, len(whole))]
+        else:
+            drips = [pdu.p_data((cid, 0, b"\x08"))] * 40
+        for chunk in drips[:40]:  # 20 s at most
+            try:
+                peer.send(chunk)
+            except OSError:
+                cut = time.monotonic() - start
+                break
+            if peer.closed_within(0.5) is not None:
+                cut = time.monotonic() - start
+                break
+    assert cut is not None, f"a TLS peer dripping its dataset was never cut off\n{server.log()}"
+    assert cut < 2 + 5, f"cut off only after {cut:.1f} s"
+    assert "DIMSE message still incomplete" in server.log()

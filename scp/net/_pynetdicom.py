@@ -24,8 +24,6 @@ wrapped here, with the upstream change that would remove it:
   failed).
 * :func:`current_association`: the association whose network thread is
   running (pynetdicom's DUL thread carries it as ``.assoc``).
-* :func:`set_poll_delay`: ``DULServiceProvider._run_loop_delay``, the sleep
-  between polls of the network thread. Upstream: an event-driven DUL.
 * :func:`partial_dataset_file`: ``assoc.dimse.message._data_set_file``, the file of
   a dataset still arriving when the connection closes (pynetdicom removes only
   complete ones). Upstream: removing it on connection close.
@@ -34,6 +32,65 @@ wrapped here, with the upstream change that would remove it:
 * :func:`register_server`: ``AE._servers``, so ``AE.shutdown`` stops a server
   made with ``AE.make_server`` as it stops one from ``AE.start_server``.
   Upstream: ``start_server(server_class=...)``.
+
+* **Event-driven network threads** (the section at the end of this module,
+  :func:`install_network_threads`, installed by ``sortscp serve`` at start-up).
+  pynetdicom 3.0 runs two threads per association and both poll: the DUL
+  reactor (``DULServiceProvider.run_reactor``) sleeps ``_run_loop_delay``
+  (1 ms) whenever its event queue is empty and reads a PDU with a blocking
+  ``AssociationSocket.recv`` that joins 4 KiB reads until the declared length
+  has arrived, however large the peer says it is; the association reactor
+  (``Association._run_reactor``) sleeps 1 ms per loop. Replaced, process-wide:
+
+  - ``DULServiceProvider.run_reactor`` / ``kill_dul`` / ``stop_dul``: the DUL
+    waits in ``select`` on its socket and a wake-up socketpair (written when a
+    primitive is queued for it: ``to_provider_queue`` and ``event_queue``
+    become :class:`_WakingQueue`, and when it is told to stop), never longer
+    than :data:`SAFETY_TIMEOUT` nor the ARTIM deadline, so ARTIM still fires.
+    Each PDU is read without blocking: the 6-byte header, then ``recv_into``
+    one buffer of the declared size, resumed on the next readiness (a
+    half-sent PDU never pins the thread). A declared length over
+    :func:`pdu_limit` (P-DATA-TF: our maximum PDU + :data:`PDATA_SLACK`;
+    other PDUs: :data:`OTHER_PDU_LIMIT`) is refused from the header alone
+    (Evt19: A-ABORT, connection closed, nothing buffered). A DIMSE message
+    that stops progressing (:func:`message_allowance`) is aborted the same
+    way. ``fsm.InvalidEventError`` (e.g. a local abort in Sta13 when
+    ``ae.shutdown()`` meets an association already closing) no longer kills
+    the thread. Uses ``_process_recv_primitive``, ``_decode_pdu``,
+    ``_recv_pdu``, ``_idle_timer``, ``artim_timer`` (``Timer._start_time``,
+    ``_end_time``, ``remaining``), ``_kill_thread``, ``state_machine``.
+    Upstream: an event-driven DUL. The maintainers' own ``# TODO: try and
+    make this event based rather than running loops`` sits beside
+    ``_run_loop_delay`` in ``dul.py``; the polling has a long history:
+    pydicom/pynetdicom#60 (100 % CPU; a ``select`` timeout suggested instead
+    of sleeps), #102/#103 ("Revert sleep times ... Really need to find a
+    better method for managing race conditions/CPU usage"), #120 and PR #139
+    (a shorter DUL sleep, "about 4X" storescp throughput, never merged),
+    #650/PR #651 (sleep only when the event queue is empty: what 3.0 ships),
+    #317 (time spent in ``select``). The blocking read is #272 (open: "DUL
+    hangs if in State 13 and data is available on the connection ... because
+    the recv call is blocking"); a resumable ``recv_into`` of the declared
+    length, checked against a limit before the body is read, fixes it and
+    the unbounded buffer.
+  - ``Association.__init__`` / ``_run_reactor`` / ``kill``: the association
+    reactor waits on a ``threading.Event`` set when the DIMSE message queue
+    (``dimse.msg_queue``) or the DUL's ``to_user_queue`` receives something,
+    the DUL stops, or ``kill`` is called; never longer than
+    :data:`SAFETY_TIMEOUT` nor the network (idle) deadline. Uses
+    ``_is_paused``, ``_reactor_checkpoint``, ``_dul_ready``,
+    ``_serve_request``, ``_kill``, ``dimse.message`` (the message still
+    arriving). Upstream: the queues feeding a ``Condition`` (PR #289 did this
+    for the DUL start-up with ``_dul_ready``).
+  - accepted sockets get TCP_NODELAY and a send timeout
+    (:func:`tune_accepted_socket`). Upstream: a socket-options hook on
+    ``AssociationServer`` (today only ``get_request`` can be overridden).
+
+  TLS sockets keep pynetdicom's own blocking PDU read (with the network
+  timeout on the socket); they get the event-driven waits, and the message
+  progress rule is kept by the association's thread, which shuts the socket
+  down under a read past its allowance (and under the read of a request that
+  did not arrive within the ACSE timeout). Upstream for this too: a
+  non-blocking transport.
 
 :func:`check` runs before the server starts: a pynetdicom whose internals
 moved stops sortscp with one line naming what is missing, never a feature that
@@ -45,25 +102,33 @@ from __future__ import annotations
 
 import inspect
 import logging
+import queue
+import select
+import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pynetdicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, _config, dimse_messages, evt, fsm
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.timer import Timer
 
 from scp.errors import SortscpError
 from scp.log import safe
 
-LOGGER = logging.getLogger("scp.net")
+log = logging.getLogger(__name__)
 
 #: The pynetdicom minor version these internals were written and tested against.
 TESTED_VERSION = "3.0"
@@ -93,10 +158,6 @@ _INTERNALS: list[tuple[str, Callable[[], bool]]] = [
     (
         "DIMSEMessage._data_set_file",
         lambda: _source_mentions(DIMSEMessage.__init__, "_data_set_file"),
-    ),
-    (
-        "DULServiceProvider._run_loop_delay",
-        lambda: _source_mentions(DULServiceProvider.__init__, "_run_loop_delay"),
     ),
     ("DULServiceProvider.assoc", lambda: isinstance(getattr(DULServiceProvider, "assoc", None), property)),
     ("ACSE.send_reject", lambda: callable(getattr(ACSE, "send_reject", None))),
@@ -167,7 +228,7 @@ def _protocol_error(msg: DIMSEMessage, assoc: Any, why: str) -> bool:
     if sink is not None and hasattr(sink, "abandon"):
         sink.abandon(why)
     _reset(msg)
-    LOGGER.warning("aborting the association with %s: %s", safe(_peer(assoc)), why,
+    log.warning("aborting the association with %s: %s", safe(_peer(assoc)), why,
                    extra={"event": "protocol_error", "reason": why})
     if assoc is not None:
         assoc.dul.event_queue.put("Evt19")
@@ -250,10 +311,6 @@ def current_association() -> Association | None:
     return getattr(threading.current_thread(), "assoc", None)
 
 
-def set_poll_delay(assoc: Association, seconds: float) -> None:
-    """Sleep of `assoc`'s network thread between polls of its socket and queue."""
-    assoc.dul._run_loop_delay = seconds
-
 
 def partial_dataset_file(assoc: Association) -> Any | None:
     """The file of a dataset still arriving on `assoc`, if any."""
@@ -279,3 +336,655 @@ def dataset_sink(request: Any) -> Any | None:
     """The file object a C-STORE request's dataset was streamed into (None: the
     request carried no dataset)."""
     return getattr(request, "_dataset_file", None)
+
+
+# =====================================================================================
+# Event-driven network threads (see the module docstring): install_network_threads()
+# =====================================================================================
+
+
+#: Longest wait of either reactor without an event (seconds): how late anything not
+#: woken explicitly (a timer, a deadline) is noticed.
+SAFETY_TIMEOUT = 0.05
+#: Bytes a P-DATA-TF may exceed our maximum PDU length by (a peer's rounding).
+PDATA_SLACK = 1024
+#: Bound on a P-DATA-TF when our maximum PDU length is 0 ("unlimited").
+UNLIMITED_PDATA_LIMIT = 64 << 20
+#: Bound on every other PDU (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT).
+OTHER_PDU_LIMIT = 1 << 20
+#: A DIMSE message still arriving must average at least this many bytes per second
+#: after its first ``dimse_timeout`` seconds (see :func:`message_allowance`).
+MIN_RATE = 64 << 10
+
+_HEADER = struct.Struct(">BBL")
+_PDU_TYPES = frozenset(range(1, 8))
+#: State machine events raised by a primitive of the local user (to_provider_queue).
+_LOCAL_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+#: State machine events raised by a PDU from the peer.
+_PDU_EVENTS = frozenset({"Evt3", "Evt4", "Evt6", "Evt10", "Evt12", "Evt13", "Evt16"})
+
+_INTERNALS.extend([
+    ("DULServiceProvider.run_reactor", lambda: callable(getattr(DULServiceProvider, "run_reactor", None))),
+    ("DULServiceProvider.kill_dul", lambda: callable(getattr(DULServiceProvider, "kill_dul", None))),
+    ("DULServiceProvider.stop_dul", lambda: callable(getattr(DULServiceProvider, "stop_dul", None))),
+    ("DULServiceProvider._process_recv_primitive",
+     lambda: callable(getattr(DULServiceProvider, "_process_recv_primitive", None))),
+    ("DULServiceProvider._is_transport_event",
+     lambda: callable(getattr(DULServiceProvider, "_is_transport_event", None))),
+    ("DULServiceProvider._decode_pdu", lambda: callable(getattr(DULServiceProvider, "_decode_pdu", None))),
+    ("DULServiceProvider.idle_timer_expired",
+     lambda: callable(getattr(DULServiceProvider, "idle_timer_expired", None))),
+    *[
+        (f"DULServiceProvider.{name}", lambda name=name: _source_mentions(DULServiceProvider.__init__, name))
+        for name in ("event_queue", "to_provider_queue", "to_user_queue", "_recv_pdu", "artim_timer",
+                     "_idle_timer", "_kill_thread", "state_machine")
+    ],
+    *[
+        (f"Association.{name}", lambda name=name: callable(getattr(Association, name, None)))
+        for name in ("_run_reactor", "_serve_request", "abort")
+    ],
+    *[
+        (f"Association.{name}", lambda name=name: _source_mentions(_original(Association, "__init__"), name))
+        for name in ("_is_paused", "_reactor_checkpoint", "_dul_ready", "_kill")
+    ],
+    ("DIMSEServiceProvider.msg_queue", lambda: _source_mentions(DIMSEServiceProvider.__init__, "msg_queue")),
+    ("DIMSEServiceProvider.message", lambda: _source_mentions(DIMSEServiceProvider.__init__, "self.message")),
+    ("DIMSEServiceProvider.get_msg", lambda: callable(getattr(DIMSEServiceProvider, "get_msg", None))),
+    ("ACSE.is_release_requested", lambda: callable(getattr(ACSE, "is_release_requested", None))),
+    ("ACSE.is_aborted", lambda: callable(getattr(ACSE, "is_aborted", None))),
+    ("ACSE.send_release", lambda: callable(getattr(ACSE, "send_release", None))),
+    ("Timer._start_time/_end_time", lambda: _source_mentions(Timer.__init__, "_end_time")),
+    ("Timer.remaining", lambda: isinstance(getattr(Timer, "remaining", None), property)),
+    ("fsm.InvalidEventError", lambda: isinstance(getattr(fsm, "InvalidEventError", None), type)),
+])
+
+
+def tune_accepted_socket(sock: socket.socket, send_timeout: float | None,
+                         bufsize: int | None = None) -> None:
+    """Options of an accepted (plain TCP) socket: TCP_NODELAY (else a sender that
+    waits for each response can stall ~40 ms per message on delayed ACKs), a kernel
+    send timeout of `send_timeout` seconds (a peer that stops reading cannot block
+    our sends for ever: the socket itself stays blocking with no Python timeout, which
+    the event-driven read needs) and, if given, SO_RCVBUF/SO_SNDBUF of `bufsize`.
+    Errors are ignored (not every socket is TCP)."""
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    if send_timeout:
+        seconds = int(send_timeout)
+        timeval = struct.pack("ll", seconds, int((send_timeout - seconds) * 1e6))
+        options.append((socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval))  # type: ignore[arg-type]
+    if bufsize:
+        options += [(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize),
+                    (socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)]
+    for level, name, value in options:
+        try:
+            sock.setsockopt(level, name, value)
+        except (OSError, AttributeError):
+            pass
+
+
+def pdu_limit(dul: DULServiceProvider, pdu_type: int) -> int:
+    """Longest PDU (its declared length, after the 6-byte header) we read."""
+    if pdu_type != 0x04:
+        return OTHER_PDU_LIMIT
+    assoc = dul.assoc
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    ours = local.maximum_length
+    if not ours:
+        return UNLIMITED_PDATA_LIMIT
+    return int(ours) + PDATA_SLACK
+
+
+def message_allowance(grace: float | None, received: int) -> float | None:
+    """Seconds a DIMSE message may take from its first byte, having brought
+    `received` bytes so far: `grace` (the DIMSE timeout) plus one second per
+    :data:`MIN_RATE` bytes. None: no limit.
+
+    >>> message_allowance(3.0, 0), message_allowance(3.0, 10 * MIN_RATE)
+    (3.0, 13.0)
+    """
+    if grace is None:
+        return None
+    return grace + received / MIN_RATE
+
+
+class _WakingQueue(queue.Queue):
+    """A queue that calls `notify` after every put."""
+
+    def __init__(self, notify: Callable[[], None]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._notify()
+
+
+def _adopt(old: queue.Queue, notify: Callable[[], None]) -> _WakingQueue:
+    new = _WakingQueue(notify)
+    new.queue.extend(old.queue)  # empty at __init__, kept for safety
+    return new
+
+
+class _NetState:
+    """Per-DUL state of the event-driven reactor."""
+
+    __slots__ = ("buf", "dead", "eof", "fallback", "header", "hn", "hview", "msg_bytes", "msg_start",
+                 "n", "readable", "rsock", "stopped", "view", "waiting", "wsock")
+
+    def __init__(self) -> None:
+        self.rsock, self.wsock = socket.socketpair()
+        self.rsock.setblocking(False)
+        self.wsock.setblocking(False)
+        self.waiting = False
+        self.readable = False  # the socket is (probably) readable now
+        self.eof = False  # the peer closed (or the socket broke): select it no more
+        self.dead = False  # refused: read nothing more, close in Sta13
+        self.header = bytearray(6)
+        self.hview = memoryview(self.header)
+        self.hn = 0
+        self.buf: bytearray | None = None
+        self.view: memoryview | None = None
+        self.n = 0
+        self.stopped = False
+        self.fallback: bool | None = None  # TLS / timeout socket: pynetdicom's own read
+        self.msg_start: float | None = None  # first byte of the message still arriving
+        self.msg_bytes = 0
+
+    def wake(self) -> None:
+        if self.waiting:
+            try:
+                self.wsock.send(b"\0")
+            except OSError:  # full (already woken) or closed (reactor gone)
+                pass
+
+    def close(self) -> None:
+        for s in (self.rsock, self.wsock):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _wake_dul(dul: Any) -> None:
+    state = getattr(dul, "_sortscp_net", None)
+    if state is not None:
+        state.wake()
+
+
+def _wake_assoc(assoc: Any) -> None:
+    wake = getattr(assoc, "_sortscp_wake", None)
+    if wake is not None:
+        wake.set()
+
+
+_ORIGINALS: dict[tuple[type, str], Any] = {}
+
+
+def _original(owner: type, name: str) -> Any:
+    return _ORIGINALS.get((owner, name)) or owner.__dict__[name]
+
+
+def _assoc_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _original(Association, "__init__")(self, *args, **kwargs)
+    wake = threading.Event()
+    self._sortscp_wake = wake
+    dul = self.dul
+    state = _NetState()
+    dul._sortscp_net = state
+    dul.to_provider_queue = _adopt(dul.to_provider_queue, state.wake)
+    dul.event_queue = _adopt(dul.event_queue, state.wake)
+    dul.to_user_queue = _adopt(dul.to_user_queue, wake.set)
+    self.dimse.msg_queue = _adopt(self.dimse.msg_queue, wake.set)
+
+
+def _who(dul: Any) -> str:
+    """'AE' (address:port) of the peer, for a log line."""
+    try:
+        peer = dul.assoc.requestor if dul.assoc.is_acceptor else dul.assoc.acceptor
+        title = str(peer.ae_title or getattr(peer.primitive, "calling_ae_title", "") or "").strip()
+        where = f"{peer.address}:{peer.port}"
+        return f"{safe(title)!r} ({where})" if title else where
+    except Exception:  # a log line must never fail
+        return "a peer"
+
+
+def _refuse(dul: Any, state: _NetState, why: str, event: str) -> bool:
+    """Abort the association now (A-ABORT, connection closed): one log line."""
+    log.warning("aborting the association with %s: %s", _who(dul), why,
+                extra={"event": event, "reason": why})
+    state.dead = True
+    state.readable = False
+    state.buf = state.view = None
+    state.msg_start = None
+    dul.event_queue.put("Evt19")
+    return True
+
+
+def _lost(dul: Any, state: _NetState, why: str | None) -> bool:
+    if why:
+        log.debug("%s: %s", _who(dul), why)
+    state.eof = True
+    state.readable = False
+    state.buf = state.view = None
+    dul.event_queue.put("Evt17")
+    return True
+
+
+def _read_some(dul: Any, state: _NetState, sock: socket.socket) -> bool:
+    """Read what is available of the current PDU without blocking.
+
+    Queues at most one PDU's event (as pynetdicom's reactor does, one per loop).
+    Returns True if anything was read (or an event was queued)."""
+    got = False
+    flags = socket.MSG_DONTWAIT
+    if state.buf is None:
+        while state.hn < 6:
+            try:
+                n = sock.recv_into(state.hview[state.hn:], 6 - state.hn, flags)
+            except (BlockingIOError, InterruptedError):
+                state.readable = False
+                return got
+            except OSError as exc:
+                # EBADF: closed here (abort, shutdown); anything else: by the network.
+                return _lost(dul, state, f"connection lost: {exc}")
+            if n == 0:
+                return _lost(dul, state, "connection closed in a PDU header" if state.hn else None)
+            if state.msg_start is None:
+                state.msg_start = time.monotonic()
+            state.msg_bytes += n
+            got = True
+            state.hn += n
+        state.hn = 0
+        pdu_type, _, length = _HEADER.unpack(state.header)
+        if pdu_type not in _PDU_TYPES:
+            return _refuse(dul, state, f"unknown PDU type 0x{pdu_type:02X}", "bad_pdu")
+        limit = pdu_limit(dul, pdu_type)
+        if length > limit:
+            return _refuse(dul, state, f"it announced a PDU (type 0x{pdu_type:02X}) of {length} bytes, "
+                                       f"more than the {limit} we accept", "pdu_too_large")
+        state.buf = bytearray(6 + length)
+        state.buf[:6] = state.header
+        state.view = memoryview(state.buf)
+        state.n = 6
+    buf, view = state.buf, state.view
+    assert view is not None
+    total = len(buf)
+    while state.n < total:
+        try:
+            n = sock.recv_into(view[state.n:], total - state.n, flags)
+        except (BlockingIOError, InterruptedError):
+            state.readable = False
+            return got
+        except OSError as exc:
+            return _lost(dul, state, f"connection lost in a PDU: {exc}")
+        if n == 0:
+            return _lost(dul, state, f"connection closed in a PDU ({state.n} of {total} bytes)")
+        state.msg_bytes += n
+        got = True
+        state.n += n
+    view.release()
+    state.buf = state.view = None
+    try:
+        pdu, event = dul._decode_pdu(buf)
+    except Exception as exc:
+        return _refuse(dul, state, f"a PDU that cannot be decoded ({type(exc).__name__}: {safe(exc)})", "bad_pdu")
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+    return True
+
+
+def _raw_socket(dul: Any) -> socket.socket | None:
+    asock = dul.socket
+    if asock is None or asock.socket is None or not asock._is_connected:
+        return None
+    return asock.socket
+
+
+def _uses_fallback(state: _NetState, sock: socket.socket) -> bool:
+    if state.fallback is None:
+        import ssl
+
+        state.fallback = isinstance(sock, ssl.SSLSocket) or sock.gettimeout() is not None
+    return state.fallback
+
+
+def _transport_event(dul: Any, state: _NetState) -> bool:
+    """The event-driven ``_is_transport_event``."""
+    sock = _raw_socket(dul)
+    if sock is not None and _uses_fallback(state, sock):
+        if state.msg_start is None and dul.socket.ready:
+            state.msg_start = time.monotonic()
+        got = bool(_original(DULServiceProvider, "_is_transport_event")(dul))
+        if got:
+            try:
+                state.msg_bytes += len(dul._recv_pdu.queue[-1])
+            except (IndexError, TypeError):
+                pass
+        return got
+    if dul.state_machine.current_state == "Sta13":
+        # As pynetdicom: read what is still pending, close once nothing is.
+        if sock is not None and not (state.eof or state.dead) and _read_some(dul, state, sock):
+            return True
+        if dul.socket is not None:
+            dul.socket.close()
+        return True
+    if sock is None or state.eof or state.dead or not state.readable:
+        return False
+    return _read_some(dul, state, sock)
+
+
+def _dul_wait(dul: Any, state: _NetState) -> None:
+    timeout = SAFETY_TIMEOUT
+    artim = dul.artim_timer
+    if artim.timeout is not None and artim._start_time is not None and artim._end_time is None:
+        timeout = max(0.0, min(timeout, artim.remaining))
+    sock = _raw_socket(dul)
+    rlist: list[Any] = [state.rsock]
+    if sock is not None and not (state.eof or state.dead):
+        if state.fallback:
+            pending = getattr(sock, "pending", None)
+            if pending is not None and pending():
+                return
+        elif state.readable:
+            return
+        rlist.append(sock)
+    state.waiting = True
+    try:
+        if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+            return
+        try:
+            ready, _, _ = select.select(rlist, [], [], timeout)
+        except (OSError, ValueError):
+            # The socket was closed under us: let the next read find out.
+            ready = []
+            state.readable = True
+    finally:
+        state.waiting = False
+    if state.rsock in ready:
+        try:
+            while state.rsock.recv(4096):
+                pass
+        except OSError:
+            pass
+    if sock is not None and sock in ready:
+        state.readable = True
+
+
+def _check_progress(dul: Any, state: _NetState) -> None:
+    """Abort an association whose DIMSE message (or PDU) stopped progressing."""
+    if state.msg_start is None or state.dead or not dul.assoc.is_established:
+        return
+    allowance = message_allowance(dul.assoc.dimse_timeout, state.msg_bytes)
+    if allowance is None:
+        return
+    took = time.monotonic() - state.msg_start
+    if took > allowance:
+        _refuse(dul, state, f"a DIMSE message still incomplete after {took:.1f} s ({state.msg_bytes} bytes; "
+                            f"allowed: --dimse-timeout plus 1 s per {MIN_RATE >> 10} KiB)", "too_slow")
+
+
+def _watch_blocking_read(dul: Any, state: _NetState) -> None:
+    """For a socket read with pynetdicom's own blocking read (TLS), called from the
+    association's thread: a message past its allowance gets its socket shut down,
+    which ends the read the DUL is blocked in (the DUL then sees the connection
+    closed: A-P-ABORT, EVT_CONN_CLOSE)."""
+    start = state.msg_start
+    if start is None or not dul.assoc.is_established:
+        return
+    allowance = message_allowance(dul.assoc.dimse_timeout, state.msg_bytes)
+    took = time.monotonic() - start
+    if allowance is None or took <= allowance:
+        return
+    why = (f"a DIMSE message still incomplete after {took:.1f} s ({state.msg_bytes} bytes; "
+           f"allowed: --dimse-timeout plus 1 s per {MIN_RATE >> 10} KiB)")
+    log.warning("aborting the association with %s: %s", _who(dul), why,
+                extra={"event": "too_slow", "reason": why})
+    state.dead = True
+    _shutdown_raw(dul)
+
+
+def _shutdown_raw(dul: Any) -> None:
+    sock = getattr(dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _after_pdu(dul: Any, state: _NetState, event: str) -> None:
+    """A PDU was processed: the message it belonged to may be complete."""
+    if event not in _PDU_EVENTS:
+        return
+    if event == "Evt10" and getattr(dul.assoc.dimse, "message", None) is not None:
+        return  # the message goes on
+    state.msg_start = None
+    state.msg_bytes = 0
+
+
+def _fail(dul: Any, exc: BaseException) -> None:
+    """The network thread met an error it cannot go on from: one log line, an
+    A-ABORT to the peer (bypassing the state machine, as pynetdicom does), stop."""
+    log.error("network thread of the association with %s failed (%s: %s); aborting it",
+              _who(dul), type(exc).__name__, safe(exc), extra={"event": "network_error"})
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    assoc = dul.assoc
+    assoc.is_aborted = True
+    assoc.is_established = False
+    try:
+        if dul.socket is not None:
+            dul.socket.send(abort_pdu.encode())
+            dul.socket.close()
+        # What pynetdicom's own connection-closed actions do (AA-4): so that the
+        # EVT_CONN_CLOSE handlers (the association's log line, the removal of a
+        # partial dataset) run for this association too.
+        remote = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": remote.address_info.as_tuple})
+    except Exception:
+        pass
+    assoc._kill = True
+    dul._kill_thread = True
+
+
+def _dul_run_reactor(self: Any) -> None:
+    """``DULServiceProvider.run_reactor``, waiting on events instead of sleeping."""
+    state = getattr(self, "_sortscp_net", None)
+    if state is None:
+        return _original(DULServiceProvider, "run_reactor")(self)  # type: ignore[no-any-return]
+    self._idle_timer.start()
+    event_queue = self.event_queue
+    try:
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                event_queue.put("Evt18")
+            _check_progress(self, state)
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif _transport_event(self, state):
+                    self._idle_timer.restart()
+            except Exception as exc:
+                _fail(self, exc)
+                return None
+            try:
+                event = event_queue.get(block=False)
+            except queue.Empty:
+                _dul_wait(self, state)
+                continue
+            try:
+                self.state_machine.do_action(event)
+            except fsm.InvalidEventError as exc:
+                # e.g. Evt15 (a local A-ABORT) in Sta13, when ae.shutdown() aborts an
+                # association that is already closing: stock pynetdicom's DUL thread
+                # dies on it. Drop the primitive that raised it and go on.
+                log.debug("%s; ignored", exc)
+                if event in _LOCAL_EVENTS:
+                    try:
+                        self.to_provider_queue.get(block=False)
+                    except queue.Empty:
+                        pass
+            except Exception as exc:  # an action failed: stock's thread dies with a traceback
+                _fail(self, exc)
+                return None
+            _after_pdu(self, state, event)
+    finally:
+        state.stopped = True
+        state.close()
+        state.buf = state.view = None
+        assoc = self.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None and not self.to_user_queue.qsize():
+            # Stopped before any A-ASSOCIATE-RQ was delivered: the association thread
+            # waits for one for the ACSE timeout, holding a slot; tell it now.
+            self.to_user_queue.put(None)
+        _wake_assoc(assoc)
+    return None
+
+
+def _dul_kill_dul(self: Any) -> None:
+    self._kill_thread = True
+    _wake_dul(self)
+
+
+def _dul_stop_dul(self: Any) -> bool:
+    if self.state_machine.current_state == "Sta1":
+        self._kill_thread = True
+        _wake_dul(self)
+        if threading.current_thread() is not self:
+            while self.is_alive():
+                self.join(0.1)
+        return True
+    return False
+
+
+def _assoc_kill(self: Any) -> None:
+    self._reactor_checkpoint.set()
+    self._kill = True
+    self.is_established = False
+    self._is_paused = True
+    _wake_assoc(self)
+    dul = self.dul
+    _wake_dul(dul)
+    state = getattr(dul, "_sortscp_net", None)
+    if (state is not None and state.fallback and self.is_acceptor and self.requestor.primitive is None
+            and dul.is_alive() and threading.current_thread() is not dul):
+        # No request within the ACSE timeout, the DUL blocked in a TLS read of it:
+        # end that read, or this loop waits as long as the peer drips.
+        _shutdown_raw(dul)
+    while dul.is_alive() and not dul.stop_dul():
+        # The DUL is finishing a state (e.g. Sta13); join returns when it stops.
+        if threading.current_thread() is not dul:
+            dul.join(0.005)
+        else:
+            time.sleep(0.005)
+
+
+def _assoc_run_reactor(self: Any) -> None:
+    """``Association._run_reactor``, waiting on an Event instead of sleeping 1 ms."""
+    wake = getattr(self, "_sortscp_wake", None)
+    if wake is None:
+        return _original(Association, "_run_reactor")(self)  # type: ignore[no-any-return]
+    dul = self.dul
+    idle = dul._idle_timer
+    self._is_paused = False
+    while not self._kill:
+        # Paused while waiting: release()/send_*() from another thread need not
+        # wait for us; we then stop at the checkpoint they cleared.
+        self._is_paused = True
+        timeout = SAFETY_TIMEOUT
+        if idle.timeout is not None:
+            timeout = max(0.0, min(timeout, idle.remaining))
+        if not self.dimse.msg_queue.qsize():  # else a set() before our clear() is not lost
+            wake.wait(timeout)
+        wake.clear()
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, context_id)
+
+        if self.is_established and self.acse.is_release_requested():
+            # Released before the response goes: woken at once, the DUL may send it
+            # and see the connection close (EVT_CONN_CLOSE) before the next line.
+            self.is_released = True
+            self.acse.send_release(is_response=True)
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return None
+
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return None
+
+        state = getattr(dul, "_sortscp_net", None)
+        if state is not None and state.fallback and not state.dead:
+            _watch_blocking_read(dul, state)
+        if state is not None and state.stopped:
+            dul.join(1.0)
+        if not dul.is_alive():
+            self.kill()
+            return None
+
+        if dul.idle_timer_expired():
+            log.warning("no data from %s for %s s (--network-timeout); aborting the association",
+                        _who(dul), self.network_timeout, extra={"event": "network_timeout"})
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return None
+    return None
+
+
+_PATCHES: dict[tuple[type, str], Callable[..., Any]] = {
+    (Association, "__init__"): _assoc_init,
+    (Association, "_run_reactor"): _assoc_run_reactor,
+    (Association, "kill"): _assoc_kill,
+    (DULServiceProvider, "run_reactor"): _dul_run_reactor,
+    (DULServiceProvider, "kill_dul"): _dul_kill_dul,
+    (DULServiceProvider, "stop_dul"): _dul_stop_dul,
+}
+_install_lock = threading.Lock()
+
+
+def network_threads_installed() -> bool:
+    """True once :func:`install_network_threads` has run (and not been undone)."""
+    return all(owner.__dict__.get(name) is fn for (owner, name), fn in _PATCHES.items())
+
+
+def install_network_threads() -> None:
+    """Make every association created from now on run the event-driven threads
+    (process-wide, idempotent). Associations already running keep their loops.
+
+    >>> install_network_threads(); network_threads_installed()
+    True
+    """
+    with _install_lock:
+        for (owner, name), fn in _PATCHES.items():
+            current = owner.__dict__[name]
+            if current is fn:
+                continue
+            _ORIGINALS.setdefault((owner, name), current)
+            setattr(owner, name, fn)
+
+
+def uninstall_network_threads() -> None:
+    """Undo :func:`install_network_threads` for associations created from now on."""
+    with _install_lock:
+        for (owner, name), original in _ORIGINALS.items():
+            setattr(owner, name, original)

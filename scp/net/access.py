@@ -1,5 +1,5 @@
 """Who may send: the calling-AE allow-list (``--allow-aet``) and the rejection of
-associations it does not admit."""
+associations it does not admit, or whose request is unusable."""
 
 from __future__ import annotations
 
@@ -98,10 +98,10 @@ def split_allow_list(values: Iterable[str]) -> list[str]:
 
 
 class AccessControl:
-    """An ``EVT_REQUESTED`` handler that rejects calling AE titles not on the list
-    and, with `called_aet`, associations addressed to another AE title: every
-    rejection gets the same WARNING line (calling and called AE title, address,
-    reason).
+    """An ``EVT_REQUESTED`` handler that rejects malformed requests
+    (:func:`request_problem`), calling AE titles not on the list and, with
+    `called_aet`, associations addressed to another AE title: every rejection
+    gets the same WARNING line (calling and called AE title, address, reason).
 
     An empty list allows everyone (as DCMTK and Orthanc do by default).
     """
@@ -114,16 +114,19 @@ class AccessControl:
         return not self.rules or any(r.allows(calling_aet, address) for r in self.rules)
 
     def bindings(self) -> list[tuple]:
-        return [(evt.EVT_REQUESTED, self.on_requested)] if self.rules or self.called_aet else []
+        return [(evt.EVT_REQUESTED, self.on_requested)]
 
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        # ``requestor.ae_title`` is set only later, during negotiation.
         primitive = assoc.requestor.primitive
+        # ``requestor.ae_title`` is set only later, during negotiation.
         calling = str(primitive.calling_ae_title).strip()  # type: ignore[union-attr]
         called = str(primitive.called_ae_title).strip()  # type: ignore[union-attr]
         address = str(assoc.requestor.address)
-        if not self.allows(calling, address):
+        problem = request_problem(primitive)
+        if problem:
+            reason, rsd, detail = problem, REJECT_MALFORMED, problem
+        elif not self.allows(calling, address):
             reason, rsd = "calling AE title not allowed", REJECT_CALLING_AET
             detail = f"{reason} (called '{safe(called)}')"
         elif self.called_aet is not None and called != self.called_aet:
@@ -137,3 +140,26 @@ class AccessControl:
                    "peer": address, "reason": reason},
         )
         _pynetdicom.reject(assoc, *rsd)
+
+
+#: A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given.
+REJECT_MALFORMED = (0x01, 0x01, 0x01)
+
+
+def request_problem(primitive: object) -> str | None:
+    """What makes an A-ASSOCIATE request unusable (None: nothing): no
+    presentation context, or one with an empty abstract syntax or without a
+    transfer syntax. pynetdicom accepts such a request (an empty abstract syntax
+    even gets its context accepted), leaving an association nothing can be
+    sent on."""
+    contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+    if not contexts:
+        return "no presentation context proposed"
+    for cx in contexts:
+        if not str(cx.abstract_syntax or "").strip("\0 "):
+            return f"presentation context {cx.context_id} has an empty abstract syntax"
+        if not [ts for ts in cx.transfer_syntax if str(ts).strip("\0 ")]:
+            return f"presentation context {cx.context_id} proposes no transfer syntax"
+    return None
+
+

@@ -30,8 +30,6 @@ from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
 
-#: Sleep of pynetdicom's network thread between polls (its default: 1 ms).
-DUL_POLL_SECONDS = 0.0005
 
 
 def status_for(exc: BaseException) -> int:
@@ -149,11 +147,6 @@ class StoreHandlers:
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
-        # pynetdicom's network thread sleeps between polls of the socket and of
-        # its outgoing queue; its 1 ms default adds up to ~0.8 ms to every
-        # C-STORE round trip (0.8 s per 1000 instances from a sender that waits
-        # for each response). 0.5 ms costs ~3 % of a core per idle association.
-        _pynetdicom.set_poll_delay(event.assoc, DUL_POLL_SECONDS)
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc

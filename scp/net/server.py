@@ -177,6 +177,7 @@ class Server:
     def start(self) -> None:
         cfg = self.cfg
         _pynetdicom.check()
+        _pynetdicom.install_network_threads()
         access = AccessControl(
             [AllowRule.parse(rule) for rule in cfg.allow_aet],
             called_aet=cfg.aet if cfg.require_called_aet else None,

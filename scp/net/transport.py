@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
+import time
 
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
@@ -30,10 +32,13 @@ class HardenedAssociationServer(ThreadedAssociationServer):
     * ``get_request`` only accepts; the TLS handshake runs in the connection's
       own thread, bounded by the ACSE timeout, so a silent client cannot keep
       the accept loop waiting.
-    * A plain connection becomes an association only once its first byte
-      arrives (within the ACSE timeout): probes do not take association slots.
-    * Every accepted socket gets the network timeout: a peer that stops in the
-      middle of a PDU is dropped instead of holding its association for ever.
+    * A plain connection becomes an association only once its whole
+      A-ASSOCIATE-RQ has arrived, within the ACSE timeout in total: probes and
+      peers that drip their request do not take association slots.
+    * Every accepted socket gets the network timeout (with the event-driven
+      network threads, a kernel send timeout; they keep the receive deadlines
+      themselves): a peer that stops in the middle of a PDU is dropped instead
+      of holding its association for ever.
     """
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -53,25 +58,119 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                 )
                 _close_quietly(request)
                 return
-        elif not _first_byte_arrives(request, ae.acse_timeout):
-            _close_quietly(request)
-            return
+        else:
+            got, wanted = _request_arrives(request, ae.acse_timeout)
+            refused = _not_a_request(request) if got >= 6 else None
+            if refused:
+                log.warning(
+                    "closed the connection from %s:%s: %s", *client_address[:2], refused,
+                    extra={"event": "association_refused", "peer": str(client_address[0]),
+                           "reason": refused},
+                )
+                _abort_quietly(request)
+                return
+            if got < wanted:
+                if got:  # a silent probe or health check is not worth a line
+                    log.warning(
+                        "closed the connection from %s:%s: no complete A-ASSOCIATE-RQ within %g s "
+                        "(%d of %s bytes)", *client_address[:2], ae.acse_timeout, got,
+                        wanted if wanted > 6 else "at least 6",
+                        extra={"event": "association_timeout", "peer": str(client_address[0]),
+                               "reason": "no complete A-ASSOCIATE-RQ within the ACSE timeout"},
+                    )
+                _close_quietly(request)
+                return
+            if _pynetdicom.network_threads_installed():
+                # The event-driven DUL reads without blocking and keeps every
+                # deadline itself; it needs a socket without a Python timeout.
+                request.settimeout(None)
+                _pynetdicom.tune_accepted_socket(request, ae.network_timeout)
+                super().finish_request(request, client_address)
+                return
         request.settimeout(ae.network_timeout)
         super().finish_request(request, client_address)
 
 
-def _first_byte_arrives(sock: socket.socket, timeout: float | None) -> bool:
-    """Wait (bounded) for the peer's first byte without consuming it.
+#: An A-ASSOCIATE-RQ longer than this is handed over before it is complete (it would
+#: not fit a receive buffer; the network thread's ARTIM timer then bounds the rest).
+REQUEST_PEEK_LIMIT = 64 << 10
 
-    A connection that closes or stays silent never becomes an association, so
-    port probes and health checks do not hold a slot of ``--max-associations``
-    (pynetdicom would keep one until its ACSE timeout).
+
+def _request_arrives(sock: socket.socket, timeout: float | None) -> tuple[int, int]:
+    """Wait until the peer's first PDU (its A-ASSOCIATE-RQ) is entirely in the
+    receive buffer, without consuming it, for at most `timeout` seconds in total.
+
+    Returns (bytes there, bytes wanted): complete when the first is not less.
+    Until then the connection is not an association, so a port probe, a health
+    check or a peer that sends its request one byte at a time never holds a
+    slot of ``--max-associations``, and is closed after `timeout` seconds
+    whatever it sends. The wait sleeps in the kernel: ``SO_RCVLOWAT`` makes the
+    peek return only once the bytes wanted are there.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    wanted, got = 6, 0
     try:
-        sock.settimeout(timeout)
-        return bool(sock.recv(1, socket.MSG_PEEK))
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return got, wanted
+            sock.settimeout(left)
+            _set_lowat(sock, wanted)
+            data = sock.recv(wanted, socket.MSG_PEEK)
+            if not data:  # closed
+                return got, wanted
+            got = len(data)
+            if got >= 6 and wanted == 6:
+                kind, _, length = struct.unpack(">BBL", data[:6])
+                if kind != 0x01 or 6 + length > REQUEST_PEEK_LIMIT:
+                    return got, got  # complete enough to judge (_not_a_request) or to hand over
+                wanted = 6 + length
+            if got >= wanted:
+                return got, wanted
+            time.sleep(0.01)  # fewer bytes than asked: the peer closed, or no SO_RCVLOWAT here
     except OSError:  # timed out or reset
-        return False
+        return got, wanted
+    finally:
+        _set_lowat(sock, 1)
+
+
+def _not_a_request(sock: socket.socket) -> str | None:
+    """Why the first PDU waiting on `sock` cannot start an association (None: it
+    can). Such a peer is refused here, before it becomes an association: else
+    pynetdicom's association thread would hold its slot for the ACSE timeout,
+    waiting for a request that never comes."""
+    try:
+        head = sock.recv(6, socket.MSG_PEEK)
+    except OSError:
+        return None
+    if len(head) < 6:
+        return None
+    kind, _, length = struct.unpack(">BBL", head)
+    if kind != 0x01:
+        return f"its first PDU (type 0x{kind:02X}) is not an A-ASSOCIATE-RQ"
+    if length > _pynetdicom.OTHER_PDU_LIMIT:
+        return f"it announced an A-ASSOCIATE-RQ of {length} bytes, more than the {_pynetdicom.OTHER_PDU_LIMIT} we accept"
+    return None
+
+
+#: A-ABORT, service-provider initiated, reason not specified.
+_A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x00)
+
+
+def _abort_quietly(sock: socket.socket) -> None:
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(_A_ABORT)
+    except OSError:
+        pass
+    _close_quietly(sock)
+
+
+def _set_lowat(sock: socket.socket, n: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tls_reason(exc: BaseException) -> str:
