@@ -153,8 +153,8 @@ _INTERNALS: list[tuple[str, Callable[[], bool]]] = [
     ("dimse_messages._MESSAGE_TYPES", lambda: isinstance(getattr(dimse_messages, "_MESSAGE_TYPES", None), dict)),
     ("dimse_messages.C_STORE_RQ", lambda: isinstance(getattr(dimse_messages, "C_STORE_RQ", None), type)),
     ("DIMSEMessage.encoded_command_set", lambda: _source_mentions(DIMSEMessage.__init__, "encoded_command_set")),
-    ("Association._accepted_cx", lambda: _source_mentions(Association.__init__, "_accepted_cx")),
-    ("DULServiceProvider.event_queue", lambda: _source_mentions(DULServiceProvider.__init__, "event_queue")),
+    ("Association._accepted_cx", lambda: _source_mentions(Association, "self._accepted_cx")),
+    ("DULServiceProvider.event_queue", lambda: _source_mentions(DULServiceProvider, "self.event_queue")),
     (
         "DIMSEMessage._data_set_file",
         lambda: _source_mentions(DIMSEMessage.__init__, "_data_set_file"),
