@@ -3,6 +3,8 @@
 * only ``scp/net/`` imports pynetdicom;
 * ``scp/layout.py`` and ``scp/dicom/`` import neither the store nor the network;
 * ``scp/store/`` imports nothing from the network, nor from the layers above it;
+* ``scp/events/`` imports nothing from the network (nor pynetdicom), and neither
+  ``scp/store/`` nor ``scp/dicom/`` imports it;
 * inside ``scp/net/``, only ``_pynetdicom.py`` touches a pynetdicom internal
   (an underscored attribute of something that is not ours).
 
@@ -34,6 +36,10 @@ RULES: list[tuple[str, tuple[str, ...], str]] = [
      "dicom/ reads bytes; it neither stores nor talks to the network"),
     ("scp/store/", ("scp.net", "scp.jobs", "scp.pool", "scp.sort", "scp.cli"),
      "the store imports nothing from the network or the layers above it"),
+    ("scp/events/", ("scp.net", "scp.jobs", "scp.pool", "scp.sort", "scp.cli"),
+     "events/ reads the index; the network calls into it, never the reverse"),
+    ("scp/store/", ("scp.events",), "the store knows nothing of events"),
+    ("scp/dicom/", ("scp.events",), "dicom/ knows nothing of events"),
 ]
 #: Where a rule does not apply (the package that faces the network).
 EXEMPT = {"only scp/net imports pynetdicom": "scp/net/"}
@@ -117,6 +123,9 @@ def _broken_tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ("store/commit.py", "from scp.net.status import SUCCESS\n", "scp/store/commit.py imports scp.net.status"),
         ("dicom/walk.py", "from scp.store import tmp\n", "scp/dicom/walk.py imports scp.store"),
         ("layout.py", "import scp.net.server\n", "scp/layout.py imports scp.net.server"),
+        ("events/pipeline.py", "from scp.net.status import SUCCESS\n", "scp/events/pipeline.py imports scp.net.status"),
+        ("events/hooks.py", "import pynetdicom\n", "scp/events/hooks.py imports pynetdicom"),
+        ("store/index.py", "from scp.events import pipeline\n", "scp/store/index.py imports scp.events"),
         ("net/handlers.py", "def f(assoc):\n    return assoc.dul._run_loop_delay\n",
          "._run_loop_delay: a pynetdicom internal"),
     ],

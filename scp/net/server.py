@@ -21,6 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig
 from scp.errors import SortscpError
+from scp.events.pipeline import Pipeline
 from scp.net import _pynetdicom, sink
 from scp.net.access import AccessControl, AllowRule
 from scp.net.handlers import StoreHandlers
@@ -108,6 +109,7 @@ class Server:
         self.ae: AE | None = None
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
+        self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
 
     @property
@@ -124,12 +126,20 @@ class Server:
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
         self.handlers = StoreHandlers(self.pool, cfg)
+        self.pipeline = Pipeline(cfg)
+        try:
+            self.pipeline.start()
+        except OSError as exc:
+            self.pool.close()
+            raise ServeError(exc.strerror or str(exc)) from None
+        self.handlers.pipeline = self.pipeline
         self.ae = build_ae(cfg)
         try:
             self.server = start_server(
                 self.ae, (cfg.host, cfg.port), self.handlers.bindings() + access.bindings(), tls
             )
         except OSError as exc:
+            self.pipeline.stop()
             self.pool.close()
             raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         host, port = self.address
@@ -166,6 +176,8 @@ class Server:
                 log.warning("aborting %d association(s) still open after the drain", len(active))
         if self.ae is not None:
             self.ae.shutdown()
+        if self.pipeline is not None:  # after the drain: the last events, bounded
+            self.pipeline.stop()
         if self.pool is not None:
             self.pool.close()
         if self.handlers is not None:
