@@ -16,7 +16,7 @@ from scp.config import ServeConfig, SortConfig
 from scp.dicom.header import check_complete, read_header
 from scp.dicom.meta import PREAMBLE
 from scp.enums import Duplicate, Mode, Placement, Result
-from scp.errors import NotDicomError, SortscpError
+from scp.errors import NotDicomError, SortscpError, TruncatedError
 from scp.layout import relative_path
 from scp.report import Outcome
 from scp.store.commit import commit_file
@@ -86,6 +86,9 @@ def sort_file(path: str, cfg: SortConfig, batch: MoveBatch | None = None) -> Out
             Path(path), cfg.dst, rel, cfg.mode, on_conflict=Duplicate.BOTH, durable=cfg.fsync,
             batch=batch,
         )
+    except TruncatedError as exc:
+        reason = str(exc)
+        return Outcome(Result.SKIPPED, path, "", reason if reason.startswith("truncated") else f"truncated: {reason}")
     except NotDicomError as exc:
         return Outcome(Result.SKIPPED, path, "", str(exc))
     except (SortscpError, OSError) as exc:

