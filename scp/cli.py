@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -340,7 +341,9 @@ def ls(
             table.add_row(t["patient_name"] or "", t["patient_id"] or "", t["study_date"] or "",
                           s["folder"] or s["series_description"] or s["series_instance_uid"], s["modality"] or "",
                           str(s["instances"]), done, s["last_arrival"] or "")
-    console = Console(soft_wrap=False, highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=200)  # a pipe: don't cut the table at 80 columns
     console.print(table, markup=False)
     n_series = sum(len(t["series"]) for t in studies)
     console.print(f"{len(studies)} studies, {n_series} series, {sum(t['instances'] for t in studies)} instances",
