@@ -27,8 +27,11 @@ the flip, so an event never names a manifest that is not there. What is not
 covered: a crash (SIGKILL, power) in the milliseconds between the flip and
 the start of the hook loses that one hook run (at most once, never twice).
 
-The pipeline opens its own connection to the index (``OUT/.sortscp/index.sqlite``),
-once the file exists; until then the watcher waits.
+The pipeline uses the server's open index when given one; else it opens its
+own connection to ``OUT/.sortscp/index.sqlite`` once the file exists (until
+then the watcher waits). Start it after the server's ``open_index`` (a
+rebuild needs the index closed everywhere) and stop it before the server's
+``close(clean=True)`` (which needs no other connection open).
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ class _DropLog:
 class Pipeline:
     """Events, hooks and metrics of one server: :meth:`start`, then :meth:`stop`."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, index: SqliteIndex | None = None) -> None:
+        """`index`: the server's own open index to share (the pipeline does not
+        close it); None: the pipeline opens its own connection once the file exists."""
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.metrics = Metrics(self.out)
@@ -130,7 +135,8 @@ class Pipeline:
         self._dispatch = bool(self._argv.get("on_stored") or cfg.events or cfg.webhook)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._index: SqliteIndex | None = None
+        self._index: SqliteIndex | None = index
+        self._own_index = index is None
         self._index_lock = threading.Lock()
         self._last_error = ""
         self.poll_seconds = max(0.05, min(1.0, min(cfg.series_stable_seconds, cfg.study_stable_seconds) / 4))
@@ -188,9 +194,9 @@ class Pipeline:
             self.events.close()
         self.metrics.close()
         with self._index_lock:
-            if self._index is not None:
+            if self._index is not None and self._own_index:
                 self._index.close()
-                self._index = None
+            self._index = None
 
     # ---- called by the handlers (never blocks)
 
@@ -223,7 +229,7 @@ class Pipeline:
     def index(self) -> SqliteIndex | None:
         """Our connection to the index, opened once the file exists (None until then)."""
         with self._index_lock:
-            if self._index is None and index_path(self.out).is_file():
+            if self._index is None and self._own_index and index_path(self.out).is_file():
                 try:
                     self._index = SqliteIndex(self.out)
                 except InstanceIndexError as exc:
