@@ -159,7 +159,7 @@ def test_a_study_completes_after_its_series_with_a_manifest_of_them(out: Path, i
     add_instance(index, out, "1.5.9", "1.5.9.2", "1.5.9.2.1", folder="P_1/B_2")
     add_instance(index, out, "1.5.9", "1.5.9.2", "1.5.9.2.2", folder="P_1/B_2")
     marker = tmp_path / "study-hook"
-    p = pipeline(out, on_study_complete=f"sh -c 'env | grep ^SORTSCP_ > {marker}'")
+    p = pipeline(out, on_study_complete=f"sh -c 'env | grep ^SORTSCP_ > {marker}.part && mv {marker}.part {marker}'")
     try:
         p.poll()  # series first ...
         p.poll()  # ... then the study, in the same or the next round
@@ -180,7 +180,8 @@ def test_the_series_hook_gets_the_manifest_folder_and_revision(out: Path, index:
                                                               tmp_path: Path) -> None:
     add_instance(index, out, "1.6.9", "1.6.9.1", "1.6.9.1.1")
     marker = tmp_path / "series-hook"
-    p = pipeline(out, on_series_complete=f'env | grep ^SORTSCP_ > "{marker}"', hook_shell=True)
+    p = pipeline(out, on_series_complete=f'env | grep ^SORTSCP_ > "{marker}.part" && mv "{marker}.part" "{marker}"',
+                 hook_shell=True)
     try:
         p.poll()
         wait_for(marker.exists, what="the series hook")
@@ -200,7 +201,7 @@ def test_the_stored_hook_runs_per_instance_with_the_facts_of_its_row(out: Path, 
                                                                     tmp_path: Path) -> None:
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    p = pipeline(out, on_stored=f'sh -c \'env | grep ^SORTSCP_ > "{hooks}/$SORTSCP_SOP_INSTANCE_UID"\'')
+    p = pipeline(out, on_stored=f'sh -c \'f="{hooks}/$SORTSCP_SOP_INSTANCE_UID"; env | grep ^SORTSCP_ > "$f.part" && mv "$f.part" "$f"\'')
     rels = {}
     try:
         for i in range(5):
@@ -208,7 +209,7 @@ def test_the_stored_hook_runs_per_instance_with_the_facts_of_its_row(out: Path, 
             rels[uid] = add_instance(index, out, "1.7.9", "1.7.9.1", uid, ago=0)
             p.stored("MODALITY", uid, rels[uid], 100, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                      transfer_syntax_uid="1.2.840.10008.1.2.1", seconds=0.01)
-        wait_for(lambda: len(list(hooks.iterdir())) == 5, what="5 hook runs")
+        wait_for(lambda: len(list(hooks.glob("*[0-9]"))) == 5, what="5 hook runs")
         assert p.hooks is not None and p.hooks.wait_idle(10)
     finally:
         p.stop()

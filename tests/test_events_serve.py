@@ -87,10 +87,11 @@ def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Pat
     marks = tmp_path / "marks"
     marks.mkdir()
     server = serve_process(
-        "--hook-shell", "--on-stored", f'env | grep ^SORTSCP_ > "{marks}/$SORTSCP_SOP_INSTANCE_UID"')
+        "--hook-shell", "--on-stored",
+        f'f="{marks}/$SORTSCP_SOP_INSTANCE_UID"; env | grep ^SORTSCP_ > "$f.part" && mv "$f.part" "$f"')
     datasets = ct_copies(4)
     assert send_datasets(server.port, datasets) == [SUCCESS] * 4
-    wait_until(lambda: len(list(marks.iterdir())) == 4, what="4 hook files")
+    wait_until(lambda: len(list(marks.glob("*[0-9]"))) == 4, what="4 hook files")
     for ds in datasets:
         env = dict(line.split("=", 1) for line in (marks / ds.SOPInstanceUID).read_text().splitlines())
         assert (server.out / env["SORTSCP_PATH"]).is_file()
@@ -121,7 +122,7 @@ def test_a_series_over_two_associations_completes_once_with_exactly_its_instance
     done = events_of(events, "series_complete")
     assert [(e["series_instance_uid"], e["revision"], e["instance_count"]) for e in done] == [(series, 1, 5)]
     assert len(events_of(events, "study_complete")) == 1
-    wait_until(hook_log.exists, what="the series hook")
+    wait_until(lambda: hook_log.exists() and hook_log.read_text().endswith("\n"), what="the series hook")
     assert hook_log.read_text().split("\n") == [f"{series} 1", ""]
     manifest = json.loads(series_manifest_path(server.out, series).read_text())
     assert sorted(i["sop_instance_uid"] for i in manifest["instances"]) == sorted(d.SOPInstanceUID for d in datasets)
