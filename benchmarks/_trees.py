@@ -95,10 +95,10 @@ def instance_files(root: Path) -> list[Path]:
 
 
 def count_files(root: Path) -> int:
-    """Regular files under `root`, ignoring sortscp's temporary folder."""
+    """Regular files under `root`, ignoring sortscp's dot folders (temporary area, index, manifests)."""
     total = 0
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".sortscp-tmp"]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         total += len(files)
     return total
 

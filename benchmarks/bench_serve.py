@@ -13,6 +13,13 @@ answering; storescp writes a flat folder without flushing.
 Run from the repository root (needs DCMTK: ``apt-get install dcmtk``)::
 
     python benchmarks/bench_serve.py [--runs 5] [--cache /tmp/sortscp-bench]
+
+``--events`` adds a third receiver, ``sortscp+events``: the same server with a
+per-instance hook (``--on-stored true``), the metrics endpoint
+(``--metrics-port 0``) and the JSON-lines event file on, to measure their
+overhead (the "x sortscp" column; the target is below 1.05)::
+
+    python benchmarks/bench_serve.py --events --senders 1 --runs 3
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ def split_folders(files: list[Path], work: Path, parts: int) -> list[Path]:
     return folders
 
 
+#: What ``sortscp+events`` adds to the serve command line (README "Events, hooks and metrics").
+EVENTS_ARGS = ("--on-stored", "true", "--metrics-port", "0", "--metrics-host", HOST)
+
+
 class Server:
     """One receiver process on a free port, writing into `out`."""
 
@@ -67,6 +78,8 @@ class Server:
             # drain bounds the stop all the same.
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
                               "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
+            if kind == "sortscp+events":
+                cmd += [*EVENTS_ARGS, "--events", str(log.with_suffix(".events.jsonl"))]
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -105,7 +118,7 @@ def send(storescu: str, port: int, folders: list[Path]) -> float:
 
 
 def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected: int) -> float:
-    out = work / f"out-{kind}"
+    out = work / f"out-{kind.replace('+', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     server = Server(kind, out, concurrent=len(folders) > 1, log=work / f"{kind}.log")
     try:
@@ -123,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tree is built")
+    parser.add_argument("--events", action="store_true",
+                        help="also run sortscp with a hook, metrics and the event file on (sortscp+events)")
+    parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="sender counts to run")
     args = parser.parse_args(argv)
     storescu = dcmtk("storescu")
     if storescu is None or dcmtk("storescp") is None:
@@ -134,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results: dict[tuple[str, int], list[float]] = {}
-    for senders in SENDERS:
+    kinds = ["storescp", "sortscp"] + (["sortscp+events"] if args.events else [])
+    for senders in args.senders:
         folders = split_folders(files, work, senders)
-        cases = [("storescp", senders), ("sortscp", senders)]
+        cases = [(kind, senders) for kind in kinds]
         for kind, _ in cases:  # warm-up, untimed
             one_run(kind, storescu, folders, work, len(files))
         for _ in range(args.runs):  # interleaved
@@ -147,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
-    print(f"{'senders':>7} {'receiver':<10} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}")
-    for senders in SENDERS:
+    print(f"{'senders':>7} {'receiver':<14} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
+          f" {'x sortscp':>9}")
+    for senders in args.senders:
         base = statistics.median(results[("storescp", senders)])
-        for kind in ("storescp", "sortscp"):
+        ours = statistics.median(results[("sortscp", senders)])
+        for kind in kinds:
             med = statistics.median(results[(kind, senders)])
-            print(f"{senders:>7} {kind:<10} {med:9.3f} {len(files) / med:8.0f} "
-                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f}")
+            vs_ours = f"{med / ours:9.3f}" if kind == "sortscp+events" else ""
+            print(f"{senders:>7} {kind:<14} {med:9.3f} {len(files) / med:8.0f} "
+                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f} {vs_ours}")
     return 0
 
 

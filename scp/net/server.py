@@ -21,6 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig
 from scp.errors import InstanceIndexError, SortscpError
+from scp.events.pipeline import Pipeline
 from scp.jobs import identity_facts
 from scp.net import _pynetdicom, sink
 from scp.net.access import AccessControl, AllowRule
@@ -125,6 +126,7 @@ class Server:
         self.server: ThreadedAssociationServer | None = None
         self.handlers: StoreHandlers | None = None
         self.index: SqliteIndex | None = None
+        self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
 
     @property
@@ -142,12 +144,23 @@ class Server:
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
         self.handlers = StoreHandlers(self.pool, cfg, self.index)
+        # events share the server's index: started after it is open, stopped before its clean close
+        self.pipeline = Pipeline(cfg, self.index)
+        try:
+            self.pipeline.start()
+        except OSError as exc:
+            self.pipeline.stop()
+            self.pool.close()
+            self.index.close(clean=True)
+            raise ServeError(exc.strerror or str(exc)) from None
+        self.handlers.pipeline = self.pipeline
         self.ae = build_ae(cfg)
         try:
             self.server = start_server(
                 self.ae, (cfg.host, cfg.port), self.handlers.bindings() + access.bindings(), tls
             )
         except OSError as exc:
+            self.pipeline.stop()
             self.pool.close()
             self.index.close(clean=True)
             raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
@@ -185,6 +198,9 @@ class Server:
                 log.warning("aborting %d association(s) still open after the drain", len(active))
         if self.ae is not None:
             self.ae.shutdown()
+        if self.pipeline is not None:  # after the drain: the last events, bounded; before the index closes
+            self.pipeline.stop()
+            self.pipeline = None
         if self.pool is not None:
             self.pool.close()
         if self.index is not None:

@@ -1,0 +1,275 @@
+"""Hook commands (``--on-stored``, ``--on-series-complete``, ``--on-study-complete``).
+
+A hook is a command line run with the facts of an event in ``SORTSCP_*``
+environment variables. No shell unless asked (``--hook-shell``): the command
+is split with :func:`shlex.split` and run directly, so a value in the
+environment can never be interpreted as shell syntax. At most
+``concurrency`` hooks run at once (threads taking runs from one bounded
+queue); each runs in a process group of its own and the whole group is
+killed after ``timeout`` seconds. Each run ends in one log line: exit status,
+seconds and the tail of its stderr (stdout is discarded). A run that finds
+the queue full is dropped, logged and counted; nothing here ever blocks the
+caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: Runs waiting for a free slot; more are dropped (logged and counted).
+QUEUE_SIZE = 10_000
+#: Bytes of a hook's stderr kept for the log line.
+STDERR_TAIL = 2000
+#: After SIGTERM to a timed-out hook's group, seconds before SIGKILL.
+KILL_GRACE = 2.0
+SHELL = "/bin/sh"
+#: Environment variables a hook gets (inherited ones of these names are removed first).
+HOOK_ENV = (
+    "SORTSCP_EVENT", "SORTSCP_PATH", "SORTSCP_ABSPATH", "SORTSCP_OUT", "SORTSCP_CALLING_AET",
+    "SORTSCP_SOP_INSTANCE_UID", "SORTSCP_SOP_CLASS_UID", "SORTSCP_SERIES_INSTANCE_UID",
+    "SORTSCP_STUDY_INSTANCE_UID", "SORTSCP_PATIENT_ID", "SORTSCP_PATIENT_NAME", "SORTSCP_STUDY_DATE",
+    "SORTSCP_MODALITY", "SORTSCP_TRANSFER_SYNTAX_UID", "SORTSCP_SIZE", "SORTSCP_DIGEST",
+    "SORTSCP_MANIFEST", "SORTSCP_SERIES_FOLDER", "SORTSCP_REVISION", "SORTSCP_INSTANCE_COUNT",
+    "SORTSCP_SERIES_COUNT", "SORTSCP_SERIES_DESCRIPTION", "SORTSCP_SERIES_NUMBER", "SORTSCP_TIME",
+)
+
+
+def command_argv(command: str, shell: bool) -> list[str]:
+    """The argv of a hook command: ``/bin/sh -c COMMAND`` or its :func:`shlex.split`.
+
+    >>> command_argv("notify --to 'a b'", shell=False)
+    ['notify', '--to', 'a b']
+    >>> command_argv("echo $SORTSCP_PATH >> log", shell=True)
+    ['/bin/sh', '-c', 'echo $SORTSCP_PATH >> log']
+    """
+    if shell:
+        return [SHELL, "-c", command]
+    argv = shlex.split(command)
+    if not argv:
+        raise ValueError("an empty hook command")
+    return argv
+
+
+@dataclass(frozen=True)
+class HookResult:
+    hook: str
+    argv: tuple[str, ...]
+    returncode: int | None  #: None: it did not start or was killed by us
+    seconds: float
+    timed_out: bool = False
+    error: str = ""  #: why it did not start
+    stderr_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.error
+
+    def describe(self) -> str:
+        if self.error:
+            return f"could not start: {self.error}"
+        if self.timed_out:
+            return f"killed after its timeout of {self.seconds:.1f} s"
+        if self.returncode is not None and self.returncode < 0:
+            return f"killed by signal {-self.returncode}"
+        return f"exited {self.returncode}"
+
+
+def run_hook(hook: str, argv: list[str], env: Mapping[str, str], timeout: float,
+             cwd: str | None = None, running: set | None = None) -> HookResult:
+    """Run one hook to its end (or its timeout); never raises for the hook's faults.
+    While it runs its process is in `running` (so a stop can kill it)."""
+    start = time.monotonic()
+    full_env = {k: v for k, v in os.environ.items() if k not in HOOK_ENV}
+    full_env.update(env)
+    try:
+        proc = subprocess.Popen(
+            argv, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )
+    except OSError as exc:
+        return HookResult(hook, tuple(argv), None, time.monotonic() - start, error=exc.strerror or str(exc))
+    if running is not None:
+        running.add(proc)
+    tail = bytearray()
+    reader = threading.Thread(target=_read_tail, args=(proc.stderr, tail), daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_group(proc)
+    finally:
+        if running is not None:
+            running.discard(proc)
+    reader.join(KILL_GRACE)
+    seconds = time.monotonic() - start
+    text = bytes(tail).decode(errors="replace").strip()
+    return HookResult(hook, tuple(argv), proc.returncode, seconds, timed_out, "", text)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of `proc`, then SIGKILL it after a grace period."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(wait)
+            # the leader is gone: take the rest of its group down with it
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _read_tail(pipe, tail: bytearray) -> None:
+    try:
+        while chunk := pipe.read(4096):
+            tail.extend(chunk)
+            if len(tail) > STDERR_TAIL:
+                del tail[: len(tail) - STDERR_TAIL]
+    except (OSError, ValueError):
+        pass
+    finally:
+        pipe.close()
+
+
+@dataclass(frozen=True)
+class _Run:
+    hook: str
+    argv: list[str]
+    env: dict[str, str]
+    subject: str  #: what it is about, for the log line (a SOP Instance / Series UID)
+    on_done: Callable[[HookResult], None] | None
+
+
+class HookRunner:
+    """``concurrency`` threads running hooks from one bounded queue."""
+
+    def __init__(self, concurrency: int, timeout: float, *, cwd: str | None = None,
+                 on_result: Callable[[HookResult, str], None] | None = None,
+                 on_drop: Callable[[str, str, str], None] | None = None, queue_size: int = QUEUE_SIZE) -> None:
+        self.timeout = timeout
+        self.cwd = cwd
+        self.on_result = on_result
+        self.on_drop = on_drop
+        self._queue: queue.Queue[_Run | None] = queue.Queue(queue_size)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"sortscp-hook-{i}", daemon=True)
+            for i in range(max(1, concurrency))
+        ]
+        self._running: set[subprocess.Popen] = set()
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = 0
+        for t in self._threads:
+            t.start()
+
+    def submit(self, hook: str, argv: list[str], env: dict[str, str], subject: str) -> bool:
+        """Queue a run; False (logged, counted) if the queue is full or we stop."""
+        if self._stopping.is_set():
+            self._dropped(hook, subject, "the server is stopping")
+            return False
+        try:
+            with self._idle:
+                self._queue.put_nowait(_Run(hook, argv, env, subject, None))
+                self._busy += 1
+        except queue.Full:
+            self._dropped(hook, subject, f"{self._queue.maxsize} runs already waiting")
+            return False
+        return True
+
+    def _dropped(self, hook: str, subject: str, why: str) -> None:
+        log.warning("hook %s dropped for %s: %s", hook, subject, why,
+                    extra={"event": "hook_dropped", "hook": hook, "subject": subject, "reason": why})
+        if self.on_drop:
+            self.on_drop(hook, subject, why)
+
+    def _work(self) -> None:
+        while True:
+            run = self._queue.get()
+            if run is None:
+                return
+            try:
+                if self._stopping.is_set():
+                    self._dropped(run.hook, run.subject, "the server stopped before it ran")
+                    continue
+                result = run_hook(run.hook, run.argv, run.env, self.timeout, self.cwd, self._running)
+                self._log(result, run.subject)
+                if self.on_result:
+                    self.on_result(result, run.subject)
+            except Exception:  # never lose a hook thread
+                log.exception("hook %s for %s", run.hook, run.subject)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+    def _log(self, r: HookResult, subject: str) -> None:
+        tail = " ".join(r.stderr_tail.split())[-300:]
+        extra = {"event": "hook", "hook": r.hook, "subject": subject, "returncode": r.returncode,
+                 "timed_out": r.timed_out, "seconds": round(r.seconds, 3), "stderr": tail}
+        if r.ok:
+            (log.debug if r.hook == "on_stored" else log.info)(
+                "hook %s for %s exited 0 in %.2f s", r.hook, subject, r.seconds, extra=extra)
+        else:
+            log.warning("hook %s for %s %s (%.2f s)%s", r.hook, subject, r.describe(), r.seconds,
+                        f"; stderr: {tail}" if tail else "", extra=extra)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued run has finished; False at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def stop(self, timeout: float) -> None:
+        """Let queued runs finish for up to `timeout` s; then drop what is still
+        queued (one log line) and kill the process groups of running hooks."""
+        finished = self.wait_idle(timeout)
+        self._stopping.set()
+        dropped: dict[str, int] = {}
+        while True:
+            try:
+                run = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if run is None:
+                continue
+            dropped[run.hook] = dropped.get(run.hook, 0) + 1
+            if self.on_drop:
+                self.on_drop(run.hook, run.subject, "the server stopped before it ran")
+            with self._idle:
+                self._busy -= 1
+        if dropped:
+            log.warning("stopping: dropped %s hook run(s) not yet started (%s)", sum(dropped.values()),
+                        ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())),
+                        extra={"event": "hook_dropped", "dropped": dropped})
+        if not finished:
+            for proc in list(self._running):
+                log.warning("stopping: killing hook process %d, still running", proc.pid)
+                kill_group(proc)
+        for _ in self._threads:
+            self._queue.put_nowait(None)
+        for t in self._threads:
+            t.join(KILL_GRACE)
