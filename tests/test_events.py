@@ -37,13 +37,14 @@ PAST = 1000.0  #: seconds ago the instances "arrived": stable at once
 
 def add_instance(index: SqliteIndex, out: Path, study: str, series: str, uid: str, *,
                  folder: str = "Doe^John_42/CT_1", ago: float = PAST, aet: str = "MODALITY") -> str:
-    """Put a real file at its layout path and commit its row, as a worker does."""
+    """Put a real file at its layout path and commit its row, as a worker does
+    (no digest: serve leaves it to the manifest)."""
     rel = f"{folder}/{uid}.dcm"
     dst = out / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(CT, dst)
     facts = {
-        "size": dst.stat().st_size, "digest": sha256_file(dst), "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "size": dst.stat().st_size, "digest": None, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
         "transfer_syntax_uid": "1.2.840.10008.1.2.1", "study_instance_uid": study, "series_instance_uid": series,
         "patient_name": "Doe^John", "patient_id": "42", "study_date": "20261201",
         "series_description": "CT", "series_number": 1, "modality": "CT", "calling_aet": aet,
@@ -219,7 +220,8 @@ def test_the_stored_hook_runs_per_instance_with_the_facts_of_its_row(out: Path, 
         assert env["SORTSCP_SERIES_INSTANCE_UID"] == "1.7.9.1" and env["SORTSCP_PATIENT_ID"] == "42"
         assert env["SORTSCP_CALLING_AET"] == "MODALITY" and env["SORTSCP_EVENT"] == "stored"
         assert env["SORTSCP_TRANSFER_SYNTAX_UID"] == "1.2.840.10008.1.2.1"
-        assert env["SORTSCP_DIGEST"] == sha256_file(CT)
+        assert env["SORTSCP_SIZE"] == str(CT.stat().st_size)
+        assert "SORTSCP_DIGEST" not in env  # the manifest has it; reading each file would cost receiving
 
 
 def test_no_shell_unless_asked(tmp_path: Path) -> None:

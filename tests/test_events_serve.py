@@ -1,15 +1,15 @@
 """Events, hooks and metrics through real associations: ``python -m scp serve``
 child processes fed by pynetdicom's SCU with real pydicom files.
 
-The tests that need the index rows (series completion, manifests, ``ls``,
-the series/study UIDs of a stored event) call :func:`needs_index` after the
-first store: until the server writes ``OUT/.sortscp/index.sqlite`` on its
-commit path they are reported as expected failures, naming why.
+Series completion, manifests, ``ls`` and the series/study UIDs of a stored
+event come from the index rows serve commits with every instance. How much a
+hung hook or a dead webhook slows receiving is measured in
+``benchmarks/bench_events.py``; here only the statuses and generous bounds
+(a hung hook never holds a C-STORE response for its timeout) are asserted.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import socket
@@ -19,42 +19,23 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 from scp.events.manifest import series_manifest_path
-from scp.store.index import index_path
+from scp.events.sinks import WEBHOOK_TIMEOUT
+from scp.store.index import index_path, sha256_file
 
 from conftest import free_port, run_cli
-from serve_helpers import CALLING_AET, send_datasets, wait_until
+from serve_helpers import CALLING_AET, ct_copies, send_datasets, wait_until
 
 SUCCESS = 0x0000
 STABLE = ("--series-stable-seconds", "1", "--study-stable-seconds", "1")
 
 
-def ct_copies(n: int, patient: str = "Events^Test") -> list[Dataset]:
-    """`n` distinct instances of one new series (pydicom's CT_small, deep copies with new UIDs)."""
-    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    base.PatientName = patient
-    base.SeriesInstanceUID = generate_uid()
-    base.StudyInstanceUID = generate_uid()
-    out = []
-    for i in range(n):
-        ds = copy.deepcopy(base)
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        out.append(ds)
-    assert len({d.SOPInstanceUID for d in out}) == n
-    return out
-
-
-def needs_index(out: Path) -> None:
-    if not index_path(out).is_file():
-        pytest.xfail("needs the server to commit index rows (the lead's index wiring of serve)")
+def assert_indexed(out: Path) -> None:
+    assert index_path(out).is_file(), "serve commits every instance through the index"
 
 
 def json_lines(text: str) -> list[dict]:
@@ -77,10 +58,22 @@ def events_of(path: Path, kind: str | None = None) -> list[dict]:
     return [e for e in got if kind is None or e["event"] == kind]
 
 
-def timed_send(port: int, datasets) -> tuple[float, list[int]]:
-    start = time.perf_counter()
-    statuses = send_datasets(port, datasets)
-    return time.perf_counter() - start, statuses
+def timed_stores(port: int, datasets: list[Dataset]) -> list[tuple[int, float]]:
+    """Send `datasets` in one association; (status, seconds of its round trip) of each C-STORE."""
+    ae = AE(ae_title=CALLING_AET)
+    for pair in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
+        ae.add_requested_context(*pair)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SORTSCP")
+    assert assoc.is_established
+    try:
+        out = []
+        for ds in datasets:
+            start = time.perf_counter()
+            rsp = assoc.send_c_store(ds)
+            out.append((rsp.Status if "Status" in rsp else -1, time.perf_counter() - start))
+        return out
+    finally:
+        assoc.release()
 
 
 def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Path) -> None:
@@ -99,7 +92,7 @@ def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Pat
         assert env["SORTSCP_CALLING_AET"] == CALLING_AET and env["SORTSCP_EVENT"] == "stored"
         assert env["SORTSCP_SOP_CLASS_UID"] == ds.SOPClassUID
         assert env["SORTSCP_TRANSFER_SYNTAX_UID"] == ds.file_meta.TransferSyntaxUID
-    needs_index(server.out)
+    assert_indexed(server.out)
     env = dict(line.split("=", 1) for line in (marks / datasets[0].SOPInstanceUID).read_text().splitlines())
     assert env["SORTSCP_SERIES_INSTANCE_UID"] == datasets[0].SeriesInstanceUID
     assert env["SORTSCP_STUDY_INSTANCE_UID"] == datasets[0].StudyInstanceUID
@@ -114,7 +107,7 @@ def test_a_series_over_two_associations_completes_once_with_exactly_its_instance
                            "--on-series-complete", f'echo "$SORTSCP_SERIES_INSTANCE_UID $SORTSCP_REVISION" >> "{hook_log}"')
     datasets = ct_copies(5)
     assert send_datasets(server.port, datasets[:3]) == [SUCCESS] * 3
-    needs_index(server.out)
+    assert_indexed(server.out)
     assert send_datasets(server.port, datasets[3:]) == [SUCCESS] * 2
     wait_until(lambda: events_of(events, "study_complete"), timeout=30, what="the study to complete")
     time.sleep(2.5)  # several more polls: nothing completes twice
@@ -126,7 +119,7 @@ def test_a_series_over_two_associations_completes_once_with_exactly_its_instance
     assert hook_log.read_text().split("\n") == [f"{series} 1", ""]
     manifest = json.loads(series_manifest_path(server.out, series).read_text())
     assert sorted(i["sop_instance_uid"] for i in manifest["instances"]) == sorted(d.SOPInstanceUID for d in datasets)
-    assert all((server.out / i["path"]).is_file() for i in manifest["instances"])
+    assert all(i["digest"] == sha256_file(server.out / i["path"]) for i in manifest["instances"])
     assert manifest["calling_aets"] == [CALLING_AET] and manifest["instance_count"] == 5
     assert Path(done[0]["manifest"]) == series_manifest_path(server.out, series).resolve()
 
@@ -144,7 +137,7 @@ def test_a_restart_mid_series_completes_it_once_and_a_late_instance_gives_revisi
     else:
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
-    needs_index(first.out)
+    assert_indexed(first.out)
     assert events_of(events, "series_complete") == []  # stopped before it was stable
     second = serve_process(*args, out=first.out)
     assert send_datasets(second.port, datasets[2:3]) == [SUCCESS]
@@ -160,27 +153,30 @@ def test_a_restart_mid_series_completes_it_once_and_a_late_instance_gives_revisi
     assert manifest["revision"] == 2 and manifest["instance_count"] == 4
 
 
+#: --hook-timeout of the hung-hook test; a C-STORE held by a hook would wait this long.
+HOOK_TIMEOUT = 5
+
+
 @pytest.mark.parametrize("command, logged", [
     ("sleep 1000", "killed after its timeout"),
     ("sh -c 'echo no luck >&2; exit 3'", "exited 3"),
 ])
-def test_a_hung_or_failing_hook_changes_no_status_and_no_timing(serve_process, tmp_path: Path,
-                                                                 command: str, logged: str) -> None:
-    plain = serve_process(out=tmp_path / "plain")
-    hooked = serve_process("--on-stored", command, "--hook-timeout", "1", out=tmp_path / "hooked")
-    n = 30
-    send_datasets(plain.port, ct_copies(3))  # warm both up
-    send_datasets(hooked.port, ct_copies(3))
-    base, statuses = timed_send(plain.port, ct_copies(n))
-    assert statuses == [SUCCESS] * n
-    with_hooks, statuses = timed_send(hooked.port, ct_copies(n))
-    assert statuses == [SUCCESS] * n
-    assert with_hooks < 3 * base + 1.0, (base, with_hooks)
-    wait_until(lambda: logged in hooked.log(), timeout=30, what=f"'{logged}' in the log")
-    line = next(x for x in hooked.log().splitlines() if logged in x)
+def test_a_hung_or_failing_hook_changes_no_status_and_holds_no_response(serve_process, command: str,
+                                                                        logged: str) -> None:
+    """Every C-STORE answers Success, and none waits for a hook: with 2 hook
+    slots and 10 instances, a response held by a hung hook would take its
+    whole timeout. (How much hooks slow receiving: benchmarks/bench_events.py.)"""
+    server = serve_process("--on-stored", command, "--hook-timeout", str(HOOK_TIMEOUT), "--hook-concurrency", "2")
+    results = timed_stores(server.port, ct_copies(10))
+    assert [status for status, _ in results] == [SUCCESS] * 10
+    assert max(seconds for _, seconds in results) < HOOK_TIMEOUT, results
+    wait_until(lambda: logged in server.log(), timeout=30, what=f"'{logged}' in the log")
+    line = next(x for x in server.log().splitlines() if logged in x)
     assert "on_stored" in line
     if "exit" in command:
         assert "no luck" in line
+    assert server.terminate() == 0, server.log()  # the stop kills hooks still running
+    assert "Traceback" not in server.log()
 
 
 def test_the_metrics_endpoint_counts_what_was_sent(serve_process) -> None:
@@ -217,7 +213,7 @@ def test_events_to_stdout_and_to_a_file_one_json_line_each(serve_process, tmp_pa
     assert sorted(e["sop_instance_uid"] for e in stored) == sorted(d.SOPInstanceUID for d in datasets)
     assert all((to_file.out / e["path"]).is_file() for e in stored)
     assert len(events.read_text().splitlines()) == len(events_of(events))
-    needs_index(to_file.out)
+    assert_indexed(to_file.out)
     wait_until(lambda: events_of(events, "study_complete"), timeout=30, what="the study to complete")
     assert [e["event"] for e in events_of(events)] == ["stored", "stored", "series_complete", "study_complete"]
 
@@ -250,27 +246,22 @@ def test_the_webhook_receives_posts(serve_process) -> None:
     assert {e["event"] for e in _Collector.received} == {"stored"}
 
 
-def test_a_dead_webhook_drops_with_a_log_line_without_slowing_stores(serve_process, tmp_path: Path) -> None:
+def test_a_dead_webhook_drops_with_a_log_line_and_holds_no_response(serve_process) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]  # closed when the block ends: connections are refused
-    plain = serve_process(out=tmp_path / "plain")
-    hooked = serve_process("--webhook", f"http://127.0.0.1:{dead}/", out=tmp_path / "dead")
-    send_datasets(plain.port, ct_copies(3))
-    send_datasets(hooked.port, ct_copies(3))
-    base, statuses = timed_send(plain.port, ct_copies(30))
-    assert statuses == [SUCCESS] * 30
-    slow, statuses = timed_send(hooked.port, ct_copies(30))
-    assert statuses == [SUCCESS] * 30
-    assert slow < 3 * base + 1.0, (base, slow)
-    wait_until(lambda: "dropped the stored event" in hooked.log(), timeout=30, what="a drop log line")
+    server = serve_process("--webhook", f"http://127.0.0.1:{dead}/")
+    results = timed_stores(server.port, ct_copies(10))
+    assert [status for status, _ in results] == [SUCCESS] * 10
+    assert max(seconds for _, seconds in results) < WEBHOOK_TIMEOUT, results  # no POST in the way
+    wait_until(lambda: "dropped the stored event" in server.log(), timeout=30, what="a drop log line")
 
 
 def test_ls_lists_what_the_server_received(serve_process, tmp_path: Path) -> None:
     server = serve_process(*STABLE)
     datasets = ct_copies(3, patient="Ls^Test")
     assert send_datasets(server.port, datasets) == [SUCCESS] * 3
-    needs_index(server.out)
+    assert_indexed(server.out)
     wait_until(lambda: json.loads(run_cli("ls", "--json", server.out).stdout)["studies"][0]["series"][0]["complete"],
                timeout=30, what="the series complete in ls")
     (study,) = json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]

@@ -7,7 +7,10 @@ folder): a reader sees the previous manifest or the new one, never a part.
 A later revision of the same series replaces the file.
 
 The builders are pure (index records in, a dict out); :func:`write_json`
-does the I/O.
+and :func:`file_digests` do the I/O. Each instance's ``digest`` is the
+SHA-256 of its file as stored, computed when the series completes (serve
+leaves it out of the index, to keep a read of every file off the C-STORE
+path).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from scp.store.index import InstanceRow, SeriesState, StudyState, state_dir
+from scp.store.index import InstanceRow, SeriesState, StudyState, sha256_file, state_dir
 
 MANIFEST_VERSION = 1
 SERIES_DIRNAME = "series"
@@ -48,14 +51,29 @@ def study_manifest_path(out: Path, study_uid: str) -> Path:
     return state_dir(out) / STUDIES_DIRNAME / f"{_safe_uid(study_uid)}.json"
 
 
-def series_manifest(series: SeriesState, rows: Sequence[InstanceRow]) -> dict[str, Any]:
-    """The manifest of `series` at its revision, from its committed instance rows."""
+def file_digests(out: Path, rows: Sequence[InstanceRow]) -> dict[str, str | None]:
+    """SHA-256 of each row's file under `out`, by SOPInstanceUID (None: the
+    file cannot be read now; the row's own digest is used if it has one)."""
+    found: dict[str, str | None] = {}
+    for r in rows:
+        try:
+            found[r.sop_instance_uid] = sha256_file(out / r.path) if r.path else r.digest
+        except OSError:
+            found[r.sop_instance_uid] = r.digest
+    return found
+
+
+def series_manifest(series: SeriesState, rows: Sequence[InstanceRow],
+                    digests: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """The manifest of `series` at its revision, from its committed instance
+    rows; `digests` (by SOPInstanceUID, :func:`file_digests`) override the rows' own."""
+    digests = digests or {}
     instances = [
         {
             "sop_instance_uid": r.sop_instance_uid,
             "path": r.path,
             "size": r.size,
-            "digest": r.digest,
+            "digest": digests.get(r.sop_instance_uid, r.digest),
             "sop_class_uid": r.sop_class_uid,
             "transfer_syntax_uid": r.transfer_syntax_uid,
             "calling_aet": r.calling_aet,

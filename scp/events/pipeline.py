@@ -6,12 +6,13 @@ on a bounded queue (``put_nowait``), so nothing here can delay a response.
 Everything else runs in threads of its own:
 
 * the **dispatcher** takes stored events, reads the instance's row from the
-  index (by SOPInstanceUID: the study/series UIDs, patient, digest ...),
+  index (by SOPInstanceUID: the study/series UIDs, patient ...),
   writes the ``stored`` event (``--events``, ``--webhook``) and queues the
   ``--on-stored`` hook;
 * the **watcher** polls :meth:`~scp.store.index.SqliteIndex.stable_series`
   and ``stable_studies`` (cheap: a partial index holds only the open ones);
-  for each it writes the manifest, then flips the completion in the index
+  for each it reads the series' committed rows (serve's commit writes
+  them), hashes their files, writes the manifest, then flips the completion in the index
   (:meth:`~scp.store.index.SqliteIndex.mark_series_complete` with the
   revision and arrival count it read) and fires the event and the hook only
   if that flip was its own.
@@ -47,6 +48,7 @@ from typing import Any
 from scp.config import ServeConfig
 from scp.events.hooks import HookResult, HookRunner, command_argv
 from scp.events.manifest import (
+    file_digests,
     series_manifest,
     series_manifest_path,
     study_manifest,
@@ -297,7 +299,7 @@ class Pipeline:
             series_instance_uid=facts.get("series_instance_uid"), study_instance_uid=facts.get("study_instance_uid"),
             patient_id=facts.get("patient_id"), patient_name=facts.get("patient_name"),
             study_date=facts.get("study_date"), modality=facts.get("modality"),
-            size=facts.get("size") or item.nbytes, digest=facts.get("digest"),
+            size=facts.get("size") or item.nbytes, digest=facts.get("digest"),  # None from serve: see manifest
         )
         self._emit(record)
         self._run_hook("on_stored", record, item.sop_instance_uid)
@@ -330,7 +332,7 @@ class Pipeline:
 
     def _complete_series(self, index: SqliteIndex, s: SeriesState) -> bool:
         rows = index.instances_of_series(s.series_instance_uid)
-        manifest = series_manifest(s, rows)
+        manifest = series_manifest(s, rows, file_digests(self.out, rows))
         path = series_manifest_path(self.out, s.series_instance_uid)
         write_json(path, manifest)
         if not index.mark_series_complete(s.series_instance_uid, s.revision, arrivals=s.arrivals):
