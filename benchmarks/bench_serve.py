@@ -19,7 +19,15 @@ per-instance hook (``--on-stored true``), the metrics endpoint
 (``--metrics-port 0``) and the JSON-lines event file on, to measure their
 overhead (the "x sortscp" column; the target is below 1.05)::
 
-    python benchmarks/bench_serve.py --events --senders 1 --runs 3
+    python benchmarks/bench_serve.py --events --senders 1 --runs 5
+
+``--variant NAME`` (repeatable) adds any receiver of :data:`VARIANTS`: the
+parts of ``sortscp+events`` alone (``sortscp+metrics``, ``sortscp+hook``),
+and what must never slow receiving: a hook that hangs until its timeout
+(``sortscp+hung-hook``), one that fails (``sortscp+failing-hook``), a webhook
+whose port refuses connections (``sortscp+dead-webhook``)::
+
+    python benchmarks/bench_serve.py --senders 1 --variant sortscp+hung-hook --variant sortscp+dead-webhook
 """
 
 from __future__ import annotations
@@ -59,6 +67,27 @@ def split_folders(files: list[Path], work: Path, parts: int) -> list[Path]:
 
 #: What ``sortscp+events`` adds to the serve command line (README "Events, hooks and metrics").
 EVENTS_ARGS = ("--on-stored", "true", "--metrics-port", "0", "--metrics-host", HOST)
+#: A port nothing listens on (``sortscp+dead-webhook``): connections are refused.
+DEAD_PORT = 9
+
+
+def variant_args(kind: str, log: Path) -> list[str]:
+    """What receiver `kind` (a key of :data:`VARIANTS`) adds to ``sortscp serve``."""
+    events = ["--events", str(log.with_suffix(".events.jsonl"))]
+    metrics = ["--metrics-port", "0", "--metrics-host", HOST]
+    return {
+        "sortscp": [],
+        "sortscp+events": [*EVENTS_ARGS, *events],
+        "sortscp+metrics": [*metrics, *events],
+        "sortscp+hook": ["--on-stored", "true"],
+        "sortscp+hung-hook": ["--on-stored", "sleep 1000", "--hook-timeout", "1"],
+        "sortscp+failing-hook": ["--on-stored", "sh -c 'echo no luck >&2; exit 3'"],
+        "sortscp+dead-webhook": ["--webhook", f"http://{HOST}:{DEAD_PORT}/"],
+    }[kind]
+
+
+VARIANTS = ("sortscp+events", "sortscp+metrics", "sortscp+hook", "sortscp+hung-hook", "sortscp+failing-hook",
+            "sortscp+dead-webhook")
 
 
 class Server:
@@ -78,8 +107,7 @@ class Server:
             # drain bounds the stop all the same.
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
                               "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
-            if kind == "sortscp+events":
-                cmd += [*EVENTS_ARGS, "--events", str(log.with_suffix(".events.jsonl"))]
+            cmd += variant_args(kind, log)
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -139,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", action="store_true",
                         help="also run sortscp with a hook, metrics and the event file on (sortscp+events)")
     parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="sender counts to run")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, default=[],
+                        help="also run this sortscp variant (repeatable)")
     args = parser.parse_args(argv)
     storescu = dcmtk("storescu")
     if storescu is None or dcmtk("storescp") is None:
@@ -150,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results: dict[tuple[str, int], list[float]] = {}
-    kinds = ["storescp", "sortscp"] + (["sortscp+events"] if args.events else [])
+    extra = (["sortscp+events"] if args.events else []) + args.variant
+    kinds = ["storescp", "sortscp"] + list(dict.fromkeys(extra))
     for senders in args.senders:
         folders = split_folders(files, work, senders)
         cases = [(kind, senders) for kind in kinds]
@@ -164,15 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
-    print(f"{'senders':>7} {'receiver':<14} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
+    print(f"{'senders':>7} {'receiver':<20} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
           f" {'x sortscp':>9}")
     for senders in args.senders:
         base = statistics.median(results[("storescp", senders)])
         ours = statistics.median(results[("sortscp", senders)])
         for kind in kinds:
             med = statistics.median(results[(kind, senders)])
-            vs_ours = f"{med / ours:9.3f}" if kind == "sortscp+events" else ""
-            print(f"{senders:>7} {kind:<14} {med:9.3f} {len(files) / med:8.0f} "
+            vs_ours = f"{med / ours:9.3f}" if kind.startswith("sortscp+") else ""
+            print(f"{senders:>7} {kind:<20} {med:9.3f} {len(files) / med:8.0f} "
                   f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f} {vs_ours}")
     return 0
 

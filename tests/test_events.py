@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -231,6 +233,16 @@ def test_no_shell_unless_asked(tmp_path: Path) -> None:
     assert argv == ["touch", str(marker), ";echo", "$HOME"]
     r = run_hook("on_stored", argv, {}, 10, cwd=str(tmp_path))
     assert r.ok and marker.exists() and (tmp_path / ";echo").exists() and (tmp_path / "$HOME").exists()
+
+
+def test_a_hook_runs_at_idle_priority_in_its_working_folder_and_its_stderr_tail_is_kept(tmp_path: Path) -> None:
+    """SCHED_IDLE (inherited by what it starts), the working folder given, a
+    big stderr cut to its tail, the exit status."""
+    code = ("import os, sys; sys.stderr.write('x' * 100000 + f' {os.sched_getscheduler(0)} {os.getcwd()}');"
+            " sys.exit(4)")
+    r = run_hook("on_stored", ["sh", "-c", f'{sys.executable} -c "{code}"'], {}, 30, cwd=str(tmp_path))
+    assert r.returncode == 4 and not r.ok and not r.timed_out
+    assert r.stderr_tail.endswith(f" {os.SCHED_IDLE} {tmp_path}") and len(r.stderr_tail) <= 2000
 
 
 def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, caplog) -> None:

@@ -81,7 +81,8 @@ def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Pat
     marks.mkdir()
     server = serve_process(
         "--hook-shell", "--on-stored",
-        f'f="{marks}/$SORTSCP_SOP_INSTANCE_UID"; env | grep ^SORTSCP_ > "$f.part" && mv "$f.part" "$f"')
+        f'f="{marks}/$SORTSCP_SOP_INSTANCE_UID"; {{ env | grep ^SORTSCP_; echo "HOOK_CWD=$(pwd -P)"; }} > "$f.part"'
+        ' && mv "$f.part" "$f"')
     datasets = ct_copies(4)
     assert send_datasets(server.port, datasets) == [SUCCESS] * 4
     wait_until(lambda: len(list(marks.glob("*[0-9]"))) == 4, what="4 hook files")
@@ -90,6 +91,7 @@ def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Pat
         assert (server.out / env["SORTSCP_PATH"]).is_file()
         assert Path(env["SORTSCP_ABSPATH"]) == (server.out / env["SORTSCP_PATH"]).resolve()
         assert env["SORTSCP_CALLING_AET"] == CALLING_AET and env["SORTSCP_EVENT"] == "stored"
+        assert Path(env["HOOK_CWD"]) == server.out.resolve()  # hooks run in OUT
         assert env["SORTSCP_SOP_CLASS_UID"] == ds.SOPClassUID
         assert env["SORTSCP_TRANSFER_SYNTAX_UID"] == ds.file_meta.TransferSyntaxUID
     assert_indexed(server.out)
