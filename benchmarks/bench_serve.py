@@ -118,13 +118,23 @@ class Server:
             raise
 
     def stop(self) -> None:
+        """Stop the receiver; `cpu` is then the CPU seconds of its main process and
+        of the children it reaped (hooks; not the pool's workers, reaped by the forkserver)."""
+        self.cpu = float("nan")
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+            deadline = time.monotonic() + 60
+            while True:
+                pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                if pid:
+                    self.proc.returncode = os.waitstatus_to_exitcode(status)
+                    self.cpu = usage.ru_utime + usage.ru_stime
+                    break
+                if time.monotonic() > deadline:
+                    self.proc.kill()
+                    self.proc.wait(30)
+                    break
+                time.sleep(0.02)
         self._log.close()
 
 
@@ -145,6 +155,10 @@ def send(storescu: str, port: int, folders: list[Path]) -> float:
     return elapsed
 
 
+#: CPU seconds of each run's receiver (see Server.stop), by (kind, senders).
+CPU: dict[tuple[str, int], list[float]] = {}
+
+
 def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected: int) -> float:
     out = work / f"out-{kind.replace('+', '-')}"
     shutil.rmtree(out, ignore_errors=True)
@@ -153,6 +167,7 @@ def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected:
         elapsed = send(storescu, server.port, folders)
     finally:
         server.stop()
+    CPU.setdefault((kind, len(folders)), []).append(getattr(server, "cpu", float("nan")))
     found = count_files(out)
     if found != expected:
         raise RuntimeError(f"{kind}: {found} instances arrived, expected {expected}; see {work}")
@@ -196,15 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
     print(f"{'senders':>7} {'receiver':<20} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
-          f" {'x sortscp':>9}")
+          f" {'x sortscp':>9} {'CPU s':>6}  runs (s)")
     for senders in args.senders:
         base = statistics.median(results[("storescp", senders)])
         ours = statistics.median(results[("sortscp", senders)])
         for kind in kinds:
             med = statistics.median(results[(kind, senders)])
             vs_ours = f"{med / ours:9.3f}" if kind.startswith("sortscp+") else ""
+            cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if kind != "storescp" else float("nan")
+            runs = " ".join(f"{t:.2f}" for t in results[(kind, senders)])
             print(f"{senders:>7} {kind:<20} {med:9.3f} {len(files) / med:8.0f} "
-                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f} {vs_ours}")
+                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f} {vs_ours:>9} {cpu:6.2f}  {runs}")
     return 0
 
 

@@ -4,7 +4,7 @@ child processes fed by pynetdicom's SCU with real pydicom files.
 Series completion, manifests, ``ls`` and the series/study UIDs of a stored
 event come from the index rows serve commits with every instance. How much a
 hung hook or a dead webhook slows receiving is measured in
-``benchmarks/bench_events.py``; here only the statuses and generous bounds
+``benchmarks/bench_serve.py --variant ...``; here only the statuses and generous bounds
 (a hung hook never holds a C-STORE response for its timeout) are asserted.
 """
 
@@ -167,7 +167,7 @@ def test_a_hung_or_failing_hook_changes_no_status_and_holds_no_response(serve_pr
                                                                         logged: str) -> None:
     """Every C-STORE answers Success, and none waits for a hook: with 2 hook
     slots and 10 instances, a response held by a hung hook would take its
-    whole timeout. (How much hooks slow receiving: benchmarks/bench_events.py.)"""
+    whole timeout. (How much hooks slow receiving: benchmarks/bench_serve.py --variant.)"""
     server = serve_process("--on-stored", command, "--hook-timeout", str(HOOK_TIMEOUT), "--hook-concurrency", "2")
     results = timed_stores(server.port, ct_copies(10))
     assert [status for status, _ in results] == [SUCCESS] * 10
