@@ -236,11 +236,20 @@ def test_no_shell_unless_asked(tmp_path: Path) -> None:
 
 
 def test_a_hook_runs_at_idle_priority_in_its_working_folder_and_its_stderr_tail_is_kept(tmp_path: Path) -> None:
-    """SCHED_IDLE (inherited by what it starts), the working folder given, a
-    big stderr cut to its tail, the exit status."""
+    """Started by the runner's helper process: SCHED_IDLE from its first
+    instruction, in the working folder given, its big stderr cut to its tail,
+    its exit status."""
     code = ("import os, sys; sys.stderr.write('x' * 100000 + f' {os.sched_getscheduler(0)} {os.getcwd()}');"
             " sys.exit(4)")
-    r = run_hook("on_stored", ["sh", "-c", f'{sys.executable} -c "{code}"'], {}, 30, cwd=str(tmp_path))
+    results: list = []
+    runner = HookRunner(1, 30, cwd=str(tmp_path), on_result=lambda r, subject: results.append(r))
+    try:
+        assert runner._helper is not None  # noqa: SLF001 - the helper started
+        assert runner.submit("on_stored", ["sh", "-c", f'{sys.executable} -c "{code}"'], {}, "uid")
+        assert runner.wait_idle(30)
+    finally:
+        runner.stop(1)
+    (r,) = results
     assert r.returncode == 4 and not r.ok and not r.timed_out
     assert r.stderr_tail.endswith(f" {os.SCHED_IDLE} {tmp_path}") and len(r.stderr_tail) <= 2000
 

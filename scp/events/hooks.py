@@ -15,6 +15,8 @@ caller.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import queue
@@ -22,10 +24,12 @@ import select
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +234,10 @@ class HookRunner:
 
     def __init__(self, concurrency: int, timeout: float, *, cwd: str | None = None,
                  on_result: Callable[[HookResult, str], None] | None = None,
-                 on_drop: Callable[[str, str, str], None] | None = None, queue_size: int = QUEUE_SIZE) -> None:
+                 on_drop: Callable[[str, str, str], None] | None = None, queue_size: int = QUEUE_SIZE,
+                 helper: bool = True) -> None:
+        """`helper`: start the hooks from a :class:`HookProcess` (at idle
+        priority); False, or if it cannot start: from this process."""
         self.timeout = timeout
         self.cwd = cwd
         self.on_result = on_result
@@ -244,6 +251,12 @@ class HookRunner:
         self._stopping = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0
+        self._helper: HookProcess | None = None
+        if helper:
+            try:
+                self._helper = HookProcess()
+            except OSError as exc:
+                log.warning("hooks run from the server itself: cannot start their helper process: %s", exc)
         for t in self._threads:
             t.start()
 
@@ -276,7 +289,14 @@ class HookRunner:
                 if self._stopping.is_set():
                     self._dropped(run.hook, run.subject, "the server stopped before it ran")
                     continue
-                result = run_hook(run.hook, run.argv, run.env, self.timeout, self.cwd, self._running)
+                result = None
+                if self._helper is not None:
+                    result = self._helper.run(run.hook, run.argv, run.env, self.timeout, self.cwd)
+                if result is None:
+                    if self._stopping.is_set():
+                        self._dropped(run.hook, run.subject, "the server stopped while it ran")
+                        continue
+                    result = run_hook(run.hook, run.argv, run.env, self.timeout, self.cwd, self._running)
                 self._log(result, run.subject)
                 if self.on_result:
                     self.on_result(result, run.subject)
@@ -335,7 +355,152 @@ class HookRunner:
             for proc in list(self._running):
                 log.warning("stopping: killing hook process %d, still running", proc.pid)
                 kill_group(proc)
+        if self._helper is not None:  # it kills what it still runs
+            if not finished:
+                log.warning("stopping: killing the hook processes still running")
+            self._helper.close()
         for _ in self._threads:
             self._queue.put_nowait(None)
         for t in self._threads:
             t.join(KILL_GRACE)
+
+
+# --------------------------------------------------------------------------- the hook process
+
+
+class HookProcess:
+    """A helper process, at idle CPU priority, that starts the hooks of one server.
+
+    Starting a process costs its parent CPU (about 0.3 ms from a Python
+    server, with the GIL held part of the time), and a hook started by the
+    server runs its first instructions at the server's priority. So the
+    server hands each run, as one JSON line, to this helper, which runs in
+    the ``SCHED_IDLE`` class from its start: every hook it starts is idle
+    from its first instruction, and the helper's own work (the fork, the
+    timeout, the stderr tail) takes no CPU that receiving wants. The server's
+    part of a run is a line written and a line read.
+
+    The helper ends when its stdin closes (the server stopped, or died: even
+    after a SIGKILL of the server) and then kills the hooks still running.
+    """
+
+    def __init__(self) -> None:
+        import scp
+
+        root = str(Path(scp.__file__).resolve().parent.parent)
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from scp.events.hooks import hook_process_main; hook_process_main()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, root], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=None, close_fds=True,
+        )
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._waiting: dict[int, tuple[threading.Event, list]] = {}
+        self._alive = True
+        self._reader = threading.Thread(target=self._read, name="sortscp-hook-results", daemon=True)
+        self._reader.start()
+
+    def run(self, hook: str, argv: list[str], env: Mapping[str, str], timeout: float,
+            cwd: str | None) -> HookResult | None:
+        """Run one hook in the helper; None if the helper is gone (run it here)."""
+        rid = next(self._ids)
+        done: threading.Event = threading.Event()
+        box: list = []
+        line = json.dumps({"id": rid, "hook": hook, "argv": argv, "env": dict(env), "timeout": timeout,
+                           "cwd": cwd}) + "\n"
+        with self._lock:
+            if not self._alive:
+                return None
+            self._waiting[rid] = (done, box)
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(line.encode())
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                self._waiting.pop(rid, None)
+                self._alive = False
+                return None
+        done.wait()
+        if not box:
+            return None  # the helper died while it ran
+        r = box[0]
+        return HookResult(hook, tuple(argv), r["returncode"], r["seconds"], r["timed_out"], r["error"],
+                          r["stderr_tail"])
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                r = json.loads(raw)
+            except ValueError:
+                continue
+            with self._lock:
+                waiter = self._waiting.pop(r.get("id"), None)
+            if waiter is not None:
+                waiter[1].append(r)
+                waiter[0].set()
+        with self._lock:  # EOF: the helper ended; release every waiter
+            self._alive = False
+            waiting, self._waiting = self._waiting, {}
+        for done, _ in waiting.values():
+            done.set()
+
+    def close(self, timeout: float = KILL_GRACE + 3) -> None:
+        """Close its stdin: it kills the hooks still running and exits."""
+        with self._lock:
+            self._alive = False
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._reader.join(5)
+
+
+def hook_process_main() -> None:
+    """The helper of :class:`HookProcess`: JSON requests on stdin, results on stdout."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except OSError:
+            pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the server stops us by closing stdin
+    out = sys.stdout.buffer
+    lock = threading.Lock()
+    running: set[subprocess.Popen] = set()
+
+    def one(req: dict) -> None:
+        try:
+            r = run_hook(req["hook"], req["argv"], req["env"], req["timeout"], req["cwd"], running)
+            reply = {"id": req["id"], "returncode": r.returncode, "seconds": r.seconds, "timed_out": r.timed_out,
+                     "error": r.error, "stderr_tail": r.stderr_tail}
+        except Exception as exc:  # noqa: BLE001 - reported to the server as the run's error
+            reply = {"id": req.get("id"), "returncode": None, "seconds": 0.0, "timed_out": False,
+                     "error": f"{type(exc).__name__}: {exc}", "stderr_tail": ""}
+        with lock:
+            try:
+                out.write((json.dumps(reply) + "\n").encode())
+                out.flush()
+            except (OSError, ValueError):
+                pass
+
+    for raw in sys.stdin.buffer:
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            continue
+        threading.Thread(target=one, args=(req,), daemon=True).start()
+    killers = [threading.Thread(target=kill_group, args=(proc,)) for proc in list(running)]
+    for t in killers:
+        t.start()
+    for t in killers:
+        t.join(KILL_GRACE + 1)
+    os._exit(0)
