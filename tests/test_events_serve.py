@@ -181,6 +181,26 @@ def test_a_hung_or_failing_hook_changes_no_status_and_holds_no_response(serve_pr
     assert "Traceback" not in server.log()
 
 
+def test_hooks_still_running_die_with_a_killed_server(serve_process, tmp_path: Path) -> None:
+    """SIGKILL leaves the server no time to stop its hooks: their helper sees
+    its stdin close and kills them (each in its own process group)."""
+    pids = tmp_path / "pids"
+    server = serve_process("--hook-shell", "--on-stored", f'echo $$ >> "{pids}"; exec sleep 1000')
+    assert send_datasets(server.port, ct_copies(2)) == [SUCCESS] * 2
+    wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, what="2 hooks running")
+    running = [int(p) for p in pids.read_text().split()]
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(30)
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in running), timeout=20, what="the hooks killed")
+
+
 def test_the_metrics_endpoint_counts_what_was_sent(serve_process) -> None:
     port = free_port()
     server = serve_process("--metrics-port", str(port))
