@@ -254,6 +254,20 @@ def test_a_hook_runs_at_idle_priority_in_its_working_folder_and_its_stderr_tail_
     assert r.stderr_tail.endswith(f" {os.SCHED_IDLE} {tmp_path}") and len(r.stderr_tail) <= 2000
 
 
+def test_hooks_still_run_when_their_helper_process_dies(tmp_path: Path, caplog) -> None:
+    results: list = []
+    runner = HookRunner(1, 30, cwd=str(tmp_path), on_result=lambda r, subject: results.append(r))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        runner._helper.proc.kill()  # noqa: SLF001 - as the OOM killer would
+        wait_for(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
+        assert runner.submit("on_stored", ["touch", "marker"], {}, "uid")
+        assert runner.wait_idle(30)
+    finally:
+        runner.stop(1)
+    assert [r.returncode for r in results] == [0] and (tmp_path / "marker").exists()
+
+
 def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, caplog) -> None:
     pidfile = tmp_path / "child.pid"
     start = time.monotonic()

@@ -440,8 +440,16 @@ class HookProcess:
                 waiter[1].append(r)
                 waiter[0].set()
         with self._lock:  # EOF: the helper ended; release every waiter
+            closing = not self._alive
             self._alive = False
             waiting, self._waiting = self._waiting, {}
+        if not closing:
+            try:
+                code: int | None = self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            log.warning("the hook helper process ended (exit status %s); hooks now start from the server itself",
+                        code)
         for done, _ in waiting.values():
             done.set()
 
