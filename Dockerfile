@@ -37,7 +37,9 @@ ENV SORTSCP_OUT=/data \
     SORTSCP_DRAIN_TIMEOUT=8
 
 VOLUME ["/data"]
-EXPOSE 11112
+# 11112: DICOM. 9112: Prometheus metrics, off unless -e SORTSCP_METRICS_PORT=9112 (README
+# "Events, hooks and metrics").
+EXPOSE 11112 9112
 USER sortscp
 WORKDIR /data
 

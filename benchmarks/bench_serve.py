@@ -13,6 +13,22 @@ answering; storescp writes a flat folder without flushing.
 Run from the repository root (needs DCMTK: ``apt-get install dcmtk``)::
 
     python benchmarks/bench_serve.py [--runs 5] [--cache /tmp/sortscp-bench]
+
+``--events`` adds a third receiver, ``sortscp+events``: the same server with a
+per-instance hook (``--on-stored true``), the metrics endpoint
+(``--metrics-port 0``) and the JSON-lines event file on, to measure their
+overhead (the "x sortscp" column, the median of the ratios of runs made back to back;
+the target is below 1.05)::
+
+    python benchmarks/bench_serve.py --events --senders 1 --runs 5
+
+``--variant NAME`` (repeatable) adds any receiver of :data:`VARIANTS`: the
+parts of ``sortscp+events`` alone (``sortscp+metrics``, ``sortscp+hook``),
+and what must never slow receiving: a hook that hangs until its timeout
+(``sortscp+hung-hook``), one that fails (``sortscp+failing-hook``), a webhook
+whose port refuses connections (``sortscp+dead-webhook``)::
+
+    python benchmarks/bench_serve.py --senders 1 --variant sortscp+hung-hook --variant sortscp+dead-webhook
 """
 
 from __future__ import annotations
@@ -50,6 +66,31 @@ def split_folders(files: list[Path], work: Path, parts: int) -> list[Path]:
     return folders
 
 
+#: What ``sortscp+events`` adds to the serve command line (README "Events, hooks and metrics").
+EVENTS_ARGS = ("--on-stored", "true", "--metrics-port", "0", "--metrics-host", HOST)
+#: A port nothing listens on (``sortscp+dead-webhook``): connections are refused.
+DEAD_PORT = 9
+
+
+def variant_args(kind: str, log: Path) -> list[str]:
+    """What receiver `kind` (a key of :data:`VARIANTS`) adds to ``sortscp serve``."""
+    events = ["--events", str(log.with_suffix(".events.jsonl"))]
+    metrics = ["--metrics-port", "0", "--metrics-host", HOST]
+    return {
+        "sortscp": [],
+        "sortscp+events": [*EVENTS_ARGS, *events],
+        "sortscp+metrics": [*metrics, *events],
+        "sortscp+hook": ["--on-stored", "true"],
+        "sortscp+hung-hook": ["--on-stored", "sleep 1000", "--hook-timeout", "1"],
+        "sortscp+failing-hook": ["--on-stored", "sh -c 'echo no luck >&2; exit 3'"],
+        "sortscp+dead-webhook": ["--webhook", f"http://{HOST}:{DEAD_PORT}/"],
+    }[kind]
+
+
+VARIANTS = ("sortscp+events", "sortscp+metrics", "sortscp+hook", "sortscp+hung-hook", "sortscp+failing-hook",
+            "sortscp+dead-webhook")
+
+
 class Server:
     """One receiver process on a free port, writing into `out`."""
 
@@ -67,6 +108,7 @@ class Server:
             # drain bounds the stop all the same.
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
                               "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
+            cmd += variant_args(kind, log)
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -77,13 +119,23 @@ class Server:
             raise
 
     def stop(self) -> None:
+        """Stop the receiver; `cpu` is then the CPU seconds of its main process and
+        of the children it reaped (hooks; not the pool's workers, reaped by the forkserver)."""
+        self.cpu = float("nan")
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+            deadline = time.monotonic() + 60
+            while True:
+                pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+                if pid:
+                    self.proc.returncode = os.waitstatus_to_exitcode(status)
+                    self.cpu = usage.ru_utime + usage.ru_stime
+                    break
+                if time.monotonic() > deadline:
+                    self.proc.kill()
+                    self.proc.wait(30)
+                    break
+                time.sleep(0.02)
         self._log.close()
 
 
@@ -104,14 +156,19 @@ def send(storescu: str, port: int, folders: list[Path]) -> float:
     return elapsed
 
 
+#: CPU seconds of each run's receiver (see Server.stop), by (kind, senders).
+CPU: dict[tuple[str, int], list[float]] = {}
+
+
 def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected: int) -> float:
-    out = work / f"out-{kind}"
+    out = work / f"out-{kind.replace('+', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     server = Server(kind, out, concurrent=len(folders) > 1, log=work / f"{kind}.log")
     try:
         elapsed = send(storescu, server.port, folders)
     finally:
         server.stop()
+    CPU.setdefault((kind, len(folders)), []).append(getattr(server, "cpu", float("nan")))
     found = count_files(out)
     if found != expected:
         raise RuntimeError(f"{kind}: {found} instances arrived, expected {expected}; see {work}")
@@ -123,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tree is built")
+    parser.add_argument("--events", action="store_true",
+                        help="also run sortscp with a hook, metrics and the event file on (sortscp+events)")
+    parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="sender counts to run")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, default=[],
+                        help="also run this sortscp variant (repeatable)")
     args = parser.parse_args(argv)
     storescu = dcmtk("storescu")
     if storescu is None or dcmtk("storescp") is None:
@@ -134,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results: dict[tuple[str, int], list[float]] = {}
-    for senders in SENDERS:
+    extra = (["sortscp+events"] if args.events else []) + args.variant
+    kinds = ["storescp", "sortscp"] + list(dict.fromkeys(extra))
+    for senders in args.senders:
         folders = split_folders(files, work, senders)
-        cases = [("storescp", senders), ("sortscp", senders)]
+        cases = [(kind, senders) for kind in kinds]
         for kind, _ in cases:  # warm-up, untimed
             one_run(kind, storescu, folders, work, len(files))
         for _ in range(args.runs):  # interleaved
@@ -147,13 +211,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
-    print(f"{'senders':>7} {'receiver':<10} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}")
-    for senders in SENDERS:
+    print(f"{'senders':>7} {'receiver':<20} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
+          f" {'x sortscp':>9} {'CPU s':>6}  runs (s)")
+    for senders in args.senders:
         base = statistics.median(results[("storescp", senders)])
-        for kind in ("storescp", "sortscp"):
+        for kind in kinds:
             med = statistics.median(results[(kind, senders)])
-            print(f"{senders:>7} {kind:<10} {med:9.3f} {len(files) / med:8.0f} "
-                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f}")
+            # the median of per-round ratios: each round runs every receiver back to back, so a
+            # busy moment of the machine weighs on both sides of a ratio alike
+            rounds = [t / o for t, o in zip(results[(kind, senders)], results[("sortscp", senders)])]
+            vs_ours = f"{statistics.median(rounds):9.3f}" if kind.startswith("sortscp+") else ""
+            cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if kind != "storescp" else float("nan")
+            runs = " ".join(f"{t:.2f}" for t in results[(kind, senders)])
+            print(f"{senders:>7} {kind:<20} {med:9.3f} {len(files) / med:8.0f} "
+                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f} {vs_ours:>9} {cpu:6.2f}  {runs}")
     return 0
 
 

@@ -7,6 +7,7 @@ and the commands' own modules are imported when a command runs, not here.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from functools import cache
@@ -119,6 +120,24 @@ def _serve_duplicate(value: str) -> str:
     return value
 
 
+def _hook_command(value: Optional[str]) -> Optional[str]:
+    import shlex
+
+    if value is not None:
+        try:
+            if not shlex.split(value):
+                raise typer.BadParameter("an empty command")
+        except ValueError as exc:
+            raise typer.BadParameter(f"cannot split the command: {exc}") from None
+    return value or None
+
+
+def _webhook_url(value: Optional[str]) -> Optional[str]:
+    if value and not value.startswith(("http://", "https://")):
+        raise typer.BadParameter("an http:// or https:// URL")
+    return value or None
+
+
 def _env(name: str) -> str:
     return f"SORTSCP_{name}"
 
@@ -147,6 +166,18 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", envvar=_env("LOG_LEVEL"), callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar=_env("LOG_FORMAT"), help="text, or json (one object per line, for containers).")] = LogFormat.TEXT,
     fsync: Annotated[Fsync, typer.Option("--fsync", envvar=_env("FSYNC"), help="always: answer Success only once the file and its folder entry are on disk. never: do not flush (the system writes back within seconds; a crash can lose instances already acknowledged), for storage that is safe already.")] = Fsync.ALWAYS,
+    on_stored: Annotated[Optional[str], typer.Option("--on-stored", envvar=_env("ON_STORED"), callback=_hook_command, metavar="CMD", help="Run CMD after each instance is stored (facts in SORTSCP_* variables; never delays the response).")] = None,
+    on_series_complete: Annotated[Optional[str], typer.Option("--on-series-complete", envvar=_env("ON_SERIES_COMPLETE"), callback=_hook_command, metavar="CMD", help="Run CMD when a series is complete (SORTSCP_MANIFEST names its manifest).")] = None,
+    on_study_complete: Annotated[Optional[str], typer.Option("--on-study-complete", envvar=_env("ON_STUDY_COMPLETE"), callback=_hook_command, metavar="CMD", help="Run CMD when a study is complete.")] = None,
+    hook_shell: Annotated[bool, typer.Option("--hook-shell", envvar=_env("HOOK_SHELL"), help="Run hook commands with /bin/sh -c (default: split like a shell, run without one).")] = False,
+    hook_concurrency: Annotated[int, typer.Option("--hook-concurrency", envvar=_env("HOOK_CONCURRENCY"), min=1, help="Hook processes running at once.")] = config.DEFAULT_HOOK_CONCURRENCY,
+    hook_timeout: Annotated[float, typer.Option("--hook-timeout", envvar=_env("HOOK_TIMEOUT"), min=0.1, help="Seconds before a hook's process group is killed.")] = config.DEFAULT_HOOK_TIMEOUT,
+    series_stable_seconds: Annotated[float, typer.Option("--series-stable-seconds", envvar=_env("SERIES_STABLE_SECONDS"), min=0.1, help="A series is complete when nothing of it arrived for this long.")] = config.DEFAULT_SERIES_STABLE_SECONDS,
+    study_stable_seconds: Annotated[float, typer.Option("--study-stable-seconds", envvar=_env("STUDY_STABLE_SECONDS"), min=0.1, help="A study is complete when nothing of it arrived for this long and its series are complete.")] = config.DEFAULT_STUDY_STABLE_SECONDS,
+    events: Annotated[Optional[str], typer.Option("--events", envvar=_env("EVENTS"), metavar="FILE", help="Append one JSON line per event to FILE ('-': standard output).")] = None,
+    webhook: Annotated[Optional[str], typer.Option("--webhook", envvar=_env("WEBHOOK"), callback=_webhook_url, metavar="URL", help="POST each event as JSON to URL (retries; drops, logged, when it cannot).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", envvar=_env("METRICS_PORT"), min=0, max=65535, help="Serve Prometheus metrics on this port (0: any free port). Default: off.")] = None,
+    metrics_host: Annotated[Optional[str], typer.Option("--metrics-host", envvar=_env("METRICS_HOST"), help="Address of the metrics endpoint [default: --host].")] = None,
 ) -> None:
     """Run the Storage SCP: file every instance received with C-STORE.
 
@@ -165,6 +196,10 @@ def serve(
         dimse_timeout=dimse_timeout, network_timeout=network_timeout, drain_timeout=drain_timeout,
         job_timeout=job_timeout, allow_aet=tuple(allow_aet or ()), require_called_aet=require_called_aet,
         tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, fsync=fsync,
+        on_stored=on_stored, on_series_complete=on_series_complete, on_study_complete=on_study_complete,
+        hook_shell=hook_shell, hook_concurrency=hook_concurrency, hook_timeout=hook_timeout,
+        series_stable_seconds=series_stable_seconds, study_stable_seconds=study_stable_seconds,
+        events=events, webhook=webhook, metrics_port=metrics_port, metrics_host=metrics_host,
     )
     try:
         code = Server(cfg).run()
@@ -360,6 +395,46 @@ class _SortProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+@app.command("ls")
+def ls(
+    out: Annotated[Path, typer.Argument(envvar=_env("OUT"), file_okay=False, help="The output folder of `sortscp serve`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (studies, each with its series).")] = False,
+) -> None:
+    """List the studies and series received (from the index in OUT/.sortscp).
+
+    Exit status: 0, or 1 when OUT has no index (it is created by `sortscp serve`).
+    """
+    import json
+
+    from scp.events.listing import NoIndex, listing
+
+    try:
+        studies = listing(out)
+    except NoIndex as exc:
+        _err().print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "studies": studies}, ensure_ascii=False, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table("patient", "patient ID", "study date", "series", "modality", "instances", "complete",
+                  "last arrival")
+    for t in studies:
+        for s in t["series"]:
+            done = f"yes (rev {s['revision']})" if s["complete"] else "no"
+            table.add_row(t["patient_name"] or "", t["patient_id"] or "", t["study_date"] or "",
+                          s["folder"] or s["series_description"] or s["series_instance_uid"], s["modality"] or "",
+                          str(s["instances"]), done, s["last_arrival"] or "")
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=200)  # a pipe: don't cut the table at 80 columns
+    console.print(table, markup=False)
+    n_series = sum(len(t["series"]) for t in studies)
+    console.print(f"{len(studies)} studies, {n_series} series, {sum(t['instances'] for t in studies)} instances",
+                  markup=False)
 
 
 @app.command()

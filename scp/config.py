@@ -33,6 +33,12 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_ECHO_AET = "ECHOSCU"
 #: Seconds ``sortscp echo`` waits for the connection and for each message.
 DEFAULT_ECHO_TIMEOUT = 10.0
+#: A series (study) is complete when nothing of it arrived for this long (Orthanc's StableAge).
+DEFAULT_SERIES_STABLE_SECONDS = 60.0
+DEFAULT_STUDY_STABLE_SECONDS = 60.0
+#: Hook processes running at once, and the seconds before one is killed.
+DEFAULT_HOOK_CONCURRENCY = 4
+DEFAULT_HOOK_TIMEOUT = 60.0
 
 
 def check_ae_title(title: str) -> str:
@@ -110,3 +116,16 @@ class ServeConfig:
     tls_ca: Path | None = None
     #: ``always``: Success only once the file and its folder entry are on disk.
     fsync: Fsync = Fsync.ALWAYS
+    # events, hooks and metrics (scp/events/; README "Events, hooks and metrics")
+    on_stored: str | None = None
+    on_series_complete: str | None = None
+    on_study_complete: str | None = None
+    hook_shell: bool = False
+    hook_concurrency: int = DEFAULT_HOOK_CONCURRENCY
+    hook_timeout: float = DEFAULT_HOOK_TIMEOUT
+    series_stable_seconds: float = DEFAULT_SERIES_STABLE_SECONDS
+    study_stable_seconds: float = DEFAULT_STUDY_STABLE_SECONDS
+    events: str | None = None  #: a JSON-lines file, or "-" for stdout
+    webhook: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str | None = None  #: None: the same as `host`

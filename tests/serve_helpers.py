@@ -150,22 +150,26 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
 
 
 def ct_copies(n: int, patient: str = "Stream^Test") -> list[Dataset]:
-    """`n` distinct CT instances (pydicom's CT_small with new UIDs)."""
+    """`n` distinct instances of one new series in one new study (pydicom's
+    CT_small, deep copies with new UIDs: ``Dataset.copy`` is shallow, so its
+    copies would share one element dict and end up with one SOPInstanceUID)."""
+    import copy
+
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
     base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    series = generate_uid()
+    base.PatientName = patient
+    base.SeriesInstanceUID = generate_uid()
+    base.StudyInstanceUID = generate_uid()
     out = []
     for i in range(n):
-        ds = base.copy()
-        ds.PatientName = patient
-        ds.SeriesInstanceUID = series
+        ds = copy.deepcopy(base)
         ds.SOPInstanceUID = generate_uid()
-        ds.file_meta = base.file_meta.copy()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = i + 1
         out.append(ds)
+    assert len({d.SOPInstanceUID for d in out}) == n
     return out
 
 

@@ -3,7 +3,9 @@
 * only ``scp/net/`` imports pynetdicom;
 * a module imports only from the layers below its own (:data:`LAYERS`): so
   ``layout.py`` and ``dicom/`` import neither the store nor the network, and
-  ``store/`` nothing from the network nor from the layers above it;
+  ``store/`` nothing from the network nor from the layers above it; ``events/``
+  (hooks, manifests, metrics) reads the index and is called by the network,
+  never the reverse;
 * inside ``scp/net/``, only ``_pynetdicom.py`` touches a pynetdicom internal
   (an underscored attribute of something that is not ours).
 
@@ -33,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
     ("sort", "net"),
-    ("jobs", "pool"),
+    ("jobs", "pool", "events"),
     ("store", "config", "report", "log"),
     ("layout", "dicom"),
     ("enums", "errors", "_process", "__init__"),
@@ -117,6 +119,9 @@ def _broken_tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ("store/commit.py", "from scp.net.status import SUCCESS\n", "scp/store/commit.py imports scp.net.status"),
         ("dicom/walk.py", "from scp.store import tmp\n", "scp/dicom/walk.py imports scp.store"),
         ("layout.py", "import scp.net.server\n", "scp/layout.py imports scp.net.server"),
+        ("events/pipeline.py", "from scp.net.status import SUCCESS\n", "scp/events/pipeline.py imports scp.net.status"),
+        ("events/hooks.py", "import pynetdicom\n", "scp/events/hooks.py imports pynetdicom"),
+        ("store/index.py", "from scp.events import pipeline\n", "scp/store/index.py imports scp.events"),
         ("net/handlers.py", "def f(assoc):\n    return assoc.dul._run_loop_delay\n",
          "._run_loop_delay: a pynetdicom internal"),
         ("pool.py", "from scp.net.status import SUCCESS\n", "scp/pool.py imports scp.net.status"),

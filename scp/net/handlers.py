@@ -19,6 +19,7 @@ from pynetdicom import evt
 from scp.config import ServeConfig
 from scp.enums import Result
 from scp.errors import DatasetMismatch, InstanceIndexError, NoDataset, NotDicomError, ReceiveFailed, StoreError
+from scp.events.pipeline import Pipeline
 from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
@@ -57,6 +58,9 @@ class _AssocStats:
 class StoreHandlers:
     """The handlers of one running server, bound to its pool and config."""
 
+    #: The server's events pipeline (set by the server; None: no events).
+    pipeline: Pipeline | None = None
+
     def __init__(self, pool: WorkerPool, cfg: ServeConfig, index: SqliteIndex | None = None) -> None:
         self.pool = pool
         self.cfg = cfg
@@ -78,6 +82,7 @@ class StoreHandlers:
         return SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
+        started = time.perf_counter()
         assoc = event.assoc
         calling = assoc.requestor.ae_title
         # get, not setdefault: if the connection already closed, re-adding an
@@ -116,6 +121,8 @@ class StoreHandlers:
                 extra={"event": "store_failed", "calling_aet": calling, "sop_instance": sop_uid,
                        "reason": reason, "status": status},
             )
+            if self.pipeline is not None:
+                self.pipeline.failed(calling, status, time.perf_counter() - started)
             return status
         stats.stored += 1
         stats.nbytes += outcome.nbytes
@@ -132,6 +139,13 @@ class StoreHandlers:
             safe(sop_uid), safe(calling), safe(outcome.destination), outcome.nbytes,
             "already there" if outcome.result is Result.ALREADY else "new",
         )
+        if self.pipeline is not None:  # non-blocking: counters and a bounded queue
+            self.pipeline.stored(
+                calling, sop_uid, outcome.destination, outcome.nbytes,
+                sop_class_uid=str(event.request.AffectedSOPClassUID),  # type: ignore[union-attr]
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                seconds=time.perf_counter() - started,
+            )
         return SUCCESS
 
     def after_worker_death(self) -> None:
@@ -147,6 +161,8 @@ class StoreHandlers:
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
+        if self.pipeline is not None:
+            self.pipeline.association_opened()
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -155,6 +171,8 @@ class StoreHandlers:
         stats = self._stats.pop(id(assoc), None)
         if stats is None:  # rejected, or closed before association
             return
+        if self.pipeline is not None:
+            self.pipeline.association_closed()
         calling = assoc.requestor.ae_title
         seconds = time.monotonic() - stats.started
         state = "released" if assoc.is_released and not assoc.is_aborted else "aborted"

@@ -23,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig
 from scp.errors import InstanceIndexError, SortscpError
+from scp.events.pipeline import Pipeline
 from scp.jobs import identity_facts
 from scp.net import _pynetdicom, sink
 from scp.net.access import AccessControl, AllowRule
@@ -166,6 +167,7 @@ class Server:
         self.handlers: StoreHandlers | None = None
         self.index: SqliteIndex | None = None
         self._sweeper: _Sweeper | None = None
+        self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
 
@@ -190,12 +192,23 @@ class Server:
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
         self.handlers = StoreHandlers(self.pool, cfg, self.index)
+        # events share the server's index: started after it is open, stopped before its clean close
+        self.pipeline = Pipeline(cfg, self.index)
+        try:
+            self.pipeline.start()
+        except OSError as exc:
+            self.pipeline.stop()
+            self.pool.close()
+            self.index.close(clean=True)
+            raise ServeError(exc.strerror or str(exc)) from None
+        self.handlers.pipeline = self.pipeline
         self.ae = build_ae(cfg)
         try:
             self.server = start_server(
                 self.ae, (cfg.host, cfg.port), self.handlers.bindings() + access.bindings(), tls
             )
         except OSError as exc:
+            self.pipeline.stop()
             self.pool.close()
             self.index.close(clean=True)
             raise ServeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
@@ -251,6 +264,9 @@ class Server:
         deadline = time.monotonic() + FINAL_LINES_SECONDS  # their last log lines come first
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self.pipeline is not None:  # after the last instances: their events, bounded; before the index closes
+            self.pipeline.stop()
+            self.pipeline = None
         if self._sweeper is not None:
             self._sweeper.stopped.set()
         if self.index is not None:

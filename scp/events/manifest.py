@@ -1,0 +1,167 @@
+"""Series and study manifests: what a completed series (study) holds, as JSON.
+
+``OUT/.sortscp/series/<SeriesInstanceUID>.json`` and
+``OUT/.sortscp/studies/<StudyInstanceUID>.json``, written atomically
+(temporary file in the same folder, fsync, :func:`os.replace`, fsync of the
+folder): a reader sees the previous manifest or the new one, never a part.
+A later revision of the same series replaces the file.
+
+The builders are pure (index records in, a dict out); :func:`write_json`
+and :func:`file_digests` do the I/O. Each instance's ``digest`` is the
+SHA-256 of its file as stored, computed when the series completes (serve
+leaves it out of the index, to keep a read of every file off the C-STORE
+path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from scp.store.index import InstanceRow, SeriesState, StudyState, sha256_file, state_dir
+
+MANIFEST_VERSION = 1
+SERIES_DIRNAME = "series"
+STUDIES_DIRNAME = "studies"
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _safe_uid(uid: str) -> str:
+    """A UID as a file name (UIDs are digits and dots; anything else is replaced).
+
+    >>> _safe_uid("1.2.3"), _safe_uid("../x")
+    ('1.2.3', '.._x')
+    """
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in uid) or "_"
+
+
+def series_manifest_path(out: Path, series_uid: str) -> Path:
+    return state_dir(out) / SERIES_DIRNAME / f"{_safe_uid(series_uid)}.json"
+
+
+def study_manifest_path(out: Path, study_uid: str) -> Path:
+    return state_dir(out) / STUDIES_DIRNAME / f"{_safe_uid(study_uid)}.json"
+
+
+def file_digests(out: Path, rows: Sequence[InstanceRow]) -> dict[str, str | None]:
+    """SHA-256 of each row's file under `out`, by SOPInstanceUID (None: the
+    file cannot be read now; the row's own digest is used if it has one)."""
+    found: dict[str, str | None] = {}
+    for r in rows:
+        try:
+            found[r.sop_instance_uid] = sha256_file(out / r.path) if r.path else r.digest
+        except OSError:
+            found[r.sop_instance_uid] = r.digest
+    return found
+
+
+def series_manifest(series: SeriesState, rows: Sequence[InstanceRow],
+                    digests: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """The manifest of `series` at its revision, from its committed instance
+    rows; `digests` (by SOPInstanceUID, :func:`file_digests`) override the rows' own."""
+    digests = digests or {}
+    instances = [
+        {
+            "sop_instance_uid": r.sop_instance_uid,
+            "path": r.path,
+            "size": r.size,
+            "digest": digests.get(r.sop_instance_uid, r.digest),
+            "sop_class_uid": r.sop_class_uid,
+            "transfer_syntax_uid": r.transfer_syntax_uid,
+            "calling_aet": r.calling_aet,
+            "received": _iso(r.received),
+        }
+        for r in rows
+    ]
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": "series",
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": series.study_instance_uid,
+        "revision": series.revision,
+        "folder": series.folder,
+        "patient_name": series.patient_name,
+        "patient_id": series.patient_id,
+        "study_date": series.study_date,
+        "series_description": series.series_description,
+        "series_number": series.series_number,
+        "modality": series.modality,
+        "instance_count": len(instances),
+        "total_bytes": sum(r.size or 0 for r in rows),
+        "sop_classes": sorted({r.sop_class_uid for r in rows if r.sop_class_uid}),
+        "transfer_syntaxes": sorted({r.transfer_syntax_uid for r in rows if r.transfer_syntax_uid}),
+        "calling_aets": sorted({r.calling_aet for r in rows if r.calling_aet}),
+        "first_arrival": _iso(series.first_arrival),
+        "last_arrival": _iso(series.last_arrival),
+        "completed_at": _iso(datetime.now(timezone.utc).timestamp()),
+        "instances": instances,
+    }
+
+
+def study_manifest(study: StudyState, series: Sequence[tuple[SeriesState, Sequence[InstanceRow]]],
+                   out: Path) -> dict[str, Any]:
+    """The manifest of `study`: its series (each with its own manifest's path)."""
+    entries = []
+    aets: set[str] = set()
+    for s, rows in series:
+        aets.update(r.calling_aet for r in rows if r.calling_aet)
+        entries.append({
+            "series_instance_uid": s.series_instance_uid,
+            "folder": s.folder,
+            "series_description": s.series_description,
+            "series_number": s.series_number,
+            "modality": s.modality,
+            "instance_count": len(rows),
+            "total_bytes": sum(r.size or 0 for r in rows),
+            "revision": s.revision,
+            "manifest": os.path.relpath(series_manifest_path(out, s.series_instance_uid), out),
+        })
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": "study",
+        "study_instance_uid": study.study_instance_uid,
+        "revision": study.revision,
+        "patient_name": study.patient_name,
+        "patient_id": study.patient_id,
+        "study_date": study.study_date,
+        "series_count": len(entries),
+        "instance_count": sum(e["instance_count"] for e in entries),
+        "total_bytes": sum(e["total_bytes"] for e in entries),
+        "calling_aets": sorted(aets),
+        "first_arrival": _iso(study.first_arrival),
+        "last_arrival": _iso(study.last_arrival),
+        "completed_at": _iso(datetime.now(timezone.utc).timestamp()),
+        "series": entries,
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` to `path` atomically and durably (temp + fsync + os.replace + folder fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,384 @@
+"""The events pipeline of one server: stored events, completion watcher, hooks, sinks, metrics.
+
+The C-STORE handler calls :meth:`Pipeline.stored` / :meth:`Pipeline.failed`
+after it knows the outcome; both only update counters and put a small tuple
+on a bounded queue (``put_nowait``), so nothing here can delay a response.
+Everything else runs in threads of its own:
+
+* the **dispatcher** takes stored events, reads the instance's row from the
+  index (by SOPInstanceUID: the study/series UIDs, patient ...),
+  writes the ``stored`` event (``--events``, ``--webhook``) and queues the
+  ``--on-stored`` hook;
+* the **watcher** polls :meth:`~scp.store.index.SqliteIndex.stable_series`
+  and ``stable_studies`` (cheap: a partial index holds only the open ones);
+  for each it reads the series' committed rows (serve's commit writes
+  them), hashes their files, writes the manifest, then flips the completion in the index
+  (:meth:`~scp.store.index.SqliteIndex.mark_series_complete` with the
+  revision and arrival count it read) and fires the event and the hook only
+  if that flip was its own.
+
+Exactly once: the completion state lives in the index, not in memory. The
+flip is one conditional UPDATE (``revision = r AND completed_revision < r AND
+arrivals = n``), so of all pollers, before or after any restart, one caller
+per revision sees it succeed, and only that caller fires. A series still
+arriving when the server stops stays open in the index and completes after
+the restart; an instance arriving after completion bumps the revision, so
+the series completes again with revision + 1. The manifest is written before
+the flip, so an event never names a manifest that is not there. What is not
+covered: a crash (SIGKILL, power) in the milliseconds between the flip and
+the start of the hook loses that one hook run (at most once, never twice).
+
+The pipeline uses the server's open index when given one; else it opens its
+own connection to ``OUT/.sortscp/index.sqlite`` once the file exists (until
+then the watcher waits). Start it after the server's ``open_index`` (a
+rebuild needs the index closed everywhere) and stop it before the server's
+``close(clean=True)`` (which needs no other connection open).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scp.config import ServeConfig
+from scp.events.hooks import HookResult, HookRunner, command_argv
+from scp.events.manifest import (
+    file_digests,
+    series_manifest,
+    series_manifest_path,
+    study_manifest,
+    study_manifest_path,
+    write_json,
+)
+from scp.events.metrics import Metrics
+from scp.events.sinks import EventLog, Webhook, event_record
+from scp.store.index import InstanceIndexError, SeriesState, SqliteIndex, StudyState, index_path
+
+log = logging.getLogger(__name__)
+
+#: Stored events waiting for the dispatcher; more are dropped (logged, counted).
+QUEUE_SIZE = 10_000
+#: Bound of :meth:`Pipeline.stop` for each stage (events, hooks, webhook).
+STOP_SECONDS = 5.0
+#: At most one "dropped" log line per this many seconds (with the count).
+DROP_LOG_SECONDS = 1.0
+
+#: Facts of an event that are not passed to hooks (lists, nested objects).
+_NOT_ENV = {"instances", "series", "calling_aets"}
+
+
+def hook_env(record: dict[str, Any]) -> dict[str, str]:
+    """The ``SORTSCP_*`` variables of an event record.
+
+    >>> hook_env({"event": "stored", "path": "a/b.dcm", "size": 12})
+    {'SORTSCP_EVENT': 'stored', 'SORTSCP_PATH': 'a/b.dcm', 'SORTSCP_SIZE': '12'}
+    """
+    return {
+        f"SORTSCP_{k.upper()}": str(v).replace("\0", "")
+        for k, v in record.items() if v is not None and k not in _NOT_ENV
+    }
+
+
+@dataclass(frozen=True)
+class _Stored:
+    calling_aet: str
+    sop_instance_uid: str
+    destination: str
+    nbytes: int
+    sop_class_uid: str | None
+    transfer_syntax_uid: str | None
+
+
+class _DropLog:
+    """Log drops at most once per DROP_LOG_SECONDS, with the count since the last line."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._count = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def drop(self, why: str) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < DROP_LOG_SECONDS:
+                return
+            count, self._count, self._last = self._count, 0, now
+        log.warning("dropped %d %s: %s", count, self.what, why,
+                    extra={"event": "events_dropped", "count": count, "reason": why})
+
+
+class Pipeline:
+    """Events, hooks and metrics of one server: :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, cfg: ServeConfig, index: SqliteIndex | None = None) -> None:
+        """`index`: the server's own open index to share (the pipeline does not
+        close it); None: the pipeline opens its own connection once the file exists."""
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.metrics = Metrics(self.out)
+        self.metrics_address: tuple[str, int] | None = None
+        self._argv = {
+            name: command_argv(cmd, cfg.hook_shell)
+            for name, cmd in (("on_stored", cfg.on_stored), ("on_series_complete", cfg.on_series_complete),
+                              ("on_study_complete", cfg.on_study_complete)) if cmd
+        }
+        self.events: EventLog | None = None
+        self.webhook: Webhook | None = None
+        self.hooks: HookRunner | None = None
+        self._queue: queue.Queue[_Stored | None] = queue.Queue(QUEUE_SIZE)
+        self._drops = _DropLog("stored events")
+        self._dispatch = bool(self._argv.get("on_stored") or cfg.events or cfg.webhook)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._index: SqliteIndex | None = index
+        self._own_index = index is None
+        self._index_lock = threading.Lock()
+        self._last_error = ""
+        self.poll_seconds = max(0.05, min(1.0, min(cfg.series_stable_seconds, cfg.study_stable_seconds) / 4))
+
+    # ---- life cycle
+
+    def start(self) -> None:
+        cfg = self.cfg
+        if cfg.metrics_port is not None:
+            host = cfg.metrics_host or cfg.host
+            try:
+                self.metrics_address = self.metrics.serve(host, cfg.metrics_port)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot serve metrics on {host}:{cfg.metrics_port}: {exc.strerror}") from None
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+        if cfg.events:
+            try:
+                self.events = EventLog(cfg.events)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot open the events file {cfg.events}: {exc.strerror}") from None
+        if cfg.webhook:
+            self.webhook = Webhook(cfg.webhook, on_drop=lambda why: self.metrics.webhook_dropped.inc(),
+                                   on_post=self.metrics.webhook_posts.inc)
+        if self._argv:
+            self.hooks = HookRunner(cfg.hook_concurrency, cfg.hook_timeout, cwd=str(self.out),
+                                    on_result=self._hook_done,
+                                    on_drop=lambda hook, subject, why: self.metrics.hook_dropped.labels(hook).inc())
+        if self._dispatch:
+            self._spawn(self._dispatcher, "sortscp-events")
+        self._spawn(self._watcher, "sortscp-watcher")
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop watching; deliver what is queued, each stage bounded by `timeout` s."""
+        self._stop.set()
+        if self._dispatch:
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+        for t in self._threads:
+            t.join(timeout)
+        left = self._queue.qsize()
+        if left:
+            log.warning("stopping: %d stored event(s) not delivered", left)
+        if self.hooks is not None:
+            self.hooks.stop(timeout)
+        if self.webhook is not None:
+            self.webhook.stop(timeout)
+        if self.events is not None:
+            self.events.close()
+        self.metrics.close()
+        with self._index_lock:
+            if self._index is not None and self._own_index:
+                self._index.close()
+            self._index = None
+
+    # ---- called by the handlers (never blocks)
+
+    def stored(self, calling_aet: str, sop_instance_uid: str, destination: str, nbytes: int, *,
+               sop_class_uid: str | None = None, transfer_syntax_uid: str | None = None,
+               seconds: float | None = None) -> None:
+        """An instance was committed at `destination` (relative to OUT) and answered Success."""
+        self.metrics.stored(calling_aet, nbytes, seconds)
+        if not self._dispatch or self._stop.is_set():
+            return
+        try:
+            self._queue.put_nowait(_Stored(calling_aet, sop_instance_uid, destination, nbytes,
+                                           sop_class_uid, transfer_syntax_uid))
+        except queue.Full:
+            self.metrics.events_dropped.inc()
+            self._drops.drop(f"{QUEUE_SIZE} waiting (hooks or event sinks too slow)")
+
+    def failed(self, calling_aet: str, status: int, seconds: float | None = None) -> None:
+        self.metrics.failed(calling_aet, status, seconds)
+
+    def association_opened(self) -> None:
+        self.metrics.associations.inc()
+        self.metrics.associations_active.inc()
+
+    def association_closed(self) -> None:
+        self.metrics.associations_active.dec()
+
+    # ---- the index
+
+    def index(self) -> SqliteIndex | None:
+        """Our connection to the index, opened once the file exists (None until then)."""
+        with self._index_lock:
+            if self._index is None and self._own_index and index_path(self.out).is_file():
+                try:
+                    self._index = SqliteIndex(self.out)
+                except InstanceIndexError as exc:
+                    self._note_error(f"cannot open the index yet: {exc}")
+            return self._index
+
+    def _note_error(self, text: str) -> None:
+        if text != self._last_error:
+            self._last_error = text
+            log.warning("%s", text)
+
+    # ---- emitting
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.events is not None:
+            self.events.write(record)
+        if self.webhook is not None:
+            self.webhook.send(record)
+
+    def _run_hook(self, hook: str, record: dict[str, Any], subject: str) -> None:
+        argv = self._argv.get(hook)
+        if argv is None or self.hooks is None:
+            return
+        self.hooks.submit(hook, argv, hook_env(record), subject)
+
+    def _hook_done(self, result: HookResult, subject: str) -> None:
+        self.metrics.hook_runs.labels(result.hook).inc()
+        if result.ok:
+            return
+        self.metrics.hook_failures.labels(result.hook).inc()
+        self._emit(event_record(
+            "hook_failed", hook=result.hook, command=list(result.argv), subject=subject,
+            returncode=result.returncode, timed_out=result.timed_out, error=result.error or None,
+            seconds=round(result.seconds, 3), stderr_tail=result.stderr_tail[-500:] or None,
+        ))
+
+    # ---- dispatcher
+
+    def _dispatcher(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._dispatch_one(item)
+            except Exception:  # never lose the thread
+                log.exception("stored event of %s", item.sop_instance_uid)
+
+    def _dispatch_one(self, item: _Stored) -> None:
+        facts: dict[str, Any] = {}
+        index = self.index()
+        if index is not None:
+            try:
+                row = index.lookup(item.sop_instance_uid)
+            except InstanceIndexError as exc:
+                row = None
+                self._note_error(f"index lookup failed: {exc}")
+            if row is not None and row.path == item.destination:
+                facts = row.facts()
+        record = event_record(
+            "stored", path=item.destination, abspath=str((self.out / item.destination).resolve()),
+            out=str(self.out.resolve()), calling_aet=item.calling_aet, sop_instance_uid=item.sop_instance_uid,
+            sop_class_uid=facts.get("sop_class_uid") or item.sop_class_uid,
+            transfer_syntax_uid=facts.get("transfer_syntax_uid") or item.transfer_syntax_uid,
+            series_instance_uid=facts.get("series_instance_uid"), study_instance_uid=facts.get("study_instance_uid"),
+            patient_id=facts.get("patient_id"), patient_name=facts.get("patient_name"),
+            study_date=facts.get("study_date"), modality=facts.get("modality"),
+            size=facts.get("size") or item.nbytes, digest=facts.get("digest"),  # None from serve: see manifest
+        )
+        self._emit(record)
+        self._run_hook("on_stored", record, item.sop_instance_uid)
+
+    # ---- watcher
+
+    def _watcher(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll()
+            except Exception as exc:  # the index may be busy or being rebuilt: try again
+                self._note_error(f"completion watcher: {type(exc).__name__}: {exc}")
+
+    def poll(self) -> tuple[int, int]:
+        """One round: complete every stable series, then every stable study
+        whose series are all complete. Returns how many this call completed."""
+        index = self.index()
+        if index is None:
+            return 0, 0
+        n_series = n_studies = 0
+        for s in index.stable_series(self.cfg.series_stable_seconds):
+            if self._stop.is_set():
+                break
+            n_series += self._complete_series(index, s)
+        for t in index.stable_studies(self.cfg.study_stable_seconds):
+            if self._stop.is_set():
+                break
+            n_studies += self._complete_study(index, t)
+        return n_series, n_studies
+
+    def _complete_series(self, index: SqliteIndex, s: SeriesState) -> bool:
+        rows = index.instances_of_series(s.series_instance_uid)
+        manifest = series_manifest(s, rows, file_digests(self.out, rows))
+        path = series_manifest_path(self.out, s.series_instance_uid)
+        write_json(path, manifest)
+        if not index.mark_series_complete(s.series_instance_uid, s.revision, arrivals=s.arrivals):
+            return False  # something arrived meanwhile, or another poller flipped it
+        self.metrics.series_completed.inc()
+        log.info(
+            "series %s complete: %d instances in %s (revision %d)",
+            s.series_instance_uid, len(rows), s.folder, s.revision,
+            extra={"event": "series_complete", "series_instance_uid": s.series_instance_uid,
+                   "instances": len(rows), "folder": s.folder, "revision": s.revision},
+        )
+        record = event_record(
+            "series_complete", series_instance_uid=s.series_instance_uid, study_instance_uid=s.study_instance_uid,
+            patient_id=s.patient_id, patient_name=s.patient_name, study_date=s.study_date, modality=s.modality,
+            series_description=s.series_description, series_number=s.series_number,
+            revision=s.revision, instance_count=len(rows), series_folder=s.folder,
+            manifest=str(path.resolve()), out=str(self.out.resolve()), calling_aets=manifest["calling_aets"],
+        )
+        self._emit(record)
+        self._run_hook("on_series_complete", record, s.series_instance_uid)
+        return True
+
+    def _complete_study(self, index: SqliteIndex, t: StudyState) -> bool:
+        series = index.series_list(t.study_instance_uid)
+        if not series or not all(s.complete for s in series):
+            return False  # its series complete first (the next round)
+        parts = [(s, index.instances_of_series(s.series_instance_uid)) for s in series]
+        manifest = study_manifest(t, parts, self.out)
+        path = study_manifest_path(self.out, t.study_instance_uid)
+        write_json(path, manifest)
+        if not index.mark_study_complete(t.study_instance_uid, t.revision, arrivals=t.arrivals):
+            return False
+        self.metrics.studies_completed.inc()
+        log.info(
+            "study %s complete: %d series, %d instances (revision %d)",
+            t.study_instance_uid, len(series), manifest["instance_count"], t.revision,
+            extra={"event": "study_complete", "study_instance_uid": t.study_instance_uid,
+                   "series": len(series), "instances": manifest["instance_count"], "revision": t.revision},
+        )
+        record = event_record(
+            "study_complete", study_instance_uid=t.study_instance_uid, patient_id=t.patient_id,
+            patient_name=t.patient_name, study_date=t.study_date, revision=t.revision,
+            series_count=len(series), instance_count=manifest["instance_count"],
+            manifest=str(path.resolve()), out=str(self.out.resolve()), calling_aets=manifest["calling_aets"],
+        )
+        self._emit(record)
+        self._run_hook("on_study_complete", record, t.study_instance_uid)
+        return True
+

@@ -1,0 +1,155 @@
+"""Where events go for machines: a JSON-lines file (``--events``) and a webhook (``--webhook``).
+
+Every event is one JSON object with at least ``event`` (``stored``,
+``series_complete``, ``study_complete``, ``hook_failed``) and ``time`` (ISO
+8601, UTC). The file gets one line per event, flushed; the webhook gets the
+same object as the body of a POST (``Content-Type: application/json``), from
+a thread of its own with a bounded queue: a slow or dead URL only ever drops
+events (each logged and counted), it never slows receiving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+#: Seconds one POST may take.
+WEBHOOK_TIMEOUT = 5.0
+#: Attempts per event, and the pause before the 2nd, 3rd ... (doubling).
+WEBHOOK_ATTEMPTS = 3
+WEBHOOK_BACKOFF = 0.5
+#: Events waiting for the webhook; more are dropped.
+WEBHOOK_QUEUE = 10_000
+
+
+def event_record(event: str, **facts: Any) -> dict[str, Any]:
+    """An event as its JSON object: ``event``, ``time``, then the facts (None values left out).
+
+    >>> r = event_record("stored", path="a/b.dcm", size=None)
+    >>> r["event"], r["path"], "size" in r
+    ('stored', 'a/b.dcm', False)
+    """
+    record: dict[str, Any] = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+    record.update((k, v) for k, v in facts.items() if v is not None)
+    return record
+
+
+class EventLog:
+    """Appends one JSON line per event to a file (or stdout for ``-``), flushed."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._lock = threading.Lock()
+        self._file: IO[str] = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock:
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except (OSError, ValueError) as exc:
+                log.error("cannot write the event to %s: %s", self.target, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not sys.stdout:
+                self._file.close()
+
+
+class Webhook:
+    """POSTs each event to `url` from one thread, with retries and backoff."""
+
+    def __init__(self, url: str, *, on_drop: Callable[[str], None] | None = None,
+                 on_post: Callable[[], None] | None = None, timeout: float = WEBHOOK_TIMEOUT,
+                 attempts: int = WEBHOOK_ATTEMPTS, backoff: float = WEBHOOK_BACKOFF,
+                 queue_size: int = WEBHOOK_QUEUE) -> None:
+        self.url = url
+        self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
+        self.on_drop, self.on_post = on_drop, on_post
+        self._queue: queue.Queue[dict | None] = queue.Queue(queue_size)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="sortscp-webhook", daemon=True)
+        self._thread.start()
+
+    def send(self, record: dict[str, Any]) -> None:
+        """Queue `record`; never blocks (a full queue drops it, logged)."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._drop(record, f"{self._queue.maxsize} events already waiting")
+
+    def _drop(self, record: dict[str, Any], why: str) -> None:
+        log.warning("webhook %s: dropped the %s event: %s", self.url, record.get("event"), why,
+                    extra={"event": "webhook_dropped", "url": self.url, "dropped": record.get("event"),
+                           "reason": why})
+        if self.on_drop:
+            self.on_drop(why)
+
+    def _work(self) -> None:
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            self._post(record)
+
+    def _post(self, record: dict[str, Any]) -> None:
+        body = json.dumps(record, ensure_ascii=False, default=str).encode()
+        reason = ""
+        for attempt in range(self.attempts):
+            if attempt:
+                if self._stopping.wait(self.backoff * 2 ** (attempt - 1)):
+                    reason = f"stopping ({reason})"
+                    break
+            request = urllib.request.Request(
+                self.url, data=body, method="POST",
+                headers={"Content-Type": "application/json", "User-Agent": "sortscp"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    response.read()
+                if self.on_post:
+                    self.on_post()
+                return
+            except urllib.error.HTTPError as exc:
+                reason = f"HTTP {exc.code}"
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                    break  # the receiver refuses this event: retrying changes nothing
+            except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections
+                reason = str(getattr(exc, "reason", None) or exc)
+        self._drop(record, f"after {attempt + 1} attempt(s): {reason}")
+
+    def stop(self, timeout: float) -> None:
+        """Post what is queued for up to `timeout` s, then drop the rest (one line)."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._stopping.set()
+        left = 0
+        while True:
+            try:
+                if self._queue.get_nowait() is not None:
+                    left += 1
+            except queue.Empty:
+                break
+        if left:
+            log.warning("webhook %s: dropped %d event(s) still queued at the stop", self.url, left,
+                        extra={"event": "webhook_dropped", "url": self.url, "count": left})
+            if self.on_drop:
+                for _ in range(left):
+                    self.on_drop("stopping")
+        self._thread.join(self.timeout + 1)

@@ -1,0 +1,294 @@
+"""Events, hooks and metrics through real associations: ``python -m scp serve``
+child processes fed by pynetdicom's SCU with real pydicom files.
+
+Series completion, manifests, ``ls`` and the series/study UIDs of a stored
+event come from the index rows serve commits with every instance. How much a
+hung hook or a dead webhook slows receiving is measured in
+``benchmarks/bench_serve.py --variant ...``; here only the statuses and generous bounds
+(a hung hook never holds a C-STORE response for its timeout) are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from scp.events.manifest import series_manifest_path
+from scp.events.sinks import WEBHOOK_TIMEOUT
+from scp.store.index import index_path, sha256_file
+
+from conftest import free_port, run_cli
+from serve_helpers import CALLING_AET, ct_copies, send_datasets, wait_until
+
+SUCCESS = 0x0000
+STABLE = ("--series-stable-seconds", "1", "--study-stable-seconds", "1")
+
+
+def assert_indexed(out: Path) -> None:
+    assert index_path(out).is_file(), "serve commits every instance through the index"
+
+
+def json_lines(text: str) -> list[dict]:
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "event" in record and "time" in record:
+                found.append(record)
+    return found
+
+
+def events_of(path: Path, kind: str | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    got = json_lines(path.read_text())
+    return [e for e in got if kind is None or e["event"] == kind]
+
+
+def timed_stores(port: int, datasets: list[Dataset]) -> list[tuple[int, float]]:
+    """Send `datasets` in one association; (status, seconds of its round trip) of each C-STORE."""
+    ae = AE(ae_title=CALLING_AET)
+    for pair in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
+        ae.add_requested_context(*pair)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SORTSCP")
+    assert assoc.is_established
+    try:
+        out = []
+        for ds in datasets:
+            start = time.perf_counter()
+            rsp = assoc.send_c_store(ds)
+            out.append((rsp.Status if "Status" in rsp else -1, time.perf_counter() - start))
+        return out
+    finally:
+        assoc.release()
+
+
+def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = serve_process(
+        "--hook-shell", "--on-stored",
+        f'f="{marks}/$SORTSCP_SOP_INSTANCE_UID"; {{ env | grep ^SORTSCP_; echo "HOOK_CWD=$(pwd -P)"; }} > "$f.part"'
+        ' && mv "$f.part" "$f"')
+    datasets = ct_copies(4)
+    assert send_datasets(server.port, datasets) == [SUCCESS] * 4
+    wait_until(lambda: len(list(marks.glob("*[0-9]"))) == 4, what="4 hook files")
+    for ds in datasets:
+        env = dict(line.split("=", 1) for line in (marks / ds.SOPInstanceUID).read_text().splitlines())
+        assert (server.out / env["SORTSCP_PATH"]).is_file()
+        assert Path(env["SORTSCP_ABSPATH"]) == (server.out / env["SORTSCP_PATH"]).resolve()
+        assert env["SORTSCP_CALLING_AET"] == CALLING_AET and env["SORTSCP_EVENT"] == "stored"
+        assert Path(env["HOOK_CWD"]) == server.out.resolve()  # hooks run in OUT
+        assert env["SORTSCP_SOP_CLASS_UID"] == ds.SOPClassUID
+        assert env["SORTSCP_TRANSFER_SYNTAX_UID"] == ds.file_meta.TransferSyntaxUID
+    assert_indexed(server.out)
+    env = dict(line.split("=", 1) for line in (marks / datasets[0].SOPInstanceUID).read_text().splitlines())
+    assert env["SORTSCP_SERIES_INSTANCE_UID"] == datasets[0].SeriesInstanceUID
+    assert env["SORTSCP_STUDY_INSTANCE_UID"] == datasets[0].StudyInstanceUID
+    assert env["SORTSCP_PATIENT_ID"] == str(datasets[0].PatientID)
+
+
+def test_a_series_over_two_associations_completes_once_with_exactly_its_instances(
+        serve_process, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    hook_log = tmp_path / "series-hook.log"
+    server = serve_process(*STABLE, "--events", str(events), "--hook-shell",
+                           "--on-series-complete", f'echo "$SORTSCP_SERIES_INSTANCE_UID $SORTSCP_REVISION" >> "{hook_log}"')
+    datasets = ct_copies(5)
+    assert send_datasets(server.port, datasets[:3]) == [SUCCESS] * 3
+    assert_indexed(server.out)
+    assert send_datasets(server.port, datasets[3:]) == [SUCCESS] * 2
+    wait_until(lambda: events_of(events, "study_complete"), timeout=30, what="the study to complete")
+    time.sleep(2.5)  # several more polls: nothing completes twice
+    series = datasets[0].SeriesInstanceUID
+    done = events_of(events, "series_complete")
+    assert [(e["series_instance_uid"], e["revision"], e["instance_count"]) for e in done] == [(series, 1, 5)]
+    assert len(events_of(events, "study_complete")) == 1
+    wait_until(lambda: hook_log.exists() and hook_log.read_text().endswith("\n"), what="the series hook")
+    assert hook_log.read_text().split("\n") == [f"{series} 1", ""]
+    manifest = json.loads(series_manifest_path(server.out, series).read_text())
+    assert sorted(i["sop_instance_uid"] for i in manifest["instances"]) == sorted(d.SOPInstanceUID for d in datasets)
+    assert all(i["digest"] == sha256_file(server.out / i["path"]) for i in manifest["instances"])
+    assert manifest["calling_aets"] == [CALLING_AET] and manifest["instance_count"] == 5
+    assert Path(done[0]["manifest"]) == series_manifest_path(server.out, series).resolve()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_restart_mid_series_completes_it_once_and_a_late_instance_gives_revision_2(
+        serve_process, tmp_path: Path, how: str) -> None:
+    events = tmp_path / "events.jsonl"
+    args = ("--series-stable-seconds", "3", "--study-stable-seconds", "3", "--events", str(events))
+    first = serve_process(*args)
+    datasets = ct_copies(4)
+    assert send_datasets(first.port, datasets[:2]) == [SUCCESS] * 2
+    if how == "SIGTERM":
+        assert first.terminate() == 0
+    else:
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    assert_indexed(first.out)
+    assert events_of(events, "series_complete") == []  # stopped before it was stable
+    second = serve_process(*args, out=first.out)
+    assert send_datasets(second.port, datasets[2:3]) == [SUCCESS]
+    wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the series to complete")
+    time.sleep(1.5)
+    done = events_of(events, "series_complete")
+    assert [(e["revision"], e["instance_count"]) for e in done] == [(1, 3)]
+    assert send_datasets(second.port, datasets[3:]) == [SUCCESS]  # later: a new revision
+    wait_until(lambda: len(events_of(events, "series_complete")) == 2, timeout=30, what="revision 2")
+    done = events_of(events, "series_complete")
+    assert [(e["revision"], e["instance_count"]) for e in done] == [(1, 3), (2, 4)]
+    manifest = json.loads(series_manifest_path(first.out, datasets[0].SeriesInstanceUID).read_text())
+    assert manifest["revision"] == 2 and manifest["instance_count"] == 4
+
+
+#: --hook-timeout of the hung-hook test; a C-STORE held by a hook would wait this long.
+HOOK_TIMEOUT = 5
+
+
+@pytest.mark.parametrize("command, logged", [
+    ("sleep 1000", "killed after its timeout"),
+    ("sh -c 'echo no luck >&2; exit 3'", "exited 3"),
+])
+def test_a_hung_or_failing_hook_changes_no_status_and_holds_no_response(serve_process, command: str,
+                                                                        logged: str) -> None:
+    """Every C-STORE answers Success, and none waits for a hook: with 2 hook
+    slots and 10 instances, a response held by a hung hook would take its
+    whole timeout. (How much hooks slow receiving: benchmarks/bench_serve.py --variant.)"""
+    server = serve_process("--on-stored", command, "--hook-timeout", str(HOOK_TIMEOUT), "--hook-concurrency", "2")
+    results = timed_stores(server.port, ct_copies(10))
+    assert [status for status, _ in results] == [SUCCESS] * 10
+    assert max(seconds for _, seconds in results) < HOOK_TIMEOUT, results
+    wait_until(lambda: logged in server.log(), timeout=30, what=f"'{logged}' in the log")
+    line = next(x for x in server.log().splitlines() if logged in x)
+    assert "on_stored" in line
+    if "exit" in command:
+        assert "no luck" in line
+    assert server.terminate() == 0, server.log()  # the stop kills hooks still running
+    assert "Traceback" not in server.log()
+
+
+def test_hooks_still_running_die_with_a_killed_server(serve_process, tmp_path: Path) -> None:
+    """SIGKILL leaves the server no time to stop its hooks: their helper sees
+    its stdin close and kills them (each in its own process group)."""
+    pids = tmp_path / "pids"
+    server = serve_process("--hook-shell", "--on-stored", f'echo $$ >> "{pids}"; exec sleep 1000')
+    assert send_datasets(server.port, ct_copies(2)) == [SUCCESS] * 2
+    wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, what="2 hooks running")
+    running = [int(p) for p in pids.read_text().split()]
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(30)
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in running), timeout=20, what="the hooks killed")
+
+
+def test_the_metrics_endpoint_counts_what_was_sent(serve_process) -> None:
+    port = free_port()
+    server = serve_process("--metrics-port", str(port))
+    datasets = ct_copies(3)
+    assert send_datasets(server.port, datasets) == [SUCCESS] * 3
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    wait_until(lambda: scrape().get("sortscp_associations_active") == 0.0, what="the association closed")
+    m = scrape()
+    assert m[f'sortscp_instances_stored_total{{calling_aet="{CALLING_AET}"}}'] == 3
+    assert m[f'sortscp_stored_bytes_total{{calling_aet="{CALLING_AET}"}}'] > 3 * 1000
+    assert m["sortscp_associations_total"] == 1
+    assert m["sortscp_store_seconds_count"] == 3
+    assert m["sortscp_output_free_bytes"] > 0
+
+
+def test_events_to_stdout_and_to_a_file_one_json_line_each(serve_process, tmp_path: Path) -> None:
+    to_stdout = serve_process("--events", "-", out=tmp_path / "a")
+    assert send_datasets(to_stdout.port, ct_copies(2)) == [SUCCESS] * 2
+    wait_until(lambda: len(json_lines(to_stdout.log())) == 2, what="2 JSON lines on stdout")
+    assert [e["event"] for e in json_lines(to_stdout.log())] == ["stored", "stored"]
+    events = tmp_path / "events.jsonl"
+    to_file = serve_process("--events", str(events), *STABLE, out=tmp_path / "b")
+    datasets = ct_copies(2)
+    assert send_datasets(to_file.port, datasets) == [SUCCESS] * 2
+    wait_until(lambda: len(events_of(events, "stored")) == 2, what="2 stored events")
+    stored = events_of(events, "stored")
+    assert sorted(e["sop_instance_uid"] for e in stored) == sorted(d.SOPInstanceUID for d in datasets)
+    assert all((to_file.out / e["path"]).is_file() for e in stored)
+    assert len(events.read_text().splitlines()) == len(events_of(events))
+    assert_indexed(to_file.out)
+    wait_until(lambda: events_of(events, "study_complete"), timeout=30, what="the study to complete")
+    assert [e["event"] for e in events_of(events)] == ["stored", "stored", "series_complete", "study_complete"]
+
+
+class _Collector(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_webhook_receives_posts(serve_process) -> None:
+    _Collector.received = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = serve_process("--webhook", f"http://127.0.0.1:{httpd.server_address[1]}/dicom")
+        datasets = ct_copies(3)
+        assert send_datasets(server.port, datasets) == [SUCCESS] * 3
+        wait_until(lambda: len(_Collector.received) == 3, what="3 POSTs")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sorted(e["sop_instance_uid"] for e in _Collector.received) == sorted(d.SOPInstanceUID for d in datasets)
+    assert {e["event"] for e in _Collector.received} == {"stored"}
+
+
+def test_a_dead_webhook_drops_with_a_log_line_and_holds_no_response(serve_process) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed when the block ends: connections are refused
+    server = serve_process("--webhook", f"http://127.0.0.1:{dead}/")
+    results = timed_stores(server.port, ct_copies(10))
+    assert [status for status, _ in results] == [SUCCESS] * 10
+    assert max(seconds for _, seconds in results) < WEBHOOK_TIMEOUT, results  # no POST in the way
+    wait_until(lambda: "dropped the stored event" in server.log(), timeout=30, what="a drop log line")
+
+
+def test_ls_lists_what_the_server_received(serve_process, tmp_path: Path) -> None:
+    server = serve_process(*STABLE)
+    datasets = ct_copies(3, patient="Ls^Test")
+    assert send_datasets(server.port, datasets) == [SUCCESS] * 3
+    assert_indexed(server.out)
+    wait_until(lambda: json.loads(run_cli("ls", "--json", server.out).stdout)["studies"][0]["series"][0]["complete"],
+               timeout=30, what="the series complete in ls")
+    (study,) = json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]
+    assert study["patient_name"] == "Ls^Test" and study["instances"] == 3
+    (series,) = study["series"]
+    assert series["instances"] == 3 and series["series_instance_uid"] == datasets[0].SeriesInstanceUID
+    table = run_cli("ls", server.out)
+    assert table.returncode == 0 and "Ls^Test" in table.stdout and "yes (rev 1)" in table.stdout
