@@ -418,6 +418,7 @@ def ls(
     if as_json:
         typer.echo(json.dumps({"out": str(out), "studies": studies}, ensure_ascii=False, indent=1))
         return
+    from rich.console import Console
     from rich.table import Table
 
     table = Table("patient", "patient ID", "study date", "series", "modality", "instances", "complete",
