@@ -7,8 +7,10 @@ case). Each run gets a fresh server and an empty output folder; after each
 run every instance must be there (counted), so a broken run is never
 reported as a fast one. Medians of N runs, after one untimed warm-up run.
 
-sortscp files every instance into the layout and flushes it to disk before
-answering; storescp writes a flat folder without flushing.
+sortscp files every instance into the layout and, with ``--fsync always``
+(the default), flushes it to disk before answering; ``sortscp-never`` is the
+same server with ``--fsync never``. storescp writes a flat folder without
+flushing.
 
 Run from the repository root (needs DCMTK: ``apt-get install dcmtk``)::
 
@@ -35,6 +37,8 @@ from localnet import DCMTK_ENV, dcmtk, free_port, wait_for_port  # noqa: E402
 HOST = "127.0.0.1"
 AET = "BENCHSCP"
 SENDERS = (1, 4)
+#: storescp, then sortscp with ``--fsync always`` (the default) and ``--fsync never``
+KINDS = ("storescp", "sortscp", "sortscp-never")
 START_TIMEOUT = 30.0
 RUN_TIMEOUT = 300.0
 
@@ -65,8 +69,10 @@ class Server:
         else:
             # The senders have all finished when the server is stopped; a short
             # drain bounds the stop all the same.
+            fsync = "never" if kind == "sortscp-never" else "always"
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
-                              "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
+                              "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1",
+                              "--fsync", fsync)
             env = cli_env()
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tree is built")
+    parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS),
+                        help="concurrent senders per case (default: 1 4)")
     args = parser.parse_args(argv)
     storescu = dcmtk("storescu")
     if storescu is None or dcmtk("storescp") is None:
@@ -134,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results: dict[tuple[str, int], list[float]] = {}
-    for senders in SENDERS:
+    for senders in args.senders:
         folders = split_folders(files, work, senders)
-        cases = [("storescp", senders), ("sortscp", senders)]
+        cases = [(kind, senders) for kind in KINDS]
         for kind, _ in cases:  # warm-up, untimed
             one_run(kind, storescu, folders, work, len(files))
         for _ in range(args.runs):  # interleaved
@@ -147,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
-    print(f"{'senders':>7} {'receiver':<10} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}")
-    for senders in SENDERS:
+    print(f"{'senders':>7} {'receiver':<13} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}")
+    for senders in args.senders:
         base = statistics.median(results[("storescp", senders)])
-        for kind in ("storescp", "sortscp"):
+        for kind in KINDS:
             med = statistics.median(results[(kind, senders)])
-            print(f"{senders:>7} {kind:<10} {med:9.3f} {len(files) / med:8.0f} "
+            print(f"{senders:>7} {kind:<13} {med:9.3f} {len(files) / med:8.0f} "
                   f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f}")
     return 0
 
