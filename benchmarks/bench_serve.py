@@ -7,8 +7,10 @@ case). Each run gets a fresh server and an empty output folder; after each
 run every instance must be there (counted), so a broken run is never
 reported as a fast one. Medians of N runs, after one untimed warm-up run.
 
-sortscp files every instance into the layout and flushes it to disk before
-answering; storescp writes a flat folder without flushing.
+sortscp files every instance into the layout and, with ``--fsync always``
+(the default), flushes it to disk before answering; ``sortscp-never`` is the
+same server with ``--fsync never``. storescp writes a flat folder without
+flushing.
 
 Run from the repository root (needs DCMTK: ``apt-get install dcmtk``)::
 
@@ -51,6 +53,8 @@ from localnet import DCMTK_ENV, dcmtk, free_port, wait_for_port  # noqa: E402
 HOST = "127.0.0.1"
 AET = "BENCHSCP"
 SENDERS = (1, 4)
+#: storescp, then sortscp with ``--fsync always`` (the default) and ``--fsync never`` (the variants add more)
+KINDS = ("storescp", "sortscp", "sortscp-never")
 START_TIMEOUT = 30.0
 RUN_TIMEOUT = 300.0
 
@@ -78,6 +82,7 @@ def variant_args(kind: str, log: Path) -> list[str]:
     metrics = ["--metrics-port", "0", "--metrics-host", HOST]
     return {
         "sortscp": [],
+        "sortscp-never": ["--fsync", "never"],
         "sortscp+events": [*EVENTS_ARGS, *events],
         "sortscp+metrics": [*metrics, *events],
         "sortscp+hook": ["--on-stored", "true"],
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     results: dict[tuple[str, int], list[float]] = {}
     extra = (["sortscp+events"] if args.events else []) + args.variant
-    kinds = ["storescp", "sortscp"] + list(dict.fromkeys(extra))
+    kinds = list(KINDS) + list(dict.fromkeys(extra))
     for senders in args.senders:
         folders = split_folders(files, work, senders)
         cases = [(kind, senders) for kind in kinds]

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 
 from scp.config import ServeConfig, SortConfig
-from scp.dicom.header import read_header
+from scp.dicom.header import IDENTITY_KEYWORDS, dataset_from_elements, read_header, wanted_tags
 from scp.dicom.meta import PREAMBLE
+from scp.dicom.walk import SOP_CLASS_UID
 from scp.enums import Duplicate, Fsync, Mode, Placement, Result, SkipCategory
 from scp.errors import NotDicomError, SortscpError, TruncatedError
 from scp.layout import relative_path
@@ -55,7 +57,31 @@ _STORED = {
 # --- serve ------------------------------------------------------------------
 
 
-def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome:
+@dataclass(frozen=True)
+class ReceivedHeader:
+    """The header values the network thread kept while the dataset arrived
+    (:meth:`scp.net.sink.IncomingDataset.header`), so that the worker does not
+    read the file's header again: the raw top-level values of
+    :func:`header_tags`, as :func:`scp.dicom.header.read_header` would have
+    read them."""
+
+    elements: dict[int, tuple[str | None, bytes]]
+    implicit: bool
+    little: bool
+    transfer_syntax: str
+    #: the command's Affected SOP Class UID (a dataset without its own gets it, as from the File Meta)
+    sop_class_uid: str
+    #: where the dataset starts in the file (the length of our File Meta)
+    dataset_offset: int
+
+
+def header_tags(cfg: ServeConfig) -> tuple[int, ...]:
+    """The tags :func:`store_received` reads: the template's and the index's."""
+    return wanted_tags((*cfg.template.keywords, *FACT_KEYWORDS, *IDENTITY_KEYWORDS))
+
+
+def store_received(received: str, calling_aet: str, cfg: ServeConfig,
+                   header: ReceivedHeader | None = None) -> Outcome:
     """File one instance received by the SCP.
 
     `received` is the complete temporary file the network thread wrote while
@@ -63,12 +89,19 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
     exactly as sent, already checked complete and naming the command's
     instance. It is flushed and linked into the layout as it is (the dataset
     is written once), through the instance index so that the tree keeps one
-    file per SOPInstanceUID (:mod:`scp.store.instance`). Exceptions
-    propagate: the handler maps each to a DIMSE status.
+    file per SOPInstanceUID (:mod:`scp.store.instance`). Its header is read
+    from the file only if the network thread could not keep it (`header`).
+    Exceptions propagate: the handler maps each to a DIMSE status.
     """
-    with open(received, "rb") as src:
-        ds = read_header(src, (*cfg.template.keywords, *FACT_KEYWORDS), identity_from_meta=False)
-        size = os.fstat(src.fileno()).st_size
+    if header is not None:
+        ds = _dataset_from_header(header)
+        size = os.stat(received).st_size
+        offset = header.dataset_offset
+    else:
+        with open(received, "rb") as src:
+            ds = read_header(src, (*cfg.template.keywords, *FACT_KEYWORDS), identity_from_meta=False)
+            size = os.fstat(src.fileno()).st_size
+        offset = _dataset_offset(ds)
     rel = relative_path(ds, cfg.template)
     uid = str(ds.SOPInstanceUID)
     facts = instance_facts(ds, size, calling_aet)
@@ -84,7 +117,7 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig) -> Outcome
             note = f"an earlier copy stays at {done.other}"
         else:
             note = f"replaced the earlier copy at {done.other} (removed)"
-    nbytes = size - _dataset_offset(ds)  # the dataset, as received
+    nbytes = size - offset  # the dataset, as received
     return Outcome(result, received, str(done.final.relative_to(cfg.out)), note, nbytes)
 
 
@@ -165,6 +198,15 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
         except IndexInUseError:
             time.sleep(0.1)
     return SqliteIndex(root)
+
+
+def _dataset_from_header(header: ReceivedHeader) -> Dataset:
+    elements = header.elements
+    if not elements.get(SOP_CLASS_UID, (None, b""))[1].strip(b"\0 ") and header.sop_class_uid:
+        elements = {**elements, SOP_CLASS_UID: ("UI", header.sop_class_uid.encode("ascii"))}
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = UID(header.transfer_syntax)
+    return dataset_from_elements(elements, header.implicit, header.little, file_meta=meta)
 
 
 def _dataset_offset(ds: Dataset) -> int:

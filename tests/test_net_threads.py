@@ -607,3 +607,62 @@ def test_zz_no_association_threads_left_behind():
              if t.name.startswith(("AcceptorThread", "RequestorThread"))
              or isinstance(t, DULServiceProvider)]
     assert not alive, alive
+
+
+# --- the C-STORE-RSP encoded by hand --------------------------------------------------
+
+
+@pytest.mark.parametrize("class_uid, message_id, status, instance_uid", [
+    (CTImageStorage, 1, 0x0000, "1.2.3.4"),                    # even UIDs
+    ("1.2.840.10008.5.1.4.1.1.7", 65535, 0xA700, "1.2.3.45"),  # odd ones, padded
+    ("1.2", 7, 0xC000, "1.23"),
+    (CTImageStorage, 300, 0xA900, "2.25." + "9" * 59),          # a 64-character UID
+])
+def test_store_rsp_bytes_are_pynetdicoms(class_uid, message_id, status, instance_uid):
+    """The command set sent for a C-STORE-RSP is, byte for byte, the one
+    pynetdicom encodes with pydicom for the same primitive."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = class_uid
+    rsp.AffectedSOPInstanceUID = instance_uid
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = list(message.encode_msg(1, 16384))
+    ((_, theirs),) = pdata.presentation_data_value_list
+    assert theirs == b"\x03" + net.store_rsp_command(class_uid, message_id, status, instance_uid)
+    rsp.ErrorComment = "why"  # anything else goes pynetdicom's way
+    assert net._plain_store_rsp(rsp) is None
+
+
+def test_store_rsp_reaches_a_pynetdicom_scu_either_way():
+    """A real SCU accepts the hand-encoded response (it checks the message ID
+    and reads the status); with pynetdicom's debug log on, the response goes
+    pynetdicom's own way and is accepted as well."""
+    import logging
+
+    ae = AE(ae_title="RSPSCP")
+    ae.add_supported_context(CTImageStorage)
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0xA700)])
+    port = server.server_address[1]
+    ds = pydicom.dcmread(CT_FILE)
+    try:
+        for debug in (False, True):
+            logger = logging.getLogger("pynetdicom")
+            old = logger.level
+            logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+            try:
+                scu = AE(ae_title="RSPSCU")
+                scu.add_requested_context(CTImageStorage)
+                assoc = scu.associate(HOST, port, ae_title="RSPSCP")
+                assert assoc.is_established
+                status = assoc.send_c_store(ds, msg_id=4321)
+                assoc.release()
+            finally:
+                logger.setLevel(old)
+            assert status.Status == 0xA700
+    finally:
+        server.shutdown()

@@ -293,6 +293,21 @@ def dataset_from_elements(
     return ds
 
 
+def vr_switch(first: bytes, implicit: bool) -> bool:
+    """True if a dataset starting with `first` (its first 6 bytes) reads, to
+    pydicom, as the other VR encoding than `implicit` says (pydicom then
+    switches for the whole dataset, and only pydicom reads it right).
+
+    >>> vr_switch(b"\\x08\\x00\\x16\\x00UI", implicit=True), vr_switch(b"\\x08\\x00\\x16\\x00UI", implicit=False)
+    (True, False)
+    """
+    return len(first) >= 6 and (not (0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B)) != implicit
+
+
+#: Tags at or past this one are never read as header values (pixel data and after).
+FIRST_PIXEL_TAG = _FIRST_PIXEL_TAG
+
+
 # --- the fast path -------------------------------------------------------------
 
 
@@ -328,7 +343,7 @@ def _read_fast(
     first = head[data_start : data_start + 6]
     if deflated:
         first = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[data_start:], 6)
-    if len(first) >= 6 and (not (0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B)) != implicit:
+    if vr_switch(first, implicit):
         return None  # pydicom would switch VR for the whole dataset
 
     size = None

@@ -101,7 +101,7 @@ class StoreHandlers:
             if sink.problem is not None:
                 raise sink.problem
             outcome = self.pool.run(
-                store_received, sink.name, calling, self.cfg, timeout=self.cfg.job_timeout
+                store_received, sink.name, calling, self.cfg, sink.header(), timeout=self.cfg.job_timeout
             )
         except Exception as exc:
             if isinstance(exc, (BrokenProcessPool, JobTimeout)):  # what dead workers were writing

@@ -24,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from scp.config import ServeConfig
 from scp.errors import InstanceIndexError, SortscpError
 from scp.events.pipeline import Pipeline
-from scp.jobs import identity_facts
+from scp.jobs import header_tags, identity_facts
 from scp.net import _pynetdicom, sink
 from scp.net.access import AccessControl, AllowRule
 from scp.net.handlers import StoreHandlers
@@ -111,7 +111,7 @@ def build_ae(cfg: ServeConfig) -> AE:
     memory whole.
     """
     _pynetdicom.configure_storage()
-    sink.install(cfg.out)  # a full disk fails the instance, not the association
+    sink.install(cfg.out, header_tags(cfg))  # a full disk fails the instance, not the association
     ae = AE(ae_title=cfg.aet)
     ae.add_supported_context(Verification)
     ae.maximum_associations = cfg.max_associations

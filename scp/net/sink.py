@@ -34,9 +34,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from scp.dicom.header import FIRST_PIXEL_TAG, vr_switch
 from scp.dicom.meta import file_meta_bytes
 from scp.dicom.walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, encoding_of
 from scp.errors import DatasetMismatch, NotDicomError, SortscpError, TruncatedError
+from scp.jobs import ReceivedHeader
 from scp.log import safe
 from scp.net import _pynetdicom
 from scp.store.tmp import tmp_dir, tmp_prefix
@@ -70,6 +72,7 @@ class IncomingDataset:
         sop_instance_uid: str,
         transfer_syntax: str,
         calling_aet: str,
+        keep: tuple[int, ...] = (),
     ) -> None:
         self.error: OSError | None = None
         self.problem: SortscpError | None = None
@@ -81,14 +84,18 @@ class IncomingDataset:
         self._folder = folder
         self._file: Any = None
         self._received = 0
+        self._first = b""
+        self._keep = tuple(t for t in keep if t < FIRST_PIXEL_TAG)
         encoding = encoding_of(transfer_syntax)
         self._walker: DatasetWalker | None = None
         self._deflated = False
+        self._encoding = (False, True)
         if encoding is not None:  # a private syntax we cannot walk is taken on trust
             implicit, little, self._deflated = encoding
+            self._encoding = (implicit, little)
             self._walker = DatasetWalker(
                 implicit=implicit, little=little, deflated=self._deflated,
-                wanted=(SOP_CLASS_UID, SOP_INSTANCE_UID),
+                wanted=(SOP_CLASS_UID, SOP_INSTANCE_UID, *self._keep),
             )
         meta = b""
         try:
@@ -115,6 +122,8 @@ class IncomingDataset:
     def write(self, data: bytes | memoryview) -> int:
         """The next fragment of the dataset."""
         n = len(data)
+        if self._received < 6:
+            self._first += bytes(data[: 6 - self._received])
         self._received += n
         if self.problem is None and self._walker is not None:
             try:
@@ -148,6 +157,23 @@ class IncomingDataset:
                     self._drop_leading_meta(walker.leading_meta_end)
             except OSError as exc:
                 self._fail(exc)
+
+    def header(self) -> ReceivedHeader | None:
+        """The header values kept while the dataset arrived (the tags given as
+        `keep`), for a dataset that was stored as written; None where the
+        worker must read the file (deflated, irregular before the last kept
+        tag, leading File Meta elements, another VR encoding than the
+        transfer syntax's at its start: what pydicom reads differently)."""
+        walker = self._walker
+        if not self.finished or self.problem is not None or self.error is not None or walker is None \
+                or not self._keep or self._deflated or walker.irregular_in_header or walker.leading_meta_end \
+                or vr_switch(self._first, self._encoding[0]):
+            return None
+        return ReceivedHeader(
+            elements={t: v for t, v in walker.elements.items() if t < FIRST_PIXEL_TAG},
+            implicit=self._encoding[0], little=self._encoding[1], transfer_syntax=self.transfer_syntax,
+            sop_class_uid=self.sop_class_uid, dataset_offset=self.dataset_offset,
+        )
 
     def flush(self) -> None:
         if self._file is not None:
@@ -257,8 +283,9 @@ class SinkFactory:
     """Opens the :class:`IncomingDataset` of each C-STORE received under `out`
     (in its temporary area, made again if the folder was removed)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, keep: tuple[int, ...] = ()) -> None:
         self.folder = out
+        self.keep = keep
 
     def __call__(self, command: Any, transfer_syntax: str, calling_aet: str) -> IncomingDataset:
         return IncomingDataset(
@@ -267,10 +294,12 @@ class SinkFactory:
             sop_instance_uid=str(command.AffectedSOPInstanceUID or ""),
             transfer_syntax=str(transfer_syntax),
             calling_aet=calling_aet,
+            keep=self.keep,
         )
 
 
-def install(out: Path) -> None:
+def install(out: Path, keep: tuple[int, ...] = ()) -> None:
     """Make the server write the datasets it receives through
-    :class:`IncomingDataset` s in the temporary area of `out`."""
-    _pynetdicom.install_receiver(SinkFactory(out))
+    :class:`IncomingDataset` s in the temporary area of `out`, keeping the
+    values of the tags in `keep` for the worker (:meth:`IncomingDataset.header`)."""
+    _pynetdicom.install_receiver(SinkFactory(out, keep))
