@@ -31,7 +31,7 @@ from scp.net.handlers import StoreHandlers
 from scp.net.tls import server_tls_context
 from scp.net.transport import start_server
 from scp.pool import WorkerPool
-from scp.store.index import SqliteIndex
+from scp.store.index import SqliteIndex, index_path
 from scp.store.instance import open_for_serving
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
@@ -150,7 +150,10 @@ def _open_index(out: Path) -> SqliteIndex:
     except InstanceIndexError as exc:
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     if rebuilt:
-        log.info("instance index of %s rebuilt from the files (%s)", out, rebuilt)
+        if rebuilt == "missing":  # a new output folder, or one from before the index
+            log.info("created the instance index %s from the files there", index_path(out))
+        else:
+            log.info("instance index of %s rebuilt from the files (%s)", out, rebuilt)
     if removed:
         log.info("removed %d superseded files left by a process that died", removed)
     return index
