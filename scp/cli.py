@@ -475,8 +475,10 @@ def reindex(
     75 a running server holds the index (stop it first).
     """
     from scp.jobs import identity_facts
+    from scp.log import safe
     from scp.store.index import IndexInUseError, rebuild
 
+    setup_logging("WARNING")  # pydicom's warnings about the files go through the escaping log
     if not out.is_dir():
         typer.echo(f"reindex: {out} is not a folder", err=True)
         raise typer.Exit(1)
@@ -486,9 +488,10 @@ def reindex(
         typer.echo(f"reindex: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
     for uid, kept, other in summary.duplicates:
-        typer.echo(f"reindex: {other}: another file of SOPInstanceUID {uid} (indexed: {kept})", err=True)
+        typer.echo(f"reindex: {safe(other)}: another file of SOPInstanceUID {safe(uid)} (indexed: {safe(kept)})",
+                   err=True)
     for rel, reason in summary.unreadable:
-        typer.echo(f"reindex: {rel}: not indexed: {reason}", err=True)
+        typer.echo(f"reindex: {safe(rel)}: not indexed: {safe(reason)}", err=True)
     typer.echo(
         f"reindex: {summary.instances} instances indexed from {summary.files_seen} files, "
         f"{len(summary.duplicates)} duplicates, {len(summary.unreadable)} unreadable"

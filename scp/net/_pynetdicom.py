@@ -291,6 +291,12 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
                         return _protocol_error(
                             self, assoc, f"a C-STORE on presentation context {context_id}, which was not accepted"
                         )
+                    missing = [k for k in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID")
+                               if self.command_set.get(k) in (None, "")]
+                    if missing:  # pynetdicom would never answer it (not a valid request)
+                        return _protocol_error(
+                            self, assoc, f"a C-STORE request without {', '.join(missing)}"
+                        )
                     sink = _open_dataset(self.command_set, cx.transfer_syntax[0], assoc.requestor.ae_title)
                     self._data_set_file = sink
                     self._data_set_path = Path(sink.name)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -98,17 +99,22 @@ class IncomingDataset:
                 wanted=(SOP_CLASS_UID, SOP_INSTANCE_UID, *self._keep),
             )
         meta = b""
-        try:
-            meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, calling_aet)
-        except (UnicodeError, ValueError) as exc:
-            self.problem = NotDicomError(f"cannot build the File Meta from the command: {exc}")
+        self.problem = _bad_uids(sop_class_uid, sop_instance_uid)
+        if self.problem is None:
+            try:
+                meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, calling_aet)
+            except (UnicodeError, ValueError) as exc:
+                self.problem = NotDicomError(f"cannot build the File Meta from the command: {exc}")
         self.dataset_offset = len(meta)
+        if self.problem is not None:  # refused whatever follows: nothing is written
+            self.name: str = os.path.join(folder, f".refused-{uuid.uuid4().hex}.dcm")
+            return
         try:
             folder = tmp_dir(folder)  # made again if the output folder was removed
             self._file = tempfile.NamedTemporaryFile(
                 prefix=tmp_prefix("r"), suffix=".dcm", dir=folder, delete=False
             )
-            self.name: str = self._file.name
+            self.name = self._file.name
             self._file.write(meta)
         except OSError as exc:
             self.name = getattr(self, "name", os.path.join(folder, f".unwritable-{uuid.uuid4().hex}.dcm"))
@@ -273,6 +279,22 @@ class IncomingDataset:
             os.unlink(self.name)
         except OSError:
             pass
+
+
+#: What a UID that names a file must look like: digits separated by single dots,
+#: at most 64 characters (PS3.5 9.1, without its rule against leading zeros,
+#: which real senders break). Anything else could name another instance's file
+#: once sanitized ("1.2/3" and "1.2_3"), or a folder ("..").
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _bad_uids(sop_class_uid: str, sop_instance_uid: str) -> NotDicomError | None:
+    """Why the command's UIDs cannot name a stored instance (None: they can)."""
+    for what, uid in (("SOP Instance", sop_instance_uid), ("SOP Class", sop_class_uid)):
+        value = uid.rstrip("\x00 ")
+        if len(value) > 64 or not _UID.fullmatch(value):
+            return NotDicomError(f"the command's Affected {what} UID {value!r} is not a valid UID")
+    return None
 
 
 def _strerror(exc: OSError) -> str:
