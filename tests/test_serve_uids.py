@@ -28,7 +28,7 @@ from pdu import Peer
 LAST = pdu.LAST
 
 
-@pytest.mark.parametrize("uid", ["1.2/3", "1.2_3", "..", ".", "1.2..3", "1.2.\x1b[31mRED"])
+@pytest.mark.parametrize("uid", ["1.2/3", "1.2_3", "..", ".", ".5", "1.2 3", "1.2.\x1b[31mRED"])
 def test_a_uid_that_cannot_name_a_file_is_refused(serve_process, uid):
     server = serve_process(*FAST)
     _, data, _ = ct_bytes(uid)

@@ -281,18 +281,20 @@ class IncomingDataset:
             pass
 
 
-#: What a UID that names a file must look like: digits separated by single dots,
-#: at most 64 characters (PS3.5 9.1, without its rule against leading zeros,
-#: which real senders break). Anything else could name another instance's file
-#: once sanitized ("1.2/3" and "1.2_3"), or a folder ("..").
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+#: What a UID that names a file must look like: at most 64 characters, letters,
+#: digits, dots and hyphens, starting with a letter or digit. That is looser than
+#: PS3.5 9.1 (digits and dots, no leading zeros), which real senders and
+#: anonymizers break (hex digests), but every such UID is its own file name
+#: unchanged; anything else could name another instance's file once sanitized
+#: ("1.2/3" and "1.2_3"), or a folder ("..").
+_UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z.\-]{0,63}")
 
 
 def _bad_uids(sop_class_uid: str, sop_instance_uid: str) -> NotDicomError | None:
     """Why the command's UIDs cannot name a stored instance (None: they can)."""
     for what, uid in (("SOP Instance", sop_instance_uid), ("SOP Class", sop_class_uid)):
         value = uid.rstrip("\x00 ")
-        if len(value) > 64 or not _UID.fullmatch(value):
+        if not _UID.fullmatch(value):
             return NotDicomError(f"the command's Affected {what} UID {value!r} is not a valid UID")
     return None
 
