@@ -20,15 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 from scp.events.manifest import series_manifest_path
 from scp.events.sinks import WEBHOOK_TIMEOUT
 from scp.store.index import index_path, sha256_file
 
 from conftest import free_port, run_cli
-from serve_helpers import CALLING_AET, ct_copies, send_datasets, wait_until
+from serve_helpers import CALLING_AET, ct_copies, send_datasets, timed_stores, wait_until
 
 SUCCESS = 0x0000
 STABLE = ("--series-stable-seconds", "1", "--study-stable-seconds", "1")
@@ -56,24 +54,6 @@ def events_of(path: Path, kind: str | None = None) -> list[dict]:
         return []
     got = json_lines(path.read_text())
     return [e for e in got if kind is None or e["event"] == kind]
-
-
-def timed_stores(port: int, datasets: list[Dataset]) -> list[tuple[int, float]]:
-    """Send `datasets` in one association; (status, seconds of its round trip) of each C-STORE."""
-    ae = AE(ae_title=CALLING_AET)
-    for pair in sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}):
-        ae.add_requested_context(*pair)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SORTSCP")
-    assert assoc.is_established
-    try:
-        out = []
-        for ds in datasets:
-            start = time.perf_counter()
-            rsp = assoc.send_c_store(ds)
-            out.append((rsp.Status if "Status" in rsp else -1, time.perf_counter() - start))
-        return out
-    finally:
-        assoc.release()
 
 
 def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Path) -> None:

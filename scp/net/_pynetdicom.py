@@ -66,8 +66,8 @@ wrapped here, with the upstream change that would remove it:
     the thread. Uses ``_process_recv_primitive``, ``_decode_pdu``,
     ``_recv_pdu``, ``_idle_timer``, ``artim_timer`` (``Timer._start_time``,
     ``_end_time``, ``remaining``), ``_kill_thread``, ``state_machine``.
-    Upstream: an event-driven DUL. The maintainers' own ``# TODO: try and
-    make this event based rather than running loops`` sits beside
+    Upstream: an event-driven DUL. The maintainers' own comment "try and
+    make this event based rather than running loops" sits beside
     ``_run_loop_delay`` in ``dul.py``; the polling has a long history:
     pydicom/pynetdicom#60 (100 % CPU; a ``select`` timeout suggested instead
     of sleeps), #102/#103 ("Revert sleep times ... Really need to find a
