@@ -31,6 +31,11 @@ and what must never slow receiving: a hook that hangs until its timeout
 whose port refuses connections (``sortscp+dead-webhook``)::
 
     python benchmarks/bench_serve.py --senders 1 --variant sortscp+hung-hook --variant sortscp+dead-webhook
+
+``--compare CHECKOUT`` also runs another checkout's ``sortscp`` and
+``sortscp-never`` (named ``sortscp@NAME``), side by side in the same rounds::
+
+    python benchmarks/bench_serve.py --compare ../main
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ VARIANTS = ("sortscp+events", "sortscp+metrics", "sortscp+hook", "sortscp+hung-h
 class Server:
     """One receiver process on a free port, writing into `out`."""
 
-    def __init__(self, kind: str, out: Path, concurrent: bool, log: Path) -> None:
+    def __init__(self, kind: str, out: Path, concurrent: bool, log: Path,
+                 checkout: Path | None = None) -> None:
         self.kind, self.out = kind, out
         self.port = free_port()
         out.mkdir(parents=True)
@@ -113,8 +119,8 @@ class Server:
             # drain bounds the stop all the same.
             cmd = sortscp_cmd("serve", "--out", str(out), "--host", HOST, "--port", str(self.port),
                               "--aet", AET, "--log-level", "WARNING", "--drain-timeout", "1")
-            cmd += variant_args(kind, log)
-            env = cli_env()
+            cmd += variant_args(kind.partition("@")[0], log)
+            env = cli_env() if checkout is None else dict(cli_env(), PYTHONPATH=str(checkout.resolve()))
         self._log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:
@@ -165,10 +171,15 @@ def send(storescu: str, port: int, folders: list[Path]) -> float:
 CPU: dict[tuple[str, int], list[float]] = {}
 
 
+#: Other checkouts to run beside this one (--compare), by name.
+CHECKOUTS: dict[str, Path] = {}
+
+
 def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected: int) -> float:
-    out = work / f"out-{kind.replace('+', '-')}"
+    out = work / f"out-{kind.replace('+', '-').replace('@', '-')}"
     shutil.rmtree(out, ignore_errors=True)
-    server = Server(kind, out, concurrent=len(folders) > 1, log=work / f"{kind}.log")
+    server = Server(kind, out, concurrent=len(folders) > 1, log=work / f"{kind}.log",
+                    checkout=CHECKOUTS.get(kind.partition("@")[2]))
     try:
         elapsed = send(storescu, server.port, folders)
     finally:
@@ -190,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="sender counts to run")
     parser.add_argument("--variant", action="append", choices=VARIANTS, default=[],
                         help="also run this sortscp variant (repeatable)")
+    parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run this checkout's sortscp and sortscp-never, side by side")
     args = parser.parse_args(argv)
     storescu = dcmtk("storescu")
     if storescu is None or dcmtk("storescp") is None:
@@ -203,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[float]] = {}
     extra = (["sortscp+events"] if args.events else []) + args.variant
     kinds = list(KINDS) + list(dict.fromkeys(extra))
+    if args.compare is not None:
+        CHECKOUTS[args.compare.resolve().name] = args.compare
+        kinds += [f"{kind}@{args.compare.resolve().name}" for kind in ("sortscp", "sortscp-never")]
     for senders in args.senders:
         folders = split_folders(files, work, senders)
         cases = [(kind, senders) for kind in kinds]
@@ -216,20 +232,21 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
-    print(f"{'senders':>7} {'receiver':<20} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
+    print(f"{'senders':>7} {'receiver':<24} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
           f" {'x sortscp':>9} {'CPU s':>6}  runs (s)")
     for senders in args.senders:
-        base = statistics.median(results[("storescp", senders)])
         for kind in kinds:
             med = statistics.median(results[(kind, senders)])
             # the median of per-round ratios: each round runs every receiver back to back, so a
             # busy moment of the machine weighs on both sides of a ratio alike
             rounds = [t / o for t, o in zip(results[(kind, senders)], results[("sortscp", senders)])]
-            vs_ours = f"{statistics.median(rounds):9.3f}" if kind.startswith("sortscp+") else ""
+            vs_dcmtk = statistics.median(
+                t / o for t, o in zip(results[(kind, senders)], results[("storescp", senders)]))
+            vs_ours = f"{statistics.median(rounds):9.3f}" if kind.startswith("sortscp") and kind != "sortscp" else ""
             cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if kind != "storescp" else float("nan")
             runs = " ".join(f"{t:.2f}" for t in results[(kind, senders)])
-            print(f"{senders:>7} {kind:<20} {med:9.3f} {len(files) / med:8.0f} "
-                  f"{nbytes / 1e6 / med:7.0f} {med / base:10.2f} {vs_ours:>9} {cpu:6.2f}  {runs}")
+            print(f"{senders:>7} {kind:<24} {med:9.3f} {len(files) / med:8.0f} "
+                  f"{nbytes / 1e6 / med:7.0f} {vs_dcmtk:10.2f} {vs_ours:>9} {cpu:6.2f}  {runs}")
     return 0
 
 

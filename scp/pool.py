@@ -1,32 +1,33 @@
 """The worker process pool, shared by ``serve`` and ``sort``.
 
+Each worker is a process with a pipe of its own to the parent. A caller takes
+an idle worker, sends it one job, and waits on that pipe for the answer: one
+write and one read per job, no queue or helper thread in between (on the serve
+path, where a sender waits for every answer, the thread hops of
+:class:`~concurrent.futures.ProcessPoolExecutor` cost more than the commit).
+
 Workers come from a *forkserver* context: the server is threaded, and forking
 a threaded process can copy a held lock into the child. ``sort`` asks for
 *fork* (``fork=True``): it has imported everything its workers need, so they
 start at once instead of importing pydicom again; the pool then forks only
-while the process has a single thread (its workers are started at once, see
-:class:`WorkerPool`), else it uses the forkserver too. A worker that dies
-breaks a :class:`~concurrent.futures.ProcessPoolExecutor` for good, so
-:class:`WorkerPool` rebuilds it; the jobs that were in flight fail (and are
-answered with a failure status), later jobs run on the new pool.
+while the process has a single thread (its workers are started at once), else
+it uses the forkserver too.
 
-:meth:`WorkerPool.run` gives a job a deadline (``serve --job-timeout``). Each
-such job tells the parent when it starts, and in which process, so that
+A job knows where it runs, so the deadlines of :meth:`WorkerPool.run`
+(``serve --job-timeout``) are exact:
 
 * a job that runs past its deadline is stopped by killing its worker (SIGKILL,
-  which also ends a stopped or hung process), then the pool is rebuilt; the
-  caller gets :class:`JobTimeout` only once that worker is dead, so a job that
-  was answered "failed" can never finish later and file something;
-* a job still waiting for a worker at its deadline never starts (the worker
-  checks the deadline after announcing the start, so the parent either knows it
-  started or knows it never will); if the pool made no progress for a whole
-  deadline while a worker looked idle, that worker is hung, and the pool is
-  rebuilt too.
+  which also ends a stopped or hung process); the caller gets
+  :class:`JobTimeout` only once that worker is dead, so a job that was
+  answered "failed" can never finish later and file something;
+* a job still waiting for a free worker at its deadline is never sent to one;
+* a worker that dies fails the one job it had (:class:`BrokenProcessPool`);
+  it is replaced, the other workers go on. A worker found dead before it was
+  sent anything is replaced and the job goes to another.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing
 import os
@@ -35,10 +36,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from typing import Any
 
 from scp._process import pid_alive
@@ -51,15 +50,12 @@ log = logging.getLogger(__name__)
 
 #: How often a worker checks that its parent lives, where it cannot be told.
 PARENT_POLL_SECONDS = 1.0
-#: How often a caller of :meth:`WorkerPool.run` looks at its job's deadline.
-DEADLINE_POLL_SECONDS = 0.2
-#: How long after a job's deadline the parent looks whether it started (for
-#: the clock's sake only: the check itself is exact, see ``_Generation.drain``).
-START_MARGIN_SECONDS = 0.5
 #: How long a worker sent SIGTERM gets before SIGKILL when the pool closes.
 TERMINATE_GRACE_SECONDS = 1.0
-#: How long :meth:`WorkerPool.close` waits for a killed process to be gone.
+#: How long the pool waits for a killed process to be gone.
 KILL_WAIT_SECONDS = 5.0
+#: How long a worker asked to exit (the pool closes) gets before SIGKILL.
+EXIT_WAIT_SECONDS = 5.0
 
 
 class JobTimeout(StoreError):
@@ -70,40 +66,39 @@ class PoolClosed(StoreError):
     """The pool was closed (the server is stopping) before a job could finish."""
 
 
-class _Expired:
-    """What a job returns that found its deadline passed before it started."""
-
-
-#: The pipe end a worker announces the jobs it starts on (set by the initializer).
-_started_pipe: Any = None
-
-
-def _init_worker(parent: int | None = None, started: Any = None,
-                 log_setup: tuple[str, LogFormat] | None = None) -> None:
-    global _started_pipe
+def _init_worker(parent: int | None = None, log_setup: tuple[str, LogFormat] | None = None) -> None:
     if log_setup is not None:
         setup_worker_logging(log_setup)  # never Python's raw last-resort output
     # Ctrl-C and SIGTERM are the parent's to handle: it drains, then closes us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _started_pipe = started
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
 
 
-def _run_job(job_id: int, start_by: float, fn: Callable[..., Any], *args: Any) -> Any:
-    """Announce the start, then run `fn(*args)` unless `start_by` has passed.
-
-    The announcement comes first: if this process is stopped after it, the
-    parent knows the job runs (and kills us at the deadline); if before it,
-    the job finds its deadline passed when it goes on, and does nothing.
-    ``time.monotonic`` is one clock for every process of the machine (Linux).
-    """
-    if _started_pipe is not None:
-        _started_pipe.send((job_id, os.getpid(), time.monotonic()))
-    if time.monotonic() > start_by:
-        return _Expired()
-    return fn(*args)
+def _worker_main(conn: Any, parent: int, log_setup: tuple[str, LogFormat]) -> None:
+    """A worker's life: run each ``(fn, args)`` received, send back
+    ``(True, result)`` or ``(False, exception)``; exit on ``None`` or when the
+    parent's end closes."""
+    _init_worker(parent, log_setup)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        fn, args = job
+        try:
+            answer: tuple[bool, Any] = (True, fn(*args))
+        except Exception as exc:  # noqa: BLE001 - the caller's to handle
+            answer = (False, exc)
+        try:
+            conn.send(answer)
+        except (EOFError, OSError):
+            return
+        except Exception as exc:  # noqa: BLE001 - an answer that does not pickle
+            conn.send((False, RuntimeError(f"the job's answer cannot be sent: {exc!r}")))
 
 
 def _exit_with(parent: int) -> None:
@@ -145,249 +140,237 @@ def start_early() -> None:
         forkserver.ensure_running()
 
 
-@dataclass
-class _Generation:
-    """One executor and what its workers said about the jobs they started."""
 
-    executor: ProcessPoolExecutor
-    reader: Any  # the pipe end the workers announce starts on
-    running: dict[int, tuple[int, float]] = field(default_factory=dict)  # job -> (pid, since)
-    progress: float = field(default_factory=time.monotonic)  # last start or finish
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    read_lock: threading.Lock = field(default_factory=threading.Lock)
-    ended: threading.Event = field(default_factory=threading.Event)
-    gone: set[int] = field(default_factory=set)  # finished before their start was read
+class _Worker:
+    """One worker process and the parent's end of its pipe."""
 
-    def listen(self) -> None:
-        """Read start announcements until the generation ends.
+    def __init__(self, ctx: multiprocessing.context.BaseContext, log_setup: tuple[str, LogFormat]) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(  # type: ignore[attr-defined]
+            target=_worker_main, args=(child, os.getpid(), log_setup), name="sortscp-worker",
+            daemon=True,
+        )
+        self.proc.start()
+        child.close()
 
-        Each announcement is one write of a few bytes to a pipe, atomic on
-        POSIX, so workers need no lock to share it and one killed while
-        writing leaves nothing half-written behind.
-        """
-        while not self.ended.is_set():
-            try:
-                if self.reader.poll(DEADLINE_POLL_SECONDS):
-                    self.drain()
-            except Exception:  # noqa: BLE001 - closed or garbled: this generation is over
-                return
+    @property
+    def pid(self) -> int:
+        return self.proc.pid or 0
 
-    def drain(self) -> None:
-        """Record every announcement already written. A caller that drains after
-        its job's ``start_by`` and finds no announcement knows the job never
-        starts: an announcement written later is checked against ``start_by``
-        after it is written, by the same machine-wide clock."""
-        with self.read_lock:
-            while self.reader.poll(0):
-                job_id, pid, since = self.reader.recv()
-                with self.lock:
-                    if job_id in self.gone:  # its caller is done with it already
-                        self.gone.discard(job_id)
-                    else:
-                        self.running[job_id] = (pid, since)
-                    self.progress = time.monotonic()
+    def alive(self) -> bool:
+        return self.proc.is_alive()
 
-    def finished(self, job_id: int, may_announce: bool) -> None:
-        """The caller of `job_id` is done with it (once per job)."""
-        with self.lock:
-            if self.running.pop(job_id, None) is None and may_announce:
-                self.gone.add(job_id)  # its announcement is still on its way
-            self.progress = time.monotonic()
+    def kill(self, close: bool = True) -> None:
+        """SIGKILL (a stopped process acts on nothing else); return once it is
+        gone, or after a bounded wait (a process blocked in the kernel, e.g. on
+        a hung network file system, dies only when that call returns).
+        ``close``: close our end of its pipe too (only its caller may: another
+        thread may be reading it)."""
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(KILL_WAIT_SECONDS)
+        if self.proc.is_alive():
+            log.error("worker process %s did not exit after SIGKILL; going on without it", self.pid)
+        if close:
+            self.conn.close()
 
-    def processes(self) -> list[Any]:
-        """The worker processes (``multiprocessing.Process``) of this executor."""
-        procs = getattr(self.executor, "_processes", None) or {}
-        return list(procs.values())
-
-    def pids(self) -> set[int]:
-        with self.lock:
-            known = {pid for pid, _ in self.running.values()}
-        return known | {p.pid for p in self.processes() if p.pid}
+    def stop(self, grace: float) -> None:
+        """Ask the worker to exit; after `grace` seconds SIGTERM, then SIGKILL."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(grace)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(TERMINATE_GRACE_SECONDS)
+        self.kill()
 
 
 class WorkerPool:
-    """A process pool that replaces itself when a worker dies or hangs."""
+    """Worker processes, each replaced when it dies or runs past a deadline."""
 
     def __init__(self, workers: int, fork: bool = False) -> None:
         self.workers = max(1, workers)
         self._fork = fork
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
         self._log_setup = worker_setup()
-        self._gen = self._new_generation()
-        self._closed = False
+        self._cond = threading.Condition()
+        self._closed = False  # no new jobs
+        self._stopping = False  # jobs waiting for a worker fail too
+        self._waiting = 0  # callers waiting for a free worker
+        self._all: set[_Worker] = set()
+        self._idle: list[_Worker] = []
+        self._threads: ThreadPoolExecutor | None = None  # for submit()
+        ctx = _context(fork)  # every worker now: with fork, while we have one thread
+        for _ in range(self.workers):
+            self._add(_Worker(ctx, self._log_setup))
 
-    def _new_generation(self) -> _Generation:
-        ctx = _context(self._fork)
-        reader, writer = ctx.Pipe(duplex=False)
-        executor = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
-            initargs=(os.getpid(), writer, self._log_setup),
-        )
-        if ctx.get_start_method() == "fork":  # every worker now, while we have one thread
-            for f in [executor.submit(_ping) for _ in range(self.workers)]:
-                f.result()
-        gen = _Generation(executor, reader)
-        threading.Thread(target=gen.listen, name="pool-starts", daemon=True).start()
-        return gen
+    def _add(self, worker: _Worker) -> None:
+        with self._cond:
+            self._all.add(worker)
+            self._idle.append(worker)
+            self._cond.notify()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Submit `fn(*args)`, without a deadline; rebuild the pool first if a worker died."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the worker pool is closed")
-            try:
-                return self._gen.executor.submit(fn, *args)
-            except BrokenProcessPool:
-                self._rebuild("a worker process died")
-                return self._gen.executor.submit(fn, *args)
+    def _replace(self, worker: _Worker, why: str, kill: bool = True) -> None:
+        """`worker` is dead or must die: once it is gone, start another."""
+        if kill:
+            worker.kill()
+        else:
+            worker.proc.join(KILL_WAIT_SECONDS)
+            worker.conn.close()
+        with self._cond:
+            self._all.discard(worker)
+            closed = self._closed
+        if not closed:
+            log.error("%s; starting a new worker process", why)
+            self._add(_Worker(_context(self._fork), self._log_setup))
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-        """`fn(*args)` in a worker, within `timeout` seconds of running time.
-
-        Raises :class:`JobTimeout` if it runs longer (its worker is killed and
-        the pool rebuilt before this returns) or if no worker took it up in
-        time (then it never runs), :class:`BrokenProcessPool` if a worker
-        died, or what `fn` raised.
-        """
-        job_id = next(self._ids)
-        submitted = time.monotonic()
-        start_by = submitted + timeout
-        with self._lock:
+    def _take(self, deadline: float | None, timeout: float | None) -> _Worker:
+        with self._cond:
             if self._closed:
                 raise PoolClosed("the server is stopping; it was not filed")
+            self._waiting += 1
             try:
-                gen = self._gen
-                future = gen.executor.submit(_run_job, job_id, start_by, fn, *args)
-            except BrokenProcessPool:
-                self._rebuild("a worker process died")
-                gen = self._gen
-                future = gen.executor.submit(_run_job, job_id, start_by, fn, *args)
-        try:
-            result = self._wait(gen, future, job_id, submitted, timeout)
-        except (BrokenProcessPool, CancelledError) as exc:
-            if self._closed:
-                raise PoolClosed("the server stopped before it was filed") from exc
-            raise
-        finally:
-            future.cancel()  # one given up on before it reached a worker never will
-            gen.finished(job_id, may_announce=not future.cancelled())
-        if isinstance(result, _Expired):
-            raise JobTimeout(f"no worker was free to take it up within {timeout:g} s")
-        return result
+                while not self._idle:
+                    if self._stopping:
+                        raise PoolClosed("the server is stopping; it was not filed")
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise JobTimeout(f"no worker was free to take it up within {timeout:g} s")
+                    self._cond.wait(left)
+                if self._stopping:
+                    raise PoolClosed("the server is stopping; it was not filed")
+                return self._idle.pop()
+            finally:
+                self._waiting -= 1
 
-    def _wait(self, gen: _Generation, future: Future, job_id: int, submitted: float,
-              timeout: float) -> Any:
+    def _give_back(self, worker: _Worker) -> None:
+        with self._cond:
+            if not self._stopping:
+                self._idle.append(worker)
+                self._cond.notify_all()
+                return
+            self._all.discard(worker)
+            self._cond.notify_all()
+        worker.stop(EXIT_WAIT_SECONDS)
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """`fn(*args)` in a worker, within `timeout` seconds (None: no limit).
+
+        Raises :class:`JobTimeout` if it runs longer (its worker is killed and
+        replaced before this returns) or if no worker was free in time (then it
+        never runs), :class:`BrokenProcessPool` if its worker died,
+        :class:`PoolClosed` if the pool closed first, or what `fn` raised.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                return future.result(DEADLINE_POLL_SECONDS)
-            except FutureTimeout:
-                pass
-            now = time.monotonic()
-            with gen.lock:
-                running = gen.running.get(job_id)
-                stalled = now - gen.progress > timeout
-                busy = {pid for pid, _ in gen.running.values()}
-            if running is not None:
-                pid, since = running
-                if now - since <= timeout:
-                    continue
-                self._replace(gen, f"a job ran past its {timeout:g} s deadline (worker {pid})")
-                why = f"not finished within {timeout:g} s; its worker was killed and replaced"
-            elif now - submitted > timeout + START_MARGIN_SECONDS:
-                try:
-                    gen.drain()  # the last word on whether it started
-                    known = True
-                except Exception:  # noqa: BLE001 - the pipe broke: cannot tell, so kill
-                    known = False
-                with gen.lock:
-                    if job_id in gen.running:
-                        continue
-                    stalled = time.monotonic() - gen.progress > timeout
-                    busy = {pid for pid, _ in gen.running.values()}
-                if known and not (stalled and gen.pids() - busy):
-                    # Queued behind busy workers: it will find its deadline passed.
-                    raise JobTimeout(f"no worker was free to take it up within {timeout:g} s")
-                # An idle-looking worker took nothing for a whole deadline: it hangs.
-                self._replace(gen, f"no worker took up a job for {timeout:g} s")
-                why = f"no worker took it up within {timeout:g} s; the hung workers were replaced"
-            else:
+            worker = self._take(deadline, timeout)
+            if not worker.alive():  # died while idle: it was sent nothing
+                self._replace(worker, f"worker process {worker.pid} died", kill=False)
                 continue
-            if future.done() and not future.exception():  # finished just in time
-                return future.result()
-            raise JobTimeout(why)
+            try:
+                worker.conn.send((fn, args))
+            except (BrokenPipeError, ConnectionResetError):
+                self._replace(worker, f"worker process {worker.pid} died", kill=False)
+                continue
+            except BaseException:  # e.g. arguments that do not pickle: nothing was sent
+                self._give_back(worker)
+                raise
+            break
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            if not worker.conn.poll(left):
+                self._replace(worker, f"a job ran past its {timeout:g} s deadline (worker {worker.pid})")
+                raise JobTimeout(f"not finished within {timeout:g} s; its worker was killed and replaced")
+            answer = worker.conn.recv()
+        except (EOFError, OSError):  # its end of the pipe closed: the worker died
+            self._replace(worker, f"worker process {worker.pid} died")
+            if self._stopping:
+                raise PoolClosed("the server stopped before it was filed") from None
+            raise BrokenProcessPool("a worker process died while running a job") from None
+        except JobTimeout:
+            raise
+        except Exception as exc:  # read whole, but it does not unpickle: the worker is fine
+            self._give_back(worker)
+            raise RuntimeError(f"the worker's answer cannot be read: {exc!r}") from exc
+        self._give_back(worker)
+        ok, value = answer
+        if not ok:
+            raise value
+        return value
 
-    def _replace(self, gen: _Generation, why: str) -> None:
-        """Kill every worker of `gen` (a hung one among them) and start a new pool,
-        unless another caller already did."""
-        with self._lock:
-            if self._gen is gen and not self._closed:
-                self._rebuild(why)
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run `fn(*args)` in a worker without a deadline; a :class:`Future` of it.
+        Jobs wait in order for a free worker; one not started yet can be cancelled."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the worker pool is closed")
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="pool")
+            threads = self._threads
+        return threads.submit(self.run, fn, *args)
 
     def recover(self) -> None:
-        """After a worker died: wait until every process of the broken pool has
-        exited (the others are killed), then start a new pool. Once this
-        returns, no process of the old pool writes anything any more."""
-        with self._lock:
-            if getattr(self._gen.executor, "_broken", False) and not self._closed:
-                self._rebuild("a worker process died")
-
-    def _rebuild(self, why: str) -> None:
-        log.error("%s; starting a new worker pool", why)
-        self._end(self._gen, grace=0.0)
-        self._gen = self._new_generation()
-
-    def _end(self, gen: _Generation, grace: float) -> None:
-        """Stop `gen`'s workers: let them exit for `grace` seconds, then SIGTERM,
-        then SIGKILL (a stopped process only acts on SIGKILL); return once they
-        are gone (or after a bounded wait)."""
-        procs = gen.processes()
-        gen.executor.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + grace
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        alive = [p for p in procs if p.is_alive()]
-        if alive and grace > 0:
-            for p in alive:
-                p.terminate()
-            deadline = time.monotonic() + TERMINATE_GRACE_SECONDS
-            for p in alive:
-                p.join(max(0.0, deadline - time.monotonic()))
-            alive = [p for p in alive if p.is_alive()]
-        for p in alive:
-            p.kill()
-        deadline = time.monotonic() + KILL_WAIT_SECONDS
-        for p in alive:
-            p.join(max(0.0, deadline - time.monotonic()))
-        stuck = [p.pid for p in alive if p.is_alive()]
-        if stuck:  # e.g. blocked in the kernel on a hung network file system
-            log.error("worker process(es) %s did not exit after SIGKILL; going on without them",
-                      ", ".join(map(str, stuck)))
-        gen.ended.set()
+        """Make sure every worker lives (a dead one is replaced as soon as it is
+        seen; this looks at the idle ones too). Once this returns, no dead
+        worker's process is left."""
+        with self._cond:
+            dead = [w for w in self._idle if not w.alive()]
+            for w in dead:
+                self._idle.remove(w)
+        for w in dead:
+            self._replace(w, f"worker process {w.pid} died", kill=False)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    def pids(self) -> list[int]:
+        with self._cond:
+            return sorted(w.pid for w in self._all)
+
     def warm_up(self) -> None:
-        """Start every worker now, so the first instance does not wait for one."""
-        futures = [self.submit(_ping) for _ in range(self.workers)]
-        for f in futures:
-            f.result()
+        """Make sure every worker is up and answering, so the first instance
+        does not wait for one (each is sent a no-op)."""
+        with self._cond:
+            workers = list(self._idle)
+        for w in workers:
+            w.conn.send((_ping, ()))
+        for w in workers:
+            w.conn.recv()
 
     def close(self, wait: bool = True, grace: float | None = None) -> None:
-        """Close the pool. ``wait``: let queued jobs run. With ``grace``, queued
-        jobs are cancelled and running ones get `grace` seconds before their
-        workers are terminated, then killed: this returns within about
-        ``grace + 7`` s whatever the workers do."""
-        with self._lock:
+        """Close the pool. ``wait``: let running and waiting jobs finish first.
+        With ``grace``, waiting jobs fail and running ones get `grace` seconds
+        before their workers are terminated, then killed: this returns within
+        about ``grace + 7`` s whatever the workers do."""
+        with self._cond:
             self._closed = True
-            gen = self._gen
-        if grace is None:
-            gen.executor.shutdown(wait=wait, cancel_futures=not wait)
-            gen.ended.set()
-            return
-        self._end(gen, grace)
+            threads = self._threads
+        if threads is not None:
+            threads.shutdown(wait=wait and grace is None, cancel_futures=not wait or grace is not None)
+        limit = None if wait and grace is None else (grace or 0.0)
+        end = None if limit is None else time.monotonic() + limit
+        with self._cond:
+            if end is not None:
+                self._stopping = True  # waiting callers give up now
+                self._cond.notify_all()
+            while self._waiting or len(self._idle) < len(self._all):
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            self._stopping = True
+            idle, busy = list(self._idle), [w for w in self._all if w not in self._idle]
+            self._idle.clear()
+            self._all.clear()
+        for w in idle:
+            w.stop(EXIT_WAIT_SECONDS)
+        for w in busy:  # past the grace: their callers hear PoolClosed
+            w.proc.terminate()
+        for w in busy:
+            w.proc.join(TERMINATE_GRACE_SECONDS)
+            w.kill(close=False)  # its caller, reading the pipe, closes it
 
     def __enter__(self) -> WorkerPool:
         return self

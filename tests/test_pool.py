@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def write_after(path: str, seconds: float) -> str:
     time.sleep(seconds)
     Path(path).write_text("late")
     return path
+
+
+def pid_to_file_then_sleep(path: str, seconds: float) -> int:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def pid_after(seconds: float) -> int:
@@ -129,3 +136,55 @@ def test_a_stopped_idle_worker_never_stalls_the_pool():
                     os.kill(stopped, sig)
                 except ProcessLookupError:
                     pass
+
+
+def test_a_worker_that_died_while_idle_is_replaced_and_the_job_runs(pool):
+    worker = pool.run(pid_after, 0, timeout=10)
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # it was sent nothing, so nothing of this job was lost: it runs on a new worker
+    assert pool.run(pid_after, 0, timeout=10) not in (worker, 0)
+
+
+def test_a_worker_dying_mid_job_fails_that_job_only(tmp_path):
+    with WorkerPool(2) as pool:
+        pool.warm_up()
+        marker = tmp_path / "pid"
+        box: dict = {}
+
+        def doomed() -> None:
+            try:
+                box["result"] = pool.run(pid_to_file_then_sleep, str(marker), 30, timeout=60)
+            except BrokenProcessPool as exc:
+                box["error"] = exc
+
+        victim = threading.Thread(target=doomed)
+        victim.start()
+        deadline = time.monotonic() + 10
+        while not marker.exists() or not marker.read_text():
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.02)
+        doomed_pid = int(marker.read_text())
+        other: dict = {}
+        survivor = threading.Thread(target=lambda: other.update(pid=pool.run(pid_after, 1, timeout=10)))
+        survivor.start()
+        time.sleep(0.3)  # the survivor's job is now running on the other worker
+        os.kill(doomed_pid, signal.SIGKILL)
+        victim.join(15)
+        survivor.join(15)
+        assert "error" in box, f"the killed worker's job did not fail: {box}"
+        assert other.get("pid") not in (None, doomed_pid), "the other worker's job was lost"
+        # both workers serve again: the survivor and the replacement of the dead one
+        pids = set()
+        for _ in range(20):
+            threads = [threading.Thread(target=lambda: pids.add(pool.run(pid_after, 0.2, timeout=10)))
+                       for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if len(pids) == 2:
+                break
+        assert other["pid"] in pids and doomed_pid not in pids and len(pids) == 2, pids
