@@ -41,6 +41,7 @@ whose port refuses connections (``sortscp+dead-webhook``)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -101,6 +102,24 @@ VARIANTS = ("sortscp+events", "sortscp+metrics", "sortscp+hook", "sortscp+hung-h
             "sortscp+dead-webhook")
 
 
+#: Orthanc's server, if installed (``apt-get install orthanc``): run with ``--orthanc``.
+ORTHANC = shutil.which("Orthanc")
+
+
+def orthanc_config(out: Path, port: int, path: Path) -> Path:
+    """An Orthanc configuration that stores into `out` (its index in a dot folder,
+    which the file count skips) and flushes each instance before answering
+    (``SyncStorageArea``, as ``sortscp --fsync always``); no HTTP server, no plugins."""
+    path.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(out), "IndexDirectory": str(out / ".index"),
+        "DicomAet": AET, "DicomPort": port, "DicomCheckCalledAet": False,
+        "HttpServerEnabled": False, "HttpPort": free_port(), "RemoteAccessAllowed": False,
+        "SyncStorageArea": True, "StorageCompression": False, "Plugins": [],
+        "SaveJobs": False, "LogExportedResources": False,
+    }))
+    return path
+
+
 class Server:
     """One receiver process on a free port, writing into `out`."""
 
@@ -114,6 +133,9 @@ class Server:
             cmd += ["--fork"] if concurrent else []
             cmd += [str(self.port)]
             env = DCMTK_ENV
+        elif kind == "orthanc":
+            cmd = [ORTHANC or "Orthanc", str(orthanc_config(out, self.port, log.with_suffix(".json")))]
+            env = dict(os.environ)
         else:
             # The senders have all finished when the server is stopped; a short
             # drain bounds the stop all the same.
@@ -201,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="sender counts to run")
     parser.add_argument("--variant", action="append", choices=VARIANTS, default=[],
                         help="also run this sortscp variant (repeatable)")
+    parser.add_argument("--orthanc", action="store_true",
+                        help="also run Orthanc (SyncStorageArea on), if installed")
     parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
                         help="also run this checkout's sortscp and sortscp-never, side by side")
     args = parser.parse_args(argv)
@@ -216,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[float]] = {}
     extra = (["sortscp+events"] if args.events else []) + args.variant
     kinds = list(KINDS) + list(dict.fromkeys(extra))
+    if args.orthanc:
+        if ORTHANC is None:
+            print("Orthanc not found (apt-get install orthanc); running without it", file=sys.stderr)
+        else:
+            kinds.insert(1, "orthanc")
     if args.compare is not None:
         CHECKOUTS[args.compare.resolve().name] = args.compare
         kinds += [f"{kind}@{args.compare.resolve().name}" for kind in ("sortscp", "sortscp-never")]
@@ -243,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             vs_dcmtk = statistics.median(
                 t / o for t, o in zip(results[(kind, senders)], results[("storescp", senders)]))
             vs_ours = f"{statistics.median(rounds):9.3f}" if kind.startswith("sortscp") and kind != "sortscp" else ""
-            cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if kind != "storescp" else float("nan")
+            cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if kind.startswith("sortscp") \
+                else float("nan")
             runs = " ".join(f"{t:.2f}" for t in results[(kind, senders)])
             print(f"{senders:>7} {kind:<24} {med:9.3f} {len(files) / med:8.0f} "
                   f"{nbytes / 1e6 / med:7.0f} {vs_dcmtk:10.2f} {vs_ours:>9} {cpu:6.2f}  {runs}")

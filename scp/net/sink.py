@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from scp.errors import DatasetMismatch, NotDicomError, SortscpError, TruncatedEr
 from scp.jobs import ReceivedHeader
 from scp.log import safe
 from scp.net import _pynetdicom
-from scp.store.tmp import tmp_dir, tmp_prefix
+from scp.store.tmp import TMP_DIRNAME, open_tmp
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +109,8 @@ class IncomingDataset:
             self.name: str = os.path.join(folder, f".refused-{uuid.uuid4().hex}.dcm")
             return
         try:
-            folder = tmp_dir(folder)  # made again if the output folder was removed
-            self._file = tempfile.NamedTemporaryFile(
-                prefix=tmp_prefix("r"), suffix=".dcm", dir=folder, delete=False
-            )
-            self.name = self._file.name
+            # (made again if the output folder was removed)
+            self._file, self.name = open_tmp(os.path.join(folder, TMP_DIRNAME), "r", ".dcm")
             self._file.write(meta)
         except OSError as exc:
             self.name = getattr(self, "name", os.path.join(folder, f".unwritable-{uuid.uuid4().hex}.dcm"))
@@ -236,18 +232,17 @@ class IncomingDataset:
         old = self._file
         old.close()
         self._file = None
-        with open(self.name, "rb") as src, tempfile.NamedTemporaryFile(
-            prefix=tmp_prefix("r"), suffix=".dcm", dir=os.path.dirname(self.name), delete=False
-        ) as dst:
+        dst, dst_name = open_tmp(os.path.dirname(self.name), "r", ".dcm")
+        with open(self.name, "rb") as src, dst:
             try:
                 dst.write(src.read(self.dataset_offset))
                 src.seek(self.dataset_offset + end)
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             except OSError:
-                os.unlink(dst.name)
+                os.unlink(dst_name)
                 raise
-        os.replace(dst.name, self.name)
+        os.replace(dst_name, self.name)
         log.info(
             "dataset of SOP Instance %s from %s carried %d bytes of File Meta (0002) elements; "
             "dropped (the File Meta comes from the association)",

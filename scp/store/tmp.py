@@ -8,11 +8,13 @@ process from those being written right now.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from scp._process import pid_alive
 from scp.errors import StoreError
@@ -63,6 +65,25 @@ def tmp_dir(root: Path) -> Path:
     path = root / TMP_DIRNAME
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def open_tmp(folder: str | os.PathLike[str], kind: str, suffix: str) -> tuple[BinaryIO, str]:
+    """A new file in `folder` (a temporary area, made again if it was removed),
+    open for writing, and its name: ``<kind>-<pid>-<random><suffix>``.
+
+    Cheaper than :func:`tempfile.NamedTemporaryFile` (one ``open``, no wrapper):
+    the network thread opens one per instance received."""
+    for _ in range(100):
+        name = os.path.join(folder, f"{tmp_prefix(kind)}{os.urandom(6).hex()}{suffix}")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # a name left by an earlier process with our PID
+            continue
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "wb"), name
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
 
 
 def new_tmp(root: Path) -> Path:
