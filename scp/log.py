@@ -11,6 +11,7 @@ unless the level is DEBUG.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import sys
@@ -70,6 +71,32 @@ class EscapeFilter(logging.Filter):
         return True
 
 
+class EchoFilter(logging.Filter):
+    """Drop the Python warning that repeats a message pydicom has just logged.
+
+    pydicom's ``warn_and_log`` sends each complaint about a value to its
+    logger *and* to :func:`warnings.warn`; with warnings captured as log
+    records, every such line would appear twice. The logged record is kept (it
+    names the logger), the warning that quotes it is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._recent: collections.deque[str] = collections.deque(maxlen=32)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pydicom" or record.name.startswith("pydicom."):
+            if record.levelno == logging.WARNING and isinstance(record.msg, str) and not record.args:
+                self._recent.append(record.msg)
+            return True
+        if record.name == "py.warnings" and self._recent:
+            text = record.getMessage()
+            for i, message in enumerate(self._recent):
+                if message in text:
+                    del self._recent[i]
+                    return False
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: LogFormat = LogFormat.TEXT) -> None:
     """Send our logs to stderr at `level`; pynetdicom's stay at WARNING unless DEBUG.
 
@@ -77,6 +104,7 @@ def setup_logging(level: str = "INFO", fmt: LogFormat = LogFormat.TEXT) -> None:
     records too, so they pass the same filter.
     """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EchoFilter())  # before the escape filter: it compares raw messages
     handler.addFilter(EscapeFilter(keep_library_tracebacks=level.upper() == "DEBUG"))
     if fmt is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())

@@ -63,3 +63,30 @@ def test_json_lines_stay_one_object_each():
     doc = json.loads(text)
     assert "FORGED" in doc["message"] and "\n" not in doc["message"]
     assert "\x1b" not in doc["exception"] and "\n    " in doc["exception"]
+
+
+def test_a_pydicom_complaint_is_one_line_not_two():
+    """pydicom logs a complaint about a value and also warns it; with warnings
+    captured as log records, the operator would read each twice."""
+    import warnings
+
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    from scp.log import setup_logging
+
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("INFO")
+        root.handlers[0].setStream(out)  # type: ignore[attr-defined]
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            validate_value("UI", "1.2.x" * 20, config.WARN)  # pydicom's warn_and_log
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    lines = [line for line in out.getvalue().splitlines() if "1.2.x" in line]
+    assert len(lines) == 1, out.getvalue()
