@@ -203,6 +203,18 @@ def test_text_logs_at_info_have_no_per_instance_lines(serve_process) -> None:
     assert "stored 1." not in _log(server)
 
 
+@pytest.mark.parametrize("policy", ["replace", "keep"])
+def test_the_association_line_tells_a_resend_from_a_new_file(serve_process, policy) -> None:
+    """An instance the tree holds already (the same bytes again; with keep, any
+    bytes) is answered Success but is no new file: the line says so."""
+    server = serve_process("--on-duplicate", policy)
+    assert send_files(server.port, [CT, MR, CT]) == {CT: SUCCESS, MR: SUCCESS}
+    wait_until(lambda: "association from" in _log(server), what="the association log line")
+    assert server.terminate() == 0, _log(server)
+    lines = [ln for ln in _log(server).splitlines() if "association from" in ln]
+    assert len(lines) == 1 and "released: 2 stored, 1 already there, 0 failed" in lines[0], lines
+
+
 # --- concurrency and shutdown ----------------------------------------------------
 
 

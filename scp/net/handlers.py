@@ -50,7 +50,8 @@ def status_for(exc: BaseException) -> int:
 @dataclass
 class _AssocStats:
     started: float = field(default_factory=time.monotonic)
-    stored: int = 0
+    stored: int = 0  # new files (a resend with other bytes included)
+    already: int = 0  # answered Success, the tree already held it (identical, or kept)
     failed: int = 0
     nbytes: int = 0
 
@@ -124,7 +125,10 @@ class StoreHandlers:
             if self.pipeline is not None:
                 self.pipeline.failed(calling, status, time.perf_counter() - started)
             return status
-        stats.stored += 1
+        if outcome.result is Result.ALREADY:
+            stats.already += 1
+        else:
+            stats.stored += 1
         stats.nbytes += outcome.nbytes
         with self._lock:
             self.stored += 1
@@ -176,12 +180,14 @@ class StoreHandlers:
         calling = assoc.requestor.ae_title
         seconds = time.monotonic() - stats.started
         state = "released" if assoc.is_released and not assoc.is_aborted else "aborted"
+        already = f", {stats.already} already there" if stats.already else ""
         log.info(
-            "association from %s (%s) %s: %d stored, %d failed, %d bytes, %.2f s",
-            safe(calling), _peer(assoc), state, stats.stored, stats.failed, stats.nbytes, seconds,
+            "association from %s (%s) %s: %d stored%s, %d failed, %d bytes, %.2f s",
+            safe(calling), _peer(assoc), state, stats.stored, already, stats.failed, stats.nbytes,
+            seconds,
             extra={"event": "association", "calling_aet": calling, "peer": _peer(assoc),
-                   "state": state, "stored": stats.stored, "failed": stats.failed,
-                   "bytes": stats.nbytes, "seconds": round(seconds, 3)},
+                   "state": state, "stored": stats.stored, "already": stats.already,
+                   "failed": stats.failed, "bytes": stats.nbytes, "seconds": round(seconds, 3)},
         )
 
 
