@@ -421,14 +421,19 @@ def ls(
     from rich.console import Console
     from rich.table import Table
 
+    from scp.log import escape_controls
+
+    def cell(value: object) -> str:  # names come from senders: no escape sequence reaches the terminal
+        return escape_controls(str(value)) if value else ""
+
     table = Table("patient", "patient ID", "study date", "series", "modality", "instances", "complete",
                   "last arrival")
     for t in studies:
         for s in t["series"]:
             done = f"yes (rev {s['revision']})" if s["complete"] else "no"
-            table.add_row(t["patient_name"] or "", t["patient_id"] or "", t["study_date"] or "",
-                          s["folder"] or s["series_description"] or s["series_instance_uid"], s["modality"] or "",
-                          str(s["instances"]), done, s["last_arrival"] or "")
+            table.add_row(cell(t["patient_name"]), cell(t["patient_id"]), cell(t["study_date"]),
+                          cell(s["folder"] or s["series_description"] or s["series_instance_uid"]),
+                          cell(s["modality"]), str(s["instances"]), done, cell(s["last_arrival"]))
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(highlight=False, width=200)  # a pipe: don't cut the table at 80 columns

@@ -38,7 +38,8 @@ PAST = 1000.0  #: seconds ago the instances "arrived": stable at once
 
 
 def add_instance(index: SqliteIndex, out: Path, study: str, series: str, uid: str, *,
-                 folder: str = "Doe^John_42/CT_1", ago: float = PAST, aet: str = "MODALITY") -> str:
+                 folder: str = "Doe^John_42/CT_1", ago: float = PAST, aet: str = "MODALITY",
+                 patient_name: str = "Doe^John") -> str:
     """Put a real file at its layout path and commit its row, as a worker does
     (no digest: serve leaves it to the manifest)."""
     rel = f"{folder}/{uid}.dcm"
@@ -48,7 +49,7 @@ def add_instance(index: SqliteIndex, out: Path, study: str, series: str, uid: st
     facts = {
         "size": dst.stat().st_size, "digest": None, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
         "transfer_syntax_uid": "1.2.840.10008.1.2.1", "study_instance_uid": study, "series_instance_uid": series,
-        "patient_name": "Doe^John", "patient_id": "42", "study_date": "20261201",
+        "patient_name": patient_name, "patient_id": "42", "study_date": "20261201",
         "series_description": "CT", "series_number": 1, "modality": "CT", "calling_aet": aet,
     }
     claim = index.begin(uid, rel, facts)
@@ -451,6 +452,19 @@ def test_ls_lists_studies_and_series_as_a_table_and_json(out: Path, index: Sqlit
     assert study["patient_name"] == "Doe^John" and study["instances"] == 3
     assert [(s["folder"], s["instances"], s["complete"]) for s in study["series"]] == [
         ("Doe^John_42/CT_1", 2, True), ("Doe^John_42/Scout_2", 1, False)]
+
+
+def test_ls_prints_no_control_characters_a_sender_put_in_a_name(out: Path, index: SqliteIndex) -> None:
+    """A PatientName with an escape sequence and a newline (any sender can send
+    one) must not reach the terminal as such: shown escaped, on its own row."""
+    add_instance(index, out, "1.12.8", "1.12.8.1", "1.12.8.1.1", folder="EVIL_42/CT_1",
+                 patient_name="EV\x1b[2J\x1b[31mIL\nFORGED")
+    table = run_cli("ls", out, env={**_env(), "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout, repr(table.stdout)
+    assert r"EV\x1b[2J\x1b[31mIL\nFORGED" in table.stdout, table.stdout
+    js = run_cli("ls", "--json", out)  # JSON escapes them itself, and keeps the value
+    assert json.loads(js.stdout)["studies"][0]["patient_name"] == "EV\x1b[2J\x1b[31mIL\nFORGED"
 
 
 def test_ls_without_an_index_says_so_and_exits_1(tmp_path: Path) -> None:
