@@ -255,7 +255,8 @@ class WorkerPool:
         worker.stop(EXIT_WAIT_SECONDS)
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
-        """`fn(*args)` in a worker, within `timeout` seconds (None: no limit).
+        """`fn(*args)` in a worker, within `timeout` seconds of running time
+        (None: no limit), after at most `timeout` seconds waiting for a free worker.
 
         Raises :class:`JobTimeout` if it runs longer (its worker is killed and
         replaced before this returns) or if no worker was free in time (then it
@@ -277,9 +278,9 @@ class WorkerPool:
                 self._give_back(worker)
                 raise
             break
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # Its running time counts from now: the wait for a free worker was bounded apart.
         try:
-            if not worker.conn.poll(left):
+            if not worker.conn.poll(timeout):
                 self._replace(worker, f"a job ran past its {timeout:g} s deadline (worker {worker.pid})")
                 raise JobTimeout(f"not finished within {timeout:g} s; its worker was killed and replaced")
             answer = worker.conn.recv()

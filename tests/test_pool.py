@@ -188,3 +188,16 @@ def test_a_worker_dying_mid_job_fails_that_job_only(tmp_path):
             if len(pids) == 2:
                 break
         assert other["pid"] in pids and doomed_pid not in pids and len(pids) == 2, pids
+
+
+def test_the_deadline_counts_running_time_not_the_wait_for_a_worker(pool):
+    """A job that waited for the busy worker gets its whole deadline once it runs."""
+    first = threading.Thread(target=lambda: pool.run(pid_after, 1.5, timeout=10))
+    first.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    pid = pool.run(pid_after, 1.5, timeout=2.5)  # waits ~1.3 s, runs 1.5 s: 2.8 s in all
+    took = time.monotonic() - start
+    first.join(10)
+    assert took > 2.5, f"the job did not wait for the busy worker ({took:.1f} s)"
+    assert pid_alive(pid)  # not killed: it ran within its deadline
