@@ -266,12 +266,9 @@ class WorkerPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             worker = self._take(deadline, timeout)
-            if not worker.alive():  # died while idle: it was sent nothing
-                self._replace(worker, f"worker process {worker.pid} died", kill=False)
-                continue
             try:
                 worker.conn.send((fn, args))
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError):  # died while idle: it got nothing
                 self._replace(worker, f"worker process {worker.pid} died", kill=False)
                 continue
             except BaseException:  # e.g. arguments that do not pickle: nothing was sent
