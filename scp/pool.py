@@ -266,9 +266,15 @@ class WorkerPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             worker = self._take(deadline, timeout)
+            # Died while idle (its exit reported): it gets nothing, the job goes to another.
+            # (A send alone would not tell: a dying worker's second thread holds the
+            # socket's other end open for a moment after its main thread is gone.)
+            if not worker.alive():
+                self._replace(worker, f"worker process {worker.pid} died", kill=False)
+                continue
             try:
                 worker.conn.send((fn, args))
-            except (BrokenPipeError, ConnectionResetError):  # died while idle: it got nothing
+            except (BrokenPipeError, ConnectionResetError):
                 self._replace(worker, f"worker process {worker.pid} died", kill=False)
                 continue
             except BaseException:  # e.g. arguments that do not pickle: nothing was sent
