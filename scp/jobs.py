@@ -1,35 +1,37 @@
 """Worker entry points: top-level, picklable, each returning :class:`Outcome` s.
 
 Both read the header with :func:`scp.dicom.header.read_header`, name the file with
-:func:`scp.layout.relative_path` and create it with :mod:`scp.store`.
+:func:`scp.layout.relative_path` and create it with :mod:`scp.store`. ``sort``
+reads an ordinary file's header raw (:func:`scp.dicom.raw.read_raw`) and names
+it from the raw values (:func:`scp.layout.relative_path_raw`): the same path,
+without building a pydicom dataset. pydicom, the instance index and the
+serve-only modules are imported when first needed, so ``sortscp sort`` starts
+(and its workers fork) without them.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from scp.config import ServeConfig, SortConfig
-from scp.dicom.header import IDENTITY_KEYWORDS, dataset_from_elements, read_header, wanted_tags
 from scp.dicom.meta import PREAMBLE
+from scp.dicom.raw import HEADER_PREFIX, IDENTITY_KEYWORDS, Refused, read_file_start, read_raw, wanted_tags
 from scp.dicom.walk import SOP_CLASS_UID
 from scp.enums import Duplicate, Fsync, Mode, Placement, Result, SkipCategory
 from scp.errors import NotDicomError, SortscpError, TruncatedError
-from scp.layout import relative_path
+from scp.layout import relative_path, relative_path_raw
 from scp.report import Outcome
 from scp.store.commit import candidates, destination
 from scp.store.fsops import flush_count
-from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
-from scp.store.instance import commit_instance
 from scp.store.place import (
     PENDING,
     PLACED,
@@ -41,6 +43,12 @@ from scp.store.place import (
     place_identical,
     rename_within,
 )
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from scp.layout import Template
+    from scp.store.index import SqliteIndex
 
 _STORED = {
     Placement.STORED: (Result.STORED, ""),
@@ -93,6 +101,9 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
     from the file only if the network thread could not keep it (`header`).
     Exceptions propagate: the handler maps each to a DIMSE status.
     """
+    from scp.dicom.header import read_header
+    from scp.store.instance import commit_instance
+
     if header is not None:
         ds = _dataset_from_header(header)
         size = os.stat(received).st_size
@@ -158,6 +169,8 @@ def instance_facts(ds: Dataset, size: int, calling_aet: str | None = None) -> di
 
 def identity_facts(path: Path) -> dict[str, Any] | None:
     """What :func:`scp.store.index.rebuild` needs of a file of the tree."""
+    from scp.dicom.header import read_header
+
     with open(path, "rb") as f:
         ds = read_header(f, FACT_KEYWORDS)
         size = os.fstat(f.fileno()).st_size
@@ -171,6 +184,8 @@ _INDEXES: dict[tuple[int, Path], SqliteIndex] = {}
 def worker_index(root: Path) -> SqliteIndex:
     """This process's connection to the index of `root` (opened on first use;
     the server's main process created and recovered it before any worker ran)."""
+    from scp.store.index import index_path
+
     key = (os.getpid(), Path(root))
     index = _INDEXES.get(key)
     if index is not None and not index_path(root).is_file():
@@ -187,6 +202,8 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
     """Open the index of `root`; if it is gone (the folder was removed while the
     server ran), rebuild it from what the tree holds now. Another worker may be
     doing the same: then wait for its rebuild."""
+    from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, rebuild
+
     for _ in range(attempts):
         try:
             return SqliteIndex(root)
@@ -201,6 +218,11 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
 
 
 def _dataset_from_header(header: ReceivedHeader) -> Dataset:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+
+    from scp.dicom.header import dataset_from_elements
+
     elements = header.elements
     if not elements.get(SOP_CLASS_UID, (None, b""))[1].strip(b"\0 ") and header.sop_class_uid:
         elements = {**elements, SOP_CLASS_UID: ("UI", header.sop_class_uid.encode("ascii"))}
@@ -276,18 +298,22 @@ def sort_file(
             mode = Mode.COPY
         fast = None
     try:
-        with open(target, "rb") as f:
-            ds = read_header(f, cfg.template.keywords, check=True)  # header and completeness: one pass
-            st = os.fstat(f.fileno())
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):  # as open() refuses it
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
             size = st.st_size
-            rel = relative_path(ds, cfg.template)
+            rel = _sort_name(fd, st, cfg.template)  # header and completeness: one pass
             if fast is not None:
                 final = destination(cfg.dst, rel)
-                claimed = fast.claim(Path(target), f.fileno(), st, final)
+                claimed = fast.claim(Path(target), fd, st, final)
                 if claimed == PENDING:
                     return _Pending(path, str(rel), size)
                 if claimed == PLACED:
                     return Outcome(Result.NEW, path, str(rel), "", size)
+        finally:
+            os.close(fd)
         final, placement = place(
             Path(target), cfg.dst, rel, mode, on_conflict=Duplicate.BOTH,
             durable=cfg.fsync is Fsync.ALWAYS, batch=batch, defer=True, dry_run=cfg.dry_run,
@@ -314,6 +340,55 @@ def sort_file(
     if cfg.dry_run and result in (Result.NEW, Result.REPLACED):
         result = Result.PLANNED
     return Outcome(result, path, dest, note, size)
+
+
+#: The tags a sort reads, by template text.
+_SORT_TAGS: dict[str, tuple[int, ...]] = {}
+
+
+def _sort_name(fd: int, st: os.stat_result, template: Template) -> PurePosixPath:
+    """Where the file open as `fd` (its ``fstat`` `st`) goes, its completeness
+    checked in the same pass: what ``read_header(f, template.keywords,
+    check=True)`` and :func:`~scp.layout.relative_path` give, raising what they
+    raise. An ordinary file is read with one ``pread`` and named from its raw
+    values; pydicom reads (and names) only what the raw path does not take."""
+    tags = _SORT_TAGS.get(template.text)
+    if tags is None:
+        tags = _SORT_TAGS[template.text] = wanted_tags([*template.keywords, *IDENTITY_KEYWORDS])
+    head = read_file_start(fd, st.st_size)
+    src: BinaryIO | None = None
+    if len(head) >= HEADER_PREFIX:  # a large file: the header may go on past the prefix
+        src = open(fd, "rb", buffering=HEADER_PREFIX, closefd=False)
+    try:
+        try:
+            raw = read_raw(src, 0, head, tags, True, size=None if src is not None else len(head))
+        except Refused as exc:
+            raise NotDicomError(*exc.args) from None
+        except NotDicomError:
+            raise
+        except Exception:
+            raw = None  # read_header's fast path gives way to pydicom here too
+        if raw is not None:
+            rel = relative_path_raw(raw.elements, template)
+            if rel is not None:
+                return rel
+        from scp.dicom.header import dataset_from_raw, read_header
+
+        ds = None
+        if raw is not None:
+            try:
+                ds = dataset_from_raw(raw)
+            except Exception:
+                ds = None
+        if ds is None:  # pydicom reads it, from the start
+            if src is None:
+                src = open(fd, "rb", buffering=HEADER_PREFIX, closefd=False)
+            src.seek(0)
+            ds = read_header(src, template.keywords, check=True)
+        return relative_path(ds, template)
+    finally:
+        if src is not None:
+            src.close()  # not the descriptor (closefd=False)
 
 
 def gone(path: str) -> Outcome:

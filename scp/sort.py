@@ -38,8 +38,7 @@ from scp.jobs import Deferred, Item, sort_batch, sort_claims
 from scp.pool import WorkerPool
 from scp.report import Outcome, Report
 from scp.store.fsops import flush_count, same_content
-from scp.store.index import STATE_DIRNAME
-from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
+from scp.store.tmp import STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
 

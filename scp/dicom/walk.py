@@ -59,9 +59,6 @@ from collections.abc import Iterable
 from struct import Struct
 from typing import BinaryIO
 
-import pydicom.uid
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-
 from scp.errors import NotDicomError, TruncatedError
 
 __all__ = ["DatasetWalker", "walk_file", "SPECIFIC_CHARACTER_SET", "MAX_DEPTH", "MAX_ELEMENTS"]
@@ -84,7 +81,11 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _NO_LIMIT = 1 << 62
 
-#: Explicit VRs with a 2-byte reserved field and a 4-byte length.
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (pydicom's
+#: ``EXPLICIT_VR_LENGTH_32``, written out so that the walk needs no pydicom).
+EXPLICIT_VR_LENGTH_32 = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 #: Explicit VRs with a 2-byte length.
 _SHORT_VRS = frozenset(
@@ -108,6 +109,8 @@ def encoding_of(transfer_syntax: str) -> tuple[bool, bool, bool] | None:
     >>> encoding_of("1.2.840.10008.1.2"), encoding_of("1.2.840.10008.1.2.4.50")
     ((True, True, False), (False, True, False))
     """
+    import pydicom.uid
+
     uid = pydicom.uid.UID(transfer_syntax)
     if not uid.is_transfer_syntax:
         return None

@@ -168,10 +168,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from scp._process import UNKNOWN_START, start_time
 from scp.errors import InstanceIndexError
+from scp.store.tmp import STATE_DIRNAME as STATE_DIRNAME  # the state folder, re-exported
 
-#: Folder (inside the output root) that holds sortscp's state: the instance
-#: index, sort's lock.
-STATE_DIRNAME = ".sortscp"
 INDEX_FILENAME = "index.sqlite"
 LOCK_FILENAME = "index.lock"
 SCHEMA_VERSION = 1

@@ -19,6 +19,9 @@ from scp.errors import StoreError
 
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
+#: Folder (inside the output root) that holds sortscp's state: the instance
+#: index (:mod:`scp.store.index`), sort's lock.
+STATE_DIRNAME = ".sortscp"
 
 
 def tmp_prefix(kind: str) -> str:
