@@ -315,11 +315,13 @@ def _refresh_index(dst: Path, err: Console) -> None:
     """If DST has an instance index (it is, or was, a serve output folder),
     rebuild it from the files, so that serve keeps one file per SOPInstanceUID
     with what sort added (the index is never left behind)."""
-    from scp.jobs import identity_facts
-    from scp.store.index import IndexInUseError, index_path, rebuild
+    from scp.store.tmp import INDEX_FILENAME, STATE_DIRNAME
 
-    if not index_path(dst).is_file():
-        return
+    if not (dst / STATE_DIRNAME / INDEX_FILENAME).is_file():
+        return  # not a serve output folder (the index module is not even imported)
+    from scp.jobs import identity_facts
+    from scp.store.index import IndexInUseError, rebuild
+
     try:
         summary = rebuild(dst, identity_facts)
     except IndexInUseError:

@@ -168,9 +168,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from scp._process import UNKNOWN_START, start_time
 from scp.errors import InstanceIndexError
-from scp.store.tmp import STATE_DIRNAME as STATE_DIRNAME  # the state folder, re-exported
+from scp.store.tmp import INDEX_FILENAME as INDEX_FILENAME  # re-exported
+from scp.store.tmp import STATE_DIRNAME as STATE_DIRNAME
 
-INDEX_FILENAME = "index.sqlite"
 LOCK_FILENAME = "index.lock"
 SCHEMA_VERSION = 1
 

@@ -22,6 +22,8 @@ TMP_DIRNAME = ".sortscp-tmp"
 #: Folder (inside the output root) that holds sortscp's state: the instance
 #: index (:mod:`scp.store.index`), sort's lock.
 STATE_DIRNAME = ".sortscp"
+#: The instance index's file, in the state folder.
+INDEX_FILENAME = "index.sqlite"
 
 
 def tmp_prefix(kind: str) -> str:
