@@ -80,6 +80,7 @@ _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _NO_LIMIT = 1 << 62
+_NO_TAGS: frozenset[int] = frozenset()
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (pydicom's
 #: ``EXPLICIT_VR_LENGTH_32``, written out so that the walk needs no pydicom).
@@ -465,6 +466,59 @@ class DatasetWalker:
             leading = self._leading
             past = self.past_wanted
             try:
+                if not leading:
+                    # A lean loop over the plain elements that are neither
+                    # wanted nor the first past the wanted ones: in order, of
+                    # defined length, not sequences, inside the buffer and
+                    # their container. The first element it does not take (and
+                    # everything it would refuse) goes to the general loop
+                    # below, which decides and comes back after it.
+                    prev = last_tag if top else -1
+                    want = wanted if top else _NO_TAGS
+                    stop_tag = max_wanted if top and not past else _NO_LIMIT
+                    if implicit:
+                        while n - i >= 8 and count < MAX_ELEMENTS:
+                            g, e, length = impl(buf, i)
+                            tag = g << 16 | e
+                            end = pos + 8 + length
+                            j = i + 8 + length
+                            if (g == 0xFFFE or length == _UNDEFINED or tag <= prev
+                                    or tag > stop_tag or tag in want or end > limit or j > n):
+                                break
+                            count += 1
+                            prev = tag
+                            i = j
+                            pos = end
+                            if pos == fr_end:
+                                break
+                    else:
+                        while n - i >= 8 and count < MAX_ELEMENTS:
+                            g, e, vr, length = expl(buf, i)
+                            if vr in short_vrs:
+                                hl = 8
+                            elif vr in long_vrs and vr != b"SQ" and n - i >= 12:
+                                length = ul(buf, i + 8)[0]
+                                hl = 12
+                            else:
+                                break
+                            tag = g << 16 | e
+                            end = pos + hl + length
+                            j = i + hl + length
+                            if (g == 0xFFFE or length == _UNDEFINED or tag <= prev
+                                    or tag > stop_tag or tag in want or end > limit or j > n):
+                                break
+                            count += 1
+                            prev = tag
+                            i = j
+                            pos = end
+                            if pos == fr_end:
+                                break
+                    if top:
+                        last_tag = prev
+                    if n - i < 8:
+                        return i
+                    if pos == fr_end:
+                        continue  # the item is complete: the outer loop closes it
                 while True:
                     count += 1
                     if implicit:
@@ -569,6 +623,8 @@ class DatasetWalker:
                         break
                     if count > MAX_ELEMENTS:
                         raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+                    if not leading:
+                        break  # back to the lean loop
             finally:
                 self._count = count
                 if top:
