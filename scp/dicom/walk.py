@@ -81,6 +81,7 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _NO_LIMIT = 1 << 62
 _NO_TAGS: frozenset[int] = frozenset()
+_LAST_PLAIN_TAG = 0xFFFDFFFF
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (pydicom's
 #: ``EXPLICIT_VR_LENGTH_32``, written out so that the walk needs no pydicom).
@@ -475,50 +476,45 @@ class DatasetWalker:
                     # below, which decides and comes back after it.
                     prev = last_tag if top else -1
                     want = wanted if top else _NO_TAGS
-                    stop_tag = max_wanted if top and not past else _NO_LIMIT
-                    if implicit:
-                        while n - i >= 8 and count < MAX_ELEMENTS:
-                            g, e, length = impl(buf, i)
-                            tag = g << 16 | e
-                            end = pos + 8 + length
-                            j = i + 8 + length
-                            if (g == 0xFFFE or length == _UNDEFINED or tag <= prev
-                                    or tag > stop_tag or tag in want or end > limit or j > n):
-                                break
-                            count += 1
-                            prev = tag
-                            i = j
-                            pos = end
-                            if pos == fr_end:
-                                break
-                    else:
-                        while n - i >= 8 and count < MAX_ELEMENTS:
-                            g, e, vr, length = expl(buf, i)
-                            if vr in short_vrs:
-                                hl = 8
-                            elif vr in long_vrs and vr != b"SQ" and n - i >= 12:
-                                length = ul(buf, i + 8)[0]
-                                hl = 12
-                            else:
-                                break
-                            tag = g << 16 | e
-                            end = pos + hl + length
-                            j = i + hl + length
-                            if (g == 0xFFFE or length == _UNDEFINED or tag <= prev
-                                    or tag > stop_tag or tag in want or end > limit or j > n):
-                                break
-                            count += 1
-                            prev = tag
-                            i = j
-                            pos = end
-                            if pos == fr_end:
-                                break
+                    # the first tag past the wanted ones, items and delimiters
+                    # (group FFFE) are left to the general loop
+                    stop = max_wanted if top and not past else _LAST_PLAIN_TAG
+                    lim = min(n, limit - base)  # a value may end here at most
+                    if MAX_ELEMENTS - count > (n - i) // 8:  # never reached in this buffer
+                        n8 = n - 8
+                        if implicit:
+                            while i <= n8:
+                                g, e, length = impl(buf, i)
+                                tag = g << 16 | e
+                                j = i + 8 + length  # an undefined length is past `lim`
+                                if not prev < tag <= stop or j > lim or tag in want:
+                                    break
+                                count += 1
+                                prev = tag
+                                i = j
+                        else:
+                            n12 = n - 12
+                            while i <= n8:
+                                g, e, vr, length = expl(buf, i)
+                                if vr in short_vrs:
+                                    j = i + 8 + length
+                                elif vr in long_vrs and vr != b"SQ" and i <= n12:
+                                    j = i + 12 + ul(buf, i + 8)[0]
+                                else:
+                                    break
+                                tag = g << 16 | e
+                                if not prev < tag <= stop or j > lim or tag in want:
+                                    break
+                                count += 1
+                                prev = tag
+                                i = j
+                    pos = base + i
                     if top:
                         last_tag = prev
+                    if pos == fr_end:
+                        continue  # the item is complete: the outer loop closes it first
                     if n - i < 8:
                         return i
-                    if pos == fr_end:
-                        continue  # the item is complete: the outer loop closes it
                 while True:
                     count += 1
                     if implicit:
