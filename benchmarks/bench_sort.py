@@ -109,7 +109,8 @@ def _is_forkserver(pid: int) -> bool:
         return False
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None) -> tuple[float, int, int, float]:
+def run_measured(cmd: list[str], env: dict[str, str] | None,
+                 cwd: Path | None = None) -> tuple[float, int, int, float]:
     """Run `cmd`, then ``sync``; return seconds (sync included), the peak RSS
     (KiB) of the process and of its largest worker, sampled from /proc, and the
     CPU seconds (user + system) of the process and every process it waited for
@@ -117,7 +118,8 @@ def run_measured(cmd: list[str], env: dict[str, str] | None) -> tuple[float, int
     wall time."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     peaks: dict[int, int] = {}
     stop = threading.Event()
 
@@ -154,7 +156,7 @@ def startup_seconds(cache: Path, runs: int, env: dict[str, str] | None = None) -
     for i in range(runs + 1):
         cmd = sortscp_cmd("sort", str(work / "src"), str(work / f"dst{i}"), "--mode", "hardlink")
         start = time.perf_counter()
-        run_checked(cmd, env=env or cli_env())
+        run_checked(cmd, env=env or cli_env(), cwd=cache)  # not the checkout: see bench_tree
         times.append(time.perf_counter() - start)
     shutil.rmtree(work, ignore_errors=True)
     return statistics.median(times[1:])
@@ -202,7 +204,9 @@ def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None,
                 source = case.source(n)
                 cmd = [source.as_posix() if a == src.as_posix() else a for a in cmd]
                 os.sync()
-            seconds, parent, worker, cpu = run_measured(cmd, case.env or env)
+            # `python -m scp` puts its working folder first on sys.path: run it
+            # from the cache, so that PYTHONPATH picks the checkout (--compare)
+            seconds, parent, worker, cpu = run_measured(cmd, case.env or env, cwd=cache)
             found = count_files(dst)  # links to files count as files
             if found != expected:
                 raise RuntimeError(f"{case.name}: {found} entries in {dst}, expected {expected}")
@@ -240,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run copy, hardlink and move of another checkout (e.g. main), "
                         "on its defaults, side by side")
     args = parser.parse_args(argv)
+    args.cache = args.cache.resolve()
     specs = {"small": [(SMALL, args.runs)], "large": [(LARGE, args.runs_large)],
              None: [(SMALL, args.runs), (LARGE, args.runs_large)]}[args.only]
     startup = startup_seconds(args.cache, 5)
