@@ -427,6 +427,8 @@ def sort_files(items: Sequence[Item], cfg: SortConfig) -> list[Outcome | Deferre
     done = fast.finish()
     outcomes = [_named(o, done, cfg, batch) for o in sorted_]
     failed = batch.finish() if batch is not None else {}
+    if not failed:
+        return outcomes
     return [
         _unremoved(o, failed[key])
         if isinstance(o, Outcome) and (key := os.fspath(Path(o.source))) in failed else o
@@ -452,6 +454,8 @@ def _named(
     batch: MoveBatch | None,
 ) -> Outcome | Deferred:
     """What became of `o` once the fast batch finished."""
+    if not done and not isinstance(o, _Pending):
+        return o  # nothing of the batch waited for finish() (links, no failed removal)
     key = os.fspath(Path(o.source))  # as SortBatch names it
     if isinstance(o, _Pending):
         result = done.get(key)

@@ -468,14 +468,16 @@ class DatasetWalker:
             past = self.past_wanted
             try:
                 if not leading:
-                    # A lean loop over the plain elements that are neither
-                    # wanted nor the first past the wanted ones: in order, of
-                    # defined length, not sequences, inside the buffer and
-                    # their container. The first element it does not take (and
-                    # everything it would refuse) goes to the general loop
-                    # below, which decides and comes back after it.
+                    # A lean loop over the plain elements, wanted ones
+                    # included (their values kept): in order, of defined
+                    # length, not sequences, inside the buffer and their
+                    # container, not the first past the wanted tags. The first
+                    # element it does not take (and everything it would refuse)
+                    # goes to the general loop below, which decides and comes
+                    # back after it.
                     prev = last_tag if top else -1
                     want = wanted if top else _NO_TAGS
+                    offsets = self.value_offsets
                     # the first tag past the wanted ones, items and delimiters
                     # (group FFFE) are left to the general loop
                     stop = max_wanted if top and not past else _LAST_PLAIN_TAG
@@ -487,8 +489,11 @@ class DatasetWalker:
                                 g, e, length = impl(buf, i)
                                 tag = g << 16 | e
                                 j = i + 8 + length  # an undefined length is past `lim`
-                                if not prev < tag <= stop or j > lim or tag in want:
+                                if not prev < tag <= stop or j > lim:
                                     break
+                                if tag in want:
+                                    elements[tag] = (None, bytes(buf[i + 8 : j]))
+                                    offsets[tag] = base + i + 8
                                 count += 1
                                 prev = tag
                                 i = j
@@ -497,14 +502,19 @@ class DatasetWalker:
                             while i <= n8:
                                 g, e, vr, length = expl(buf, i)
                                 if vr in short_vrs:
-                                    j = i + 8 + length
+                                    v = i + 8
                                 elif vr in long_vrs and vr != b"SQ" and i <= n12:
-                                    j = i + 12 + ul(buf, i + 8)[0]
+                                    v = i + 12
+                                    length = ul(buf, i + 8)[0]
                                 else:
                                     break
                                 tag = g << 16 | e
-                                if not prev < tag <= stop or j > lim or tag in want:
+                                j = v + length
+                                if not prev < tag <= stop or j > lim:
                                     break
+                                if tag in want:
+                                    elements[tag] = (vr.decode("latin-1"), bytes(buf[v:j]))
+                                    offsets[tag] = base + v
                                 count += 1
                                 prev = tag
                                 i = j
