@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("jobs", "pool", "events"),
     ("store", "config", "report", "log"),
     ("layout", "dicom"),
-    ("enums", "errors", "_process", "__init__"),
+    ("enums", "errors", "_process", "_datadict", "__init__"),
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 BOTTOM = len(LAYERS) - 1
