@@ -17,8 +17,8 @@ from scp import _datadict
 from scp.dicom.header import dataset_from_elements, read_header
 from scp.dicom.raw import HEADER_PREFIX, IDENTITY_KEYWORDS, read_file_start, read_raw, wanted_tags
 from scp.errors import NotDicomError
-from scp.jobs import _sort_name
 from scp.layout import DEFAULT_TEMPLATE, Template, relative_path, relative_path_raw
+from scp.sort_jobs import _sort_name
 
 from conftest import REPO, cli_env, readable_dicom_files
 

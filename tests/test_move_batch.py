@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from scp.config import SortConfig
 from scp.enums import Mode, Placement
 from scp.enums import Result as Status
-from scp.jobs import sort_files
+from scp.sort_jobs import sort_files
 from scp.store.place import PENDING, PLACED, TAKEN, MoveBatch, SortBatch, place
 from scp.store.tmp import TMP_DIRNAME
 

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
     ("sort", "net"),
-    ("jobs", "pool", "events"),
+    ("jobs", "sort_jobs", "pool", "events"),
     ("store", "config", "report", "log"),
     ("layout", "dicom"),
     ("enums", "errors", "_process", "_datadict", "__init__"),
