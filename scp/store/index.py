@@ -168,9 +168,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from scp._process import UNKNOWN_START, start_time
 from scp.errors import InstanceIndexError
-from scp.store.tmp import INDEX_FILENAME as INDEX_FILENAME  # re-exported
-from scp.store.tmp import STATE_DIRNAME as STATE_DIRNAME
 
+#: Folder (inside the output root) that holds sortscp's state: the instance
+#: index, sort's lock.
+STATE_DIRNAME = ".sortscp"
+INDEX_FILENAME = "index.sqlite"
 LOCK_FILENAME = "index.lock"
 SCHEMA_VERSION = 1
 

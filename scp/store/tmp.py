@@ -20,9 +20,10 @@ from scp.errors import StoreError
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
 #: Folder (inside the output root) that holds sortscp's state: the instance
-#: index (:mod:`scp.store.index`), sort's lock.
+#: index, sort's lock; and the index's file in it. The same names as
+#: :mod:`scp.store.index` (which imports only the standard library), here so
+#: that ``sort`` need not import the index to know them.
 STATE_DIRNAME = ".sortscp"
-#: The instance index's file, in the state folder.
 INDEX_FILENAME = "index.sqlite"
 
 
