@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,6 +70,7 @@ class Case:
     source: Callable[[int], Path] | None = None  # fresh source per run (move)
     times: list[float] = field(default_factory=list)
     rss: list[tuple[int, int]] = field(default_factory=list)  # (parent, largest worker) KiB
+    cpu: list[float] = field(default_factory=list)  # user + system seconds of the whole tree
     env: dict[str, str] | None = None  # another checkout's (--compare)
 
 
@@ -107,11 +109,17 @@ def _is_forkserver(pid: int) -> bool:
         return False
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None) -> tuple[float, int, int]:
-    """Run `cmd`, then ``sync``; return seconds (sync included) and the peak RSS
-    (KiB) of the process and of its largest worker, sampled from /proc."""
+def run_measured(cmd: list[str], env: dict[str, str] | None,
+                 cwd: Path | None = None) -> tuple[float, int, int, float]:
+    """Run `cmd`, then ``sync``; return seconds (sync included), the peak RSS
+    (KiB) of the process and of its largest worker, sampled from /proc, and the
+    CPU seconds (user + system) of the process and every process it waited for
+    (its workers): on a shared machine the CPU a run costs moves less than its
+    wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     peaks: dict[int, int] = {}
     stop = threading.Event()
 
@@ -130,11 +138,13 @@ def run_measured(cmd: list[str], env: dict[str, str] | None) -> tuple[float, int
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err.decode()}")
     os.sync()
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     parent = peaks.pop(proc.pid, 0)
-    return elapsed, parent, max(peaks.values(), default=0)
+    return elapsed, parent, max(peaks.values(), default=0), cpu
 
 
-def startup_seconds(cache: Path, runs: int) -> float:
+def startup_seconds(cache: Path, runs: int, env: dict[str, str] | None = None) -> float:
     """Median time of ``sortscp sort`` (hardlink) of a one-file tree: interpreter,
     imports, worker pool, the fixed cost of every run."""
     work = cache / "work-startup"
@@ -146,7 +156,7 @@ def startup_seconds(cache: Path, runs: int) -> float:
     for i in range(runs + 1):
         cmd = sortscp_cmd("sort", str(work / "src"), str(work / f"dst{i}"), "--mode", "hardlink")
         start = time.perf_counter()
-        run_checked(cmd, env=cli_env())
+        run_checked(cmd, env=env or cli_env(), cwd=cache)  # not the checkout: see bench_tree
         times.append(time.perf_counter() - start)
     shutil.rmtree(work, ignore_errors=True)
     return statistics.median(times[1:])
@@ -178,10 +188,11 @@ def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None,
         cases.append(Case(f"sortscp {label}", command, fresh_links if mode == "move" else None))
     if compare is not None:
         other = dict(env, PYTHONPATH=str(compare.resolve()))
-        for mode in ("copy", "hardlink"):
+        for mode in ("copy", "hardlink", "move"):
             def command(dst: Path, mode: str = mode) -> list[str]:
                 return sortscp_cmd("sort", str(src), str(dst), "--mode", mode, *extra)
-            cases.append(Case(f"sortscp {mode} ({compare.name})", command, env=other))
+            cases.append(Case(f"sortscp {mode} ({compare.name})", command,
+                              fresh_links if mode == "move" else None, env=other))
 
     n = 0
     for round_ in range(runs + 1):  # round 0: untimed warm-up
@@ -193,12 +204,15 @@ def bench_tree(spec: TreeSpec, cache: Path, runs: int, workers: int | None,
                 source = case.source(n)
                 cmd = [source.as_posix() if a == src.as_posix() else a for a in cmd]
                 os.sync()
-            seconds, parent, worker = run_measured(cmd, case.env or env)
+            # `python -m scp` puts its working folder first on sys.path: run it
+            # from the cache, so that PYTHONPATH picks the checkout (--compare)
+            seconds, parent, worker, cpu = run_measured(cmd, case.env or env, cwd=cache)
             found = count_files(dst)  # links to files count as files
             if found != expected:
                 raise RuntimeError(f"{case.name}: {found} entries in {dst}, expected {expected}")
             if round_:
                 case.times.append(seconds)
+                case.cpu.append(cpu)
                 if case.name.startswith("sortscp"):
                     case.rss.append((parent, worker))
             print(f"  {spec.name} round {round_} {case.name}: {seconds:.3f} s", file=sys.stderr)
@@ -227,12 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=65.0,
                         help="seconds to wait after removing a tree's outputs")
     parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
-                        help="also run copy and hardlink of another checkout (e.g. main), "
+                        help="also run copy, hardlink and move of another checkout (e.g. main), "
                         "on its defaults, side by side")
     args = parser.parse_args(argv)
+    args.cache = args.cache.resolve()
     specs = {"small": [(SMALL, args.runs)], "large": [(LARGE, args.runs_large)],
              None: [(SMALL, args.runs), (LARGE, args.runs_large)]}[args.only]
     startup = startup_seconds(args.cache, 5)
+    other_startup = None
+    if args.compare is not None:
+        other_startup = startup_seconds(
+            args.cache, 5, dict(cli_env(), PYTHONPATH=str(args.compare.resolve())))
     results = []
     for i, (spec, runs) in enumerate(specs):
         if i:
@@ -241,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                                                args.compare)))
 
     print(f"\n{time.strftime('%Y-%m-%d')}; {_versions()}")
-    print(f"sortscp sort start-up (a one-file tree, median of 5): {startup:.3f} s; "
+    other = "" if other_startup is None else f" ({args.compare.name}: {other_startup:.3f} s)"
+    print(f"sortscp sort start-up (a one-file tree, median of 5): {startup:.3f} s{other}; "
           "every run ends with `sync`, inside its time\n")
     print("| files | command | runs | median s | files/s | x `cp -r` | x `cp -al` "
-          "| files/s after start-up | peak RSS parent / worker MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| files/s after start-up | CPU s (all processes) | peak RSS parent / worker MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for spec, runs, cases in results:
         base = statistics.median(next(c for c in cases if c.name == "cp -r").times)
         links = statistics.median(next(c for c in cases if c.name == "cp -al").times)
@@ -255,13 +275,16 @@ def main(argv: list[str] | None = None) -> int:
                 "copy" not in case.name) else ""
             after = rss = ""
             if case.name.startswith("sortscp"):
-                if "(" not in case.name:  # another checkout has its own start-up
-                    after = f"{spec.count / (med - startup):,.0f}" if med > startup else ""
+                own = startup if "(" not in case.name else other_startup  # each checkout's
+                if own is not None and med > own:
+                    after = f"{spec.count / (med - own):,.0f}"
                 parent = max(p for p, _ in case.rss) / 1024
                 worker = max(w for _, w in case.rss) / 1024
                 rss = f"{parent:.0f} / {worker:.0f}"
+            cpu = f"{statistics.median(case.cpu):.2f}"
             print(f"| {spec.count:,} | `{case.name}` | {runs} | {med:.3f} | "
-                  f"{spec.count / med:,.0f} | {med / base:.2f} | {vs_links} | {after} | {rss} |")
+                  f"{spec.count / med:,.0f} | {med / base:.2f} | {vs_links} | {after} | {cpu} "
+                  f"| {rss} |")
     return 0
 
 

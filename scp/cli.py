@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from functools import cache
@@ -237,12 +238,10 @@ def sort(
     log_level: LogLevelOpt = "WARNING",
 ) -> None:
     """Re-sort an existing folder of DICOM files into the layout, in parallel."""
-    import sys
-
     if sys.stderr.isatty() and not dry_run:  # a progress bar (a thread): no fork for workers
         from scp.pool import start_early
 
-        start_early()  # the forkserver imports pydicom while we do
+        start_early()  # the forkserver imports while we do
     from rich.console import Console
 
     from scp.errors import DestinationLockedError, Interrupted
@@ -301,6 +300,7 @@ def sort(
             stopped = (2, f"error: {text(str(what))}")
     if stopped is not None:
         err.print(stopped[1], markup=False, highlight=False, soft_wrap=True)
+        _done.set()
         raise typer.Exit(stopped[0])
     err.print(
         f"{'planned' if dry_run else 'done'}: {result.summary()}",
@@ -308,6 +308,7 @@ def sort(
     )
     if not dry_run:
         _refresh_index(dst, err)
+    _done.set()
     raise typer.Exit(result.exit_code)
 
 
@@ -315,11 +316,13 @@ def _refresh_index(dst: Path, err: Console) -> None:
     """If DST has an instance index (it is, or was, a serve output folder),
     rebuild it from the files, so that serve keeps one file per SOPInstanceUID
     with what sort added (the index is never left behind)."""
-    from scp.jobs import identity_facts
-    from scp.store.index import IndexInUseError, index_path, rebuild
+    from scp.store.tmp import INDEX_FILENAME, STATE_DIRNAME
 
-    if not index_path(dst).is_file():
-        return
+    if not (dst / STATE_DIRNAME / INDEX_FILENAME).is_file():
+        return  # not a serve output folder (the index module is not even imported)
+    from scp.jobs import identity_facts
+    from scp.store.index import IndexInUseError, rebuild
+
     try:
         summary = rebuild(dst, identity_facts)
     except IndexInUseError:
@@ -504,5 +507,24 @@ def reindex(
     raise typer.Exit(1 if summary.unreadable else 0)
 
 
+#: Set by ``sort`` once its work is done (workers joined, report and lock
+#: closed): the process then ends without the interpreter's teardown of every
+#: module typer and pydantic loaded (~50 ms of a 0.3 s run).
+_done = threading.Event()
+
+
 def main() -> None:
-    app()
+    """The ``sortscp`` entry point (the console script and ``python -m scp``)."""
+    try:
+        app()
+    except SystemExit as exc:
+        if not _done.is_set():
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code)

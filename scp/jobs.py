@@ -1,46 +1,39 @@
 """Worker entry points: top-level, picklable, each returning :class:`Outcome` s.
 
-Both read the header with :func:`scp.dicom.header.read_header`, name the file with
-:func:`scp.layout.relative_path` and create it with :mod:`scp.store`.
+``serve``'s job (:func:`store_received`) and the instance facts: they read the
+header with :func:`scp.dicom.header.read_header`, name the file with
+:func:`scp.layout.relative_path` and create it with :mod:`scp.store`. pydicom
+and the instance index are imported here, up front: ``serve``'s forkserver
+preloads this module once for all its workers. ``sort``'s jobs live in
+:mod:`scp.sort_jobs`, which imports neither.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from scp.config import ServeConfig, SortConfig
+from scp.config import ServeConfig
 from scp.dicom.header import IDENTITY_KEYWORDS, dataset_from_elements, read_header, wanted_tags
 from scp.dicom.meta import PREAMBLE
 from scp.dicom.walk import SOP_CLASS_UID
-from scp.enums import Duplicate, Fsync, Mode, Placement, Result, SkipCategory
-from scp.errors import NotDicomError, SortscpError, TruncatedError
+from scp.enums import Duplicate, Fsync, Placement, Result
+from scp.errors import NotDicomError
 from scp.layout import relative_path
 from scp.report import Outcome
-from scp.store.commit import candidates, destination
-from scp.store.fsops import flush_count
 from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
 from scp.store.instance import commit_instance
-from scp.store.place import (
-    PENDING,
-    PLACED,
-    TAKEN,
-    MoveBatch,
-    SortBatch,
-    place,
-    place_at,
-    place_identical,
-    rename_within,
-)
+
+__all__ = [
+    "ReceivedHeader", "header_tags", "store_received", "FACT_KEYWORDS", "instance_facts",
+    "identity_facts", "worker_index",
+]
 
 _STORED = {
     Placement.STORED: (Result.STORED, ""),
@@ -216,318 +209,3 @@ def _dataset_offset(ds: Dataset) -> int:
     if length is None:
         raise NotDicomError("the received File Meta has no group length")
     return len(PREAMBLE) + 12 + int(length)
-
-
-# --- sort -------------------------------------------------------------------
-
-#: What each placement of a sort is called in the report, and why (by mode).
-_SORTED = {
-    Placement.STORED: (Result.NEW, ""),
-    Placement.STORED_AS_COPY: (
-        Result.KEPT_AS_COPY,
-        "another file with this SOPInstanceUID and other bytes holds the name; kept both",
-    ),
-    Placement.IDENTICAL: (Result.ALREADY, ""),
-}
-_REPLACED_WHY = {
-    Mode.COPY: "a link or a hard link of the source held the name; now a copy",
-    Mode.MOVE: "a link or a hard link of the source held the name; now the file itself",
-    Mode.HARDLINK: "a symbolic link held the name; now a hard link",
-    Mode.SYMLINK: "replaced what held the name",
-}
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """A file whose name holds other bytes: it is named after the walk
-    (:func:`sort_claims`), so that ``~N`` never depends on scheduling."""
-
-    source: str
-    rel: str
-    via_link: bool = False
-
-
-#: One file to sort: its path in SRC and whether it was reached through a symbolic link.
-Item = tuple[str, bool]
-
-
-def sort_file(
-    path: str, cfg: SortConfig, batch: MoveBatch | None = None, via_link: bool = False,
-    fast: SortBatch | None = None,
-) -> Outcome | Deferred | _Pending:
-    """Put one file of the source tree into the layout (or plan it, with --dry-run).
-
-    A file that is not a DICOM instance (text, image, DICOMDIR, empty) or is a
-    fragment (cut short, :class:`~scp.errors.TruncatedError`: see :mod:`scp.dicom.walk`) is skipped and left where it
-    was; one that vanished since it was listed is skipped as ``gone``; any other
-    problem is a failure with its reason, never raised. A file reached through a
-    symbolic link (``--follow-symlinks``) is read through it and never removed:
-    a move copies it, hardlink and symlink modes link its target.
-
-    With `fast` (not for links followed), a file whose final name is free is
-    placed by :meth:`SortBatch.claim`: a copy is then :class:`_Pending` until
-    :meth:`SortBatch.finish` names it; any other case goes through
-    :func:`~scp.store.place.place`.
-    """
-    mode, target = cfg.mode, path
-    if via_link:
-        target = os.path.realpath(path)
-        if mode is Mode.MOVE:
-            mode = Mode.COPY
-        fast = None
-    try:
-        with open(target, "rb") as f:
-            ds = read_header(f, cfg.template.keywords, check=True)  # header and completeness: one pass
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            rel = relative_path(ds, cfg.template)
-            if fast is not None:
-                final = destination(cfg.dst, rel)
-                claimed = fast.claim(Path(target), f.fileno(), st, final)
-                if claimed == PENDING:
-                    return _Pending(path, str(rel), size)
-                if claimed == PLACED:
-                    return Outcome(Result.NEW, path, str(rel), "", size)
-        final, placement = place(
-            Path(target), cfg.dst, rel, mode, on_conflict=Duplicate.BOTH,
-            durable=cfg.fsync is Fsync.ALWAYS, batch=batch, defer=True, dry_run=cfg.dry_run,
-        )
-    except TruncatedError as exc:
-        return Outcome(Result.SKIPPED, path, "", f"truncated: {exc}", category=SkipCategory.TRUNCATED.value)
-    except NotDicomError as exc:
-        return Outcome(Result.SKIPPED, path, "", str(exc), category=SkipCategory.NOT_DICOM.value)
-    except (SortscpError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError) and not os.path.lexists(target):
-            return gone(path)
-        return Outcome(Result.FAILED, path, "", _reason(exc))
-    except Exception as exc:  # never lose track of a file: report it
-        return Outcome(Result.FAILED, path, "", f"{type(exc).__name__}: {exc}")
-    if placement is Placement.DEFERRED:
-        return Deferred(path, str(rel), via_link)
-    dest = str(final.relative_to(cfg.dst))
-    if placement is Placement.REPLACED:
-        result, note = Result.REPLACED, _REPLACED_WHY[mode]
-    else:
-        result, note = _SORTED[placement]
-    if via_link:
-        note = "; ".join(filter(None, [note, f"through a symbolic link to {target}"]))
-    if cfg.dry_run and result in (Result.NEW, Result.REPLACED):
-        result = Result.PLANNED
-    return Outcome(result, path, dest, note, size)
-
-
-def gone(path: str) -> Outcome:
-    return Outcome(
-        Result.SKIPPED, path, "", "removed by someone else before it was sorted",
-        category=SkipCategory.GONE.value,
-    )
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A copy waiting in the temporary area for :meth:`SortBatch.finish`."""
-
-    source: str
-    rel: str
-    nbytes: int
-
-
-def sort_files(items: Sequence[Item], cfg: SortConfig) -> list[Outcome | Deferred]:
-    """:func:`sort_file` for a batch of paths: one round trip to a worker per batch.
-
-    Between separate trees, files whose final name is free take the fast path
-    (:class:`~scp.store.place.SortBatch`: the batch shares its flushes), the
-    others :func:`~scp.store.place.place`, moves sharing their folder flushes
-    (:class:`~scp.store.place.MoveBatch`). When one tree holds the other, a
-    source may be a destination name of the same batch, so each file then
-    completes on its own, in order, through :func:`~scp.store.place.place`.
-    """
-    items = [(p, False) if isinstance(p, str) else p for p in items]
-    durable = cfg.fsync is Fsync.ALWAYS
-    if cfg.dry_run or _nested(cfg):
-        return [_settled(sort_file(p, cfg, via_link=v)) for p, v in items]
-    fast = SortBatch(cfg.dst, cfg.mode, durable)
-    batch = MoveBatch(durable) if cfg.mode is Mode.MOVE else None
-    sorted_ = [sort_file(p, cfg, batch, v, fast) for p, v in items]
-    done = fast.finish()
-    outcomes = [_named(o, done, cfg, batch) for o in sorted_]
-    failed = batch.finish() if batch is not None else {}
-    return [
-        _unremoved(o, failed[key])
-        if isinstance(o, Outcome) and (key := os.fspath(Path(o.source))) in failed else o
-        for o in outcomes
-    ]
-
-
-def sort_batch(items: Sequence[Item], cfg: SortConfig) -> tuple[list[Outcome | Deferred], int]:
-    """:func:`sort_files`, and how many flushes to disk it made (the run's
-    report counts them: ``--fsync never`` makes none)."""
-    before = flush_count()
-    outcomes = sort_files(items, cfg)
-    return outcomes, flush_count() - before
-
-
-def _settled(o: Outcome | Deferred | _Pending) -> Outcome | Deferred:
-    assert not isinstance(o, _Pending), "a copy is pending only with a SortBatch"
-    return o
-
-
-def _named(
-    o: Outcome | Deferred | _Pending, done: dict[str, str | Exception], cfg: SortConfig,
-    batch: MoveBatch | None,
-) -> Outcome | Deferred:
-    """What became of `o` once the fast batch finished."""
-    key = os.fspath(Path(o.source))  # as SortBatch names it
-    if isinstance(o, _Pending):
-        result = done.get(key)
-        if result == PLACED:
-            return Outcome(Result.NEW, o.source, o.rel, "", o.nbytes)
-        if result == TAKEN:  # another file took the name meanwhile: decide as usual
-            return _settled(sort_file(o.source, cfg, batch))
-        if isinstance(result, FileNotFoundError) and not os.path.lexists(o.source):
-            return gone(o.source)
-        exc = result if isinstance(result, Exception) else OSError("not placed")
-        return Outcome(Result.FAILED, o.source, "", _reason(exc))
-    if isinstance(o, Outcome) and isinstance(done.get(key), OSError):  # a move's source stayed
-        return _unremoved(o, done[key])  # type: ignore[arg-type]
-    return o
-
-
-def _unremoved(o: Outcome, exc: OSError) -> Outcome:
-    if isinstance(exc, FileNotFoundError):  # someone else removed it: it is in place
-        return o
-    return Outcome(Result.FAILED, o.source, "", _reason(exc))
-
-
-def sort_claims(
-    rel: str,
-    claims: Sequence[Deferred],
-    cfg: SortConfig,
-    started_ns: int | None,
-    planned_at_name: str | None = None,
-) -> tuple[list[Outcome], str | None]:
-    """Name the files of one final name that other bytes held during the walk.
-
-    The rule (deterministic whatever the scheduling and the batches): a file
-    already in DST before the run keeps its name; the distinct contents that
-    this run brings to the name (the one this run put at the plain name
-    during the walk included) are ordered by SHA-256, and take, in that order,
-    the plain name if this run gave it, then the free ``~2``, ``~3`` ...
-    Identical files share one name. If the walk gave the plain name to a file
-    that does not come first, that file is renamed to its ``~N`` (a second
-    link first, so its bytes are never without a name) and the first one takes
-    the plain name.
-
-    `started_ns` is the file system's clock when the run began: a plain name
-    changed since was given by this run. In a dry run, `planned_at_name` is the
-    source the walk planned at the plain name. Returns the outcomes and, if the
-    plain name's file was renamed, its new name relative to DST.
-    """
-    root = cfg.dst
-    final = destination(root, PurePosixPath(rel))
-    taken = list(itertools.takewhile(os.path.lexists, candidates(final, Duplicate.BOTH)))
-    ours_digest = None
-    if cfg.dry_run:
-        if planned_at_name is not None:
-            ours_digest = _digest(planned_at_name)
-    elif taken and started_ns is not None:
-        st = os.lstat(final)
-        if st.st_ctime_ns >= started_ns:
-            ours_digest = _digest(os.fspath(final))
-    held: dict[str, Path] = {}
-    for name in taken:
-        if name == final and ours_digest is not None:
-            continue
-        d = _digest(os.fspath(name))
-        if d is not None:
-            held.setdefault(d, name)
-    outcomes: list[Outcome] = []
-    groups: dict[str, list[Deferred]] = {}
-    for claim in claims:
-        try:
-            d = _digest(claim.source)
-        except OSError as exc:
-            outcomes.append(Outcome(Result.FAILED, claim.source, "", _reason(exc)))
-            continue
-        if d is None:
-            outcomes.append(gone(claim.source))
-            continue
-        groups.setdefault(d, []).append(claim)
-    order = sorted(set(groups) - set(held) | ({ours_digest} if ours_digest else set()))
-    free = (c for c in candidates(final, Duplicate.BOTH) if c != final and c not in taken)
-    names: dict[str, Path] = {}
-    for i, d in enumerate(order):
-        names[d] = final if (i == 0 and ours_digest is not None) else next(free)
-    renamed = None
-    if ours_digest is not None and names[ours_digest] != final:
-        renamed = names[ours_digest]
-        if not cfg.dry_run:
-            rename_within(final, renamed, cfg.fsync is Fsync.ALWAYS)
-    if ours_digest is not None:
-        held[ours_digest] = names[ours_digest]
-    for d, group in sorted(groups.items()):
-        if d in held:
-            for claim in group:
-                outcomes.append(_claimed(claim, held[d], Placement.IDENTICAL, cfg))
-            continue
-        name = names[d]
-        first, *rest = group
-        outcomes.append(_claimed(first, name, None, cfg, replace=name == final))
-        for claim in rest:
-            outcomes.append(_claimed(claim, name, Placement.IDENTICAL, cfg))
-    return outcomes, (str(renamed.relative_to(root)) if renamed is not None else None)
-
-
-def _claimed(
-    claim: Deferred, name: Path, placement: Placement | None, cfg: SortConfig,
-    replace: bool = False,
-) -> Outcome:
-    """Put one deferred file at the `name` :func:`sort_claims` chose for it."""
-    mode, target = cfg.mode, claim.source
-    if claim.via_link:
-        target = os.path.realpath(claim.source)
-        mode = Mode.COPY if mode is Mode.MOVE else mode
-    dest = str(name.relative_to(cfg.dst))
-    try:
-        size = os.path.getsize(target)
-        durable = cfg.fsync is Fsync.ALWAYS
-        if placement is Placement.IDENTICAL:
-            if not cfg.dry_run:
-                place_identical(Path(target), name, mode, durable)
-            return Outcome(Result.ALREADY, claim.source, dest, "", size)
-        if not cfg.dry_run:
-            place_at(Path(target), cfg.dst, name, mode, durable=durable, replace=replace)
-    except (SortscpError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError) and not os.path.lexists(target):
-            return gone(claim.source)
-        return Outcome(Result.FAILED, claim.source, "", _reason(exc))
-    if name.name == PurePosixPath(claim.rel).name:
-        return Outcome(Result.PLANNED if cfg.dry_run else Result.NEW, claim.source, dest, "", size)
-    result, note = _SORTED[Placement.STORED_AS_COPY]
-    return Outcome(result, claim.source, dest, note, size)
-
-
-def _digest(path: str) -> str | None:
-    """SHA-256 of a file's bytes; None if it is gone (or a dangling link)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except FileNotFoundError:
-        return None
-    return h.hexdigest()
-
-
-def _nested(cfg: SortConfig) -> bool:
-    """True if SRC and DST are the same folder or one lies inside the other."""
-    src, dst = os.path.realpath(cfg.src), os.path.realpath(cfg.dst)
-    return src == dst or dst.startswith(src.rstrip(os.sep) + os.sep) or src.startswith(
-        dst.rstrip(os.sep) + os.sep
-    )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return str(exc) or type(exc).__name__

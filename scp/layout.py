@@ -36,17 +36,17 @@ import hashlib
 import re
 import string
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
-
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
+from typing import TYPE_CHECKING, Any
 
 from scp import DEFAULT_TEMPLATE as DEFAULT_TEMPLATE  # the layout's default, re-exported
+from scp._datadict import dictionary_vr, keyword_for_tag, tag_for_keyword
 from scp.errors import TemplateError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 #: What a missing or empty value renders as.
 PLACEHOLDER = "UNKNOWN"
@@ -162,7 +162,7 @@ def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Fie
     tag = tag_for_keyword(name) if name.isidentifier() else None
     if tag is None:
         raise TemplateError(f"unknown DICOM keyword {name!r} in template {text!r}")
-    if dictionary_VR(tag) == "SQ":
+    if dictionary_vr(tag) == "SQ":
         raise TemplateError(f"{name!r} is a sequence and cannot name a folder")
     if spec:
         if "{" in spec:
@@ -216,20 +216,37 @@ def render_value(ds: Dataset, keyword: str, spec: str = "") -> str:
 def _value_text(value: Any, spec: str) -> str:
     if value is None:
         return ""
-    if isinstance(value, MultiValue | list | tuple):
-        texts = (_value_text(v, spec) for v in value)
-        return MULTI_VALUE_SEPARATOR.join(t for t in texts if t)
-    if isinstance(value, PersonName):
-        groups = [g.rstrip("^").strip() for g in str(value).split("=")]
-        while groups and not groups[-1]:
-            groups.pop()
-        value = "=".join(groups)
-        return _format(value, spec).strip() if spec and value else value
+    if isinstance(value, _PN):
+        return _name_text(value, spec)
+    if isinstance(value, list | tuple):
+        return _multi_text(value, spec)
+    if not isinstance(value, str | int | float | bytes):  # pydicom's own containers
+        from pydicom.multival import MultiValue
+        from pydicom.valuerep import PersonName
+
+        if isinstance(value, MultiValue):
+            return _multi_text(value, spec)
+        if isinstance(value, PersonName):
+            return _name_text(value, spec)
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace").strip("\x00 ")
     if spec:
         return _format(value, spec).strip()
     return str(value).strip()
+
+
+def _multi_text(values: Any, spec: str) -> str:
+    texts = (_value_text(v, spec) for v in values)
+    return MULTI_VALUE_SEPARATOR.join(t for t in texts if t)
+
+
+def _name_text(value: Any, spec: str) -> str:
+    """A Person Name: empty trailing components and groups dropped."""
+    groups = [g.rstrip("^").strip() for g in str(value).split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    text = "=".join(groups)
+    return _format(text, spec).strip() if spec and text else text
 
 
 def _format(value: Any, spec: str) -> str:
@@ -317,3 +334,163 @@ def relative_path(ds: Dataset, template: Template) -> PurePosixPath:
     empty components: it always stays inside the output folder.
     """
     return PurePosixPath(*(render_component(ds, parts) for parts in template.components))
+
+
+# --- raw values: the lean header reader's, named without pydicom ------------------
+
+#: (0008,0005) Specific Character Set.
+_CHARSET = 0x00080005
+#: Single character sets in which printable ASCII bytes decode to themselves
+#: (ISO 2022 code extensions and JIS X 0201, where ``\`` and ``~`` may be other
+#: characters, are left to pydicom).
+_ASCII_CHARSETS = frozenset(
+    b"ISO_IR " + n for n in (b"6", b"100", b"101", b"109", b"110", b"126", b"127", b"138",
+                             b"144", b"148", b"166", b"192", b"203")
+) | {b""}
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_IS_TEXT = re.compile(r" *[+-]?[0-9]{1,15} *")
+_DS_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+#: How pydicom splits and strips the text of each string VR.
+_SPLIT_RSTRIP = frozenset({"SH", "LO", "UC"})  # split on "\", each item rstrip("\0 ")
+_SINGLE = frozenset({"ST", "LT", "UT"})  # one value, rstrip("\0 ")
+_MULTI = frozenset({"CS", "AS", "DA", "TM", "DT", "UI"})  # rstrip(" \0"), then split
+
+
+class _NeedsPydicom(Exception):
+    """A raw value that only pydicom's conversion names correctly."""
+
+
+class _PN(str):
+    """A Person Name decoded from printable ASCII (pydicom's ``str(PersonName)``)."""
+
+
+class _IS(int):
+    """An IS value: an int that prints as its text, as pydicom's ``IS``."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _DS(float):
+    """A DS value: a float that prints as its text, as pydicom's ``DSfloat``."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _number(kind: type[_IS] | type[_DS], item: str, pattern: re.Pattern[str]) -> Any:
+    if not item.strip():
+        return item  # pydicom keeps an empty item as the text it is
+    if pattern.fullmatch(item if kind is _IS else item.strip()) is None:
+        raise _NeedsPydicom
+    value = kind(item)
+    value.text = item.strip()
+    return value
+
+
+def raw_value(vr: str, value: bytes) -> Any:
+    """The value pydicom's conversion gives for a string VR, for printable
+    ASCII bytes, as plain Python values that :func:`render_value` renders the
+    same: ``str`` (or a list of them), a Person Name, an ``IS`` or ``DS``
+    number that prints as its text. Raises :class:`_NeedsPydicom` for any other
+    VR or byte.
+
+    >>> raw_value("LO", b"A\\\\B "), raw_value("UI", b"1.2.3\\0"), str(raw_value("IS", b" 7 "))
+    (['A', 'B'], '1.2.3', '7')
+    """
+    if not value:
+        if vr == "PN":
+            return _PN("")
+        if vr in ("IS", "DS"):
+            return None
+        if vr in _SPLIT_RSTRIP or vr in _SINGLE or vr in _MULTI or vr == "AE":
+            return ""
+        raise _NeedsPydicom
+    body = value.rstrip(b"\0")
+    if body.translate(None, _PRINTABLE):
+        raise _NeedsPydicom  # control characters, NULs inside, or not ASCII
+    text = value.decode("ascii")
+    items: list[Any]
+    if vr == "PN":
+        items = [_PN(x) for x in value.rstrip(b"\0 ").decode("ascii").split("\\")]
+    elif vr in _SPLIT_RSTRIP:
+        items = [x.rstrip("\0 ") for x in text.split("\\")]
+    elif vr in _SINGLE:
+        return text.rstrip("\0 ")
+    elif vr in _MULTI:
+        items = text.rstrip("\0 ").split("\\")
+    elif vr == "AE":
+        if body != value:
+            raise _NeedsPydicom  # pydicom keeps the NULs of an AE
+        items = [x.strip() for x in text.split("\\")]
+    elif vr == "IS":
+        items = [_number(_IS, x, _IS_TEXT) for x in text.rstrip(" \0").split("\\")]
+    elif vr == "DS":
+        items = [_number(_DS, x, _DS_TEXT) for x in text.strip().rstrip(" \0").split("\\")]
+    else:
+        raise _NeedsPydicom
+    return items[0] if len(items) == 1 else items
+
+
+def _field_tag(keyword: str) -> tuple[int, str]:
+    """The tag and dictionary VR of a template keyword (cached)."""
+    found = _FIELD_TAGS.get(keyword)
+    if found is None:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise _NeedsPydicom
+        found = _FIELD_TAGS[keyword] = (tag, dictionary_vr(tag))
+    return found
+
+
+_FIELD_TAGS: dict[str, tuple[int, str]] = {}
+
+
+def relative_path_raw(
+    values: Mapping[int, tuple[str | None, bytes]], template: Template
+) -> PurePosixPath | None:
+    """:func:`relative_path` of a header given as raw top-level values (tag ->
+    (VR, or None for implicit VR; value bytes), as the lean header reader keeps
+    them), without building a pydicom dataset: the same path, or None when a
+    value needs pydicom's conversion (bytes that are not printable ASCII, a
+    character set that is not a plain ASCII-compatible one, a numeric VR, an
+    unusual number; then build the dataset and call :func:`relative_path`).
+
+    >>> t = Template.parse("{PatientName}/{SeriesNumber:03}/{SOPInstanceUID}.dcm")
+    >>> str(relative_path_raw({0x00100010: ("PN", b"Doe^John^^ "), 0x00200011: ("IS", b"7 "),
+    ...                        0x00080018: ("UI", b"1.2.3\\0")}, t))
+    'Doe^John/007/1.2.3.dcm'
+    """
+    charset = values.get(_CHARSET)
+    if charset is not None and charset[1].rstrip(b"\0 ") not in _ASCII_CHARSETS:
+        return None
+    try:
+        components = []
+        for parts in template.components:
+            texts = []
+            for p in parts:
+                if isinstance(p, str):
+                    texts.append(p)
+                    continue
+                tag, dict_vr = _field_tag(p.keyword)
+                elem = values.get(tag)
+                if elem is None:
+                    texts.append(PLACEHOLDER)
+                    continue
+                vr = elem[0] or dict_vr  # implicit VR: the dictionary's, as pydicom
+                if vr == "UN" or " " in vr:
+                    return None  # pydicom may read it as another VR
+                value = raw_value(vr, elem[1])
+                try:
+                    text = _value_text(value, p.spec)
+                except Exception:
+                    text = ""
+                texts.append(text if text else PLACEHOLDER)
+            components.append(sanitize_component("".join(texts)))
+    except _NeedsPydicom:
+        return None
+    return PurePosixPath(*components)

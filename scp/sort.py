@@ -6,7 +6,7 @@ worker pool with a bounded number in flight, links (unless followed), special
 files and unreadable folders become report rows at once. Each worker reads
 only the header and places the file with :func:`scp.store.place.place`. Files
 whose name holds other bytes are named after the walk
-(:func:`scp.jobs.sort_claims`), so ``~N`` never depends on scheduling. The
+(:func:`scp.sort_jobs.sort_claims`), so ``~N`` never depends on scheduling. The
 parent holds a lock on DST, collects :class:`Outcome` s into a
 :class:`Report`, writes the optional per-file report and advances the
 progress callback. SIGINT and SIGTERM drain the work in flight and stop.
@@ -34,12 +34,11 @@ from typing import IO
 from scp.config import SortConfig
 from scp.enums import Mode, Result, SkipCategory
 from scp.errors import DestinationLockedError, Interrupted
-from scp.jobs import Deferred, Item, sort_batch, sort_claims
 from scp.pool import WorkerPool
 from scp.report import Outcome, Report
+from scp.sort_jobs import Deferred, Item, sort_batch, sort_claims
 from scp.store.fsops import flush_count, same_content
-from scp.store.index import STATE_DIRNAME
-from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
+from scp.store.tmp import STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +298,7 @@ def sort_tree(
     `on_progress` is called with each :class:`Outcome`; `on_total`, if given, is
     called once with the number of entries, counted by a background thread while
     the sorting has already begun; `on_rename(old, new)` when a file placed at a
-    plain name during the walk moves to its ``~N`` (see :func:`scp.jobs.sort_claims`).
+    plain name during the walk moves to its ``~N`` (see :func:`scp.sort_jobs.sort_claims`).
 
     Raises :class:`DestinationLockedError` if another sort writes into DST, and
     :class:`Interrupted` after a SIGINT/SIGTERM once the work in flight is done.

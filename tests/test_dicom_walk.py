@@ -421,3 +421,55 @@ def test_walk_file_seeks_over_large_values(tmp_path: Path) -> None:
         walk_file(f, 0, implicit=False, little=True)
     with pytest.raises(TruncatedError):
         walk_file(io.BytesIO(data[:-3]), 0, implicit=False, little=True)
+
+
+def _outcome(data: bytes, step: int, **kw) -> tuple:
+    """Everything a walk tells, or the error it ends with."""
+    try:
+        w = _walk(data, step=step, **kw)
+    except (TruncatedError, NotDicomError) as exc:
+        return (type(exc).__name__, str(exc))
+    return (w.elements, w.value_offsets, w.irregular, w.irregular_in_header, w.position,
+            w.past_wanted, w.leading_meta_end)
+
+
+#: Plain runs the lean loop takes, broken by everything it leaves to the general
+#: loop: wanted tags, the first tag past them, tags out of order, sequences,
+#: defined-length items ending where the next top-level element starts, group
+#: FFFF, undefined lengths, long VRs, a value running past the end.
+_PLAIN = b"".join(el(0x0018, e, b"DS", b"1.5 ") for e in range(0x50, 0x58))
+EDGES = {
+    "plain runs around wanted tags": UID + _PLAIN + NAME + el(0x0010, 0x0020, b"LO", b"ID")
+    + el(0x0020, 0x000D, b"UI", b"1.2\0") + _PLAIN.replace(b"\x18\x00", b"\x28\x00"),
+    "out of order past the wanted": UID + NAME + el(0x0028, 0x0010, b"US", b"\1\0")
+    + el(0x0028, 0x0008, b"IS", b"1 ") + el(0x0028, 0x0011, b"US", b"\1\0"),
+    "defined items in a defined sequence": UID + NAME
+    + _seq(_item(_PLAIN) + _item(_PLAIN + NAME), undefined=False, tag=(0x0040, 0x0275))
+    + el(0x0040, 0x0300, b"LO", b"after "),
+    "undefined items": UID + NAME + _seq(_item(_PLAIN, undefined=True) * 2, tag=(0x0040, 0x0275))
+    + el(0x0040, 0x0300, b"LO", b"after "),
+    "long VRs": UID + NAME + el(0x0029, 0x1010, b"OB", b"\1" * 300) + el(0x0029, 0x1011, b"UT", b"t ")
+    + el(0x0029, 0x1012, b"UN", b"\2" * 6) + el(0x0029, 0x1013, b"SQ", b""),
+    "group FFFF and padding": UID + NAME + el(0xFFFF, 0x0001, b"OB", b"\0\0"),
+    "a value past the end": UID + NAME + _PLAIN + el(0x0028, 0x0100, b"OB", b"x" * 10, length=40),
+    "an item past its sequence": UID + NAME
+    + el(0x0040, 0x0275, b"SQ", imp(*ITEM, _PLAIN, length=len(_PLAIN) + 9), length=len(_PLAIN) + 8)
+    + NAME,
+    "implicit plain runs": imp(0x0008, 0x0018, b"1.2\0") + imp(0x0010, 0x0010, b"Doe ")
+    + b"".join(imp(0x0018, e, b"1.5 ") for e in range(0x50, 0x60)) + imp(0x0018, 0x0040, b"x "),
+}
+
+
+@pytest.mark.parametrize("name", EDGES)
+def test_a_walk_tells_the_same_in_any_chunking(name: str) -> None:
+    """The lean loop (plain elements) and the general one agree: whatever the
+    chunking, and cut at any offset, a walk reports the same."""
+    data = EDGES[name]
+    kw = {"implicit": name.startswith("implicit"), "wanted": [0x00100010, 0x00080018]}
+    for cut in range(len(data), 0, -1):
+        piece = data[:cut]
+        whole = _outcome(piece, 0, **kw)
+        for step in (1, 2, 7, 8, 9, 12, 13, 64):
+            assert _outcome(piece, step, **kw) == whole, (cut, step)
+        sized = _outcome(piece, 0, size=len(piece), **kw)  # a file: lengths checked at once
+        assert sized[0] == whole[0] if isinstance(whole[0], str) else sized == whole, cut

@@ -18,8 +18,9 @@ import pytest
 from scp.config import ServeConfig, SortConfig
 from scp.dicom.meta import PREAMBLE
 from scp.enums import Fsync, Mode, Result
-from scp.jobs import sort_files, store_received
+from scp.jobs import store_received
 from scp.sort import sort_tree
+from scp.sort_jobs import sort_files
 from scp.store.fsops import flush_count
 from scp.store.tmp import new_tmp
 

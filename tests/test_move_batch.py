@@ -4,14 +4,16 @@ reported as failed, never lost."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path, PurePosixPath
 
 from scp.config import SortConfig
 from scp.enums import Mode, Placement
 from scp.enums import Result as Status
-from scp.jobs import sort_files
-from scp.store.place import MoveBatch, place
+from scp.sort_jobs import sort_files
+from scp.store.place import PENDING, PLACED, TAKEN, MoveBatch, SortBatch, place
+from scp.store.tmp import TMP_DIRNAME
 
 from conftest import TEST_FILES
 
@@ -63,3 +65,32 @@ def test_sort_files_moves_a_batch_and_reports_each_file(tmp_path: Path) -> None:
     assert (src / "b" / "notes.txt").exists()
     stored = sorted(p.read_bytes() for p in cfg.dst.rglob("*.dcm"))
     assert stored == sorted([CT.read_bytes(), MR.read_bytes()])
+
+
+def test_copies_of_a_batch_get_their_names_only_when_finished(tmp_path: Path) -> None:
+    """A copy has no final name before finish() flushed it; a name taken
+    meanwhile is not overwritten; nothing temporary is left."""
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = [Path(shutil.copy2(f, src / f.name)) for f in (CT, MR)]
+    dst = tmp_path / "dst"
+    batch = SortBatch(dst, Mode.COPY, durable=True)
+    finals = [dst / "P" / "S" / f"{i}.dcm" for i in range(2)]
+    for p, final in zip(paths, finals):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert batch.claim(p, fd, os.fstat(fd), final) == PENDING
+        finally:
+            os.close(fd)
+        assert not final.exists(), "a copy had its final name before the batch was flushed"
+    finals[1].parent.mkdir(parents=True, exist_ok=True)
+    finals[1].write_bytes(b"taken meanwhile")
+    done = batch.finish()
+    assert done == {str(paths[0]): PLACED, str(paths[1]): TAKEN}
+    assert finals[0].read_bytes() == CT.read_bytes()
+    assert finals[0].stat().st_mtime_ns == CT.stat().st_mtime_ns
+    assert finals[1].read_bytes() == b"taken meanwhile"  # a link never overwrites
+    tmp = dst / TMP_DIRNAME
+    assert not tmp.exists() or list(tmp.iterdir()) == []
+    left = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
+    assert left == ["P/S/0.dcm", "P/S/1.dcm"]

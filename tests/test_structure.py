@@ -35,10 +35,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
     ("sort", "net"),
-    ("jobs", "pool", "events"),
+    ("jobs", "sort_jobs", "pool", "events"),
     ("store", "config", "report", "log"),
     ("layout", "dicom"),
-    ("enums", "errors", "_process", "__init__"),
+    ("enums", "errors", "_process", "_datadict", "__init__"),
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 BOTTOM = len(LAYERS) - 1
@@ -156,3 +156,11 @@ def test_serve_stops_with_one_line_when_a_pynetdicom_internal_is_missing(tmp_pat
     assert len(lines) == 1, proc.stderr
     assert "lacks DULServiceProvider.assoc" in lines[0] and "tested with pynetdicom 3.0" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_state_folder_has_one_name() -> None:
+    """store/tmp.py repeats the index's folder and file names (sort knows them
+    without importing the index): they must agree."""
+    from scp.store import index, tmp
+
+    assert (tmp.STATE_DIRNAME, tmp.INDEX_FILENAME) == (index.STATE_DIRNAME, index.INDEX_FILENAME)

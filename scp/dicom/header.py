@@ -46,84 +46,47 @@ scp.errors.TruncatedError: element (7FE0,0010) declares 8192 bytes, 8130 remain
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import warnings
-import zlib
 from collections.abc import Iterable, Mapping
 from io import BytesIO
 from typing import BinaryIO
 
 import pydicom.uid
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, MediaStorageDirectoryStorage
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from scp.dicom.meta import GROUP_LENGTH_HEADER, PREAMBLE
-from scp.dicom.walk import SPECIFIC_CHARACTER_SET, DatasetWalker, walk_file
+from scp.dicom.raw import (
+    FIRST_PIXEL_TAG,
+    HEADER_PREFIX,
+    IDENTITY_KEYWORDS,
+    RawHeader,
+    Refused,
+    has_dicm_prefix,
+    parse_meta,
+    read_raw,
+    vr_switch,
+    wanted_tags,
+)
+from scp.dicom.walk import SPECIFIC_CHARACTER_SET, walk_file
 from scp.errors import NotDicomError, TruncatedError
 
 __all__ = [
-    "read_header", "check_complete", "dataset_from_elements", "wanted_tags",
-    "IDENTITY_KEYWORDS", "DICOMDIR_SOP_CLASS", "HEADER_PREFIX",
+    "read_header", "check_complete", "dataset_from_elements", "dataset_from_raw", "wanted_tags",
+    "IDENTITY_KEYWORDS", "DICOMDIR_SOP_CLASS", "HEADER_PREFIX", "FIRST_PIXEL_TAG", "vr_switch",
+    "has_dicm_prefix",
 ]
 
-#: Tags read on top of the template's: they identify the instance.
-IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID")
 #: Media Storage Directory Storage: a DICOMDIR, an index rather than an instance.
 DICOMDIR_SOP_CLASS = MediaStorageDirectoryStorage
-#: Bytes read in one go and parsed in memory.
-HEADER_PREFIX = 64 * 1024
 
-_META_START = len(PREAMBLE)
-_FIRST_PIXEL_TAG = 0x7FE00008
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_TRANSFER_SYNTAX = 0x00020010
-_EXPL_LE = struct.Struct("<HH2sH").unpack_from
-_UL_LE = struct.Struct("<L").unpack_from
-_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
-_SHORT_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
-)
-#: Transfer syntax -> (implicit, little, deflated).
-_ENCODINGS = {
-    pydicom.uid.ImplicitVRLittleEndian: (True, True, False),
-    pydicom.uid.ExplicitVRLittleEndian: (False, True, False),
-    pydicom.uid.ExplicitVRBigEndian: (False, False, False),
-    pydicom.uid.DeflatedExplicitVRLittleEndian: (False, True, True),
-}
-
-
-def wanted_tags(keywords: Iterable[str | int]) -> tuple[int, ...]:
-    """Tag numbers of `keywords` (DICOM keywords, or tag numbers as ints), in
-    order, without repeats.
-
-    >>> [hex(t) for t in wanted_tags(["PatientName", 0x00100020, "PatientName"])]
-    ['0x100010', '0x100020']
-    """
-    tags: dict[int, None] = {}
-    for k in keywords:
-        if isinstance(k, int):
-            tag = int(k)
-            if not 0 <= tag <= 0xFFFFFFFF:
-                raise ValueError(f"not a DICOM tag: {k!r}")
-        else:
-            tag = tag_for_keyword(k)  # type: ignore[assignment]
-            if tag is None:
-                raise ValueError(f"unknown DICOM keyword {k!r}")
-        tags.setdefault(tag)
-    return tuple(tags)
-
-
-def has_dicm_prefix(head: bytes) -> bool:
-    """True if `head` (the first 132 bytes or more) carries the Part 10 ``DICM``."""
-    return head[_META_START - 4 : _META_START] == PREAMBLE[-4:]
 
 
 def read_header(
@@ -172,7 +135,7 @@ def read_header(
             if has_meta:
                 try:
                     ds = _read_fast(src, start, head, tags, check, identity_from_meta)
-                except _Refused:
+                except Refused:
                     raise NotDicomError(*sys.exc_info()[1].args) from None  # type: ignore[union-attr]
                 except NotDicomError:
                     if check:
@@ -293,34 +256,7 @@ def dataset_from_elements(
     return ds
 
 
-def vr_switch(first: bytes, implicit: bool) -> bool:
-    """True if a dataset starting with `first` (its first 6 bytes) reads, to
-    pydicom, as the other VR encoding than `implicit` says (pydicom then
-    switches for the whole dataset, and only pydicom reads it right).
-
-    >>> vr_switch(b"\\x08\\x00\\x16\\x00UI", implicit=True), vr_switch(b"\\x08\\x00\\x16\\x00UI", implicit=False)
-    (True, False)
-    """
-    return len(first) >= 6 and (not (0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B)) != implicit
-
-
-#: Tags at or past this one are never read as header values (pixel data and after).
-FIRST_PIXEL_TAG = _FIRST_PIXEL_TAG
-
-
 # --- the fast path -------------------------------------------------------------
-
-
-class _Refused(Exception):
-    """The fast path read the header and it is not an instance (a DICOMDIR,
-    no SOP Instance UID): no need to ask pydicom."""
-
-
-_SOP_CLASS_UID = 0x00080016
-_SOP_INSTANCE_UID = 0x00080018
-_MEDIA_SOP_CLASS = BaseTag(0x00020002)
-_MEDIA_SOP_INSTANCE = BaseTag(0x00020003)
-_DICOMDIR = DICOMDIR_SOP_CLASS.encode()
 
 
 def _read_fast(
@@ -328,127 +264,42 @@ def _read_fast(
     identity_from_meta: bool = True,
 ) -> Dataset | None:
     """The header from `head` (and, if longer, the rest of `src`), or None
-    where pydicom must read it."""
-    parsed = _parse_meta(head, start)
-    if parsed is None:
+    where pydicom must read it; `src` is left where the walk stopped."""
+    raw = read_raw(src, start, head, tags, check, identity_from_meta)
+    if raw is None:
         return None
-    meta_raw, data_start = parsed
-    ts_elem = meta_raw.get(BaseTag(_TRANSFER_SYNTAX))
-    if ts_elem is None or len(head) <= data_start:
-        return None
-    ts = UID(ts_elem.value.decode("ascii", "replace").strip("\0 "))  # type: ignore[union-attr]
-    if ts in pydicom.uid.PrivateTransferSyntaxes:
-        return None
-    implicit, little, deflated = _ENCODINGS.get(ts, (False, True, False))
-    first = head[data_start : data_start + 6]
-    if deflated:
-        first = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[data_start:], 6)
-    if vr_switch(first, implicit):
-        return None  # pydicom would switch VR for the whole dataset
+    if not raw.deflated:
+        src.seek(raw.end)
+    return dataset_from_raw(raw)
 
-    size = None
-    if check and not deflated:
-        size = src.seek(0, os.SEEK_END) - start - data_start
-    walker = DatasetWalker(
-        implicit=implicit, little=little, deflated=deflated,
-        wanted=[t for t in tags if t < _FIRST_PIXEL_TAG], size=size,
-        stop_past_wanted=not check,
-    )
-    walker.feed(memoryview(head)[data_start:])
-    if not walker.stopped:
-        if len(head) == HEADER_PREFIX:  # a header longer than the prefix
-            src.seek(start + len(head))
-            while not walker.stopped:
-                skip = walker.skip
-                if skip:
-                    src.seek(skip, os.SEEK_CUR)
-                    walker.skipped(skip)
-                chunk = src.read(HEADER_PREFIX)
-                if not chunk:
-                    break
-                walker.feed(chunk)
-        walker.close()
-    if walker.irregular_in_header:
-        return None
-    if not deflated:
-        src.seek(start + data_start + walker.position)
-    elements = {t: v for t, v in walker.elements.items() if t < _FIRST_PIXEL_TAG}
-    _identify_raw(elements, meta_raw, identity_from_meta)
+
+def dataset_from_raw(raw: RawHeader) -> Dataset:
+    """The :class:`pydicom.Dataset` (with its File Meta) of what
+    :func:`scp.dicom.raw.read_raw` read: what :func:`read_header` returns."""
     ds = dataset_from_elements(
-        elements, implicit, little, file_meta=_file_meta(meta_raw),
-        value_offsets=walker.value_offsets, base=0 if deflated else start + data_start,
+        raw.elements, raw.implicit, raw.little, file_meta=_file_meta(_meta_elements(raw.meta)),
+        value_offsets=raw.value_offsets, base=0 if raw.deflated else raw.dataset_start,
     )
-    if deflated:
-        ds._sortscp_dataset_offset = start + data_start
+    if raw.deflated:
+        ds._sortscp_dataset_offset = raw.dataset_start
     return ds
 
 
-def _raw_text(value: bytes | None) -> bytes:
-    return (value or b"").strip(b"\0 ")
-
-
-def _identify_raw(
-    elements: dict[int, tuple[str | None, bytes]],
-    meta_raw: dict[BaseTag, RawDataElement],
-    identity_from_meta: bool,
-) -> None:
-    """:func:`_identify` on raw values (no conversion): refuse a DICOMDIR, fill
-    a missing SOP identity from the File Meta."""
-    media_class = meta_raw.get(_MEDIA_SOP_CLASS)
-    media_instance = meta_raw.get(_MEDIA_SOP_INSTANCE)
-    if media_class is not None and _raw_text(media_class.value) == _DICOMDIR:
-        raise _Refused("a DICOMDIR (media index), not an instance")
-    for tag, media in ((_SOP_INSTANCE_UID, media_instance), (_SOP_CLASS_UID, media_class)):
-        if _raw_text(elements.get(tag, (None, b""))[1]):
-            continue
-        if tag == _SOP_INSTANCE_UID and not identity_from_meta:
-            raise _Refused("the dataset has no SOP Instance UID")
-        if media is not None and _raw_text(media.value):
-            elements[tag] = ("UI", bytes(media.value))  # type: ignore[arg-type]
-    if _raw_text(elements.get(_SOP_CLASS_UID, (None, b""))[1]) == _DICOMDIR:
-        raise _Refused("a DICOMDIR (media index), not an instance")
+def _meta_elements(meta: Mapping[int, tuple[str, bytes, int]]) -> dict[BaseTag, RawDataElement]:
+    raw: dict[BaseTag, RawDataElement] = {}
+    for tag, (vr, value, offset) in meta.items():
+        t = BaseTag(tag)
+        raw[t] = RawDataElement(
+            t, vr, len(value), value if value else empty_value_for_VR(vr, raw=True),  # type: ignore[arg-type]
+            offset, False, True,
+        )
+    return raw
 
 
 def _parse_meta(head: bytes, start: int) -> tuple[dict[BaseTag, RawDataElement], int] | None:
-    """The File Meta's raw elements and where the dataset starts in `head`, if
-    the File Meta is regular: a group length first, then group 0002 elements
-    that end exactly where it says, and no group 0002 element after."""
-    if head[_META_START : _META_START + 8] != GROUP_LENGTH_HEADER or len(head) < 144:
-        return None
-    end = 144 + _UL_LE(head, 140)[0]
-    if end > len(head):
-        return None
-    raw: dict[BaseTag, RawDataElement] = {}
-    i = _META_START
-    while i < end:
-        if end - i < 8:
-            return None
-        g, e, vr, length = _EXPL_LE(head, i)
-        if g != 2:
-            return None
-        if vr in _LONG_VRS:
-            if end - i < 12:
-                return None
-            length = _UL_LE(head, i + 8)[0]
-            hl = 12
-        elif vr in _SHORT_VRS:
-            hl = 8
-        else:
-            return None
-        j = i + hl + length
-        if j > end:
-            return None
-        tag = BaseTag(0x00020000 | e)
-        vrs = vr.decode("ascii")
-        value = head[i + hl : j]
-        raw[tag] = RawDataElement(
-            tag, vrs, length, value if length else empty_value_for_VR(vrs, raw=True),  # type: ignore[arg-type]
-            start + i + hl, False, True,
-        )
-        i = j
-    if len(head) >= end + 2 and head[end : end + 2] == b"\x02\x00":
-        return None  # pydicom reads on into the File Meta
-    return raw, end
+    """:func:`scp.dicom.raw.parse_meta`, as pydicom raw elements."""
+    parsed = parse_meta(head, start)
+    return None if parsed is None else (_meta_elements(parsed[0]), parsed[1])
 
 
 def _file_meta(raw: dict[BaseTag, RawDataElement]) -> FileMetaDataset:

@@ -59,9 +59,6 @@ from collections.abc import Iterable
 from struct import Struct
 from typing import BinaryIO
 
-import pydicom.uid
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-
 from scp.errors import NotDicomError, TruncatedError
 
 __all__ = ["DatasetWalker", "walk_file", "SPECIFIC_CHARACTER_SET", "MAX_DEPTH", "MAX_ELEMENTS"]
@@ -83,8 +80,14 @@ _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _NO_LIMIT = 1 << 62
+_NO_TAGS: frozenset[int] = frozenset()
+_LAST_PLAIN_TAG = 0xFFFDFFFF
 
-#: Explicit VRs with a 2-byte reserved field and a 4-byte length.
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (pydicom's
+#: ``EXPLICIT_VR_LENGTH_32``, written out so that the walk needs no pydicom).
+EXPLICIT_VR_LENGTH_32 = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 #: Explicit VRs with a 2-byte length.
 _SHORT_VRS = frozenset(
@@ -108,6 +111,8 @@ def encoding_of(transfer_syntax: str) -> tuple[bool, bool, bool] | None:
     >>> encoding_of("1.2.840.10008.1.2"), encoding_of("1.2.840.10008.1.2.4.50")
     ((True, True, False), (False, True, False))
     """
+    import pydicom.uid
+
     uid = pydicom.uid.UID(transfer_syntax)
     if not uid.is_transfer_syntax:
         return None
@@ -462,6 +467,64 @@ class DatasetWalker:
             leading = self._leading
             past = self.past_wanted
             try:
+                if not leading:
+                    # A lean loop over the plain elements, wanted ones
+                    # included (their values kept): in order, of defined
+                    # length, not sequences, inside the buffer and their
+                    # container, not the first past the wanted tags. The first
+                    # element it does not take (and everything it would refuse)
+                    # goes to the general loop below, which decides and comes
+                    # back after it.
+                    prev = last_tag if top else -1
+                    want = wanted if top else _NO_TAGS
+                    offsets = self.value_offsets
+                    # the first tag past the wanted ones, items and delimiters
+                    # (group FFFE) are left to the general loop
+                    stop = max_wanted if top and not past else _LAST_PLAIN_TAG
+                    lim = min(n, limit - base)  # a value may end here at most
+                    if MAX_ELEMENTS - count > (n - i) // 8:  # never reached in this buffer
+                        n8 = n - 8
+                        if implicit:
+                            while i <= n8:
+                                g, e, length = impl(buf, i)
+                                tag = g << 16 | e
+                                j = i + 8 + length  # an undefined length is past `lim`
+                                if not prev < tag <= stop or j > lim:
+                                    break
+                                if tag in want:
+                                    elements[tag] = (None, bytes(buf[i + 8 : j]))
+                                    offsets[tag] = base + i + 8
+                                count += 1
+                                prev = tag
+                                i = j
+                        else:
+                            n12 = n - 12
+                            while i <= n8:
+                                g, e, vr, length = expl(buf, i)
+                                if vr in short_vrs:
+                                    v = i + 8
+                                elif vr in long_vrs and vr != b"SQ" and i <= n12:
+                                    v = i + 12
+                                    length = ul(buf, i + 8)[0]
+                                else:
+                                    break
+                                tag = g << 16 | e
+                                j = v + length
+                                if not prev < tag <= stop or j > lim:
+                                    break
+                                if tag in want:
+                                    elements[tag] = (vr.decode("latin-1"), bytes(buf[v:j]))
+                                    offsets[tag] = base + v
+                                count += 1
+                                prev = tag
+                                i = j
+                    pos = base + i
+                    if top:
+                        last_tag = prev
+                    if pos == fr_end:
+                        continue  # the item is complete: the outer loop closes it first
+                    if n - i < 8:
+                        return i
                 while True:
                     count += 1
                     if implicit:
@@ -566,6 +629,8 @@ class DatasetWalker:
                         break
                     if count > MAX_ELEMENTS:
                         raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+                    if not leading:
+                        break  # back to the lean loop
             finally:
                 self._count = count
                 if top:

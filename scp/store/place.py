@@ -386,8 +386,14 @@ class SortBatch:
                 parent = final.parent
                 if attempt or parent in self._folders:
                     raise  # the folder is there: the source is gone
-                ensure_parent(self.root, final, self.durable)
+                # Not flushed one by one: finish() flushes the new folders with
+                # the new entries, before anything of the batch is reported.
+                ensure_parent(self.root, final, durable=False)
                 self._folders.add(parent)
+                folder = parent
+                while folder != self.root and self.root in folder.parents:
+                    self._made.setdefault(folder.parent)  # (for the fsync fallback)
+                    folder = folder.parent
                 continue
             self._made.setdefault(final.parent)
             return

@@ -21,6 +21,12 @@ from scp.errors import StoreError
 
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
+#: Folder (inside the output root) that holds sortscp's state: the instance
+#: index, sort's lock; and the index's file in it. The same names as
+#: :mod:`scp.store.index` (which imports only the standard library), here so
+#: that ``sort`` need not import the index to know them.
+STATE_DIRNAME = ".sortscp"
+INDEX_FILENAME = "index.sqlite"
 
 
 def tmp_prefix(kind: str) -> str:
