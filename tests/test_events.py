@@ -278,6 +278,23 @@ def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, 
              timeout=5, what="the hook's child killed")
 
 
+def test_a_timed_out_hook_gets_sigterm_before_sigkill(tmp_path: Path) -> None:
+    """The helper ignores SIGTERM (the server stops it by closing its stdin); the
+    hooks it starts must not: one that traps SIGTERM ends on it at its timeout,
+    and what it wrote on the way out is in its stderr tail."""
+    results: list = []
+    runner = HookRunner(1, 0.5, cwd=str(tmp_path), on_result=lambda r, subject: results.append(r))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        assert runner.submit("on_stored", ["sh", "-c", 'trap "echo got TERM >&2; exit 7" TERM; sleep 1000 & wait'],
+                             {}, "uid")
+        assert runner.wait_idle(30)
+    finally:
+        runner.stop(1)
+    (r,) = results
+    assert r.timed_out and not r.ok and r.returncode == 7 and r.stderr_tail == "got TERM"
+
+
 def test_a_failing_hook_is_logged_in_one_line_with_its_stderr_and_becomes_an_event(
         out: Path, index: SqliteIndex, tmp_path: Path, caplog) -> None:
     events = tmp_path / "events.jsonl"
