@@ -273,23 +273,25 @@ class HookRunner:
 
     def submit(self, hook: str, argv: list[str], env: dict[str, str], subject: str) -> bool:
         """Queue a run; False (logged, counted) if the queue is full or we stop."""
+        return self.submit_all([(hook, argv, env, subject)]) == 1
+
+    def submit_all(self, runs: list[tuple[str, list[str], dict[str, str], str]]) -> int:
+        """Queue (hook, argv, env, subject) runs, those that start now sent in one
+        write; returns how many were queued (the rest dropped, logged, counted)."""
         if self._stopping.is_set():
-            self._dropped(hook, subject, "the server is stopping")
-            return False
+            for hook, _, _, subject in runs:
+                self._dropped(hook, subject, "the server is stopping")
+            return 0
         with self._cond:
-            if len(self._waiting) >= self.queue_size:
-                full = True
-            else:
-                full = False
-                self._waiting.append(_Run(hook, argv, env, subject))
-                self._busy += 1
-                sends = self._take_sendable()
-                self._cond.notify()
-        if full:
+            room = max(0, self.queue_size - len(self._waiting))
+            self._waiting.extend(_Run(*run) for run in runs[:room])
+            self._busy += min(room, len(runs))
+            sends = self._take_sendable()
+            self._cond.notify(len(runs))
+        for hook, _, _, subject in runs[room:]:
             self._dropped(hook, subject, f"{self.queue_size} runs already waiting")
-            return False
         self._send(sends)
-        return True
+        return min(room, len(runs))
 
     # ---- through the helper
 
