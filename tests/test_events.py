@@ -316,6 +316,24 @@ def test_a_failing_hook_is_logged_in_one_line_with_its_stderr_and_becomes_an_eve
     assert scrape("sortscp_hook_runs_total", {"hook": "on_stored"}) == 1
 
 
+def test_many_short_hooks_at_once_each_run_once_and_report_their_status(tmp_path: Path) -> None:
+    """The helper watches every running hook in one loop: 300 runs submitted at
+    once (8 at a time, ending in the same instants) each run exactly once, in
+    its working folder, and report their own exit status."""
+    results: list = []
+    runner = HookRunner(8, 30, cwd=str(tmp_path), on_result=lambda r, subject: results.append((subject, r)))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        runs = [("on_stored", ["sh", "-c", f"echo > {i}.ran; exit {i % 7}"], {}, str(i)) for i in range(300)]
+        assert runner.submit_all(runs) == 300
+        assert runner.wait_idle(120)
+    finally:
+        runner.stop(1)
+    assert sorted(int(subject) for subject, _ in results) == list(range(300))
+    assert all(r.returncode == int(subject) % 7 and not r.timed_out for subject, r in results)
+    assert sorted(int(f.stem) for f in tmp_path.glob("*.ran")) == list(range(300))
+
+
 def test_a_full_hook_queue_drops_without_blocking_and_counts(tmp_path: Path, caplog) -> None:
     dropped: list[str] = []
     runner = HookRunner(1, 5, on_drop=lambda hook, subject, why: dropped.append(subject), queue_size=2)

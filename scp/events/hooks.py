@@ -186,6 +186,8 @@ def _read_into(fd: int, tail: bytearray) -> bool:
     """One read of `fd` into `tail` (its last STDERR_TAIL bytes); False at EOF."""
     try:
         chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        return True  # nothing there now (a non-blocking pipe)
     except OSError:
         return False
     if chunk:
@@ -193,6 +195,20 @@ def _read_into(fd: int, tail: bytearray) -> bool:
         if len(tail) > STDERR_TAIL:
             del tail[: len(tail) - STDERR_TAIL]
     return bool(chunk)
+
+
+def _drain_fd(fd: int, tail: bytearray) -> None:
+    """What a non-blocking pipe holds now, into `tail`."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # BlockingIOError: nothing more now
+            return
+        if not chunk:
+            return
+        tail.extend(chunk)
+        if len(tail) > STDERR_TAIL:
+            del tail[: len(tail) - STDERR_TAIL]
 
 
 def _drain(proc: subprocess.Popen, tail: bytearray) -> None:
@@ -565,6 +581,9 @@ class HookProcess:
 #: Signals a hook starts with at their default action (the helper ignores them; Python ignores SIGPIPE, SIGXFSZ).
 _DEFAULT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE", "SIGXFSZ")
                          if hasattr(signal, name))
+#: Seconds a result may wait in the helper for others while hooks still run (one
+#: write, one wake-up of the server's reader, for several); none run: at once.
+REPLY_BATCH_SECONDS = 0.05
 #: Seconds the helper still waits, after SIGKILL, for a hook to end before it reports it (and stops waiting).
 _GIVE_UP = 10.0
 
@@ -608,6 +627,7 @@ class _HelperLoop:
         self.inbuf = b""
         self.outbuf = bytearray()
         self.writing = False  #: stdout registered for POLLOUT
+        self.flush_at = math.inf  #: replies are written by then, or when no hook runs
         self.reading = True  #: stdin open
         self.end_at = math.inf  #: after stdin closed: exit by then even if hooks remain
         os.set_blocking(1, False)
@@ -620,28 +640,33 @@ class _HelperLoop:
                                        if not h.reported)], default=math.inf)
             if any(h.pidfd is None for h in self.hooks.values()):
                 wake = min(wake, now + 0.05)  # no pidfd: look for its exit every 50 ms
+            if self.outbuf and not self.writing:
+                wake = min(wake, self.flush_at)
             wait = None if wake == math.inf else max(0, math.ceil((wake - now) * 1000))
-            for fd, _ in self.poller.poll(wait):
-                if fd == 0:
-                    self._requests()
-                elif fd == 1:
-                    self._flush()
+            ready = {fd for fd, _ in self.poller.poll(wait)}
+            # the hooks' fds first, new requests last: a fd closed here is not
+            # reused by a hook started in this round while its events are handled
+            for fd in ready - {0, 1}:
+                h = self.fds.get(fd)
+                if h is None:
+                    continue  # its hook ended earlier in this round
+                if fd == h.err:
+                    if not _read_into(fd, h.tail):
+                        self._close_err(h)
+                        self._exited(h)  # usually it just ended: spares a wake-up for the pidfd
                 else:
-                    h = self.fds.get(fd)
-                    if h is None:
-                        continue
-                    if fd == h.err:
-                        if not _read_into(fd, h.tail):
-                            self._close_err(h)
-                    else:
-                        self._reap(h)
+                    self._exited(h)
+            if 1 in ready:
+                self._flush()
+            if 0 in ready:
+                self._requests()
             now = time.monotonic()
             for h in list(self.hooks.values()):
-                if h.pidfd is None and os.waitpid(h.pid, os.WNOHANG)[0]:
-                    self._reap(h, reaped=True)
-                else:
+                if h.pidfd is None:
+                    self._exited(h)
+                if h.pid in self.hooks:
                     self._timers(h, now)
-            if self.outbuf and not self.writing:
+            if self.outbuf and not self.writing and (now >= self.flush_at or self._idle()):
                 self._flush()
         for h in self.hooks.values():  # still there at the end: the last word
             _killpg(h.pid, signal.SIGKILL)
@@ -735,29 +760,36 @@ class _HelperLoop:
             h.give_up = math.inf
             self._report(h, None)
 
-    def _reap(self, h: _Hook, reaped: bool = False) -> None:
-        """`h`'s process ended (a zombie until waited for, which keeps its group id
-        ours): the rest of its group killed if it timed out, then reaped and reported."""
+    def _exited(self, h: _Hook) -> None:
+        """If `h`'s process ended (a zombie until waited for, which keeps its
+        group id ours): the rest of its group killed if it timed out or we
+        stop, then reaped and reported."""
+        try:
+            if os.waitid(os.P_PID, h.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return  # still running
+        except ChildProcessError:
+            pass
         if h.timed_out or not self.reading:
             _killpg(h.pid, signal.SIGKILL)
         returncode = None
-        if not reaped:
-            try:
-                _, status = os.waitpid(h.pid, 0)
-                returncode = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                pass
+        try:
+            _, status = os.waitpid(h.pid, os.WNOHANG)
+            returncode = os.waitstatus_to_exitcode(status)
+        except (ChildProcessError, ValueError):
+            pass
         del self.hooks[h.pid]
         if h.pidfd is not None:
             self.poller.unregister(h.pidfd)
             del self.fds[h.pidfd]
             os.close(h.pidfd)
         if h.err is not None:  # what it left in the pipe, without waiting (a child of it may hold it open)
-            while _read_into(h.err, h.tail):
-                pass
+            _drain_fd(h.err, h.tail)
             self._close_err(h)
         if not h.reported:
             self._report(h, returncode)
+
+    def _idle(self) -> bool:
+        return not any(not h.reported for h in self.hooks.values())
 
     def _close_err(self, h: _Hook) -> None:
         assert h.err is not None
@@ -776,6 +808,8 @@ class _HelperLoop:
                tail: bytes) -> None:
         if not self.reading:
             return  # the server no longer listens
+        if not self.outbuf:
+            self.flush_at = time.monotonic() + REPLY_BATCH_SECONDS
         self.outbuf += (json.dumps({
             "id": rid, "returncode": returncode, "seconds": seconds, "timed_out": timed_out, "error": error,
             "stderr_tail": tail.decode(errors="replace").strip(),
