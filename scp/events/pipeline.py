@@ -5,10 +5,11 @@ after it knows the outcome; both only update counters and put a small tuple
 on a bounded queue (``put_nowait``), so nothing here can delay a response.
 Everything else runs in threads of its own:
 
-* the **dispatcher** takes stored events, reads the instance's row from the
+* the **dispatcher** takes stored events in batches (woken by one, it waits
+  :data:`DISPATCH_BATCH_SECONDS` for more), reads each instance's row from the
   index (by SOPInstanceUID: the study/series UIDs, patient ...),
-  writes the ``stored`` event (``--events``, ``--webhook``) and queues the
-  ``--on-stored`` hook;
+  writes the ``stored`` events (``--events``, ``--webhook``) and queues the
+  ``--on-stored`` hooks;
 * the **watcher** polls :meth:`~scp.store.index.SqliteIndex.stable_series`
   and ``stable_studies`` (cheap: a partial index holds only the open ones);
   for each it reads the series' committed rows (serve's commit writes
