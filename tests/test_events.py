@@ -268,6 +268,25 @@ def test_hooks_still_run_when_their_helper_process_dies(tmp_path: Path, caplog) 
     assert [r.returncode for r in results] == [0] and (tmp_path / "marker").exists()
 
 
+def test_a_run_in_flight_when_the_helper_dies_is_not_lost(tmp_path: Path, caplog) -> None:
+    """The helper killed while it runs a hook: the run is started again from
+    the server (at least once, reported once), and the next runs go there too."""
+    results: list = []
+    runner = HookRunner(2, 30, cwd=str(tmp_path), on_result=lambda r, subject: results.append((subject, r)))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        assert runner.submit("on_stored", ["sh", "-c", "echo x >> ran; sleep 0.5"], {}, "first")
+        wait_for(lambda: (tmp_path / "ran").exists(), what="the hook started")
+        runner._helper.proc.kill()  # noqa: SLF001
+        wait_for(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
+        assert runner.submit("on_stored", ["touch", "second"], {}, "second")
+        assert runner.wait_idle(30)
+    finally:
+        runner.stop(1)
+    assert sorted(subject for subject, _ in results) == ["first", "second"]
+    assert all(r.ok for _, r in results) and (tmp_path / "second").exists()
+
+
 def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, caplog) -> None:
     pidfile = tmp_path / "child.pid"
     start = time.monotonic()
