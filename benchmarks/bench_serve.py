@@ -155,6 +155,7 @@ class Server:
         """Stop the receiver; `cpu` is then the CPU seconds of its main process and
         of the children it reaped (hooks; not the pool's workers, reaped by the forkserver)."""
         self.cpu = float("nan")
+        self.hook_cpu = hook_helper_cpu(self.proc.pid) if self.kind != "storescp" else float("nan")
         if self.proc.poll() is None:
             self.proc.terminate()
             deadline = time.monotonic() + 60
@@ -170,6 +171,21 @@ class Server:
                     break
                 time.sleep(0.02)
         self._log.close()
+
+
+def hook_helper_cpu(pid: int) -> float:
+    """CPU seconds of the hook helper process of server `pid` so far (its own and
+    its reaped children's: the hooks); 0.0 without a helper, NaN where /proc cannot say."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in children:
+            if b"hook_process_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+                return sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+    except OSError:
+        return float("nan")
+    return 0.0
 
 
 def send(storescu: str, port: int, folders: list[Path]) -> float:
@@ -191,6 +207,8 @@ def send(storescu: str, port: int, folders: list[Path]) -> float:
 
 #: CPU seconds of each run's receiver (see Server.stop), by (kind, senders).
 CPU: dict[tuple[str, int], list[float]] = {}
+#: Of which the hook helper and the hooks it ran.
+HOOK_CPU: dict[tuple[str, int], list[float]] = {}
 
 
 #: Other checkouts to run beside this one (--compare), by name.
@@ -207,6 +225,7 @@ def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected:
     finally:
         server.stop()
     CPU.setdefault((kind, len(folders)), []).append(getattr(server, "cpu", float("nan")))
+    HOOK_CPU.setdefault((kind, len(folders)), []).append(getattr(server, "hook_cpu", float("nan")))
     found = count_files(out)
     if found != expected:
         raise RuntimeError(f"{kind}: {found} instances arrived, expected {expected}; see {work}")
@@ -262,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(files)} instances, {nbytes / 1e6:.0f} MB; median of {args.runs} runs "
           "(after one warm-up run each)")
     print(f"{'senders':>7} {'receiver':<24} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'x storescp':>10}"
-          f" {'x sortscp':>9} {'CPU s':>6}  runs (s)")
+          f" {'x sortscp':>9} {'CPU s':>6} {'+CPU':>6} {'hooks':>6}  runs (s)")
     for senders in args.senders:
         for kind in kinds:
             med = statistics.median(results[(kind, senders)])
@@ -271,12 +290,18 @@ def main(argv: list[str] | None = None) -> int:
             rounds = [t / o for t, o in zip(results[(kind, senders)], results[("sortscp", senders)])]
             vs_dcmtk = statistics.median(
                 t / o for t, o in zip(results[(kind, senders)], results[("storescp", senders)]))
-            vs_ours = f"{statistics.median(rounds):9.3f}" if kind.startswith("sortscp") and kind != "sortscp" else ""
-            cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if kind.startswith("sortscp") \
-                else float("nan")
+            ours = kind.startswith("sortscp")
+            vs_ours = f"{statistics.median(rounds):9.3f}" if ours and kind != "sortscp" else ""
+            cpu = statistics.median(CPU[(kind, senders)][-args.runs:]) if ours else float("nan")
+            hook_cpu = statistics.median(HOOK_CPU[(kind, senders)][-args.runs:]) if ours else float("nan")
+            # CPU seconds more than plain sortscp, per round (median)
+            extra_cpu = statistics.median(
+                c - o for c, o in zip(CPU[(kind, senders)][-args.runs:], CPU[("sortscp", senders)][-args.runs:])
+            ) if ours and kind != "sortscp" else float("nan")
             runs = " ".join(f"{t:.2f}" for t in results[(kind, senders)])
             print(f"{senders:>7} {kind:<24} {med:9.3f} {len(files) / med:8.0f} "
-                  f"{nbytes / 1e6 / med:7.0f} {vs_dcmtk:10.2f} {vs_ours:>9} {cpu:6.2f}  {runs}")
+                  f"{nbytes / 1e6 / med:7.0f} {vs_dcmtk:10.2f} {vs_ours:>9} {cpu:6.2f} {extra_cpu:6.2f} "
+                  f"{hook_cpu:6.2f}  {runs}")
     return 0
 
 

@@ -269,6 +269,25 @@ def test_hooks_still_run_when_their_helper_process_dies(tmp_path: Path, caplog) 
     assert [r.returncode for r in results] == [0] and (tmp_path / "marker").exists()
 
 
+def test_a_run_in_flight_when_the_helper_dies_is_not_lost(tmp_path: Path, caplog) -> None:
+    """The helper killed while it runs a hook: the run is started again from
+    the server (at least once, reported once), and the next runs go there too."""
+    results: list = []
+    runner = HookRunner(2, 30, cwd=str(tmp_path), on_result=lambda r, subject: results.append((subject, r)))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        assert runner.submit("on_stored", ["sh", "-c", "echo x >> ran; sleep 0.5"], {}, "first")
+        wait_for(lambda: (tmp_path / "ran").exists(), what="the hook started")
+        runner._helper.proc.kill()  # noqa: SLF001
+        wait_for(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
+        assert runner.submit("on_stored", ["touch", "second"], {}, "second")
+        assert runner.wait_idle(30)
+    finally:
+        runner.stop(1)
+    assert sorted(subject for subject, _ in results) == ["first", "second"]
+    assert all(r.ok for _, r in results) and (tmp_path / "second").exists()
+
+
 def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, caplog) -> None:
     pidfile = tmp_path / "child.pid"
     start = time.monotonic()
@@ -277,6 +296,23 @@ def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, 
     child = int(pidfile.read_text())
     wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
              timeout=5, what="the hook's child killed")
+
+
+def test_a_timed_out_hook_gets_sigterm_before_sigkill(tmp_path: Path) -> None:
+    """The helper ignores SIGTERM (the server stops it by closing its stdin); the
+    hooks it starts must not: one that traps SIGTERM ends on it at its timeout,
+    and what it wrote on the way out is in its stderr tail."""
+    results: list = []
+    runner = HookRunner(1, 0.5, cwd=str(tmp_path), on_result=lambda r, subject: results.append(r))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        assert runner.submit("on_stored", ["sh", "-c", 'trap "echo got TERM >&2; exit 7" TERM; sleep 1000 & wait'],
+                             {}, "uid")
+        assert runner.wait_idle(30)
+    finally:
+        runner.stop(1)
+    (r,) = results
+    assert r.timed_out and not r.ok and r.returncode == 7 and r.stderr_tail == "got TERM"
 
 
 def test_a_failing_hook_is_logged_in_one_line_with_its_stderr_and_becomes_an_event(
@@ -298,6 +334,24 @@ def test_a_failing_hook_is_logged_in_one_line_with_its_stderr_and_becomes_an_eve
     scrape = p.metrics.registry.get_sample_value
     assert scrape("sortscp_hook_failures_total", {"hook": "on_stored"}) == 1
     assert scrape("sortscp_hook_runs_total", {"hook": "on_stored"}) == 1
+
+
+def test_many_short_hooks_at_once_each_run_once_and_report_their_status(tmp_path: Path) -> None:
+    """The helper watches every running hook in one loop: 300 runs submitted at
+    once (8 at a time, ending in the same instants) each run exactly once, in
+    its working folder, and report their own exit status."""
+    results: list = []
+    runner = HookRunner(8, 30, cwd=str(tmp_path), on_result=lambda r, subject: results.append((subject, r)))
+    try:
+        assert runner._helper is not None  # noqa: SLF001
+        runs = [("on_stored", ["sh", "-c", f"echo > {i}.ran; exit {i % 7}"], {}, str(i)) for i in range(300)]
+        assert runner.submit_all(runs) == 300
+        assert runner.wait_idle(120)
+    finally:
+        runner.stop(1)
+    assert sorted(int(subject) for subject, _ in results) == list(range(300))
+    assert all(r.returncode == int(subject) % 7 and not r.timed_out for subject, r in results)
+    assert sorted(int(f.stem) for f in tmp_path.glob("*.ran")) == list(range(300))
 
 
 def test_a_full_hook_queue_drops_without_blocking_and_counts(tmp_path: Path, caplog) -> None:

@@ -54,13 +54,17 @@ class EventLog:
         self._file: IO[str] = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        self.write_many([record])
+
+    def write_many(self, records: list[dict[str, Any]]) -> None:
+        """One line per record, in one write."""
+        text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
         with self._lock:
             try:
-                self._file.write(line)
+                self._file.write(text)
                 self._file.flush()
             except (OSError, ValueError) as exc:
-                log.error("cannot write the event to %s: %s", self.target, exc)
+                log.error("cannot write %d event(s) to %s: %s", len(records), self.target, exc)
 
     def close(self) -> None:
         with self._lock:
