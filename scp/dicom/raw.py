@@ -17,7 +17,7 @@ It answers None wherever pydicom must read the header (see
 ...     head = f.read(HEADER_PREFIX)
 ...     raw = read_raw(f, 0, head, wanted_tags(["PatientName"]), check=True)
 >>> raw.elements[0x00100010], raw.implicit, raw.little
-(('PN', b'CompressedSamples^CT1'), False, True)
+(('PN', b'CompressedSamples^CT1 '), False, True)
 """
 
 from __future__ import annotations
