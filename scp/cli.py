@@ -241,7 +241,7 @@ def sort(
     if sys.stderr.isatty() and not dry_run:  # a progress bar (a thread): no fork for workers
         from scp.pool import start_early
 
-        start_early()  # the forkserver imports while we do
+        start_early("scp.sort_jobs")  # the forkserver imports while we do
     from rich.console import Console
 
     from scp.errors import DestinationLockedError, Interrupted

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -25,7 +26,7 @@ from scp.dicom.meta import PREAMBLE
 from scp.dicom.walk import SOP_CLASS_UID
 from scp.enums import Duplicate, Fsync, Placement, Result
 from scp.errors import NotDicomError
-from scp.layout import relative_path
+from scp.layout import Template, raw_texts, relative_path, relative_path_raw
 from scp.report import Outcome
 from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
 from scp.store.instance import commit_instance
@@ -87,17 +88,17 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
     Exceptions propagate: the handler maps each to a DIMSE status.
     """
     if header is not None:
-        ds = _dataset_from_header(header)
         size = os.stat(received).st_size
         offset = header.dataset_offset
+        rel, uid, facts = named_from_header(header, cfg.template, size, calling_aet)
     else:
         with open(received, "rb") as src:
             ds = read_header(src, (*cfg.template.keywords, *FACT_KEYWORDS), identity_from_meta=False)
             size = os.fstat(src.fileno()).st_size
         offset = _dataset_offset(ds)
-    rel = relative_path(ds, cfg.template)
-    uid = str(ds.SOPInstanceUID)
-    facts = instance_facts(ds, size, calling_aet)
+        rel = relative_path(ds, cfg.template)
+        uid = str(ds.SOPInstanceUID)
+        facts = instance_facts(ds, size, calling_aet)
     done = commit_instance(
         Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate,
         durable=cfg.fsync is Fsync.ALWAYS,
@@ -121,20 +122,46 @@ FACT_KEYWORDS = (
 )
 
 
+def named_from_header(header: ReceivedHeader, template: Template, size: int,
+                      calling_aet: str) -> tuple[PurePosixPath, str, dict[str, Any]]:
+    """Where the received instance goes, its SOP Instance UID and its index
+    facts, from the values the network thread kept: straight from the raw
+    bytes for plain values (:func:`~scp.layout.relative_path_raw`,
+    :func:`~scp.layout.raw_texts`), else through a pydicom dataset. Both give
+    the same (``tests/test_sink_header.py`` compares them on every bundled file)."""
+    elements = _with_sop_class(header)
+    rel = relative_path_raw(elements, template)
+    texts = raw_texts(elements, _RAW_KEYWORDS) if rel is not None else None
+    if rel is not None and texts is not None and texts["SOPInstanceUID"]:
+        facts = _facts(texts.get, size, header.transfer_syntax, calling_aet)
+        return rel, str(texts["SOPInstanceUID"]), facts
+    ds = _dataset_from_header(header)
+    return relative_path(ds, template), str(ds.SOPInstanceUID), instance_facts(ds, size, calling_aet)
+
+
 def instance_facts(ds: Dataset, size: int, calling_aet: str | None = None) -> dict[str, Any]:
-    """The index's facts of an instance read with :data:`FACT_KEYWORDS`.
-    The digest is left unknown: computing it would cost every C-STORE a read
-    of the file; the manifest of a completed series computes it."""
+    """The index's facts of an instance read with :data:`FACT_KEYWORDS`."""
     def text(keyword: str) -> str | None:
         value = ds.get(keyword)
         return None if value is None or value == "" else str(value)
 
     meta = getattr(ds, "file_meta", None)
+    if calling_aet is None and meta is not None:
+        calling_aet = str(meta.get("SourceApplicationEntityTitle", "")).strip() or None
+    syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
+    return _facts(text, size, syntax, calling_aet)
+
+
+def _facts(text: Callable[[str], str | None], size: int, transfer_syntax: str | None,
+           calling_aet: str | None) -> dict[str, Any]:
+    """The index's facts, each header value as ``text(keyword)`` gives it.
+    The digest is left unknown: computing it would cost every C-STORE a read
+    of the file; the manifest of a completed series computes it."""
     return {
         "size": size,
         "digest": None,
         "sop_class_uid": text("SOPClassUID"),
-        "transfer_syntax_uid": str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None,
+        "transfer_syntax_uid": transfer_syntax,
         "study_instance_uid": text("StudyInstanceUID"),
         "series_instance_uid": text("SeriesInstanceUID"),
         "patient_name": text("PatientName"),
@@ -143,9 +170,7 @@ def instance_facts(ds: Dataset, size: int, calling_aet: str | None = None) -> di
         "series_description": text("SeriesDescription"),
         "series_number": text("SeriesNumber"),
         "modality": text("Modality"),
-        "calling_aet": calling_aet if calling_aet is not None else (
-            str(meta.get("SourceApplicationEntityTitle", "")).strip() or None if meta is not None else None
-        ),
+        "calling_aet": calling_aet,
     }
 
 
@@ -193,10 +218,20 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
     return SqliteIndex(root)
 
 
-def _dataset_from_header(header: ReceivedHeader) -> Dataset:
+#: What :func:`named_from_header` reads as text.
+_RAW_KEYWORDS = (*FACT_KEYWORDS, "SOPInstanceUID")
+
+
+def _with_sop_class(header: ReceivedHeader) -> dict[int, tuple[str | None, bytes]]:
+    """The kept values; a dataset without its own SOP Class UID gets the command's."""
     elements = header.elements
     if not elements.get(SOP_CLASS_UID, (None, b""))[1].strip(b"\0 ") and header.sop_class_uid:
         elements = {**elements, SOP_CLASS_UID: ("UI", header.sop_class_uid.encode("ascii"))}
+    return elements
+
+
+def _dataset_from_header(header: ReceivedHeader) -> Dataset:
+    elements = _with_sop_class(header)
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = UID(header.transfer_syntax)
     return dataset_from_elements(elements, header.implicit, header.little, file_meta=meta)

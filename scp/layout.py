@@ -494,3 +494,38 @@ def relative_path_raw(
     except _NeedsPydicom:
         return None
     return PurePosixPath(*components)
+
+
+def raw_texts(
+    values: Mapping[int, tuple[str | None, bytes]], keywords: tuple[str, ...]
+) -> dict[str, str | None] | None:
+    """What ``str()`` of each keyword's value gives once pydicom has read it
+    (None for an absent or empty value), from raw top-level values as
+    :func:`relative_path_raw` takes them; None when a value needs pydicom's
+    conversion (as there, and for a value with several items).
+
+    >>> raw_texts({0x00100010: ("PN", b"Doe^John "), 0x00200011: (None, b" 7")},
+    ...           ("PatientName", "SeriesNumber", "Modality"))
+    {'PatientName': 'Doe^John', 'SeriesNumber': '7', 'Modality': None}
+    """
+    charset = values.get(_CHARSET)
+    if charset is not None and charset[1].rstrip(b"\0 ") not in _ASCII_CHARSETS:
+        return None
+    texts: dict[str, str | None] = {}
+    try:
+        for keyword in keywords:
+            tag, dict_vr = _field_tag(keyword)
+            elem = values.get(tag)
+            if elem is None:
+                texts[keyword] = None
+                continue
+            vr = elem[0] or dict_vr
+            if vr == "UN" or " " in vr:
+                return None
+            value = raw_value(vr, elem[1])
+            if isinstance(value, list):
+                return None  # pydicom's text of a MultiValue: left to pydicom
+            texts[keyword] = None if value is None or value == "" else str(value)
+    except _NeedsPydicom:
+        return None
+    return texts

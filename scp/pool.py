@@ -119,21 +119,25 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _context(fork: bool = False) -> multiprocessing.context.BaseContext:
+#: What the forkserver imports for serve's workers (sort's: ``scp.sort_jobs``, without pydicom).
+SERVE_JOBS = "scp.jobs"
+
+
+def _context(fork: bool = False, preload: str = SERVE_JOBS) -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
     if fork and "fork" in methods and threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["scp.jobs"])
+        ctx.set_forkserver_preload([preload])
     return ctx
 
 
-def start_early() -> None:
+def start_early(preload: str = SERVE_JOBS) -> None:
     """Start the forkserver now, without waiting for it: it imports the workers'
     modules (pydicom: a good part of a short run's time) while this process
     imports its own, on another core. The pool forks its workers from it later."""
-    ctx = _context()
+    ctx = _context(preload=preload)
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
@@ -190,9 +194,10 @@ class _Worker:
 class WorkerPool:
     """Worker processes, each replaced when it dies or runs past a deadline."""
 
-    def __init__(self, workers: int, fork: bool = False) -> None:
+    def __init__(self, workers: int, fork: bool = False, preload: str = SERVE_JOBS) -> None:
         self.workers = max(1, workers)
         self._fork = fork
+        self._preload = preload
         self._log_setup = worker_setup()
         self._cond = threading.Condition()
         self._closed = False  # no new jobs
@@ -201,7 +206,7 @@ class WorkerPool:
         self._all: set[_Worker] = set()
         self._idle: list[_Worker] = []
         self._threads: ThreadPoolExecutor | None = None  # for submit()
-        ctx = _context(fork)  # every worker now: with fork, while we have one thread
+        ctx = _context(fork, preload)  # every worker now: with fork, while we have one thread
         for _ in range(self.workers):
             self._add(_Worker(ctx, self._log_setup))
 
@@ -223,7 +228,7 @@ class WorkerPool:
             closed = self._closed
         if not closed:
             log.error("%s; starting a new worker process", why)
-            self._add(_Worker(_context(self._fork), self._log_setup))
+            self._add(_Worker(_context(self._fork, self._preload), self._log_setup))
 
     def _take(self, deadline: float | None, timeout: float | None) -> _Worker:
         with self._cond:

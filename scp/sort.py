@@ -336,7 +336,7 @@ def sort_tree(
             cfg.src, skip, changed_before_ns=changed_before_ns,
             follow_symlinks=cfg.follow_symlinks,
         )
-        pool = WorkerPool(cfg.workers, fork=True)  # before any thread of ours starts
+        pool = WorkerPool(cfg.workers, fork=True, preload="scp.sort_jobs")  # before any thread of ours starts
         if on_total is not None:
             threading.Thread(
                 target=lambda: on_total(count_entries(cfg.src, skip, cfg.follow_symlinks)),

@@ -13,8 +13,8 @@ import pytest
 from scp.config import ServeConfig
 from scp.dicom.header import _parse_meta, read_header
 from scp.errors import NotDicomError
-from scp.jobs import FACT_KEYWORDS, _dataset_from_header, header_tags, instance_facts
-from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
+from scp.jobs import FACT_KEYWORDS, _dataset_from_header, header_tags, instance_facts, named_from_header
+from scp.layout import DEFAULT_TEMPLATE, Template, relative_path, relative_path_raw
 from scp.net.sink import IncomingDataset
 
 from conftest import readable_dicom_files
@@ -52,7 +52,7 @@ def _received(path: Path, folder: Path, keep: tuple[int, ...], chunk: int) -> In
 def test_kept_header_names_every_file_as_the_file_read_does(tmp_path, template) -> None:
     cfg = ServeConfig(out=tmp_path, template=template)
     keep = header_tags(cfg)
-    kept = compared = 0
+    kept = compared = raw = 0
     mismatches = []
     for n, path in enumerate(FILES):
         sink = _received(path, tmp_path, keep, chunk=(1000, 16384)[n % 2])
@@ -77,9 +77,16 @@ def test_kept_header_names_every_file_as_the_file_read_does(tmp_path, template) 
                 mismatches.append((path.name, relative_path(ds, template), relative_path(ref, template)))
             if instance_facts(ds, 1, "A") != instance_facts(ref, 1, "A"):
                 mismatches.append((path.name, instance_facts(ds, 1, "A"), instance_facts(ref, 1, "A")))
+            # what the worker uses: from the raw bytes where it can, else through pydicom
+            named = named_from_header(header, template, 1, "A")
+            expected = (relative_path(ref, template), str(ref.SOPInstanceUID), instance_facts(ref, 1, "A"))
+            if named != expected:
+                mismatches.append((path.name, "raw", named, expected))
+            raw += relative_path_raw(header.elements, template) is not None
             compared += 1
     assert not mismatches, mismatches[:5]
     assert compared >= 200 and kept >= len(FILES) * 0.8, (compared, kept, len(FILES))
+    assert raw >= compared * 0.6, f"the raw path named only {raw} of {compared} files"
 
 
 def test_no_header_without_wanted_tags_or_for_deflated_data(tmp_path) -> None:
