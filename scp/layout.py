@@ -450,6 +450,29 @@ def _field_tag(keyword: str) -> tuple[int, str]:
 _FIELD_TAGS: dict[str, tuple[int, str]] = {}
 
 
+#: What :func:`_raw_field` returns for a keyword the header does not have.
+_ABSENT = object()
+
+
+def _plain_charset(values: Mapping[int, tuple[str | None, bytes]]) -> bool:
+    """Whether the header's character set lets printable ASCII bytes stand for themselves."""
+    charset = values.get(_CHARSET)
+    return charset is None or charset[1].rstrip(b"\0 ") in _ASCII_CHARSETS
+
+
+def _raw_field(values: Mapping[int, tuple[str | None, bytes]], keyword: str) -> Any:
+    """:func:`raw_value` of `keyword` in `values`, or :data:`_ABSENT`; raises
+    :class:`_NeedsPydicom` where pydicom may read the value as another VR."""
+    tag, dict_vr = _field_tag(keyword)
+    elem = values.get(tag)
+    if elem is None:
+        return _ABSENT
+    vr = elem[0] or dict_vr  # implicit VR: the dictionary's, as pydicom
+    if vr == "UN" or " " in vr:
+        raise _NeedsPydicom
+    return raw_value(vr, elem[1])
+
+
 def relative_path_raw(
     values: Mapping[int, tuple[str | None, bytes]], template: Template
 ) -> PurePosixPath | None:
@@ -465,8 +488,7 @@ def relative_path_raw(
     ...                        0x00080018: ("UI", b"1.2.3\\0")}, t))
     'Doe^John/007/1.2.3.dcm'
     """
-    charset = values.get(_CHARSET)
-    if charset is not None and charset[1].rstrip(b"\0 ") not in _ASCII_CHARSETS:
+    if not _plain_charset(values):
         return None
     try:
         components = []
@@ -476,15 +498,10 @@ def relative_path_raw(
                 if isinstance(p, str):
                     texts.append(p)
                     continue
-                tag, dict_vr = _field_tag(p.keyword)
-                elem = values.get(tag)
-                if elem is None:
+                value = _raw_field(values, p.keyword)
+                if value is _ABSENT:
                     texts.append(PLACEHOLDER)
                     continue
-                vr = elem[0] or dict_vr  # implicit VR: the dictionary's, as pydicom
-                if vr == "UN" or " " in vr:
-                    return None  # pydicom may read it as another VR
-                value = raw_value(vr, elem[1])
                 try:
                     text = _value_text(value, p.spec)
                 except Exception:
@@ -508,21 +525,15 @@ def raw_texts(
     ...           ("PatientName", "SeriesNumber", "Modality"))
     {'PatientName': 'Doe^John', 'SeriesNumber': '7', 'Modality': None}
     """
-    charset = values.get(_CHARSET)
-    if charset is not None and charset[1].rstrip(b"\0 ") not in _ASCII_CHARSETS:
+    if not _plain_charset(values):
         return None
     texts: dict[str, str | None] = {}
     try:
         for keyword in keywords:
-            tag, dict_vr = _field_tag(keyword)
-            elem = values.get(tag)
-            if elem is None:
+            value = _raw_field(values, keyword)
+            if value is _ABSENT:
                 texts[keyword] = None
                 continue
-            vr = elem[0] or dict_vr
-            if vr == "UN" or " " in vr:
-                return None
-            value = raw_value(vr, elem[1])
             if isinstance(value, list):
                 return None  # pydicom's text of a MultiValue: left to pydicom
             texts[keyword] = None if value is None or value == "" else str(value)

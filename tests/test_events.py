@@ -32,6 +32,7 @@ from scp.events.sinks import Webhook, event_record
 from scp.store.index import SqliteIndex, create_empty, sha256_file
 
 from conftest import run_cli
+from serve_helpers import wait_until
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 PAST = 1000.0  #: seconds ago the instances "arrived": stable at once
@@ -84,14 +85,6 @@ def lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- completion
@@ -167,7 +160,7 @@ def test_a_study_completes_after_its_series_with_a_manifest_of_them(out: Path, i
     try:
         p.poll()  # series first ...
         p.poll()  # ... then the study, in the same or the next round
-        wait_for(marker.exists, what="the study hook")
+        wait_until(marker.exists, what="the study hook")
     finally:
         p.stop()
     manifest = json.loads(study_manifest_path(out, "1.5.9").read_text())
@@ -188,7 +181,7 @@ def test_the_series_hook_gets_the_manifest_folder_and_revision(out: Path, index:
                  hook_shell=True)
     try:
         p.poll()
-        wait_for(marker.exists, what="the series hook")
+        wait_until(marker.exists, what="the series hook")
     finally:
         p.stop()
     env = dict(line.split("=", 1) for line in marker.read_text().splitlines())
@@ -213,7 +206,7 @@ def test_the_stored_hook_runs_per_instance_with_the_facts_of_its_row(out: Path, 
             rels[uid] = add_instance(index, out, "1.7.9", "1.7.9.1", uid, ago=0)
             p.stored("MODALITY", uid, rels[uid], 100, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                      transfer_syntax_uid="1.2.840.10008.1.2.1", seconds=0.01)
-        wait_for(lambda: len(list(hooks.glob("*[0-9]"))) == 5, what="5 hook runs")
+        wait_until(lambda: len(list(hooks.glob("*[0-9]"))) == 5, what="5 hook runs")
         assert p.hooks is not None and p.hooks.wait_idle(10)
     finally:
         p.stop()
@@ -261,7 +254,7 @@ def test_hooks_still_run_when_their_helper_process_dies(tmp_path: Path, caplog) 
     try:
         assert runner._helper is not None  # noqa: SLF001
         runner._helper.proc.kill()  # noqa: SLF001 - as the OOM killer would
-        wait_for(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
+        wait_until(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
         assert runner.submit("on_stored", ["touch", "marker"], {}, "uid")
         assert runner.wait_idle(30)
     finally:
@@ -277,9 +270,9 @@ def test_a_run_in_flight_when_the_helper_dies_is_not_lost(tmp_path: Path, caplog
     try:
         assert runner._helper is not None  # noqa: SLF001
         assert runner.submit("on_stored", ["sh", "-c", "echo x >> ran; sleep 0.5"], {}, "first")
-        wait_for(lambda: (tmp_path / "ran").exists(), what="the hook started")
+        wait_until(lambda: (tmp_path / "ran").exists(), what="the hook started")
         runner._helper.proc.kill()  # noqa: SLF001
-        wait_for(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
+        wait_until(lambda: "hook helper process ended" in caplog.text, what="the helper's end logged")
         assert runner.submit("on_stored", ["touch", "second"], {}, "second")
         assert runner.wait_idle(30)
     finally:
@@ -294,7 +287,7 @@ def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path, 
     r = run_hook("on_stored", ["sh", "-c", f"sleep 1000 & echo $! > {pidfile}; wait"], {}, 0.5)
     assert r.timed_out and not r.ok and time.monotonic() - start < 5
     child = int(pidfile.read_text())
-    wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
+    wait_until(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
              timeout=5, what="the hook's child killed")
 
 
@@ -323,7 +316,7 @@ def test_a_failing_hook_is_logged_in_one_line_with_its_stderr_and_becomes_an_eve
     with caplog.at_level(logging.WARNING, logger="scp.events"):
         try:
             p.stored("MODALITY", "1.8.9.1.1", rel, 10)
-            wait_for(lambda: any(e["event"] == "hook_failed" for e in lines(events)), what="hook_failed")
+            wait_until(lambda: any(e["event"] == "hook_failed" for e in lines(events)), what="hook_failed")
         finally:
             p.stop()
     failed = [r for r in caplog.records if "exited 3" in r.getMessage()]
@@ -419,7 +412,7 @@ def test_the_webhook_receives_each_event_as_json(out: Path, index: SqliteIndex, 
         rel = add_instance(index, out, "1.10.9", "1.10.9.1", "1.10.9.1.1")
         p.stored("MODALITY", "1.10.9.1.1", rel, 10)
         p.poll()
-        wait_for(lambda: {e["event"] for e in received} >= {"stored", "series_complete"}, what="2 POSTs")
+        wait_until(lambda: {e["event"] for e in received} >= {"stored", "series_complete"}, what="2 POSTs")
     finally:
         p.stop()
     stored = next(e for e in received if e["event"] == "stored")
@@ -435,7 +428,7 @@ def test_a_dead_webhook_drops_with_a_log_line_and_never_blocks(caplog) -> None:
         for i in range(3):
             hook.send(event_record("stored", sop_instance_uid=str(i)))
         assert time.monotonic() - start < 0.1
-        wait_for(lambda: len(drops) == 3, what="3 drops")
+        wait_until(lambda: len(drops) == 3, what="3 drops")
         hook.stop(1)
     lines_ = [r.getMessage() for r in caplog.records if "dropped the stored event" in r.getMessage()]
     assert len(lines_) == 3 and "3 attempt(s)" in lines_[0]
@@ -448,7 +441,7 @@ def test_events_to_stdout_one_json_line_each(out: Path, index: SqliteIndex, caps
         p.stored("MODALITY", "1.11.9.1.1", rel, 10)
         p.poll()
         p.poll()
-        wait_for(lambda: p._queue.empty(), what="the dispatcher")
+        wait_until(lambda: p._queue.empty(), what="the dispatcher")
     finally:
         p.stop()
     got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

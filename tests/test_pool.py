@@ -36,6 +36,22 @@ def pid_after(seconds: float) -> int:
     return os.getpid()
 
 
+def both_workers(pool: WorkerPool, seconds: float) -> set[int]:
+    """The PIDs the two workers of `pool` answer from, each given a job of
+    `seconds` at the same time (up to 20 tries to see both)."""
+    pids: set[int] = set()
+    for _ in range(20):
+        threads = [threading.Thread(target=lambda: pids.add(pool.run(pid_after, seconds, timeout=10)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if len(pids) == 2:
+            break
+    return pids
+
+
 @pytest.fixture
 def pool():
     with WorkerPool(1) as p:
@@ -104,16 +120,7 @@ def test_a_stopped_idle_worker_never_stalls_the_pool():
     both seen here), one job fails and the pool is rebuilt; either way jobs go on."""
     with WorkerPool(2) as pool:
         pool.warm_up()
-        pids: set[int] = set()
-        for _ in range(20):  # both workers, each holding a job for a moment
-            threads = [threading.Thread(target=lambda: pids.add(pool.run(pid_after, 0.3, timeout=10)))
-                       for _ in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if len(pids) == 2:
-                break
+        pids = both_workers(pool, 0.3)
         assert len(pids) == 2, f"could not see both workers: {pids}"
         stopped = sorted(pids)[0]
         os.kill(stopped, signal.SIGSTOP)
@@ -180,16 +187,7 @@ def test_a_worker_dying_mid_job_fails_that_job_only(tmp_path):
         assert "error" in box, f"the killed worker's job did not fail: {box}"
         assert other.get("pid") not in (None, doomed_pid), "the other worker's job was lost"
         # both workers serve again: the survivor and the replacement of the dead one
-        pids = set()
-        for _ in range(20):
-            threads = [threading.Thread(target=lambda: pids.add(pool.run(pid_after, 0.2, timeout=10)))
-                       for _ in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if len(pids) == 2:
-                break
+        pids = both_workers(pool, 0.2)
         assert other["pid"] in pids and doomed_pid not in pids and len(pids) == 2, pids
 
 

@@ -489,17 +489,48 @@ def _adopt(old: queue.Queue, notify: Callable[[], None]) -> _WakingQueue:
     return new
 
 
-class _NetState:
-    """Per-DUL state of the event-driven reactor."""
+class _WakePipe:
+    """A socket pair one thread waits on (in ``select``, with ``waiting`` set)
+    and another writes a byte to in order to wake it; the write releases the GIL."""
 
-    __slots__ = ("buf", "dead", "eof", "fallback", "header", "hn", "hview", "msg_bytes", "msg_start",
-                 "n", "readable", "rsock", "stopped", "view", "waiting", "wsock")
+    __slots__ = ("rsock", "waiting", "wsock")
 
     def __init__(self) -> None:
         self.rsock, self.wsock = socket.socketpair()
         self.rsock.setblocking(False)
         self.wsock.setblocking(False)
         self.waiting = False
+
+    def notify(self) -> None:
+        if self.waiting:
+            try:
+                self.wsock.send(b"\0")
+            except OSError:  # full (already woken) or closed (waiter gone)
+                pass
+
+    def drain(self) -> None:
+        try:
+            while self.rsock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for s in (self.rsock, self.wsock):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+class _NetState:
+    """Per-DUL state of the event-driven reactor."""
+
+    __slots__ = ("buf", "dead", "eof", "fallback", "header", "hn", "hview", "msg_bytes", "msg_start",
+                 "n", "pipe", "readable", "stopped", "view")
+
+    def __init__(self) -> None:
+        self.pipe = _WakePipe()  # the reactor's wake-up, beside the peer's socket
         self.readable = False  # the socket is (probably) readable now
         self.eof = False  # the peer closed (or the socket broke): select it no more
         self.dead = False  # refused: read nothing more, close in Sta13
@@ -515,18 +546,10 @@ class _NetState:
         self.msg_bytes = 0
 
     def wake(self) -> None:
-        if self.waiting:
-            try:
-                self.wsock.send(b"\0")
-            except OSError:  # full (already woken) or closed (reactor gone)
-                pass
+        self.pipe.notify()
 
     def close(self) -> None:
-        for s in (self.rsock, self.wsock):
-            try:
-                s.close()
-            except OSError:
-                pass
+        self.pipe.close()
 
 
 class _Waker:
@@ -538,54 +561,40 @@ class _Waker:
     both waited for the scheduler (a third of the DUL thread's time in
     ``Event.set`` when measured). The sockets exist while the reactor runs."""
 
-    __slots__ = ("flag", "rsock", "waiting", "wsock")
+    __slots__ = ("flag", "pipe")
 
     def __init__(self) -> None:
         self.flag = False
-        self.waiting = False
-        self.rsock: socket.socket | None = None
-        self.wsock: socket.socket | None = None
+        self.pipe: _WakePipe | None = None
 
     def open(self) -> None:
-        if self.rsock is not None:
-            return
-        self.rsock, self.wsock = socket.socketpair()
-        self.rsock.setblocking(False)
-        self.wsock.setblocking(False)
+        if self.pipe is None:
+            self.pipe = _WakePipe()
 
     def set(self) -> None:
         self.flag = True
-        if self.waiting and self.wsock is not None:  # (flag, then waiting: see wait)
-            try:
-                self.wsock.send(b"\0")
-            except OSError:  # full (already woken) or closed (reactor gone)
-                pass
+        pipe = self.pipe
+        if pipe is not None:  # (flag, then waiting: see wait)
+            pipe.notify()
 
     def wait(self, timeout: float) -> None:
-        rsock = self.rsock
-        self.waiting = True  # (waiting, then flag: a set() in between is seen by one of us)
+        pipe = self.pipe
+        if pipe is None:
+            return
+        pipe.waiting = True  # (waiting, then flag: a set() in between is seen by one of us)
         try:
-            if not self.flag and rsock is not None:
-                select.select([rsock], [], [], timeout)
+            if not self.flag:
+                select.select([pipe.rsock], [], [], timeout)
         finally:
-            self.waiting = False
-        if rsock is not None:
-            try:
-                while rsock.recv(4096):
-                    pass
-            except OSError:
-                pass
+            pipe.waiting = False
+        pipe.drain()
 
     def clear(self) -> None:
         self.flag = False
 
     def close(self) -> None:
-        for s in (self.rsock, self.wsock):
-            if s is not None:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+        if self.pipe is not None:
+            self.pipe.close()
 
 
 def _wake_dul(dul: Any) -> None:
@@ -762,7 +771,8 @@ def _dul_wait(dul: Any, state: _NetState) -> None:
     if artim.timeout is not None and artim._start_time is not None and artim._end_time is None:
         timeout = max(0.0, min(timeout, artim.remaining))
     sock = _raw_socket(dul)
-    rlist: list[Any] = [state.rsock]
+    pipe = state.pipe
+    rlist: list[Any] = [pipe.rsock]
     if sock is not None and not (state.eof or state.dead):
         if state.fallback:
             pending = getattr(sock, "pending", None)
@@ -771,7 +781,7 @@ def _dul_wait(dul: Any, state: _NetState) -> None:
         elif state.readable:
             return
         rlist.append(sock)
-    state.waiting = True
+    pipe.waiting = True
     try:
         if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
             return
@@ -782,13 +792,9 @@ def _dul_wait(dul: Any, state: _NetState) -> None:
             ready = []
             state.readable = True
     finally:
-        state.waiting = False
-    if state.rsock in ready:
-        try:
-            while state.rsock.recv(4096):
-                pass
-        except OSError:
-            pass
+        pipe.waiting = False
+    if pipe.rsock in ready:
+        pipe.drain()
     if sock is not None and sock in ready:
         state.readable = True
 
