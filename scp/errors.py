@@ -19,6 +19,11 @@ class StoreError(SortscpError):
     """An instance could not be written to its final place."""
 
 
+class FolderGone(StoreError):
+    """The folder a file was being named into was removed meanwhile (a
+    concurrent prune); the caller makes it again and retries."""
+
+
 class OutsideRootError(StoreError):
     """A computed destination would lie outside the output folder."""
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from scp.store._prune import remove_obsolete
-from scp.store.fsops import fsync_path
+from scp.store.fsops import ensure_parent, fsync_path
 from scp.store.index import SqliteIndex
 
 TMP = ".sortscp-tmp"
@@ -51,7 +51,7 @@ def put(root: Path, index: SqliteIndex, uid: str, relpath: str, data: bytes, *, 
             fsync_path(tmp)
         final = root / relpath
         for _ in range(10):  # a concurrent prune may remove the folder we made
-            final.parent.mkdir(parents=True, exist_ok=True)
+            ensure_parent(root, final, durable=False)  # (makes a folder pruned meanwhile again)
             try:
                 os.replace(tmp, final)
                 break

@@ -215,3 +215,46 @@ def test_fs_clock_is_not_behind_files_created_after_it(tmp_path: Path) -> None:
     assert tmp_leftovers(tmp_path) == []
 
 
+
+
+def test_a_folder_pruned_while_a_file_is_named_into_it_is_made_again(tmp_path: Path) -> None:
+    """A resend that moves an instance removes the folders it leaves empty. A
+    store naming a file into one of them at that moment must make the folder
+    again, not fail the instance (the sender would get a failure status for
+    nothing). Here a thread removes the empty target folders as fast as it can
+    while 300 files are committed into fresh folders."""
+    import threading
+
+    from scp.store._prune import prune_empty_dirs
+    from scp.store.commit import commit_file
+    from scp.store.tmp import tmp_dir
+
+    root = tmp_path / "out"
+    root.mkdir()
+    n = 300
+    stop = threading.Event()
+    pruned = [0]
+
+    def pruner() -> None:
+        while not stop.is_set():
+            for i in range(n):
+                pruned[0] += prune_empty_dirs(root, f"P{i % 7}/S{i}")
+
+    failures: list[Exception] = []
+    thread = threading.Thread(target=pruner)
+    thread.start()
+    try:
+        for i in range(n):
+            src = tmp_dir(root) / f"incoming-{i}.part"  # the commit links it: one per file
+            src.write_bytes(f"instance {i}".encode())
+            try:
+                commit_file(src, root, PurePosixPath(f"P{i % 7}/S{i}/1.{i}.dcm"), durable=False)
+            except StoreError as exc:
+                failures.append(exc)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
+    assert pruned[0] > 0  # the pruner did remove folders under the writer
+    for i in range(n):
+        assert (root / f"P{i % 7}/S{i}/1.{i}.dcm").read_bytes() == f"instance {i}".encode()

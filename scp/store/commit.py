@@ -22,8 +22,9 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from scp.enums import Duplicate, Placement
-from scp.errors import OutsideRootError, StoreError
+from scp.errors import FolderGone, OutsideRootError, StoreError
 from scp.store.fsops import (
+    FOLDER_ATTEMPTS,
     NEW_FILE_MODE,
     ensure_parent,
     fsync_dir,
@@ -71,8 +72,8 @@ def write_atomic(
             os.fchmod(f.fileno(), NEW_FILE_MODE)
             if durable:
                 fsync_fd(f.fileno())
-        ensure_parent(root, final, durable)
-        return commit(tmp, final, on_conflict, durable, keep_source=False)
+        return _into_folder(root, final, durable, lambda: commit(
+            tmp, final, on_conflict, durable, keep_source=False))
     finally:
         unlink_quietly(tmp)
 
@@ -94,8 +95,24 @@ def commit_file(
     os.chmod(src, NEW_FILE_MODE)
     if durable:
         fsync_path(src)
-    ensure_parent(root, final, durable)
-    return commit(src, final, on_conflict, durable, keep_source=True)
+    return _into_folder(root, final, durable, lambda: commit(
+        src, final, on_conflict, durable, keep_source=True))
+
+
+def _into_folder(
+    root: Path, final: Path, durable: bool, name: Callable[[], tuple[Path, Placement]]
+) -> tuple[Path, Placement]:
+    """Create the folder of `final` and `name` the file into it; when another
+    process prunes that folder in between (it removes the folders a moved
+    instance left empty), make it again and name again."""
+    for attempt in range(FOLDER_ATTEMPTS):
+        ensure_parent(root, final, durable)
+        try:
+            return name()
+        except FolderGone:
+            if attempt == FOLDER_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def commit(
@@ -140,6 +157,10 @@ def claim(
                 replace(candidate)
                 return candidate, _done(candidate, Placement.REPLACED, durable)
             continue  # Duplicate.BOTH: try the next free name
+        except FileNotFoundError as exc:
+            if not candidate.parent.is_dir():
+                raise FolderGone(f"cannot create {candidate}: its folder was removed") from exc
+            raise StoreError(f"cannot create {candidate}: {os.strerror(exc.errno or 0)}") from exc
         except OSError as exc:
             raise StoreError(f"cannot create {candidate}: {os.strerror(exc.errno or 0)}") from exc
         return candidate, _done(candidate, _stored(candidate, final), durable)

@@ -27,10 +27,24 @@ def umask() -> int:
 NEW_FILE_MODE = 0o666 & ~umask()
 
 
+#: How often a folder that a concurrent prune removed under us (the last file
+#: of another folder left it when a resend moved an instance) is made again
+#: before the store fails.
+FOLDER_ATTEMPTS = 10
+
+
 def ensure_parent(root: Path, final: Path, durable: bool) -> None:
-    parent = final.parent
-    if parent.is_dir():
-        return
+    """Create the missing folders above `final` (flushing each new entry with
+    `durable`). A folder that another process prunes while we create the next
+    one is made again; a file or link where a folder should be is an error."""
+    for _ in range(FOLDER_ATTEMPTS):
+        if final.parent.is_dir() or _make_parents(root, final.parent, durable):
+            return
+    raise StoreError(f"cannot create folder {final.parent}: it was removed while it was made")
+
+
+def _make_parents(root: Path, parent: Path, durable: bool) -> bool:
+    """False if a concurrent prune removed a folder we made or found."""
     missing = []
     while parent != root and not parent.is_dir():
         missing.append(parent)
@@ -43,11 +57,18 @@ def ensure_parent(root: Path, final: Path, durable: bool) -> None:
                 folder.mkdir()
             except FileExistsError:
                 if not folder.is_dir():
+                    if os.path.lexists(folder):
+                        raise
+                    return False
+            except FileNotFoundError:
+                if folder.parent.is_dir() or os.path.lexists(folder.parent):
                     raise
+                return False
             if durable:
                 fsync_dir(folder.parent)
     except OSError as exc:
         raise StoreError(f"cannot create folder {folder}: {exc.strerror}") from exc
+    return True
 
 
 def same_content(a: Path, b: Path) -> bool:
