@@ -10,7 +10,14 @@ Receivers (each fed by DCMTK ``storescu +sd +r``, TCP_NODELAY=1, 1 sender and
   that pynetdicom deletes after the handler);
 * ``pynd-threads``: the same with sortscp's event-driven network threads
   (``scp.net._pynetdicom.install_network_threads()``) and the accepted sockets
-  tuned as ``sortscp serve`` tunes them (TCP_NODELAY, a send timeout).
+  tuned as ``sortscp serve`` tunes them (TCP_NODELAY, a send timeout);
+* ``pynd-fast``: that, with each dataset streamed to sortscp's incoming-file
+  sink (``scp.net.sink.install``, the completeness walk included) in a
+  temporary folder beside the others, as ``sortscp serve`` receives it: the
+  C-STORE fast path (no pynetdicom primitives, no service class);
+* ``pynd-sink``: the same with a no-op handler on ``EVT_DIMSE_RECV``, which
+  keeps pynetdicom's primitives and ``StorageServiceClass`` on the path: the
+  difference to ``pynd-fast`` is what the fast path saves.
 
 Runs are interleaved (every receiver once per round, the order rotated each
 round), one untimed warm-up round, medians of ``--runs`` rounds. Every run must
@@ -43,7 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 
 HOST = "127.0.0.1"
 AET = "BENCHSCP"
-KINDS = ("storescp-ignore", "storescp", "pynd-stock", "pynd-threads")
+KINDS = ("storescp-ignore", "storescp", "pynd-stock", "pynd-threads", "pynd-fast", "pynd-sink")
 
 
 # --------------------------------------------------------------------------- the null SCP
@@ -55,7 +62,7 @@ def serve(mode: str, port: int, bufsize: int | None) -> None:
     from pynetdicom.transport import ThreadedAssociationServer
 
     server_class = ThreadedAssociationServer
-    if mode == "threads":
+    if mode in ("threads", "fast", "sink"):
         from scp.net import _pynetdicom
 
         _pynetdicom.install_network_threads()
@@ -75,11 +82,20 @@ def serve(mode: str, port: int, bufsize: int | None) -> None:
         count[0] += 1
         return 0x0000
 
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    if mode in ("fast", "sink"):
+        import tempfile
+
+        from scp.net import sink
+
+        sink.install(Path(tempfile.mkdtemp(prefix="null-scp-", dir=os.environ.get("NULL_SCP_DIR"))))
+        if mode == "sink":
+            handlers.append((evt.EVT_DIMSE_RECV, lambda event: None))
+
     ae = AE(ae_title=AET)
     ae.supported_contexts = StoragePresentationContexts
     ae.maximum_associations = 16
-    server = ae.make_server((HOST, port), evt_handlers=[(evt.EVT_C_STORE, on_store)],
-                            server_class=server_class)
+    server = ae.make_server((HOST, port), evt_handlers=handlers, server_class=server_class)
     import threading
 
     from scp.net import _pynetdicom
@@ -131,7 +147,7 @@ class Receiver:
                    "--port", str(self.port)]
             if bufsize:
                 cmd += ["--bufsize", str(bufsize)]
-            env = dict(os.environ)
+            env = {**os.environ, "NULL_SCP_DIR": str(work)}  # (pynd-fast/-sink's sink folder)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env)
         wait_for_port(self.port, HOST, 30, proc=self.proc)

@@ -16,12 +16,16 @@ import struct
 import subprocess
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from scp.net import _pynetdicom as net
@@ -666,3 +670,108 @@ def test_store_rsp_reaches_a_pynetdicom_scu_either_way():
             assert status.Status == 0xA700
     finally:
         server.shutdown()
+
+
+# --------------------------------------------------------------------------- the C-STORE fast path
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    """Datasets streamed to sortscp's sink under tmp_path (as ``serve`` does)."""
+    from scp.net import sink
+
+    sink.install(tmp_path)
+    yield tmp_path
+    net.uninstall_receiver()
+
+
+class RecordingServer(Server):
+    """A Server whose C-STORE handler records what it was given and answers
+    `status` (or raises it, if it is an exception)."""
+
+    def __init__(self, status=0xB000, extra_handlers=(), **kwargs) -> None:
+        self.status = status
+        self.seen: list[tuple[str, bytes]] = []
+        self.extra = list(extra_handlers)
+        super().__init__(**kwargs)
+        for event, handler in self.extra:
+            self.server.bind(event, handler)
+
+    def _store(self, event):
+        self.seen.append((type(event.request).__name__, event.dataset_path.read_bytes()))
+        _ = event.dataset
+        if isinstance(self.status, BaseException):
+            raise self.status
+        return self.status
+
+
+def _send_ct(port: int) -> int:
+    ds = pydicom.dcmread(CT_FILE)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    assoc = scu().associate(HOST, port, ae_title="FASTSCP")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_a_store_skips_pynetdicoms_primitives_and_answers_the_handlers_status(receiver):
+    """With the sink and our threads, the handler gets a StoreRequest (no
+    C_STORE primitive is built); the status it returns, the request's UID and a
+    readable dataset come through; the temporary file is removed after."""
+    srv = RecordingServer(status=0xB000)
+    uid = pydicom.uid.generate_uid()
+    ds = pydicom.dcmread(CT_FILE)
+    ds.SOPInstanceUID = uid
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    chunks = [data[i:i + 16000] for i in range(0, len(data), 16000)]
+    try:
+        sock = associate_ct(srv.port)
+        sock.sendall(_pdata(1, 0x03, _store_rq(uid)))
+        for i, chunk in enumerate(chunks):
+            sock.sendall(_pdata(1, 0x02 if i == len(chunks) - 1 else 0x00, chunk))
+        kind, body = read_pdu(sock)
+        sock.sendall(RELEASE_RQ)
+        assert read_pdu(sock)[0] == 0x06
+        sock.close()
+    finally:
+        srv.close()
+    assert kind == 0x04
+    # one PDV: length (4), context 1, control 0x03 (last command fragment), the command
+    assert body[4:6] == b"\x01\x03"
+    rsp = decode(BytesIO(body[6:]), True, True)
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 1, 0xB000)
+    assert (rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID) == (CTImageStorage, uid)
+    assert rsp.CommandDataSetType == 0x0101
+    assert [kind for kind, _ in srv.seen] == ["StoreRequest"]
+    assert srv.seen[0][1].endswith(data)  # the dataset the handler read is the one sent
+    assert list((receiver / ".sortscp-tmp").iterdir()) == []
+
+
+def test_a_watched_dimse_recv_keeps_pynetdicoms_path(receiver):
+    """A handler on EVT_DIMSE_RECV needs pynetdicom's message object: the
+    request is then the usual C_STORE, with the same answer."""
+    received = []
+    srv = RecordingServer(status=0xB000, extra_handlers=[(evt.EVT_DIMSE_RECV, received.append)])
+    try:
+        status = _send_ct(srv.port)
+    finally:
+        srv.close()
+    assert status == 0xB000
+    assert [kind for kind, _ in srv.seen] == ["C_STORE"]
+    assert len(received) == 1
+
+
+@pytest.mark.parametrize("answer", [RuntimeError("handler bug"), "not a status", 0x1_0000])
+def test_a_handler_that_raises_or_answers_no_status_gives_0xC211(receiver, answer):
+    srv = RecordingServer(status=answer)
+    try:
+        status = _send_ct(srv.port)
+    finally:
+        srv.close()
+    assert status == 0xC211
+    assert list((receiver / ".sortscp-tmp").iterdir()) == []
