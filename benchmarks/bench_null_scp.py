@@ -28,7 +28,7 @@ between timed runs measures ext4's inode allocator).
 
 Run from the repository root::
 
-    python benchmarks/bench_null_scp.py [--runs 5] [--only pynd-threads,storescp]
+    python benchmarks/bench_null_scp.py [--runs 5] [--only pynd-threads,storescp] [--max-pdu N]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ KINDS = ("storescp-ignore", "storescp", "pynd-stock", "pynd-threads", "pynd-fast
 # --------------------------------------------------------------------------- the null SCP
 
 
-def serve(mode: str, port: int, bufsize: int | None) -> None:
+def serve(mode: str, port: int, bufsize: int | None, max_pdu: int) -> None:
     """Run the null pynetdicom SCP until SIGTERM; print the number of C-STOREs answered."""
     from pynetdicom import AE, StoragePresentationContexts, _config, evt
     from pynetdicom.transport import ThreadedAssociationServer
@@ -95,6 +95,7 @@ def serve(mode: str, port: int, bufsize: int | None) -> None:
     ae = AE(ae_title=AET)
     ae.supported_contexts = StoragePresentationContexts
     ae.maximum_associations = 16
+    ae.maximum_pdu_size = max_pdu
     server = ae.make_server((HOST, port), evt_handlers=handlers, server_class=server_class)
     import threading
 
@@ -125,7 +126,7 @@ def split_folders(files: list[Path], work: Path, parts: int) -> list[Path]:
 
 class Receiver:
     def __init__(self, kind: str, work: Path, run_id: str, concurrent: bool,
-                 bufsize: int | None) -> None:
+                 bufsize: int | None, max_pdu: int) -> None:
         from localnet import DCMTK_ENV, dcmtk, free_port, wait_for_port
 
         self.kind = kind
@@ -144,7 +145,7 @@ class Receiver:
         else:
             mode = kind.removeprefix("pynd-")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", mode,
-                   "--port", str(self.port)]
+                   "--port", str(self.port), "--max-pdu", str(max_pdu)]
             if bufsize:
                 cmd += ["--bufsize", str(bufsize)]
             env = {**os.environ, "NULL_SCP_DIR": str(work)}  # (pynd-fast/-sink's sink folder)
@@ -192,10 +193,10 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 def one_run(kind: str, folders: list[Path], work: Path, run_id: str, expected: int,
-            bufsize: int | None) -> float:
+            bufsize: int | None, max_pdu: int) -> float:
     from _trees import count_files
 
-    rx = Receiver(kind, work, run_id, len(folders) > 1, bufsize)
+    rx = Receiver(kind, work, run_id, len(folders) > 1, bufsize, max_pdu)
     try:
         cpu0 = _cpu_seconds(rx.proc.pid)
         elapsed = send(rx.port, folders)
@@ -221,6 +222,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--bufsize", type=int, default=None,
                     help="SO_RCVBUF/SO_SNDBUF for pynd-threads' accepted sockets")
+    ap.add_argument("--max-pdu", type=int, default=16382,
+                    help="the pynetdicom SCPs' maximum PDU (pynetdicom's default 16382; "
+                         "sortscp serve's is 1048576)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--senders", default="1,4")
     ap.add_argument("--only", default=",".join(KINDS))
@@ -228,7 +232,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/net-bench"))
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.bufsize)
+        serve(args.serve, args.port, args.bufsize, args.max_pdu)
         return 0
 
     from _trees import CT, DEFAULT_CACHE, build_tree, instance_files
@@ -246,7 +250,7 @@ def main() -> int:
                 order = kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]
                 for kind in order:
                     t = one_run(kind, folders, args.work, f"{senders}-{rnd}-{kind}",
-                                len(files), args.bufsize)
+                                len(files), args.bufsize, args.max_pdu)
                     if rnd:
                         results.setdefault((kind, senders), []).append(t)
                     print(f"  {senders} sender(s) round {rnd} {kind:18s} {t:6.2f} s",
