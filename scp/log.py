@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import sys
+import threading
 import time
 
 from scp.enums import LogFormat
@@ -82,18 +83,21 @@ class EchoFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._recent: collections.deque[str] = collections.deque(maxlen=32)
+        self._lock = threading.Lock()  # (filters run outside the handler's lock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "pydicom" or record.name.startswith("pydicom."):
             if record.levelno == logging.WARNING and isinstance(record.msg, str) and not record.args:
-                self._recent.append(record.msg)
+                with self._lock:
+                    self._recent.append(record.msg)
             return True
         if record.name == "py.warnings" and self._recent:
             text = record.getMessage()
-            for i, message in enumerate(self._recent):
-                if message in text:
-                    del self._recent[i]
-                    return False
+            with self._lock:
+                for i, message in enumerate(self._recent):
+                    if message in text:
+                        del self._recent[i]
+                        return False
         return True
 
 
