@@ -239,9 +239,9 @@ def sort(
 ) -> None:
     """Re-sort an existing folder of DICOM files into the layout, in parallel."""
     if sys.stderr.isatty() and not dry_run:  # a progress bar (a thread): no fork for workers
-        from scp.pool import start_early
+        from scp.pool import SORT_JOBS, start_early
 
-        start_early("scp.sort_jobs")  # the forkserver imports while we do
+        start_early(SORT_JOBS)  # the forkserver imports while we do
     from rich.console import Console
 
     from scp.errors import DestinationLockedError, Interrupted

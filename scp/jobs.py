@@ -131,11 +131,12 @@ def named_from_header(header: ReceivedHeader, template: Template, size: int,
     the same (``tests/test_sink_header.py`` compares them on every bundled file)."""
     elements = _with_sop_class(header)
     rel = relative_path_raw(elements, template)
-    texts = raw_texts(elements, _RAW_KEYWORDS) if rel is not None else None
-    if rel is not None and texts is not None and texts["SOPInstanceUID"]:
-        facts = _facts(texts.get, size, header.transfer_syntax, calling_aet)
-        return rel, str(texts["SOPInstanceUID"]), facts
-    ds = _dataset_from_header(header)
+    if rel is not None:
+        texts = raw_texts(elements, _RAW_KEYWORDS)
+        if texts is not None and texts["SOPInstanceUID"]:
+            facts = _facts(texts.get, size, header.transfer_syntax, calling_aet)
+            return rel, str(texts["SOPInstanceUID"]), facts
+    ds = _dataset_from_header(header, elements)
     return relative_path(ds, template), str(ds.SOPInstanceUID), instance_facts(ds, size, calling_aet)
 
 
@@ -230,8 +231,12 @@ def _with_sop_class(header: ReceivedHeader) -> dict[int, tuple[str | None, bytes
     return elements
 
 
-def _dataset_from_header(header: ReceivedHeader) -> Dataset:
-    elements = _with_sop_class(header)
+def _dataset_from_header(header: ReceivedHeader,
+                         elements: dict[int, tuple[str | None, bytes]] | None = None) -> Dataset:
+    """The kept values as a pydicom dataset (`elements`: those of
+    :func:`_with_sop_class`, if already at hand)."""
+    if elements is None:
+        elements = _with_sop_class(header)
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = UID(header.transfer_syntax)
     return dataset_from_elements(elements, header.implicit, header.little, file_meta=meta)

@@ -119,8 +119,10 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-#: What the forkserver imports for serve's workers (sort's: ``scp.sort_jobs``, without pydicom).
+#: What the forkserver imports for serve's workers, and for sort's (without pydicom).
+#: A forkserver started early (:func:`start_early`) keeps what it imported then.
 SERVE_JOBS = "scp.jobs"
+SORT_JOBS = "scp.sort_jobs"
 
 
 def _context(fork: bool = False, preload: str = SERVE_JOBS) -> multiprocessing.context.BaseContext:
@@ -178,7 +180,7 @@ class _Worker:
         if close:
             self.conn.close()
 
-    def stop(self, grace: float) -> None:
+    def stop(self, grace: float = EXIT_WAIT_SECONDS) -> None:
         """Ask the worker to exit; after `grace` seconds SIGTERM, then SIGKILL."""
         try:
             self.conn.send(None)
@@ -216,13 +218,9 @@ class WorkerPool:
             self._idle.append(worker)
             self._cond.notify()
 
-    def _replace(self, worker: _Worker, why: str, kill: bool = True) -> None:
+    def _replace(self, worker: _Worker, why: str) -> None:
         """`worker` is dead or must die: once it is gone, start another."""
-        if kill:
-            worker.kill()
-        else:
-            worker.proc.join(KILL_WAIT_SECONDS)
-            worker.conn.close()
+        worker.kill()
         with self._cond:
             self._all.discard(worker)
             closed = self._closed
@@ -257,7 +255,7 @@ class WorkerPool:
                 return
             self._all.discard(worker)
             self._cond.notify_all()
-        worker.stop(EXIT_WAIT_SECONDS)
+        worker.stop()
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
         """`fn(*args)` in a worker, within `timeout` seconds of running time
@@ -275,12 +273,12 @@ class WorkerPool:
             # (A send alone would not tell: a dying worker's second thread holds the
             # socket's other end open for a moment after its main thread is gone.)
             if not worker.alive():
-                self._replace(worker, f"worker process {worker.pid} died", kill=False)
+                self._replace(worker, f"worker process {worker.pid} died")
                 continue
             try:
                 worker.conn.send((fn, args))
             except (BrokenPipeError, ConnectionResetError):
-                self._replace(worker, f"worker process {worker.pid} died", kill=False)
+                self._replace(worker, f"worker process {worker.pid} died")
                 continue
             except BaseException:  # e.g. arguments that do not pickle: nothing was sent
                 self._give_back(worker)
@@ -328,15 +326,11 @@ class WorkerPool:
             for w in dead:
                 self._idle.remove(w)
         for w in dead:
-            self._replace(w, f"worker process {w.pid} died", kill=False)
+            self._replace(w, f"worker process {w.pid} died")
 
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def pids(self) -> list[int]:
-        with self._cond:
-            return sorted(w.pid for w in self._all)
 
     def warm_up(self) -> None:
         """Make sure every worker is up and answering, so the first instance
@@ -374,7 +368,7 @@ class WorkerPool:
             self._idle.clear()
             self._all.clear()
         for w in idle:
-            w.stop(EXIT_WAIT_SECONDS)
+            w.stop()
         for w in busy:  # past the grace: their callers hear PoolClosed
             w.proc.terminate()
         for w in busy:

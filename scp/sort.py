@@ -34,7 +34,7 @@ from typing import IO
 from scp.config import SortConfig
 from scp.enums import Mode, Result, SkipCategory
 from scp.errors import DestinationLockedError, Interrupted
-from scp.pool import WorkerPool
+from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
 from scp.sort_jobs import Deferred, Item, sort_batch, sort_claims
 from scp.store.fsops import flush_count, same_content
@@ -336,7 +336,7 @@ def sort_tree(
             cfg.src, skip, changed_before_ns=changed_before_ns,
             follow_symlinks=cfg.follow_symlinks,
         )
-        pool = WorkerPool(cfg.workers, fork=True, preload="scp.sort_jobs")  # before any thread of ours starts
+        pool = WorkerPool(cfg.workers, fork=True, preload=SORT_JOBS)  # before any thread of ours starts
         if on_total is not None:
             threading.Thread(
                 target=lambda: on_total(count_entries(cfg.src, skip, cfg.follow_symlinks)),

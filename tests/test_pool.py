@@ -197,8 +197,7 @@ def test_the_deadline_counts_running_time_not_the_wait_for_a_worker(pool):
     first.start()
     time.sleep(0.2)
     start = time.monotonic()
-    pid = pool.run(pid_after, 1.5, timeout=2.5)  # waits ~1.3 s, runs 1.5 s: 2.8 s in all
+    pool.run(pid_after, 1.5, timeout=2.5)  # waits ~1.3 s, runs 1.5 s: 2.8 s; not JobTimeout
     took = time.monotonic() - start
     first.join(10)
     assert took > 2.5, f"the job did not wait for the busy worker ({took:.1f} s)"
-    assert pid_alive(pid)  # not killed: it ran within its deadline

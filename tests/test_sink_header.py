@@ -14,7 +14,7 @@ from scp.config import ServeConfig
 from scp.dicom.header import _parse_meta, read_header
 from scp.errors import NotDicomError
 from scp.jobs import FACT_KEYWORDS, _dataset_from_header, header_tags, instance_facts, named_from_header
-from scp.layout import DEFAULT_TEMPLATE, Template, relative_path, relative_path_raw
+from scp.layout import DEFAULT_TEMPLATE, Template, raw_texts, relative_path, relative_path_raw
 from scp.net.sink import IncomingDataset
 
 from conftest import readable_dicom_files
@@ -82,7 +82,10 @@ def test_kept_header_names_every_file_as_the_file_read_does(tmp_path, template) 
             expected = (relative_path(ref, template), str(ref.SOPInstanceUID), instance_facts(ref, 1, "A"))
             if named != expected:
                 mismatches.append((path.name, "raw", named, expected))
-            raw += relative_path_raw(header.elements, template) is not None
+            # (the worker's raw branch: the path and the facts both from the raw values)
+            texts = raw_texts(header.elements, (*FACT_KEYWORDS, "SOPInstanceUID"))
+            raw += relative_path_raw(header.elements, template) is not None \
+                and texts is not None and bool(texts["SOPInstanceUID"])
             compared += 1
     assert not mismatches, mismatches[:5]
     assert compared >= 200 and kept >= len(FILES) * 0.8, (compared, kept, len(FILES))

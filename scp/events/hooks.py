@@ -119,15 +119,15 @@ def run_hook(hook: str, argv: list[str], env: Mapping[str, str], timeout: float,
     if running is not None:
         running.add(proc)
     tail = bytearray()
+    assert proc.stderr is not None
     try:
         timed_out = not _wait_reading(proc, start + timeout, tail)
         if timed_out:
             kill_group(proc)
-            _drain(proc, tail)
+            _drain(proc.stderr.fileno(), tail)
     finally:
         if running is not None:
             running.discard(proc)
-        assert proc.stderr is not None
         proc.stderr.close()
     seconds = time.monotonic() - start
     text = bytes(tail).decode(errors="replace").strip()
@@ -169,7 +169,7 @@ def _wait_reading(proc: subprocess.Popen, deadline: float, tail: bytearray) -> b
             if remaining <= 0:
                 if proc.poll() is None:
                     return False
-                _drain(proc, tail)
+                _drain(err, tail)
                 return True
             wait_ms = remaining * 1000 if pidfd is not None else min(remaining, 0.05) * 1000
             for fd, _ in poller.poll(max(1, int(wait_ms))):
@@ -178,7 +178,7 @@ def _wait_reading(proc: subprocess.Popen, deadline: float, tail: bytearray) -> b
             if (pidfd is not None and select.select([pidfd], [], [], 0)[0]) or \
                     (pidfd is None and proc.poll() is not None):
                 proc.wait()
-                _drain(proc, tail)
+                _drain(err, tail)
                 return True
     finally:
         if pidfd is not None:
@@ -200,43 +200,27 @@ def _read_into(fd: int, tail: bytearray) -> bool:
     return bool(chunk)
 
 
-def _drain_fd(fd: int, tail: bytearray) -> None:
-    """What a non-blocking pipe holds now, into `tail`."""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # BlockingIOError: nothing more now
-            return
-        if not chunk:
-            return
-        tail.extend(chunk)
-        if len(tail) > STDERR_TAIL:
-            del tail[: len(tail) - STDERR_TAIL]
-
-
-def _drain(proc: subprocess.Popen, tail: bytearray) -> None:
-    """What the ended hook left in its stderr pipe (never waits: a process it
-    started may hold the pipe open)."""
-    assert proc.stderr is not None
-    err = proc.stderr.fileno()
+def _drain(err: int, tail: bytearray) -> None:
+    """What the ended hook left in its stderr pipe `err`, into `tail` (never
+    waits: a process it started may hold the pipe open)."""
     while select.select([err], [], [], 0)[0] and _read_into(err, tail):
+        pass
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM the process group of `proc`, then SIGKILL it after a grace period."""
     for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _killpg(proc.pid, sig)
         try:
             proc.wait(wait)
-            # the leader is gone: take the rest of its group down with it
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _killpg(proc.pid, signal.SIGKILL)  # the leader is gone: take the rest of its group with it
             return
         except subprocess.TimeoutExpired:
             continue
@@ -340,13 +324,11 @@ class HookRunner:
         finished = 0
         for r in replies:
             with self._cond:
-                run = self._sent.get(r.get("id"))  # type: ignore[arg-type]
+                run = self._sent.pop(r.get("id"), None)  # type: ignore[arg-type]
             if run is None:
                 continue
             self._finish(run, HookResult(run.hook, tuple(run.argv), r["returncode"], r["seconds"],
                                          r["timed_out"], r["error"], r["stderr_tail"]))
-            with self._cond:
-                del self._sent[r["id"]]
             finished += 1
         if not finished:
             return
@@ -362,12 +344,13 @@ class HookRunner:
         with self._cond:
             lost = list(self._sent.values())
             self._sent.clear()
-            if expected or self._stopping.is_set():
+            drop = expected or self._stopping.is_set()
+            if drop:
                 self._busy -= len(lost)
                 self._cond.notify_all()
             else:
                 self._waiting.extendleft(reversed(lost))
-        if expected or self._stopping.is_set():
+        if drop:
             for run in lost:
                 self._dropped(run.hook, run.subject, "the server stopped while it ran")
             return
@@ -786,7 +769,7 @@ class _HelperLoop:
             del self.fds[h.pidfd]
             os.close(h.pidfd)
         if h.err is not None:  # what it left in the pipe, without waiting (a child of it may hold it open)
-            _drain_fd(h.err, h.tail)
+            _drain(h.err, h.tail)
             self._close_err(h)
         if not h.reported:
             self._report(h, returncode)
@@ -835,13 +818,6 @@ class _HelperLoop:
             else:
                 self.poller.unregister(1)
             self.writing = want
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def hook_process_main() -> None:

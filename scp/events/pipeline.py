@@ -152,7 +152,6 @@ class Pipeline:
         self._index_lock = threading.Lock()
         self._last_error = ""
         self.poll_seconds = max(0.05, min(1.0, min(cfg.series_stable_seconds, cfg.study_stable_seconds) / 4))
-        self.batch_seconds = DISPATCH_BATCH_SECONDS
 
     # ---- life cycle
 
@@ -257,11 +256,13 @@ class Pipeline:
 
     # ---- emitting
 
-    def _emit(self, record: dict[str, Any]) -> None:
+    def _emit(self, *records: dict[str, Any]) -> None:
+        """Write `records` to the events file (in one write) and the webhook."""
         if self.events is not None:
-            self.events.write(record)
+            self.events.write_many(list(records))
         if self.webhook is not None:
-            self.webhook.send(record)
+            for record in records:
+                self.webhook.send(record)
 
     def _run_hook(self, hook: str, record: dict[str, Any], subject: str) -> None:
         argv = self._argv.get(hook)
@@ -283,14 +284,14 @@ class Pipeline:
     # ---- dispatcher
 
     def _dispatcher(self) -> None:
-        """Woken by a stored event, wait `batch_seconds` for more, then handle
+        """Woken by a stored event, wait DISPATCH_BATCH_SECONDS for more, then handle
         all that came: one wake-up, one write to the events file and one to the
         hook helper for all of them (a thread's wake-up costs the server more
         CPU than an event's own work, and it competes with receiving for the GIL)."""
         while True:
             batch = [self._queue.get()]
-            if batch[0] is not None and self.batch_seconds > 0 and not self._stop.is_set():
-                self._hurry.wait(self.batch_seconds)  # a stop or a marker ends the wait
+            if batch[0] is not None and not self._stop.is_set():
+                self._hurry.wait(DISPATCH_BATCH_SECONDS)  # a stop or a marker ends the wait
                 self._hurry.clear()
             while batch[-1] is not None:
                 try:
@@ -299,6 +300,11 @@ class Pipeline:
                     break
             records = []
             markers = []
+            try:
+                index = self.index()  # (once a batch)
+            except Exception:  # never lose the thread
+                log.exception("opening the index for stored events")
+                index = None
             for item in batch:
                 if isinstance(item, threading.Event):
                     markers.append(item)
@@ -306,7 +312,7 @@ class Pipeline:
                 if item is None:
                     continue
                 try:
-                    records.append((item.sop_instance_uid, self._stored_record(item)))
+                    records.append((item.sop_instance_uid, self._stored_record(item, index)))
                 except Exception:  # never lose the thread
                     log.exception("stored event of %s", item.sop_instance_uid)
             try:
@@ -332,9 +338,8 @@ class Pipeline:
         self._hurry.set()
         marker.wait(STOP_SECONDS)
 
-    def _stored_record(self, item: _Stored) -> dict[str, Any]:
+    def _stored_record(self, item: _Stored, index: SqliteIndex | None) -> dict[str, Any]:
         facts: dict[str, Any] = {}
-        index = self.index()
         if index is not None:
             try:
                 row = index.lookup(item.sop_instance_uid)
@@ -357,11 +362,7 @@ class Pipeline:
     def _emit_stored(self, records: list[tuple[str, dict[str, Any]]]) -> None:
         if not records:
             return
-        if self.events is not None:
-            self.events.write_many([r for _, r in records])
-        if self.webhook is not None:
-            for _, r in records:
-                self.webhook.send(r)
+        self._emit(*(r for _, r in records))
         argv = self._argv.get("on_stored")
         if argv is not None and self.hooks is not None:
             self.hooks.submit_all([("on_stored", argv, hook_env(r), uid) for uid, r in records])

@@ -146,6 +146,7 @@ from pynetdicom.timer import Timer
 
 from scp.errors import SortscpError
 from scp.log import safe
+from scp.net.status import HANDLER_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -1098,29 +1099,20 @@ _INTERNALS.extend([
      lambda: callable(getattr(_pyn_handlers, "standard_dimse_recv_handler", None))),
 ])
 
-#: Status of a C-STORE whose handler raised (pynetdicom's, for EVT_C_STORE).
-HANDLER_FAILED = 0xC211
-
-
 class StoreRequest:
     """A C-STORE request as the fast path hands it to the ``EVT_C_STORE``
-    handler (``event.request``): the command's values, read once, and the sink
-    its dataset went to, as ``C_STORE``'s attributes of the same names (so
-    ``Event.dataset`` and ``Event.dataset_path`` work as usual)."""
+    handler (``event.request``): the command's values the response needs, read
+    once, and the sink its dataset went to, under ``C_STORE``'s attribute
+    names (so ``Event.dataset`` and ``Event.dataset_path`` work as usual)."""
 
-    __slots__ = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
-                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID", "DataSet",
+    __slots__ = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "DataSet",
                  "_dataset_file", "_dataset_path")
 
     def __init__(self, command_set: Dataset, sink: Any) -> None:
-        get = command_set.get
         self.MessageID = int(command_set.MessageID)
         self.AffectedSOPClassUID = str(command_set.AffectedSOPClassUID)
         self.AffectedSOPInstanceUID = str(command_set.AffectedSOPInstanceUID)
-        self.Priority = int(get("Priority", 0) or 0)
-        self.MoveOriginatorApplicationEntityTitle = get("MoveOriginatorApplicationEntityTitle")
-        self.MoveOriginatorMessageID = get("MoveOriginatorMessageID")
-        self.DataSet = None
+        self.DataSet = None  # (Event.dataset's fallback reads it)
         self._dataset_file = sink
         self._dataset_path = Path(sink.name)
 
@@ -1177,12 +1169,8 @@ def _serve_store(assoc: Any, request: StoreRequest, context_id: int) -> None:
         log.error("the EVT_C_STORE handler returned %r, not a status", status)
         status = HANDLER_FAILED
     dimse = assoc.dimse
-    try:
-        command = store_rsp_command(request.AffectedSOPClassUID, request.MessageID, status,
-                                    request.AffectedSOPInstanceUID)
-    except (UnicodeError, struct.error):
-        command = None
-    if command is None or not _send_command(dimse, command, context_id):
+    fields = (request.AffectedSOPClassUID, request.MessageID, status, request.AffectedSOPInstanceUID)
+    if not _send_store_rsp(dimse, context_id, *fields):
         rsp = C_STORE()  # pynetdicom's encoder, and its EVT_DIMSE_SENT
         rsp.MessageIDBeingRespondedTo = request.MessageID
         rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
@@ -1231,9 +1219,9 @@ def store_rsp_command(class_uid: str, message_id: int, status: int, instance_uid
     return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
 
 
-def _plain_store_rsp(primitive: Any) -> bytes | None:
-    """The hand-encoded command of `primitive` if it is a plain C-STORE
-    response (what sortscp's handler answers), else None."""
+def _plain_store_rsp(primitive: Any) -> tuple[str, int, int, str] | None:
+    """The fields of :func:`store_rsp_command` if `primitive` is a plain
+    C-STORE response (what sortscp's handler answers), else None."""
     if primitive.__class__ is not C_STORE or primitive.MessageIDBeingRespondedTo is None:
         return None
     if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
@@ -1242,10 +1230,20 @@ def _plain_store_rsp(primitive: Any) -> bytes | None:
     if status is None or class_uid is None or instance_uid is None:
         return None
     try:
-        return store_rsp_command(str(class_uid), int(primitive.MessageIDBeingRespondedTo), int(status),
-                                 str(instance_uid))
-    except (UnicodeError, struct.error, ValueError):
+        return str(class_uid), int(primitive.MessageIDBeingRespondedTo), int(status), str(instance_uid)
+    except ValueError:
         return None
+
+
+def _send_store_rsp(dimse: Any, context_id: int, class_uid: str, message_id: int, status: int,
+                    instance_uid: str) -> bool:
+    """Send a plain C-STORE-RSP encoded by hand (:func:`store_rsp_command`);
+    False if it cannot be (values it cannot encode, see :func:`_send_command`)."""
+    try:
+        command = store_rsp_command(class_uid, message_id, status, instance_uid)
+    except (UnicodeError, struct.error):
+        return False
+    return _send_command(dimse, command, context_id)
 
 
 def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
@@ -1254,8 +1252,8 @@ def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
     a response that would not fit one PDU, and whenever something else than
     its debug logger listens to ``EVT_DIMSE_SENT`` (or that logger is on):
     that event needs the message object this path never builds."""
-    command = _plain_store_rsp(primitive)
-    if command is not None and _send_command(self, command, context_id):
+    fields = _plain_store_rsp(primitive)
+    if fields is not None and _send_store_rsp(self, context_id, *fields):
         return
     _ORIGINALS.get((DIMSEServiceProvider, "send_msg"), _ORIGINAL_SEND_MSG)(self, primitive, context_id)
 

@@ -9,3 +9,6 @@ OUT_OF_RESOURCES = 0xA700
 DATA_SET_MISMATCH = 0xA900
 #: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
 CANNOT_UNDERSTAND = 0xC000
+#: Error: Cannot Understand, what pynetdicom answers for a C-STORE whose
+#: ``EVT_C_STORE`` handler raised or returned no status (sortscp's never does).
+HANDLER_FAILED = 0xC211

@@ -157,11 +157,9 @@ def claim(
                 replace(candidate)
                 return candidate, _done(candidate, Placement.REPLACED, durable)
             continue  # Duplicate.BOTH: try the next free name
-        except FileNotFoundError as exc:
-            if not candidate.parent.is_dir():
-                raise FolderGone(f"cannot create {candidate}: its folder was removed") from exc
-            raise StoreError(f"cannot create {candidate}: {os.strerror(exc.errno or 0)}") from exc
         except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and not candidate.parent.is_dir():
+                raise FolderGone(f"cannot create {candidate}: its folder was removed") from exc
             raise StoreError(f"cannot create {candidate}: {os.strerror(exc.errno or 0)}") from exc
         return candidate, _done(candidate, _stored(candidate, final), durable)
     raise AssertionError("unreachable")  # pragma: no cover

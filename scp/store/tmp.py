@@ -87,7 +87,7 @@ def open_tmp(folder: str | os.PathLike[str], kind: str, suffix: str) -> tuple[Bi
             continue
         except FileNotFoundError:
             os.makedirs(folder, exist_ok=True)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            continue
         return os.fdopen(fd, "wb"), name
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
 
