@@ -775,3 +775,43 @@ def test_a_handler_that_raises_or_answers_no_status_gives_0xC211(receiver, answe
         srv.close()
     assert status == 0xC211
     assert list((receiver / ".sortscp-tmp").iterdir()) == []
+
+
+def test_a_requestors_reactor_never_takes_the_response_its_user_waits_for(server):
+    """sortscp's own SCUs (and any requestor in a process running our threads)
+    pause the reactor around each request and take the response themselves.
+    With thread switches forced often, a reactor that passed its checkpoint just
+    before the user paused it could take the response: the user then saw a
+    DIMSE timeout and aborted. Every echo must be answered."""
+    import sys
+
+    srv = server()
+    unanswered: list[int] = []
+
+    def one(n: int) -> None:
+        assoc = scu(dimse_timeout=5).associate(HOST, srv.port, ae_title="FASTSCP")
+        assert assoc.is_established
+        try:
+            for i in range(300):
+                if "Status" not in assoc.send_c_echo():
+                    unanswered.append(n * 1000 + i)
+                    return
+        finally:
+            assoc.release()
+
+    import logging
+
+    quiet = logging.getLogger("pynetdicom")  # (its per-message lines change the timing)
+    old = sys.getswitchinterval(), quiet.disabled
+    sys.setswitchinterval(1e-6)
+    quiet.disabled = True
+    try:
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(old[0])
+        quiet.disabled = old[1]
+    assert unanswered == []

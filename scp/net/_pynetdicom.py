@@ -1024,6 +1024,12 @@ def _assoc_reactor_loop(self: Any, wake: _Waker) -> None:
         wake.clear()
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        # A send_*() of this association's own user (a requestor) clears the
+        # checkpoint and then waits until it sees us paused, to take its response
+        # itself. Cleared after our wait() returned, but seen paused before the
+        # line above: look again, or get_msg() below could take that response.
+        if not self._reactor_checkpoint.is_set():
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg.__class__ is StoreRequest:
