@@ -43,6 +43,9 @@ SMALL = TreeSpec("small-5000x128", 5000, 128, patients=20, series_per_patient=5)
 #: The same instances, ten times as many (memory and rate must stay flat).
 LARGE = TreeSpec("small-50000x128", 50000, 128, patients=100, series_per_patient=5)
 CT = TreeSpec("ct-500x512", 500, 512, patients=5, series_per_patient=2)
+#: ``bench_serve.py --instances small``: the sort trees' ~37 KB instances, where the
+#: per-instance work (association traffic, naming, flushes) outweighs the bytes.
+SERVE_SMALL = TreeSpec("small-2000x128", 2000, 128, patients=5, series_per_patient=4)
 
 
 def build_tree(spec: TreeSpec, cache: Path) -> Path:

@@ -1,6 +1,7 @@
 """Benchmark ``sortscp serve`` against DCMTK's ``storescp``, both fed by DCMTK's ``storescu``.
 
-The same ~500 CT-sized instances (512x512, 16-bit, ~0.5 MB each) are sent
+The same ~500 CT-sized instances (512x512, 16-bit, ~0.5 MB each; with
+``--instances small``, 2,000 of ~37 KB: 128x128, 16-bit) are sent
 with 1 sender and with 4 concurrent senders (the files split into 4 folders,
 4 ``storescu`` processes at once; ``storescp --fork`` for the concurrent
 case). Each run gets a fresh server and an empty output folder; after each
@@ -53,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _trees import CT, DEFAULT_CACHE, build_tree, cli_env, count_files, instance_files, sortscp_cmd  # noqa: E402
+from _trees import CT, DEFAULT_CACHE, SERVE_SMALL, build_tree, cli_env, count_files, instance_files, sortscp_cmd  # noqa: E402
 from localnet import DCMTK_ENV, dcmtk, free_port, wait_for_port  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tree is built")
+    parser.add_argument("--instances", choices=("ct", "small"), default="ct",
+                        help="ct: 500 x ~0.5 MB (512x512); small: 2,000 x ~37 KB (128x128)")
     parser.add_argument("--events", action="store_true",
                         help="also run sortscp with a hook, metrics and the event file on (sortscp+events)")
     parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="sender counts to run")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if storescu is None or dcmtk("storescp") is None:
         print("DCMTK's storescu/storescp not found (apt-get install dcmtk)", file=sys.stderr)
         return 2
-    files = instance_files(build_tree(CT, args.cache))
+    files = instance_files(build_tree(CT if args.instances == "ct" else SERVE_SMALL, args.cache))
     nbytes = sum(f.stat().st_size for f in files)
     work = args.cache / "work-serve"
     shutil.rmtree(work, ignore_errors=True)

@@ -21,6 +21,7 @@ from pynetdicom.dsutils import split_dataset
 from scp.config import ServeConfig
 from scp.dicom.header import read_header
 from scp.layout import DEFAULT_TEMPLATE, Template, relative_path
+from scp.net import _pynetdicom
 from scp.net.server import Server
 from scp.store.index import STATE_DIRNAME
 from scp.store.tmp import TMP_DIRNAME
@@ -32,14 +33,23 @@ CALLING_AET = "TESTSCU"
 
 @contextlib.contextmanager
 def running_server(out: Path, **options) -> Iterator[Server]:
-    """A real ``Server`` on 127.0.0.1, on a port chosen by the system."""
+    """A real ``Server`` on 127.0.0.1, on a port chosen by the system.
+
+    ``Server.start`` installs its receiver and network threads for the whole
+    process (``sortscp serve`` runs one server per process); they are undone
+    here, so a later test in this process starts from pynetdicom's own code
+    and not from a receiver that files into this test's folder."""
     cfg = replace(ServeConfig(out=out, host="127.0.0.1", port=0, workers=2), **options)
     server = Server(cfg)
-    server.start()
     try:
-        yield server
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        _pynetdicom.uninstall_receiver()
+        _pynetdicom.uninstall_network_threads()
 
 
 def file_identity(path: Path) -> tuple[str, str, str]:
