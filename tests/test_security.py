@@ -322,8 +322,8 @@ def _tls_peer(port: int, certs: Path):
 
 
 def test_tls_peer_dripping_its_request_is_closed_after_the_acse_timeout(serve_process, certs):
-    """With TLS the request cannot be peeked at before it becomes an association; the
-    network thread's read blocks. The ACSE timeout still bounds it in total."""
+    """With TLS the request cannot be peeked at: the connection's thread reads it
+    before it becomes an association, within the ACSE timeout in total."""
     import time
 
     import pdu
@@ -345,6 +345,66 @@ def test_tls_peer_dripping_its_request_is_closed_after_the_acse_timeout(serve_pr
     assert closed is not None, f"a TLS peer dripping its A-ASSOCIATE-RQ was never closed\n{server.log()}"
     assert closed < 2 + 4, f"closed only after {closed:.1f} s"
     result = scu(server.port, tls=client_tls(certs), store=ct_instance("31"))
+    assert result.statuses == [SUCCESS, SUCCESS], f"{result}\n{server.log()}"
+
+
+@pytest.mark.parametrize("peer_does", ["nothing", "drips-its-request"])
+def test_a_tls_peer_without_its_whole_request_holds_no_slot(serve_process, certs, peer_does):
+    """With one association slot, a peer that completed its TLS handshake and then
+    says nothing, or sends its A-ASSOCIATE-RQ a byte at a time, must not keep a
+    real sender out for the ACSE timeout: a connection becomes an association only
+    once its whole request is there, with TLS as without."""
+    import time
+
+    import pdu
+
+    server = serve_process(*tls_args(certs), "--max-associations", "1", "--acse-timeout", "30",
+                           "--workers", "1")
+    rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+    stop = threading.Event()
+    ds = ct_instance("41" if peer_does == "nothing" else "42")
+    with _tls_peer(server.port, certs) as peer:
+
+        def drip() -> None:
+            for i in range(len(rq) - 1):  # never the last byte
+                if stop.wait(0.2):
+                    return
+                try:
+                    peer.send(rq[i:i + 1])
+                except OSError:
+                    return
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        if peer_does == "drips-its-request":
+            dripper.start()
+        time.sleep(1.0)  # its handshake is long done, its request not
+        try:
+            result = scu(server.port, tls=client_tls(certs), store=ds)
+        finally:
+            stop.set()
+            if dripper.is_alive():
+                dripper.join(5)
+    assert result.rejected is None, f"the real sender was rejected: {result}\n{server.log()}"
+    assert result.statuses == [SUCCESS, SUCCESS], f"{result}\n{server.log()}"
+    assert stored_path(server.out, ds).is_file()
+
+
+def test_a_tls_peer_whose_first_pdu_is_not_a_request_is_refused(serve_process, certs):
+    """As on a plain port: refused at once with an A-ABORT and one log line, before
+    it becomes an association."""
+    import pdu
+
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    with _tls_peer(server.port, certs) as peer:
+        peer.send(pdu.release_rq())
+        answer = peer.read_pdu(timeout=10)
+        assert answer.kind == pdu.A_ABORT, f"expected an A-ABORT, got PDU type {answer.kind:#x}"
+        assert peer.closed_within(5) is not None, "the connection stayed open"
+    lines = [line for line in server.log().splitlines() if "is not an A-ASSOCIATE-RQ" in line]
+    assert len(lines) == 1, server.log()
+    assert "(type 0x05)" in lines[0], lines[0]
+    assert "Traceback" not in server.log()
+    result = scu(server.port, tls=client_tls(certs), store=ct_instance("43"))
     assert result.statuses == [SUCCESS, SUCCESS], f"{result}\n{server.log()}"
 
 

@@ -32,9 +32,12 @@ class HardenedAssociationServer(ThreadedAssociationServer):
     * ``get_request`` only accepts; the TLS handshake runs in the connection's
       own thread, bounded by the ACSE timeout, so a silent client cannot keep
       the accept loop waiting.
-    * A plain connection becomes an association only once its whole
-      A-ASSOCIATE-RQ has arrived, within the ACSE timeout in total: probes and
-      peers that drip their request do not take association slots.
+    * A connection becomes an association only once its whole A-ASSOCIATE-RQ
+      has arrived, within the ACSE timeout in total (from the connection, TLS
+      handshake included): probes and peers that drip their request, or that
+      complete a TLS handshake and say nothing, do not take association slots.
+      A plain request is peeked at in the kernel; a TLS one is read, and given
+      back first by the connection's socket (:class:`_PrefixedSSLSocket`).
     * Every accepted socket gets the network timeout (with the event-driven
       network threads, a kernel send timeout; they keep the receive deadlines
       themselves): a peer that stops in the middle of a PDU is dropped instead
@@ -48,6 +51,7 @@ class HardenedAssociationServer(ThreadedAssociationServer):
     def finish_request(self, request, client_address) -> None:  # type: ignore[override]
         ae = self.ae
         if self.ssl_context is not None:
+            deadline = None if ae.acse_timeout is None else time.monotonic() + ae.acse_timeout
             try:
                 request.settimeout(ae.acse_timeout)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
@@ -58,37 +62,69 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                 )
                 _close_quietly(request)
                 return
+            head = _read_request(request, deadline)
+            got, wanted = len(head), _wanted(head)
+            refused = _refusal(head) if got >= 6 else None
+            if isinstance(request, _PrefixedSSLSocket):
+                request.prefix = bytes(head)  # the DUL reads it first, as if it had just arrived
         else:
             got, wanted = _request_arrives(request, ae.acse_timeout)
             refused = _not_a_request(request) if got >= 6 else None
-            if refused:
+        if refused:
+            log.warning(
+                "closed the connection from %s:%s: %s", *client_address[:2], refused,
+                extra={"event": "association_refused", "peer": str(client_address[0]),
+                       "reason": refused},
+            )
+            _abort_quietly(request)
+            return
+        if got < wanted:
+            if got:  # a silent probe or health check is not worth a line
                 log.warning(
-                    "closed the connection from %s:%s: %s", *client_address[:2], refused,
-                    extra={"event": "association_refused", "peer": str(client_address[0]),
-                           "reason": refused},
+                    "closed the connection from %s:%s: no complete A-ASSOCIATE-RQ within %g s "
+                    "(%d of %s bytes)", *client_address[:2], ae.acse_timeout, got,
+                    wanted if wanted > 6 else "at least 6",
+                    extra={"event": "association_timeout", "peer": str(client_address[0]),
+                           "reason": "no complete A-ASSOCIATE-RQ within the ACSE timeout"},
                 )
-                _abort_quietly(request)
-                return
-            if got < wanted:
-                if got:  # a silent probe or health check is not worth a line
-                    log.warning(
-                        "closed the connection from %s:%s: no complete A-ASSOCIATE-RQ within %g s "
-                        "(%d of %s bytes)", *client_address[:2], ae.acse_timeout, got,
-                        wanted if wanted > 6 else "at least 6",
-                        extra={"event": "association_timeout", "peer": str(client_address[0]),
-                               "reason": "no complete A-ASSOCIATE-RQ within the ACSE timeout"},
-                    )
-                _close_quietly(request)
-                return
-            if _pynetdicom.network_threads_installed():
-                # The event-driven DUL reads without blocking and keeps every
-                # deadline itself; it needs a socket without a Python timeout.
-                request.settimeout(None)
-                _pynetdicom.tune_accepted_socket(request, ae.network_timeout)
-                super().finish_request(request, client_address)
-                return
+            _close_quietly(request)
+            return
+        if self.ssl_context is None and _pynetdicom.network_threads_installed():
+            # The event-driven DUL reads without blocking and keeps every
+            # deadline itself; it needs a socket without a Python timeout.
+            request.settimeout(None)
+            _pynetdicom.tune_accepted_socket(request, ae.network_timeout)
+            super().finish_request(request, client_address)
+            return
         request.settimeout(ae.network_timeout)
         super().finish_request(request, client_address)
+
+
+class _PrefixedSSLSocket(ssl.SSLSocket):
+    """The server's TLS sockets (``SSLContext.sslsocket_class``): bytes read
+    from one before it became an association (its A-ASSOCIATE-RQ, see
+    :func:`_read_request`) are read from it again first, and count as pending
+    (pynetdicom's ``AssociationSocket.ready`` and our DUL look at ``pending()``)."""
+
+    prefix = b""
+
+    def pending(self) -> int:
+        return len(self.prefix) + super().pending()
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix[:buflen], self.prefix[buflen:]
+            return data
+        return super().recv(buflen, flags)
+
+    def recv_into(self, buffer, nbytes: int | None = None, flags: int = 0) -> int:  # type: ignore[override]
+        if self.prefix:
+            view = memoryview(buffer).cast("B")
+            n = min(len(self.prefix), nbytes or len(view), len(view))
+            view[:n] = self.prefix[:n]
+            self.prefix = self.prefix[n:]
+            return n
+        return super().recv_into(buffer, nbytes, flags)
 
 
 #: An A-ASSOCIATE-RQ longer than this is handed over before it is complete (it would
@@ -120,11 +156,7 @@ def _request_arrives(sock: socket.socket, timeout: float | None) -> tuple[int, i
             if not data:  # closed
                 return got, wanted
             got = len(data)
-            if got >= 6 and wanted == 6:
-                kind, _, length = struct.unpack(">BBL", data[:6])
-                if kind != 0x01 or 6 + length > REQUEST_PEEK_LIMIT:
-                    return got, got  # complete enough to judge (_not_a_request) or to hand over
-                wanted = 6 + length
+            wanted = _wanted(data)  # the header alone is complete enough to judge, or to hand over
             if got >= wanted:
                 return got, wanted
             time.sleep(0.01)  # fewer bytes than asked: the peer closed, or no SO_RCVLOWAT here
@@ -134,18 +166,56 @@ def _request_arrives(sock: socket.socket, timeout: float | None) -> tuple[int, i
         _set_lowat(sock, 1)
 
 
+def _wanted(head: bytes | bytearray) -> int:
+    """How many bytes of the first PDU to wait for, given its first bytes `head`:
+    all of an A-ASSOCIATE-RQ of at most :data:`REQUEST_PEEK_LIMIT`; anything
+    else once its header is there (enough to refuse it, or to hand it over)."""
+    if len(head) < 6:
+        return 6
+    kind, _, length = struct.unpack(">BBL", head[:6])
+    if kind != 0x01 or 6 + length > REQUEST_PEEK_LIMIT:
+        return len(head)
+    return 6 + length
+
+
+def _read_request(sock: ssl.SSLSocket, deadline: float | None) -> bytearray:
+    """Read the first PDU from a TLS connection (which cannot be peeked at, see
+    :func:`_request_arrives`) until :func:`_wanted` says it is there, the peer
+    stops, or `deadline` passes. Returns what was read."""
+    head = bytearray()
+    try:
+        while len(head) < _wanted(head):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(_wanted(head) - len(head))
+            if not data:
+                break
+            head += data
+    except (OSError, ValueError):  # timed out, reset, or a TLS error
+        pass
+    return head
+
+
 def _not_a_request(sock: socket.socket) -> str | None:
     """Why the first PDU waiting on `sock` cannot start an association (None: it
-    can). Such a peer is refused here, before it becomes an association: else
-    pynetdicom's association thread would hold its slot for the ACSE timeout,
-    waiting for a request that never comes."""
+    can), peeked at without reading it (see :func:`_refusal`)."""
     try:
         head = sock.recv(6, socket.MSG_PEEK)
     except OSError:
         return None
+    return _refusal(head)
+
+
+def _refusal(head: bytes | bytearray) -> str | None:
+    """Why a connection whose first PDU starts with `head` cannot become an
+    association (None: it can). Such a peer is refused before it becomes one:
+    else pynetdicom's association thread would hold its slot for the ACSE
+    timeout, waiting for a request that never comes."""
     if len(head) < 6:
         return None
-    kind, _, length = struct.unpack(">BBL", head)
+    kind, _, length = struct.unpack(">BBL", head[:6])
     if kind != 0x01:
         return f"its first PDU (type 0x{kind:02X}) is not an A-ASSOCIATE-RQ"
     if length > _pynetdicom.OTHER_PDU_LIMIT:
@@ -197,6 +267,8 @@ def start_server(
 
     Raises :class:`OSError` if the address cannot be bound.
     """
+    if ssl_context is not None:
+        ssl_context.sslsocket_class = _PrefixedSSLSocket  # see finish_request
     server = ae.make_server(
         address, ssl_context=ssl_context, evt_handlers=evt_handlers,
         server_class=HardenedAssociationServer,
