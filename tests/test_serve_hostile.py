@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -720,6 +722,83 @@ def test_slow_association_requests_do_not_hold_slots(serve_process):
     for i in range(2):
         assert result.get(i) is not None, f"dripping peer {i} still connected after 20 s"
         assert result[i] < 2 + 4, f"dripping peer {i} closed only after {result[i]:.1f} s"
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no thread count for process {pid}")
+
+
+def _closed_by_server(socks: list[socket.socket], seconds: float) -> set[socket.socket]:
+    """The sockets of `socks` the server closed (EOF or reset) within `seconds`."""
+    closed: set[socket.socket] = set()
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        open_ = [s for s in socks if s not in closed]
+        ready, _, _ = select.select(open_, [], [], min(left, 0.2)) if open_ else ([], [], [])
+        for s in ready:
+            try:
+                data = s.recv(1)
+            except OSError:
+                data = b""
+            if not data:
+                closed.add(s)
+    return closed
+
+
+def test_a_flood_of_silent_connections_is_bounded_and_keeps_no_other_host_out(serve_process):
+    """One host (127.0.0.2) opens far more connections than a sender would and
+    sends nothing. Those past PENDING_PER_HOST are closed at once, without a
+    thread; the server's threads stay bounded; a sender on another host
+    (127.0.0.1) still stores; once the flood ends, the flooding host can
+    associate again."""
+    from scp.net.transport import PENDING_PER_HOST
+
+    server = serve_process(*FAST, "--acse-timeout", "30")
+    before = _threads(server.proc.pid)
+    extra = 40
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(PENDING_PER_HOST + extra):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(10)
+            s.connect(("127.0.0.1", server.port))
+            flood.append(s)
+        closed = _closed_by_server(flood, 5.0)
+        assert len(closed) == extra, f"{len(closed)} of {len(flood)} connections closed\n{server.log()}"
+        assert all(s in closed for s in flood[PENDING_PER_HOST:]), "the first connections should stay"
+        during = _threads(server.proc.pid)
+        assert during - before <= PENDING_PER_HOST + 4, f"{before} threads before the flood, {during} in it"
+        ds = ct_dataset(PatientName="Other^Host", PatientID="FLOOD1")
+        assert scu_store(server.port, ds) == SUCCESS, server.log()
+        assert ct_path(server.out, ds).is_file()
+        lines = [line for line in server.log().splitlines() if "waiting to send their A-ASSOCIATE-RQ" in line]
+        assert 1 <= len(lines) <= 10, server.log()  # at most one line a second
+        assert f"{PENDING_PER_HOST} from 127.0.0.2 already waiting" in lines[0], lines[0]
+        assert "Traceback" not in server.log()
+    finally:
+        for s in flood:
+            s.close()
+    for _ in range(100):  # the server sees the flood closed (bounded: 10 s)
+        if _threads(server.proc.pid) <= before + 2:
+            break
+        time.sleep(0.1)
+    ds = ct_dataset(PatientName="Flooding^Host", PatientID="FLOOD2")
+    ae = AE(ae_title="GOODSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.1")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP", bind_address=("127.0.0.2", 0))
+    assert assoc.is_established, f"the flooding host is still turned away\n{server.log()}"
+    try:
+        assert int(assoc.send_c_store(ds).Status) == SUCCESS
+    finally:
+        assoc.release()
+    assert ct_path(server.out, ds).is_file()
 
 
 def test_slow_dataset_is_cut_off(serve_process):

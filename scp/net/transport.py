@@ -17,6 +17,8 @@ import ssl
 import struct
 import threading
 import time
+from collections import Counter
+from typing import Any
 
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
@@ -38,17 +40,76 @@ class HardenedAssociationServer(ThreadedAssociationServer):
       complete a TLS handshake and say nothing, do not take association slots.
       A plain request is peeked at in the kernel; a TLS one is read, and given
       back first by the connection's socket (:class:`_PrefixedSSLSocket`).
+    * Connections still waiting for their request are bounded: at most
+      :data:`PENDING_PER_HOST` from one address and :data:`PENDING_TOTAL` in
+      all (each holds a thread); one more is closed at once, logged at most
+      once a second with the count. A flood of silent connections from one
+      host thus costs a bounded number of threads and keeps no other host out.
     * Every accepted socket gets the network timeout (with the event-driven
       network threads, a kernel send timeout; they keep the receive deadlines
       themselves): a peer that stops in the middle of a PDU is dropped instead
       of holding its association for ever.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending: Counter[str] = Counter()  #: connections waiting for their request, by address
+        self._pending_lock = threading.Lock()
+        self._turned_away = 0  #: since the last line that said so
+        self._turned_away_logged = 0.0
+        super().__init__(*args, **kwargs)
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         return self.socket.accept()
 
+    def verify_request(self, request, client_address) -> bool:  # type: ignore[override]
+        """Admit the connection to the wait for its request, unless its address
+        (or everyone) already has as many waiting as allowed; then it is closed
+        (by socketserver) before any thread is started for it."""
+        host = str(client_address[0])
+        with self._pending_lock:
+            if self._pending[host] < PENDING_PER_HOST and self._pending.total() < PENDING_TOTAL:
+                self._pending[host] += 1
+                return True
+            self._turned_away += 1
+            now = time.monotonic()
+            if now - self._turned_away_logged < 1.0:
+                return False
+            count, self._turned_away, self._turned_away_logged = self._turned_away, 0, now
+            mine = self._pending[host]
+        limit = f"{PENDING_PER_HOST} from {host}" if mine >= PENDING_PER_HOST else f"{PENDING_TOTAL} in all"
+        log.warning(
+            "closed %d new connection(s) at once (the last from %s:%s): %s already waiting to "
+            "send their A-ASSOCIATE-RQ", count, *client_address[:2], limit,
+            extra={"event": "connection_refused", "peer": host, "reason": "too many connections waiting"},
+        )
+        return False
+
+    def _done_waiting(self, client_address) -> None:
+        host = str(client_address[0])
+        with self._pending_lock:
+            self._pending[host] -= 1
+            if self._pending[host] <= 0:
+                del self._pending[host]
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread for it (e.g. none can be started): not waiting
+            self._done_waiting(client_address)
+            raise
+
     def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        try:
+            request = self._admit(request, client_address)
+        finally:
+            self._done_waiting(client_address)
+        if request is not None:
+            super().finish_request(request, client_address)
+
+    def _admit(self, request, client_address):
+        """The socket of the association once its whole request is there (set
+        up for the network threads), or None when the connection was closed."""
         ae = self.ae
         if self.ssl_context is not None:
             deadline = None if ae.acse_timeout is None else time.monotonic() + ae.acse_timeout
@@ -61,7 +122,7 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                     extra={"event": "tls_failed", "peer": str(client_address[0])},
                 )
                 _close_quietly(request)
-                return
+                return None
             head = _read_request(request, deadline)
             got, wanted = len(head), _wanted(head)
             refused = _refusal(head) if got >= 6 else None
@@ -77,7 +138,7 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                        "reason": refused},
             )
             _abort_quietly(request)
-            return
+            return None
         if got < wanted:
             if got:  # a silent probe or health check is not worth a line
                 log.warning(
@@ -88,16 +149,15 @@ class HardenedAssociationServer(ThreadedAssociationServer):
                            "reason": "no complete A-ASSOCIATE-RQ within the ACSE timeout"},
                 )
             _close_quietly(request)
-            return
+            return None
         if self.ssl_context is None and _pynetdicom.network_threads_installed():
             # The event-driven DUL reads without blocking and keeps every
             # deadline itself; it needs a socket without a Python timeout.
             request.settimeout(None)
             _pynetdicom.tune_accepted_socket(request, ae.network_timeout)
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(ae.network_timeout)
-        super().finish_request(request, client_address)
+        else:
+            request.settimeout(ae.network_timeout)
+        return request
 
 
 class _PrefixedSSLSocket(ssl.SSLSocket):
@@ -126,6 +186,12 @@ class _PrefixedSSLSocket(ssl.SSLSocket):
             return n
         return super().recv_into(buffer, nbytes, flags)
 
+
+#: Connections from one address that may wait at once for their A-ASSOCIATE-RQ
+#: (a sender's are there for milliseconds; a PACS opens a few associations at once).
+PENDING_PER_HOST = 32
+#: The same, from all addresses together.
+PENDING_TOTAL = 512
 
 #: An A-ASSOCIATE-RQ longer than this is handed over before it is complete (it would
 #: not fit a receive buffer; the network thread's ARTIM timer then bounds the rest).
