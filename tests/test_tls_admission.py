@@ -1,0 +1,163 @@
+"""Attacks on the TLS request read-ahead (the A-ASSOCIATE-RQ read before the
+connection becomes an association, then given back by the socket) and on the
+bound of connections waiting for their request: real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+
+from test_security import _tls_peer, certs, client_tls, tls_args  # noqa: F401 (fixture)
+from test_serve_hostile import SUCCESS, _closed_by_server, ct_bytes, ct_path
+
+import pdu
+
+
+def _store_in_one_write(peer, uid: str, data: bytes, rq: bytes) -> int:
+    """The rest of the request `rq` (its last bytes in the same write as nothing
+    else: a P-DATA before the A-ASSOCIATE-AC is a protocol error), then a C-STORE."""
+    peer.send(rq)
+    answer = peer.read_pdu()
+    assert answer.kind == pdu.A_ASSOCIATE_AC, f"PDU type {answer.kind:#x} {answer.body.hex()}"
+    cid = 1
+    blob = pdu.p_data((cid, pdu.COMMAND | pdu.LAST, pdu.c_store_rq(pdu.CT_IMAGE_STORAGE, uid)))
+    for i in range(0, len(data), 8000):
+        blob += pdu.p_data((cid, pdu.LAST if i + 8000 >= len(data) else 0, data[i:i + 8000]))
+    peer.send(blob)
+    return peer.status()
+
+
+def test_tls_bytes_after_the_request_reach_the_association(serve_process, certs):  # noqa: F811
+    """The request and a P-DATA in one write: the P-DATA is not lost in the read
+    ahead of the request (nor swallowed into it). Before the A-ASSOCIATE-AC it is
+    a protocol error, so the DUL aborts, as on a plain port; had it been lost the
+    server would answer A-ASSOCIATE-AC and wait."""
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+    with _tls_peer(server.port, certs) as peer:
+        peer.send(rq + pdu.p_data((1, pdu.COMMAND | pdu.LAST, pdu.c_echo_rq())))
+        answer = peer.read_pdu()
+        assert answer.kind == pdu.A_ABORT, f"PDU type {answer.kind:#x}\n{server.log()}"
+    assert "Traceback" not in server.log()
+
+
+def test_tls_request_in_many_records_then_a_store(serve_process, certs):  # noqa: F811
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    uid, data, ds = ct_bytes(PatientID="TLSRECORDS")
+    rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+    with _tls_peer(server.port, certs) as peer:
+        for i in range(0, len(rq) - 3, 3):  # one TLS record each
+            peer.send(rq[i:i + 3])
+        rest = rq[len(range(0, len(rq) - 3, 3)) * 3:]
+        assert _store_in_one_write(peer, uid, data, rest) == SUCCESS, server.log()
+        assert peer.release()
+    assert ct_path(server.out, ds).is_file()
+
+
+def test_tls_request_larger_than_the_peek_limit(serve_process, certs):  # noqa: F811
+    """An A-ASSOCIATE-RQ over 64 KiB (many transfer syntaxes), with the store
+    right behind it in the same write."""
+    from scp.net.transport import REQUEST_PEEK_LIMIT
+
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    uid, data, ds = ct_bytes(PatientID="TLSBIGRQ")
+    filler = [f"1.2.3.{i}" for i in range(2500)]
+    contexts = [(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE] + filler[:2400])]
+    contexts += [(k, pdu.VERIFICATION, filler[:2400]) for k in (3, 5, 7)]
+    rq = pdu.associate_rq(contexts)
+    assert len(rq) > REQUEST_PEEK_LIMIT
+    with _tls_peer(server.port, certs) as peer:
+        assert _store_in_one_write(peer, uid, data, rq) == SUCCESS, server.log()
+        assert peer.release()
+    assert ct_path(server.out, ds).is_file()
+    assert "Traceback" not in server.log()
+
+
+def _connect(port: int, host: str, reset: bool = False) -> socket.socket:
+    s = socket.socket()
+    s.bind((host, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    if reset:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return s
+
+
+def test_tls_churn_leaves_no_count_behind(serve_process, certs):  # noqa: F811
+    """200 short-lived connections from one address on a TLS port: closed at once,
+    reset, failed handshakes, handshakes then closed, non-requests. Afterwards
+    the address may again have exactly PENDING_PER_HOST waiting, and another
+    address still stores."""
+    from scp.net.transport import PENDING_PER_HOST
+
+    server = serve_process(*tls_args(certs), "--workers", "1", "--acse-timeout", "30")
+    ctx = client_tls(certs)
+    rogue = client_tls(certs, "rogue")
+    for i in range(200):
+        s = _connect(server.port, "127.0.0.2", reset=i % 5 == 1)
+        try:
+            if i % 5 == 2:
+                s.sendall(b"\x16\x03\x01\x00\x05garbage")
+            elif i % 5 == 3:
+                t = (ctx if i % 2 else rogue).wrap_socket(s, server_hostname="localhost")
+                t.sendall(pdu.release_rq())
+                s = t
+            elif i % 5 == 4:
+                t = ctx.wrap_socket(s, server_hostname="localhost")
+                t.sendall(pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])[:20])
+                s = t
+        except (OSError, ssl.SSLError):
+            pass
+        s.close()
+    socks = []
+    try:
+        import time
+        deadline = time.monotonic() + 20
+        while True:  # the churn is seen through (its threads end)
+            probe = [_connect(server.port, "127.0.0.2") for _ in range(PENDING_PER_HOST)]
+            closed = _closed_by_server(probe, 1.0)
+            if not closed or time.monotonic() > deadline:
+                break
+            for s in probe:
+                s.close()
+            time.sleep(0.5)
+        socks = probe
+        assert not closed, f"{len(closed)} of {PENDING_PER_HOST} closed after the churn\n{server.log()}"
+        one_more = _connect(server.port, "127.0.0.2")
+        socks.append(one_more)
+        assert _closed_by_server([one_more], 5.0) == {one_more}, "a 33rd connection stayed open"
+        uid, data, ds = ct_bytes(PatientID="AFTERCHURN")
+        with pdu.Peer.__new__(pdu.Peer) as peer:
+            peer.sock = ctx.wrap_socket(_connect(server.port, "127.0.0.3"), server_hostname="localhost")
+            peer.timeout = 10
+            rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+            assert _store_in_one_write(peer, uid, data, rq) == SUCCESS, server.log()
+            assert peer.release()
+        assert ct_path(server.out, ds).is_file()
+    finally:
+        for s in socks:
+            s.close()
+    assert "Traceback" not in server.log()
+
+
+
+def test_tls_store_of_several_files_with_dcmtk(serve_process, certs):  # noqa: F811
+    """DCMTK's storescu over TLS, three files on one association: each request
+    read ahead and given back, then every P-DATA after it, in order."""
+    import pydicom
+    from test_security import run_dcmtk, stored_path
+
+    from conftest import TEST_FILES, dcmtk_tool
+
+    files = [TEST_FILES / name for name in ("CT_small.dcm", "MR_small.dcm", "SC_rgb_small_odd.dcm")]
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    proc = run_dcmtk(dcmtk_tool("storescu"), "+tls", certs / "client.key", certs / "client.crt",
+                     "+cf", certs / "ca.crt", "-aet", "DCMTKTLS", "-aec", "SORTSCP",
+                     "127.0.0.1", server.port, *files)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + server.log()
+    for f in files:
+        sent = pydicom.dcmread(f)
+        stored = pydicom.dcmread(stored_path(server.out, sent))
+        assert stored.SOPInstanceUID == sent.SOPInstanceUID
+        assert stored.PixelData == sent.PixelData, f
