@@ -161,3 +161,60 @@ def test_tls_store_of_several_files_with_dcmtk(serve_process, certs):  # noqa: F
         stored = pydicom.dcmread(stored_path(server.out, sent))
         assert stored.SOPInstanceUID == sent.SOPInstanceUID
         assert stored.PixelData == sent.PixelData, f
+
+
+def test_tls_request_announcing_more_than_a_pdu_may_be_is_refused(serve_process, certs):  # noqa: F811
+    """A request header announcing 2 MiB (over the 1 MiB any non-data PDU may be):
+    refused with an A-ABORT from its header alone, as on a plain port."""
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    with _tls_peer(server.port, certs) as peer:
+        peer.send(struct.pack(">BBI", pdu.A_ASSOCIATE_RQ, 0, 2 << 20) + bytes(100))
+        answer = peer.read_pdu(timeout=10)
+        assert answer.kind == pdu.A_ABORT, f"PDU type {answer.kind:#x}\n{server.log()}"
+        assert peer.closed_within(5) is not None
+    assert "Traceback" not in server.log()
+    uid, data, ds = ct_bytes(PatientID="AFTERHUGE")
+    with _tls_peer(server.port, certs) as peer:
+        rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+        assert _store_in_one_write(peer, uid, data, rq) == SUCCESS, server.log()
+        assert peer.release()
+    assert ct_path(server.out, ds).is_file()
+
+
+def test_plain_churn_leaves_no_count_behind(serve_process):
+    """As the TLS churn, on a plain port: 200 connections from one address that
+    reset at once, close at once, send half a header, or a PDU that is not a
+    request; then that address may again hold PENDING_PER_HOST waiting."""
+    import time
+
+    from scp.net.transport import PENDING_PER_HOST
+
+    server = serve_process("--workers", "1", "--acse-timeout", "30")
+    for i in range(200):
+        s = _connect(server.port, "127.0.0.2", reset=i % 4 == 0)
+        try:
+            if i % 4 == 2:
+                s.sendall(b"\x01\x00\x00")
+            elif i % 4 == 3:
+                s.sendall(pdu.release_rq())
+        except OSError:
+            pass
+        s.close()
+    deadline = time.monotonic() + 20
+    while True:
+        probe = [_connect(server.port, "127.0.0.2") for _ in range(PENDING_PER_HOST)]
+        closed = _closed_by_server(probe, 1.0)
+        if not closed or time.monotonic() > deadline:
+            break
+        for s in probe:
+            s.close()
+        time.sleep(0.5)
+    try:
+        assert not closed, f"{len(closed)} of {PENDING_PER_HOST} closed after the churn\n{server.log()}"
+        one_more = _connect(server.port, "127.0.0.2")
+        probe.append(one_more)
+        assert _closed_by_server([one_more], 5.0) == {one_more}, "one more connection stayed open"
+    finally:
+        for s in probe:
+            s.close()
+    assert "Traceback" not in server.log()

@@ -12,6 +12,7 @@ It is used with and without TLS.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -225,11 +226,28 @@ def _request_arrives(sock: socket.socket, timeout: float | None) -> tuple[int, i
             wanted = _wanted(data)  # the header alone is complete enough to judge, or to hand over
             if got >= wanted:
                 return got, wanted
-            time.sleep(0.01)  # fewer bytes than asked: the peer closed, or no SO_RCVLOWAT here
+            if _peer_closed(sock):  # its request can never be complete (the peek sees no EOF)
+                return got, wanted
+            time.sleep(0.01)  # fewer bytes than asked: no SO_RCVLOWAT here
     except OSError:  # timed out or reset
         return got, wanted
     finally:
         _set_lowat(sock, 1)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has closed (or shut down) its side of `sock`, whatever it
+    sent before: a peek returns those bytes at once for ever, never the empty
+    read of a closed connection. False where the kernel cannot tell (no POLLRDHUP)."""
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if not rdhup:
+        return False
+    poller = select.poll()
+    poller.register(sock, rdhup)
+    try:
+        return any(ev & (rdhup | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+    except OSError:
+        return True
 
 
 def _wanted(head: bytes | bytearray) -> int:
