@@ -801,6 +801,47 @@ def test_a_flood_of_silent_connections_is_bounded_and_keeps_no_other_host_out(se
     assert ct_path(server.out, ds).is_file()
 
 
+def test_a_burst_of_connections_is_taken_without_a_retry(serve_process):
+    """64 connections at once (a PACS and a few modalities starting together, or
+    a flood): each connect completes at once. With socketserver's listen backlog
+    of 5, the kernel drops the SYNs past it and those senders wait a second (the
+    SYN retransmission) before they are even connected."""
+    server = serve_process(*FAST)
+    took: list[float] = []
+    socks: list[socket.socket] = []
+    lock = threading.Lock()
+    go = threading.Barrier(64)
+
+    def connect() -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.5", 0))
+        s.settimeout(10)
+        go.wait(10)
+        start = time.monotonic()
+        try:
+            s.connect(("127.0.0.1", server.port))
+        except OSError:
+            s.close()
+            return
+        with lock:
+            took.append(time.monotonic() - start)
+            socks.append(s)
+
+    threads = [threading.Thread(target=connect) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    try:
+        assert len(took) == 64, f"{len(took)} of 64 connected"
+        slow = sorted(t for t in took if t >= 0.9)
+        assert not slow, f"{len(slow)} of 64 connects waited for a SYN retransmission: {slow}"
+    finally:
+        for s in socks:
+            s.close()
+    still_serving(server)
+
+
 def test_slow_dataset_is_cut_off(serve_process):
     server = serve_process(*FAST, "--dimse-timeout", "3")
     uid, data, _ = ct_bytes()

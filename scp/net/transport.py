@@ -52,6 +52,10 @@ class HardenedAssociationServer(ThreadedAssociationServer):
       of holding its association for ever.
     """
 
+    #: The listen backlog (socketserver's 5, which pynetdicom keeps, drops the SYNs
+    #: of a burst of connections: each sender past it waits a second to retry).
+    request_queue_size = 128
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pending: Counter[str] = Counter()  #: connections waiting for their request, by address
         self._pending_lock = threading.Lock()
