@@ -165,6 +165,26 @@ def serve_process(tmp_path: Path) -> Iterator[callable]:
         server.kill()
 
 
+def in_threads(work, n: int = 4, timeout: float = 60) -> list[BaseException]:
+    """Run ``work(t)`` for t in range(n) in n threads at once; what they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 def copy_tree_of(files: list[Path], dst: Path) -> Path:
     """Copy `files` into a flat folder `dst` with unique names; return `dst`."""
     dst.mkdir(parents=True, exist_ok=True)

@@ -617,21 +617,12 @@ def test_sigkill_one_of_two_concurrent_workers_the_other_settles_its_intents(roo
 
 
 def test_one_index_shared_by_threads(root, idx):
-    import threading
-
-    errors = []
+    from conftest import in_threads
 
     def work(t: int) -> None:
-        try:
-            for i in range(30):
-                put(root, idx, f"4.{i}", f"T{t}/S/4.{i}.dcm", f"{t}-{i}".encode(), durable=False)
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        for i in range(30):
+            put(root, idx, f"4.{i}", f"T{t}/S/4.{i}.dcm", f"{t}-{i}".encode(), durable=False)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = in_threads(work)
     assert errors == []
     assert len(assert_agree(root, idx)) == 30

@@ -95,27 +95,19 @@ def test_a_pydicom_complaint_is_one_line_not_two():
 def test_the_echo_filter_takes_records_from_several_threads_at_once() -> None:
     """Network threads and workers' result threads log at the same time; the
     filter's memory of pydicom's lines must not break a logging call."""
-    import threading
-
     from scp.log import EchoFilter
 
+    from conftest import in_threads
+
     echo = EchoFilter()
-    errors: list[BaseException] = []
 
     def record(name: str, msg: str) -> logging.LogRecord:
         return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
 
     def work(t: int) -> None:
-        try:
-            for i in range(3000):
-                echo.filter(record("pydicom", f"value {t}-{i % 40} is odd"))
-                echo.filter(record("py.warnings", f"UserWarning: value {t}-{(i * 7) % 40} is odd"))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for i in range(3000):
+            echo.filter(record("pydicom", f"value {t}-{i % 40} is odd"))
+            echo.filter(record("py.warnings", f"UserWarning: value {t}-{(i * 7) % 40} is odd"))
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = in_threads(work)
     assert errors == []

@@ -731,6 +731,18 @@ def _threads(pid: int) -> int:
     raise AssertionError(f"no thread count for process {pid}")
 
 
+def _connect(port: int, host: str, reset: bool = False) -> socket.socket:
+    """A TCP connection to the server on 127.0.0.1 from `host` (another loopback
+    address is another peer); `reset`: closing it sends a reset."""
+    s = socket.socket()
+    s.bind((host, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    if reset:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return s
+
+
 def _closed_by_server(socks: list[socket.socket], seconds: float) -> set[socket.socket]:
     """The sockets of `socks` the server closed (EOF or reset) within `seconds`."""
     closed: set[socket.socket] = set()
@@ -762,11 +774,7 @@ def test_a_flood_of_silent_connections_is_bounded_and_keeps_no_other_host_out(se
     flood: list[socket.socket] = []
     try:
         for _ in range(PENDING_PER_HOST + extra):
-            s = socket.socket()
-            s.bind(("127.0.0.2", 0))
-            s.settimeout(10)
-            s.connect(("127.0.0.1", server.port))
-            flood.append(s)
+            flood.append(_connect(server.port, "127.0.0.2"))
         closed = _closed_by_server(flood, 5.0)
         assert len(closed) == extra, f"{len(closed)} of {len(flood)} connections closed\n{server.log()}"
         assert all(s in closed for s in flood[PENDING_PER_HOST:]), "the first connections should stay"
@@ -799,6 +807,30 @@ def test_a_flood_of_silent_connections_is_bounded_and_keeps_no_other_host_out(se
     finally:
         assoc.release()
     assert ct_path(server.out, ds).is_file()
+
+
+def test_waiting_connections_are_bounded_in_all_across_hosts(serve_process):
+    """PENDING_PER_HOST silent connections from each of as many hosts as fill
+    PENDING_TOTAL: the next one, from a host that has none waiting, is closed at
+    once and the log says which bound it met."""
+    from scp.net.transport import PENDING_PER_HOST, PENDING_TOTAL
+
+    server = serve_process(*FAST, "--acse-timeout", "30")
+    hosts = [f"127.0.1.{i}" for i in range(1, PENDING_TOTAL // PENDING_PER_HOST + 1)]
+    waiting: list[socket.socket] = []
+    try:
+        for host in hosts:
+            waiting += [_connect(server.port, host) for _ in range(PENDING_PER_HOST)]
+        assert len(waiting) == PENDING_TOTAL
+        assert _closed_by_server(waiting, 2.0) == set(), server.log()
+        late = _connect(server.port, "127.0.2.1")
+        waiting.append(late)
+        assert _closed_by_server([late], 5.0) == {late}, "a connection past the total stayed open"
+        lines = [line for line in server.log().splitlines() if "waiting to send their A-ASSOCIATE-RQ" in line]
+        assert lines and f"{PENDING_TOTAL} in all already waiting" in lines[-1], server.log()
+    finally:
+        for s in waiting:
+            s.close()
 
 
 def test_a_burst_of_connections_is_taken_without_a_retry(serve_process):

@@ -7,16 +7,19 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 
 from test_security import _tls_peer, certs, client_tls, tls_args  # noqa: F401 (fixture)
-from test_serve_hostile import SUCCESS, _closed_by_server, ct_bytes, ct_path
+from test_serve_hostile import SUCCESS, _closed_by_server, _connect, ct_bytes, ct_path
+
+from scp.net.transport import PENDING_PER_HOST, REQUEST_PEEK_LIMIT
 
 import pdu
 
 
-def _store_in_one_write(peer, uid: str, data: bytes, rq: bytes) -> int:
-    """The rest of the request `rq` (its last bytes in the same write as nothing
-    else: a P-DATA before the A-ASSOCIATE-AC is a protocol error), then a C-STORE."""
+def _associate_and_store(peer, uid: str, data: bytes, rq: bytes) -> int:
+    """Send `rq` (the request, or what is left of it), wait for the A-ASSOCIATE-AC
+    (a P-DATA before it is a protocol error), then the C-STORE in one write; its status."""
     peer.send(rq)
     answer = peer.read_pdu()
     assert answer.kind == pdu.A_ASSOCIATE_AC, f"PDU type {answer.kind:#x} {answer.body.hex()}"
@@ -50,16 +53,13 @@ def test_tls_request_in_many_records_then_a_store(serve_process, certs):  # noqa
         for i in range(0, len(rq) - 3, 3):  # one TLS record each
             peer.send(rq[i:i + 3])
         rest = rq[len(range(0, len(rq) - 3, 3)) * 3:]
-        assert _store_in_one_write(peer, uid, data, rest) == SUCCESS, server.log()
+        assert _associate_and_store(peer, uid, data, rest) == SUCCESS, server.log()
         assert peer.release()
     assert ct_path(server.out, ds).is_file()
 
 
 def test_tls_request_larger_than_the_peek_limit(serve_process, certs):  # noqa: F811
-    """An A-ASSOCIATE-RQ over 64 KiB (many transfer syntaxes), with the store
-    right behind it in the same write."""
-    from scp.net.transport import REQUEST_PEEK_LIMIT
-
+    """An A-ASSOCIATE-RQ over 64 KiB (many transfer syntaxes), then a store."""
     server = serve_process(*tls_args(certs), "--workers", "1")
     uid, data, ds = ct_bytes(PatientID="TLSBIGRQ")
     filler = [f"1.2.3.{i}" for i in range(2500)]
@@ -68,20 +68,35 @@ def test_tls_request_larger_than_the_peek_limit(serve_process, certs):  # noqa: 
     rq = pdu.associate_rq(contexts)
     assert len(rq) > REQUEST_PEEK_LIMIT
     with _tls_peer(server.port, certs) as peer:
-        assert _store_in_one_write(peer, uid, data, rq) == SUCCESS, server.log()
+        assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
         assert peer.release()
     assert ct_path(server.out, ds).is_file()
     assert "Traceback" not in server.log()
 
 
-def _connect(port: int, host: str, reset: bool = False) -> socket.socket:
-    s = socket.socket()
-    s.bind((host, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    if reset:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    return s
+def _only_the_bound_waits(server, host: str) -> list[socket.socket]:
+    """Once a churn of connections from `host` is seen through (bounded: 20 s),
+    `host` may again hold exactly PENDING_PER_HOST waiting connections and one
+    more is closed at once. Returns the connections it opened (the caller closes them)."""
+    deadline = time.monotonic() + 20
+    while True:  # the churn is seen through once its threads end
+        probe = [_connect(server.port, host) for _ in range(PENDING_PER_HOST)]
+        closed = _closed_by_server(probe, 1.0)
+        if not closed or time.monotonic() > deadline:
+            break
+        for s in probe:
+            s.close()
+        time.sleep(0.5)
+    try:
+        assert not closed, f"{len(closed)} of {PENDING_PER_HOST} closed after the churn\n{server.log()}"
+        one_more = _connect(server.port, host)
+        probe.append(one_more)
+        assert _closed_by_server([one_more], 5.0) == {one_more}, "one more connection stayed open"
+    except BaseException:
+        for s in probe:
+            s.close()
+        raise
+    return probe
 
 
 def test_tls_churn_leaves_no_count_behind(serve_process, certs):  # noqa: F811
@@ -89,8 +104,6 @@ def test_tls_churn_leaves_no_count_behind(serve_process, certs):  # noqa: F811
     reset, failed handshakes, handshakes then closed, non-requests. Afterwards
     the address may again have exactly PENDING_PER_HOST waiting, and another
     address still stores."""
-    from scp.net.transport import PENDING_PER_HOST
-
     server = serve_process(*tls_args(certs), "--workers", "1", "--acse-timeout", "30")
     ctx = client_tls(certs)
     rogue = client_tls(certs, "rogue")
@@ -110,36 +123,18 @@ def test_tls_churn_leaves_no_count_behind(serve_process, certs):  # noqa: F811
         except (OSError, ssl.SSLError):
             pass
         s.close()
-    socks = []
+    socks = _only_the_bound_waits(server, "127.0.0.2")
     try:
-        import time
-        deadline = time.monotonic() + 20
-        while True:  # the churn is seen through (its threads end)
-            probe = [_connect(server.port, "127.0.0.2") for _ in range(PENDING_PER_HOST)]
-            closed = _closed_by_server(probe, 1.0)
-            if not closed or time.monotonic() > deadline:
-                break
-            for s in probe:
-                s.close()
-            time.sleep(0.5)
-        socks = probe
-        assert not closed, f"{len(closed)} of {PENDING_PER_HOST} closed after the churn\n{server.log()}"
-        one_more = _connect(server.port, "127.0.0.2")
-        socks.append(one_more)
-        assert _closed_by_server([one_more], 5.0) == {one_more}, "a 33rd connection stayed open"
         uid, data, ds = ct_bytes(PatientID="AFTERCHURN")
-        with pdu.Peer.__new__(pdu.Peer) as peer:
-            peer.sock = ctx.wrap_socket(_connect(server.port, "127.0.0.3"), server_hostname="localhost")
-            peer.timeout = 10
+        with _tls_peer(server.port, certs) as peer:  # from 127.0.0.1: another address
             rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
-            assert _store_in_one_write(peer, uid, data, rq) == SUCCESS, server.log()
+            assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
             assert peer.release()
         assert ct_path(server.out, ds).is_file()
     finally:
         for s in socks:
             s.close()
     assert "Traceback" not in server.log()
-
 
 
 def test_tls_store_of_several_files_with_dcmtk(serve_process, certs):  # noqa: F811
@@ -176,7 +171,7 @@ def test_tls_request_announcing_more_than_a_pdu_may_be_is_refused(serve_process,
     uid, data, ds = ct_bytes(PatientID="AFTERHUGE")
     with _tls_peer(server.port, certs) as peer:
         rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
-        assert _store_in_one_write(peer, uid, data, rq) == SUCCESS, server.log()
+        assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
         assert peer.release()
     assert ct_path(server.out, ds).is_file()
 
@@ -185,10 +180,6 @@ def test_plain_churn_leaves_no_count_behind(serve_process):
     """As the TLS churn, on a plain port: 200 connections from one address that
     reset at once, close at once, send half a header, or a PDU that is not a
     request; then that address may again hold PENDING_PER_HOST waiting."""
-    import time
-
-    from scp.net.transport import PENDING_PER_HOST
-
     server = serve_process("--workers", "1", "--acse-timeout", "30")
     for i in range(200):
         s = _connect(server.port, "127.0.0.2", reset=i % 4 == 0)
@@ -200,21 +191,6 @@ def test_plain_churn_leaves_no_count_behind(serve_process):
         except OSError:
             pass
         s.close()
-    deadline = time.monotonic() + 20
-    while True:
-        probe = [_connect(server.port, "127.0.0.2") for _ in range(PENDING_PER_HOST)]
-        closed = _closed_by_server(probe, 1.0)
-        if not closed or time.monotonic() > deadline:
-            break
-        for s in probe:
-            s.close()
-        time.sleep(0.5)
-    try:
-        assert not closed, f"{len(closed)} of {PENDING_PER_HOST} closed after the churn\n{server.log()}"
-        one_more = _connect(server.port, "127.0.0.2")
-        probe.append(one_more)
-        assert _closed_by_server([one_more], 5.0) == {one_more}, "one more connection stayed open"
-    finally:
-        for s in probe:
-            s.close()
+    for s in _only_the_bound_waits(server, "127.0.0.2"):
+        s.close()
     assert "Traceback" not in server.log()

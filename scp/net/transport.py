@@ -62,6 +62,8 @@ class HardenedAssociationServer(ThreadedAssociationServer):
         self._turned_away = 0  #: since the last line that said so
         self._turned_away_logged = 0.0
         super().__init__(*args, **kwargs)
+        if self.ssl_context is not None:
+            self.ssl_context.sslsocket_class = _PrefixedSSLSocket  # see _admit
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -131,8 +133,7 @@ class HardenedAssociationServer(ThreadedAssociationServer):
             head = _read_request(request, deadline)
             got, wanted = len(head), _wanted(head)
             refused = _refusal(head) if got >= 6 else None
-            if isinstance(request, _PrefixedSSLSocket):
-                request.prefix = bytes(head)  # the DUL reads it first, as if it had just arrived
+            request.prefix = bytes(head)  # the DUL reads it first, as if it had just arrived
         else:
             got, wanted = _request_arrives(request, ae.acse_timeout)
             refused = _not_a_request(request) if got >= 6 else None
@@ -355,8 +356,6 @@ def start_server(
 
     Raises :class:`OSError` if the address cannot be bound.
     """
-    if ssl_context is not None:
-        ssl_context.sslsocket_class = _PrefixedSSLSocket  # see finish_request
     server = ae.make_server(
         address, ssl_context=ssl_context, evt_handlers=evt_handlers,
         server_class=HardenedAssociationServer,
