@@ -116,6 +116,12 @@ def cli_env() -> dict[str, str]:
     """Environment that runs this checkout's ``python -m scp``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root()), env.get("PYTHONPATH")]))
+    # Run as an installed package runs: with its modules' bytecode cached (pip
+    # compiles it on install). With PYTHONDONTWRITEBYTECODE in the environment
+    # every run would compile our modules again (~0.07 s of start-up); the
+    # cache goes beside the trees, not into the checkout.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(DEFAULT_CACHE / "pycache")
     for key in [k for k in env if k.startswith("SORTSCP_")]:
         del env[key]
     return env
