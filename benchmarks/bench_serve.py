@@ -37,6 +37,14 @@ whose port refuses connections (``sortscp+dead-webhook``)::
 ``sortscp-never`` (named ``sortscp@NAME``), side by side in the same rounds::
 
     python benchmarks/bench_serve.py --compare ../main
+
+``--variant sortscp-split`` (and ``sortscp-never-split``) measures what a
+receiver process per core could give at most: two independent ``sortscp
+serve`` processes (``--workers 1`` each, each with its own output folder and
+index, so nothing is shared), half of the senders sending to each; run only
+with 2 senders or more::
+
+    python benchmarks/bench_serve.py --senders 4 --variant sortscp-split --variant sortscp-never-split
 """
 
 from __future__ import annotations
@@ -96,11 +104,15 @@ def variant_args(kind: str, log: Path) -> list[str]:
         "sortscp+hung-hook": ["--on-stored", "sleep 1000", "--hook-timeout", "1"],
         "sortscp+failing-hook": ["--on-stored", "sh -c 'echo no luck >&2; exit 3'"],
         "sortscp+dead-webhook": ["--webhook", f"http://{HOST}:{DEAD_PORT}/"],
+        "sortscp-split": ["--workers", "1"],
+        "sortscp-never-split": ["--fsync", "never", "--workers", "1"],
     }[kind]
 
 
 VARIANTS = ("sortscp+events", "sortscp+metrics", "sortscp+hook", "sortscp+hung-hook", "sortscp+failing-hook",
-            "sortscp+dead-webhook")
+            "sortscp+dead-webhook", "sortscp-split", "sortscp-never-split")
+#: Variants that run two receiver processes, the senders dealt between them.
+SPLIT = ("sortscp-split", "sortscp-never-split")
 
 
 #: Orthanc's server, if installed (``apt-get install orthanc``): run with ``--orthanc``.
@@ -189,14 +201,15 @@ def hook_helper_cpu(pid: int) -> float:
     return 0.0
 
 
-def send(storescu: str, port: int, folders: list[Path]) -> float:
-    """Run one storescu per folder, all at once; return the wall time."""
+def send(storescu: str, ports: list[int], folders: list[Path]) -> float:
+    """Run one storescu per folder, all at once, the folders dealt between
+    `ports`; return the wall time."""
     env = DCMTK_ENV
     start = time.perf_counter()
     procs = [
-        subprocess.Popen([storescu, "-aec", AET, "+sd", "+r", HOST, str(port), str(folder)],
+        subprocess.Popen([storescu, "-aec", AET, "+sd", "+r", HOST, str(ports[i % len(ports)]), str(folder)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        for folder in folders
+        for i, folder in enumerate(folders)
     ]
     outputs = [p.communicate(timeout=RUN_TIMEOUT)[0] for p in procs]
     elapsed = time.perf_counter() - start
@@ -217,20 +230,26 @@ CHECKOUTS: dict[str, Path] = {}
 
 
 def one_run(kind: str, storescu: str, folders: list[Path], work: Path, expected: int) -> float:
-    out = work / f"out-{kind.replace('+', '-').replace('@', '-')}"
-    shutil.rmtree(out, ignore_errors=True)
-    server = Server(kind, out, concurrent=len(folders) > 1, log=work / f"{kind}.log",
-                    checkout=CHECKOUTS.get(kind.partition("@")[2]))
+    name = kind.replace('+', '-').replace('@', '-')
+    outs = [work / f"out-{name}-{i}" for i in range(2 if kind in SPLIT else 1)]
+    servers: list[Server] = []
     try:
-        elapsed = send(storescu, server.port, folders)
+        for out in outs:
+            shutil.rmtree(out, ignore_errors=True)
+            servers.append(Server(kind, out, concurrent=len(folders) > 1, log=work / f"{kind}.log",
+                                  checkout=CHECKOUTS.get(kind.partition("@")[2])))
+        elapsed = send(storescu, [server.port for server in servers], folders)
     finally:
-        server.stop()
-    CPU.setdefault((kind, len(folders)), []).append(getattr(server, "cpu", float("nan")))
-    HOOK_CPU.setdefault((kind, len(folders)), []).append(getattr(server, "hook_cpu", float("nan")))
-    found = count_files(out)
+        for server in servers:
+            server.stop()
+    CPU.setdefault((kind, len(folders)), []).append(sum(getattr(s, "cpu", float("nan")) for s in servers))
+    HOOK_CPU.setdefault((kind, len(folders)), []).append(
+        sum(getattr(s, "hook_cpu", float("nan")) for s in servers))
+    found = sum(count_files(out) for out in outs)
     if found != expected:
         raise RuntimeError(f"{kind}: {found} instances arrived, expected {expected}; see {work}")
-    shutil.rmtree(out)
+    for out in outs:
+        shutil.rmtree(out)
     return elapsed
 
 
@@ -272,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds += [f"{kind}@{args.compare.resolve().name}" for kind in ("sortscp", "sortscp-never")]
     for senders in args.senders:
         folders = split_folders(files, work, senders)
-        cases = [(kind, senders) for kind in kinds]
+        cases = [(kind, senders) for kind in kinds if senders > 1 or kind not in SPLIT]
         for kind, _ in cases:  # warm-up, untimed
             one_run(kind, storescu, folders, work, len(files))
         for _ in range(args.runs):  # interleaved
@@ -287,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
           f" {'x sortscp':>9} {'CPU s':>6} {'+CPU':>6} {'hooks':>6}  runs (s)")
     for senders in args.senders:
         for kind in kinds:
+            if (kind, senders) not in results:
+                continue  # a split variant with one sender
             med = statistics.median(results[(kind, senders)])
             # the median of per-round ratios: each round runs every receiver back to back, so a
             # busy moment of the machine weighs on both sides of a ratio alike
