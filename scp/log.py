@@ -20,6 +20,39 @@ import time
 
 from scp.enums import LogFormat
 
+#: At most one line per this many seconds for a warning that can come once per
+#: instance (a full queue dropping work), with the count since the line before.
+DROP_LOG_SECONDS = 1.0
+
+
+class DropLog:
+    """The rate limit of such a warning: :meth:`due` counts one drop and says
+    whether a line is due now (and for how many); :meth:`held` gives, at the
+    stop, what was counted since the last line, so every drop is in some line."""
+
+    def __init__(self, seconds: float = DROP_LOG_SECONDS) -> None:
+        self.seconds = seconds
+        self._count = 0
+        self._last = float("-inf")
+        self._lock = threading.Lock()
+
+    def due(self) -> int:
+        """Count one drop; the drops a line should report now (this one and those
+        held back since the last line), or 0 while no line is due."""
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self.seconds:
+                return 0
+            count, self._count, self._last = self._count, 0, now
+            return count
+
+    def held(self) -> int:
+        """The drops counted since the last line (and forget them)."""
+        with self._lock:
+            count, self._count = self._count, 0
+            return count
+
 #: Attributes every LogRecord has; anything else was passed with ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

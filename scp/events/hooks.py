@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scp.log import DropLog
+
 log = logging.getLogger(__name__)
 
 #: Runs waiting for a free slot; more are dropped (logged and counted).
@@ -255,6 +257,7 @@ class HookRunner:
         self.cwd = cwd
         self.on_result = on_result
         self.on_drop = on_drop
+        self._drop_log = DropLog()
         self.queue_size = queue_size
         self._cond = threading.Condition()  # guards everything below
         self._waiting: deque[_Run] = deque()  #: runs not started yet
@@ -352,7 +355,7 @@ class HookRunner:
                 self._waiting.extendleft(reversed(lost))
         if drop:
             for run in lost:
-                self._dropped(run.hook, run.subject, "the server stopped while it ran")
+                self._dropped(run.hook, run.subject, "the server stopped while it ran", limit=False)
             return
         log.warning("the hook helper process ended (exit status %s); hooks now start from the server itself",
                     self._helper.exit_status() if self._helper is not None else None)
@@ -381,7 +384,7 @@ class HookRunner:
                 run = self._waiting.popleft()
             try:
                 if self._stopping.is_set():
-                    self._dropped(run.hook, run.subject, "the server stopped before it ran")
+                    self._dropped(run.hook, run.subject, "the server stopped before it ran", limit=False)
                     continue
                 self._finish(run, run_hook(run.hook, run.argv, run.env, self.timeout, self.cwd, self._running))
             finally:
@@ -399,9 +402,16 @@ class HookRunner:
         except Exception:  # never lose the thread that reports
             log.exception("hook %s for %s", run.hook, run.subject)
 
-    def _dropped(self, hook: str, subject: str, why: str) -> None:
-        log.warning("hook %s dropped for %s: %s", hook, subject, why,
-                    extra={"event": "hook_dropped", "hook": hook, "subject": subject, "reason": why})
+    def _dropped(self, hook: str, subject: str, why: str, *, limit: bool = True) -> None:
+        """Log (at most a line a second with `limit`: a hung hook under a flood of
+        instances would otherwise write a line per instance) and count a drop.
+        Without `limit`, for the runs cut off by the stop, at most one per slot."""
+        count = self._drop_log.due() if limit else 1
+        if count:
+            more = f" (and {count - 1} more since the last such line)" if count > 1 else ""
+            log.warning("hook %s dropped for %s: %s%s", hook, subject, why, more,
+                        extra={"event": "hook_dropped", "hook": hook, "subject": subject, "reason": why,
+                               "count": count})
         if self.on_drop:
             self.on_drop(hook, subject, why)
 
@@ -461,6 +471,10 @@ class HookRunner:
             self._cond.notify_all()
         for t in self._threads:
             t.join(KILL_GRACE)
+        held = self._drop_log.held()
+        if held:
+            log.warning("hook runs dropped: %d more since the last such line", held,
+                        extra={"event": "hook_dropped", "count": held})
 
 
 # --------------------------------------------------------------------------- the hook process

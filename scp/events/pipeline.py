@@ -42,7 +42,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from scp.events.manifest import (
 )
 from scp.events.metrics import Metrics
 from scp.events.sinks import EventLog, Webhook, event_record
+from scp.log import DROP_LOG_SECONDS, DropLog
 from scp.store.index import InstanceIndexError, SeriesState, SqliteIndex, StudyState, index_path
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ QUEUE_SIZE = 10_000
 DISPATCH_BATCH_SECONDS = 0.05
 #: Bound of :meth:`Pipeline.stop` for each stage (events, hooks, webhook).
 STOP_SECONDS = 5.0
-#: At most one "dropped" log line per this many seconds (with the count).
-DROP_LOG_SECONDS = 1.0
 
 #: Facts of an event that are not passed to hooks (lists, nested objects).
 _NOT_ENV = {"instances", "series", "calling_aets"}
@@ -100,23 +98,24 @@ class _Stored:
 
 
 class _DropLog:
-    """Log drops at most once per DROP_LOG_SECONDS, with the count since the last line."""
+    """Log drops of stored events at most once per DROP_LOG_SECONDS, with the count."""
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._count = 0
-        self._last = 0.0
-        self._lock = threading.Lock()
+        self._rate = DropLog(DROP_LOG_SECONDS)
 
     def drop(self, why: str) -> None:
-        with self._lock:
-            self._count += 1
-            now = time.monotonic()
-            if now - self._last < DROP_LOG_SECONDS:
-                return
-            count, self._count, self._last = self._count, 0, now
-        log.warning("dropped %d %s: %s", count, self.what, why,
-                    extra={"event": "events_dropped", "count": count, "reason": why})
+        count = self._rate.due()
+        if count:
+            log.warning("dropped %d %s: %s", count, self.what, why,
+                        extra={"event": "events_dropped", "count": count, "reason": why})
+
+    def flush(self) -> None:
+        """At the stop: the drops counted since the last line."""
+        count = self._rate.held()
+        if count:
+            log.warning("dropped %d more %s since the last such line", count, self.what,
+                        extra={"event": "events_dropped", "count": count})
 
 
 class Pipeline:
@@ -196,6 +195,7 @@ class Pipeline:
                 pass
         for t in self._threads:
             t.join(timeout)
+        self._drops.flush()
         left = self._queue.qsize()
         if left:
             log.warning("stopping: %d stored event(s) not delivered", left)

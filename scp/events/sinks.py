@@ -22,6 +22,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import IO, Any
 
+from scp.log import DropLog
+
 log = logging.getLogger(__name__)
 
 #: Seconds one POST may take.
@@ -82,6 +84,7 @@ class Webhook:
         self.url = url
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
         self.on_drop, self.on_post = on_drop, on_post
+        self._drop_log = DropLog()
         self._queue: queue.Queue[dict | None] = queue.Queue(queue_size)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._work, name="sortscp-webhook", daemon=True)
@@ -95,9 +98,12 @@ class Webhook:
             self._drop(record, f"{self._queue.maxsize} events already waiting")
 
     def _drop(self, record: dict[str, Any], why: str) -> None:
-        log.warning("webhook %s: dropped the %s event: %s", self.url, record.get("event"), why,
-                    extra={"event": "webhook_dropped", "url": self.url, "dropped": record.get("event"),
-                           "reason": why})
+        count = self._drop_log.due()  # one line a second at most, with the count
+        if count:
+            more = f" (and {count - 1} more since the last such line)" if count > 1 else ""
+            log.warning("webhook %s: dropped the %s event: %s%s", self.url, record.get("event"), why, more,
+                        extra={"event": "webhook_dropped", "url": self.url, "dropped": record.get("event"),
+                               "reason": why, "count": count})
         if self.on_drop:
             self.on_drop(why)
 
@@ -150,6 +156,10 @@ class Webhook:
                     left += 1
             except queue.Empty:
                 break
+        held = self._drop_log.held()
+        if held:
+            log.warning("webhook %s: dropped %d more event(s) since the last such line", self.url, held,
+                        extra={"event": "webhook_dropped", "url": self.url, "count": held})
         if left:
             log.warning("webhook %s: dropped %d event(s) still queued at the stop", self.url, left,
                         extra={"event": "webhook_dropped", "url": self.url, "count": left})
