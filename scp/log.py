@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
 
 from scp.enums import LogFormat
 
@@ -26,9 +27,10 @@ DROP_LOG_SECONDS = 1.0
 
 
 class DropLog:
-    """The rate limit of such a warning: :meth:`due` counts one drop and says
-    whether a line is due now (and for how many); :meth:`held` gives, at the
-    stop, what was counted since the last line, so every drop is in some line."""
+    """The rate limit of such a warning: :meth:`warn` counts one drop and logs
+    it when a line is due, with how many more came since the line before;
+    :meth:`flush` logs, at the stop, what was counted since the last line, so
+    every drop is in some line."""
 
     def __init__(self, seconds: float = DROP_LOG_SECONDS) -> None:
         self.seconds = seconds
@@ -36,22 +38,25 @@ class DropLog:
         self._last = float("-inf")
         self._lock = threading.Lock()
 
-    def due(self) -> int:
-        """Count one drop; the drops a line should report now (this one and those
-        held back since the last line), or 0 while no line is due."""
+    def warn(self, logger: logging.Logger, msg: str, *args: object, extra: Mapping[str, object]) -> None:
+        """Count one drop; when a line is due, log ``msg % args`` with the count
+        (this drop and those held back since the last line)."""
         with self._lock:
             self._count += 1
             now = time.monotonic()
             if now - self._last < self.seconds:
-                return 0
+                return
             count, self._count, self._last = self._count, 0, now
-            return count
+        more = f" (and {count - 1} more since the last such line)" if count > 1 else ""
+        logger.warning(msg + "%s", *args, more, extra={**extra, "count": count})
 
-    def held(self) -> int:
-        """The drops counted since the last line (and forget them)."""
+    def flush(self, logger: logging.Logger, what: str, extra: Mapping[str, object]) -> None:
+        """At the stop: log the drops counted since the last line, if any."""
         with self._lock:
             count, self._count = self._count, 0
-            return count
+        if count:
+            logger.warning("%s dropped: %d more since the last such line", what, count,
+                           extra={**extra, "count": count})
 
 #: Attributes every LogRecord has; anything else was passed with ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

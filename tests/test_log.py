@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from scp.enums import LogFormat
-from scp.log import EscapeFilter, JsonFormatter
+from scp.log import DropLog, EscapeFilter, JsonFormatter
 
 FORGED = "EV\nFORGED 2026-01-01 INFO scp: stored\x1b[31m"
 
@@ -111,3 +111,19 @@ def test_the_echo_filter_takes_records_from_several_threads_at_once() -> None:
 
     errors = in_threads(work)
     assert errors == []
+
+
+def test_a_drop_log_writes_one_line_per_period_and_every_drop_is_counted(caplog) -> None:
+    """The one rate limit of the hooks', the webhook's and the stored events'
+    drop lines: the first drop is logged at once, the next ones in the same
+    period only counted, and the stop's flush logs what was held back."""
+    logger = logging.getLogger("scp.test.drops")
+    drops = DropLog(seconds=3600)
+    with caplog.at_level(logging.WARNING, logger="scp.test.drops"):
+        for i in range(1000):
+            drops.warn(logger, "dropped %s: %s", f"uid{i}", "queue full", extra={"event": "x"})
+        drops.flush(logger, "things", extra={"event": "x"})
+        drops.flush(logger, "things", extra={"event": "x"})  # nothing held back any more
+    lines = [(r.getMessage(), r.count, r.event) for r in caplog.records]
+    assert lines == [("dropped uid0: queue full", 1, "x"),
+                     ("things dropped: 999 more since the last such line", 999, "x")]

@@ -406,12 +406,11 @@ class HookRunner:
         """Log (at most a line a second with `limit`: a hung hook under a flood of
         instances would otherwise write a line per instance) and count a drop.
         Without `limit`, for the runs cut off by the stop, at most one per slot."""
-        count = self._drop_log.due() if limit else 1
-        if count:
-            more = f" (and {count - 1} more since the last such line)" if count > 1 else ""
-            log.warning("hook %s dropped for %s: %s%s", hook, subject, why, more,
-                        extra={"event": "hook_dropped", "hook": hook, "subject": subject, "reason": why,
-                               "count": count})
+        extra = {"event": "hook_dropped", "hook": hook, "subject": subject, "reason": why}
+        if limit:
+            self._drop_log.warn(log, "hook %s dropped for %s: %s", hook, subject, why, extra=extra)
+        else:
+            log.warning("hook %s dropped for %s: %s", hook, subject, why, extra={**extra, "count": 1})
         if self.on_drop:
             self.on_drop(hook, subject, why)
 
@@ -471,10 +470,7 @@ class HookRunner:
             self._cond.notify_all()
         for t in self._threads:
             t.join(KILL_GRACE)
-        held = self._drop_log.held()
-        if held:
-            log.warning("hook runs dropped: %d more since the last such line", held,
-                        extra={"event": "hook_dropped", "count": held})
+        self._drop_log.flush(log, "hook runs", extra={"event": "hook_dropped"})
 
 
 # --------------------------------------------------------------------------- the hook process

@@ -58,7 +58,7 @@ from scp.events.manifest import (
 )
 from scp.events.metrics import Metrics
 from scp.events.sinks import EventLog, Webhook, event_record
-from scp.log import DROP_LOG_SECONDS, DropLog
+from scp.log import DropLog
 from scp.store.index import InstanceIndexError, SeriesState, SqliteIndex, StudyState, index_path
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ QUEUE_SIZE = 10_000
 DISPATCH_BATCH_SECONDS = 0.05
 #: Bound of :meth:`Pipeline.stop` for each stage (events, hooks, webhook).
 STOP_SECONDS = 5.0
+#: Why a stored event is dropped.
+_QUEUE_FULL = f"{QUEUE_SIZE} waiting (hooks or event sinks too slow)"
 
 #: Facts of an event that are not passed to hooks (lists, nested objects).
 _NOT_ENV = {"instances", "series", "calling_aets"}
@@ -97,27 +99,6 @@ class _Stored:
     transfer_syntax_uid: str | None
 
 
-class _DropLog:
-    """Log drops of stored events at most once per DROP_LOG_SECONDS, with the count."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self._rate = DropLog(DROP_LOG_SECONDS)
-
-    def drop(self, why: str) -> None:
-        count = self._rate.due()
-        if count:
-            log.warning("dropped %d %s: %s", count, self.what, why,
-                        extra={"event": "events_dropped", "count": count, "reason": why})
-
-    def flush(self) -> None:
-        """At the stop: the drops counted since the last line."""
-        count = self._rate.held()
-        if count:
-            log.warning("dropped %d more %s since the last such line", count, self.what,
-                        extra={"event": "events_dropped", "count": count})
-
-
 class Pipeline:
     """Events, hooks and metrics of one server: :meth:`start`, then :meth:`stop`."""
 
@@ -142,7 +123,7 @@ class Pipeline:
         #: stored events; a threading.Event is a watcher's marker (see _deliver_stored); None ends
         self._queue: queue.Queue[_Stored | threading.Event | None] = queue.Queue(QUEUE_SIZE)
         self._hurry = threading.Event()  #: ends the dispatcher's wait for more (a stop, a marker)
-        self._drops = _DropLog("stored events")
+        self._drops = DropLog()  #: of stored events, when the queue is full
         self._dispatch = bool(self._argv.get("on_stored") or cfg.events or cfg.webhook)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -195,7 +176,7 @@ class Pipeline:
                 pass
         for t in self._threads:
             t.join(timeout)
-        self._drops.flush()
+        self._drops.flush(log, "stored events", extra={"event": "events_dropped"})
         left = self._queue.qsize()
         if left:
             log.warning("stopping: %d stored event(s) not delivered", left)
@@ -225,7 +206,8 @@ class Pipeline:
                                            sop_class_uid, transfer_syntax_uid))
         except queue.Full:
             self.metrics.events_dropped.inc()
-            self._drops.drop(f"{QUEUE_SIZE} waiting (hooks or event sinks too slow)")
+            self._drops.warn(log, "dropped a stored event: %s", _QUEUE_FULL,
+                             extra={"event": "events_dropped", "reason": _QUEUE_FULL})
 
     def failed(self, calling_aet: str, status: int, seconds: float | None = None) -> None:
         self.metrics.failed(calling_aet, status, seconds)

@@ -98,12 +98,9 @@ class Webhook:
             self._drop(record, f"{self._queue.maxsize} events already waiting")
 
     def _drop(self, record: dict[str, Any], why: str) -> None:
-        count = self._drop_log.due()  # one line a second at most, with the count
-        if count:
-            more = f" (and {count - 1} more since the last such line)" if count > 1 else ""
-            log.warning("webhook %s: dropped the %s event: %s%s", self.url, record.get("event"), why, more,
-                        extra={"event": "webhook_dropped", "url": self.url, "dropped": record.get("event"),
-                               "reason": why, "count": count})
+        self._drop_log.warn(  # one line a second at most, with the count
+            log, "webhook %s: dropped the %s event: %s", self.url, record.get("event"), why,
+            extra={"event": "webhook_dropped", "url": self.url, "dropped": record.get("event"), "reason": why})
         if self.on_drop:
             self.on_drop(why)
 
@@ -156,10 +153,7 @@ class Webhook:
                     left += 1
             except queue.Empty:
                 break
-        held = self._drop_log.held()
-        if held:
-            log.warning("webhook %s: dropped %d more event(s) since the last such line", self.url, held,
-                        extra={"event": "webhook_dropped", "url": self.url, "count": held})
+        self._drop_log.flush(log, f"webhook {self.url}: events", extra={"event": "webhook_dropped", "url": self.url})
         if left:
             log.warning("webhook %s: dropped %d event(s) still queued at the stop", self.url, left,
                         extra={"event": "webhook_dropped", "url": self.url, "count": left})
