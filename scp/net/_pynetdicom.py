@@ -25,7 +25,9 @@ wrapped here, with the upstream change that would remove it:
   command's, a dataset PDV without a command, or a command set or a
   non-C-STORE dataset past a bound (pynetdicom would hold it in memory).
   Upstream: a per-AE factory for the chunked-dataset file that receives the
-  command set and context, and bounds on in-memory DIMSE data.
+  command set and context, and bounds on in-memory DIMSE data. A clean
+  C-STORE-RQ command set is read straight from its bytes (:class:`StoreCommand`,
+  ~4 us instead of pydicom's ~63 us), anything else by pydicom as before.
 * :func:`dataset_sink`: ``C_STORE._dataset_file``, that file as the handler
   sees it (``Event.dataset_path`` gives only its name, not whether writing it
   failed).
@@ -302,7 +304,11 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
                 if not control & 2:
                     continue
                 self.context_id = context_id
-                self.command_set = decode(self.encoded_command_set, True, True)
+                lean = None
+                if _open_dataset is not None and assoc is not None:
+                    lean = StoreCommand.read(self.encoded_command_set.getvalue())
+                # (a StoreCommand stands in for the Dataset on our path only: _as_pynetdicom_message)
+                self.command_set = lean or decode(self.encoded_command_set, True, True)  # type: ignore[assignment]
                 self.__class__ = _MESSAGE_TYPES[self.command_set.CommandField][1]
                 if self.command_set.CommandDataSetType == 0x0101:
                     return True  # no dataset follows
@@ -1105,6 +1111,95 @@ _INTERNALS.extend([
      lambda: callable(getattr(_pyn_handlers, "standard_dimse_recv_handler", None))),
 ])
 
+class StoreCommand:
+    """The command set of a plain C-STORE-RQ, read straight from its bytes
+    (implicit VR little endian, a handful of elements): what pydicom's decode
+    gives for the values this path reads, in a few us instead of ~70 us (the
+    UIDs converted and validated element by element; far more while the other
+    threads want the GIL). :meth:`read` takes only a clean command set (every
+    element a known C-STORE-RQ one, in order, of its usual length, text in
+    ASCII with one value) and gives None for anything else, which pydicom then
+    decodes as before; :func:`_as_pynetdicom_message` turns it into pydicom's
+    form where pynetdicom's own path needs the message.
+    Upstream: a lean decoder of fixed DIMSE command sets."""
+
+    __slots__ = ("CommandField", "MessageID", "Priority", "CommandDataSetType",
+                 "AffectedSOPClassUID", "AffectedSOPInstanceUID")
+
+    #: element number (group 0000) -> how its value reads; anything else: not ours
+    _ELEMENTS = {0x0000: "UL", 0x0002: "UI", 0x0100: "US", 0x0110: "US", 0x0700: "US",
+                 0x0800: "US", 0x1000: "UI", 0x1030: "AE", 0x1031: "US"}
+    _ELEMENT = struct.Struct("<HHL")
+
+    def __init__(self, values: dict[int, Any]) -> None:
+        self.CommandField = values[0x0100]
+        self.MessageID = values[0x0110]
+        self.Priority = values.get(0x0700)
+        self.CommandDataSetType = values[0x0800]
+        self.AffectedSOPClassUID = values[0x0002]
+        self.AffectedSOPInstanceUID = values[0x1000]
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return getattr(self, keyword, default)
+
+    @classmethod
+    def read(cls, raw: bytes) -> StoreCommand | None:
+        """The command in `raw`, if it is a clean C-STORE-RQ with a dataset.
+
+        >>> cmd = StoreCommand.read(bytes.fromhex(
+        ...     "000000000400000000000000"  # (0000,0000) group length
+        ...     "0000020004000000312e3200"  # (0000,0002) SOP class "1.2"
+        ...     "00000001020000000100"  # (0000,0100) C-STORE-RQ
+        ...     "00001001020000000700"  # (0000,0110) message 7
+        ...     "00000008020000000000"  # (0000,0800) a dataset follows
+        ...     "0000001004000000312e3300"))  # (0000,1000) SOP instance "1.3"
+        >>> cmd.CommandField, cmd.MessageID, cmd.AffectedSOPClassUID, cmd.AffectedSOPInstanceUID
+        (1, 7, '1.2', '1.3')
+        >>> StoreCommand.read(b"") is None  # anything else: pydicom's to decode
+        True
+        """
+        values: dict[int, Any] = {}
+        pos, end, last = 0, len(raw), -1
+        while pos < end:
+            if pos + 8 > end:
+                return None
+            group, element, length = cls._ELEMENT.unpack_from(raw, pos)
+            pos += 8
+            kind = cls._ELEMENTS.get(element)
+            if group != 0 or element <= last or kind is None or pos + length > end:
+                return None
+            value = raw[pos:pos + length]
+            pos += length
+            last = element
+            if kind == "US":
+                if length != 2:
+                    return None
+                values[element] = int.from_bytes(value, "little")
+            elif kind == "UL":
+                if length != 4:
+                    return None
+                values[element] = int.from_bytes(value, "little")
+            else:
+                if not 0 < length <= 64 or not value.isascii():
+                    return None
+                text = value.decode("ascii").rstrip(" \0")  # (pydicom strips the padding...)
+                if not text or "\\" in text:
+                    return None  # (... and splits values at backslashes)
+                values[element] = text.strip()
+        if values.get(0x0100) != 0x0001 or values.get(0x0800, 0x0101) == 0x0101 \
+                or 0x0110 not in values or not values.get(0x0002) or not values.get(0x1000):
+            return None
+        return cls(values)
+
+
+def _as_pynetdicom_message(msg: DIMSEMessage) -> bool:
+    """Give `msg` the pydicom command set pynetdicom's own path reads (if it
+    carries a :class:`StoreCommand`); False, for :func:`_queue_store`."""
+    if isinstance(msg.command_set, StoreCommand):
+        msg.command_set = decode(msg.encoded_command_set, True, True)
+    return False
+
+
 class StoreRequest:
     """A C-STORE request as the fast path hands it to the ``EVT_C_STORE``
     handler (``event.request``): the command's values the response needs, read
@@ -1114,7 +1209,7 @@ class StoreRequest:
     __slots__ = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "DataSet",
                  "_dataset_file", "_dataset_path")
 
-    def __init__(self, command_set: Dataset, sink: Any) -> None:
+    def __init__(self, command_set: Dataset | StoreCommand, sink: Any) -> None:
         self.MessageID = int(command_set.MessageID)
         self.AffectedSOPClassUID = str(command_set.AffectedSOPClassUID)
         self.AffectedSOPInstanceUID = str(command_set.AffectedSOPInstanceUID)
@@ -1129,11 +1224,11 @@ def _queue_store(msg: DIMSEMessage, assoc: Any, sink: Any) -> bool:
     ``EVT_DIMSE_RECV`` is watched)."""
     if assoc is None or getattr(assoc, "_sortscp_wake", None) is None or msg.__class__ is not C_STORE_RQ \
             or _watched(assoc, evt.EVT_DIMSE_RECV, _pyn_handlers.standard_dimse_recv_handler):
-        return False
+        return _as_pynetdicom_message(msg)
     try:
         request = StoreRequest(msg.command_set, sink)
     except (AttributeError, TypeError, ValueError):
-        return False  # let pynetdicom's conversion decide
+        return _as_pynetdicom_message(msg)  # let pynetdicom's conversion decide
     context_id = msg.context_id
     assoc.dimse.message = None  # the next P-DATA starts a new message (what receive_primitive does)
     assoc.dimse.msg_queue.put((context_id, request))

@@ -1,0 +1,198 @@
+"""The C-STORE-RQ command set read straight from its bytes
+(``scp.net._pynetdicom.StoreCommand``) gives what pydicom's decode gives, or
+leaves the command set to pydicom; over a real association, a command set it
+leaves to pydicom is still filed, and one neither can read still aborts."""
+
+from __future__ import annotations
+
+import random
+import struct
+import warnings
+from io import BytesIO
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom.dsutils import decode
+from test_serve_hostile import CT_CONTEXT, FAST, ct_bytes, ct_path, layout_files, log_lines, still_serving
+
+from scp.net._pynetdicom import StoreCommand
+from scp.net.status import SUCCESS
+
+import pdu
+from pdu import Peer
+
+FIELDS = ("CommandField", "MessageID", "Priority", "CommandDataSetType",
+          "AffectedSOPClassUID", "AffectedSOPInstanceUID")
+UID = "1.2.826.0.1.3680043.8.498.10203040506070809101112131415161718"
+
+
+def element(number: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0, number, len(value)) + value
+
+
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def ui(text: str) -> bytes:
+    raw = text.encode("latin-1")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def store_rq(*, sop_class: str = pdu.CT_IMAGE_STORAGE, uid: str = UID, message_id: int = 7,
+             priority: int | None = 0, data_set_type: int = 0x0000, extra: bytes = b"",
+             move: tuple[bytes, int] | None = None) -> bytes:
+    """A C-STORE-RQ command set, element by element (group length first)."""
+    body = element(0x0002, ui(sop_class)) + element(0x0100, us(1)) + element(0x0110, us(message_id))
+    if priority is not None:
+        body += element(0x0700, us(priority))
+    body += element(0x0800, us(data_set_type)) + element(0x1000, ui(uid))
+    if move is not None:
+        body += element(0x1030, move[0]) + element(0x1031, us(move[1]))
+    body += extra
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def pydicom_values(raw: bytes) -> tuple:
+    with warnings.catch_warnings():  # (its warnings about invalid UIDs: the sink refuses them)
+        warnings.simplefilter("ignore")
+        ds = decode(BytesIO(raw), True, True)
+        return tuple(None if ds.get(k) is None else (str(ds.get(k)) if "UID" in k else int(ds.get(k)))
+                 for k in FIELDS)
+
+
+def lean_values(cmd: StoreCommand) -> tuple:
+    return tuple(getattr(cmd, k) for k in FIELDS)
+
+
+CLEAN = {
+    "plain": store_rq(),
+    "pynetdicom's encoding": pdu.c_store_rq(pdu.CT_IMAGE_STORAGE, UID, 513),
+    "no priority": store_rq(priority=None),
+    "high priority, message 65535": store_rq(priority=1, message_id=0xFFFF),
+    "a C-MOVE's sub-operation": store_rq(move=(b"MOVESCU ", 12)),
+    "uids padded with a space": store_rq(uid=UID[:-1] + " ", sop_class=pdu.CT_IMAGE_STORAGE + " "),
+    "a 64-character uid": store_rq(uid="1." + "2" * 62),
+    "a uid that names no file (the sink refuses it)": store_rq(uid="1.2/3"),
+    "a uid with a leading space": store_rq(uid=" 1.2.3"),
+}
+
+
+@pytest.mark.parametrize("raw", CLEAN.values(), ids=CLEAN.keys())
+def test_a_clean_c_store_command_reads_as_pydicom_reads_it(raw):
+    cmd = StoreCommand.read(raw)
+    assert cmd is not None, "a clean C-STORE-RQ was left to pydicom"
+    assert lean_values(cmd) == pydicom_values(raw)
+
+
+ODD = {
+    "empty": b"",
+    "a C-ECHO-RQ": pdu.c_echo_rq(3),
+    "a C-STORE-RQ without a dataset": store_rq(data_set_type=0x0101),
+    "an element it does not know": store_rq(extra=element(0x1035, b"XX")),
+    "(0000,0001), retired": element(0x0000, struct.pack("<L", 12)) + element(0x0001, b"\0\0\0\0")
+    + store_rq()[12:],
+    "elements out of order": store_rq()[12:36] + store_rq()[:12] + store_rq()[36:],
+    "an element twice": store_rq() + element(0x1000, ui(UID)),
+    "another group": store_rq() + struct.pack("<HHL", 2, 0x0010, 2) + b"1\0",
+    "a US of 4 bytes": store_rq(extra=element(0x1031, b"\1\0\0\0")),
+    "cut in an element header": store_rq()[:-len(ui(UID)) - 4],
+    "cut in a value": store_rq()[:-3],
+    "an empty instance uid": store_rq(uid=""),
+    "an instance uid of spaces": store_rq(uid="  "),
+    "two values": store_rq(uid="1.2.3\\1.2.4"),
+    "not ASCII": store_rq(uid="1.2.\xe9"),
+    "a 66-byte uid": store_rq(uid="1." + "2" * 64),
+    "no message id": element(0x0000, b"\0\0\0\0") + element(0x0002, ui("1.2")) + element(0x0100, us(1))
+    + element(0x0800, us(0)) + element(0x1000, ui("1.3")),
+}
+
+
+@pytest.mark.parametrize("raw", ODD.values(), ids=ODD.keys())
+def test_anything_unusual_is_left_to_pydicom(raw):
+    assert StoreCommand.read(raw) is None
+
+
+def test_whatever_it_reads_from_damaged_bytes_pydicom_reads_alike():
+    """5,000 seeded damages of real command sets (bytes flipped, cut, grown,
+    elements dropped): each one it reads, pydicom reads to the same values."""
+    rng = random.Random(11)
+    seeds = list(CLEAN.values())
+    read = 0
+    for _ in range(5000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            if not raw:
+                break
+            how = rng.randrange(4)
+            at = rng.randrange(len(raw))
+            if how == 0:
+                raw[at] = rng.randrange(256)
+            elif how == 1:
+                del raw[at:]
+            elif how == 2:
+                raw[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+            else:
+                del raw[at:at + rng.choice((2, 8, 10, 12))]
+        cmd = StoreCommand.read(bytes(raw))
+        if cmd is None:
+            continue
+        read += 1
+        try:
+            expected = pydicom_values(bytes(raw))
+        except Exception as exc:  # noqa: BLE001 - the failure to report
+            pytest.fail(f"read {bytes(raw).hex()}, which pydicom cannot decode: {exc!r}")
+        assert lean_values(cmd) == expected, bytes(raw).hex()
+    assert 100 < read < 5000, f"{read} read: the damages do not exercise both sides"
+
+
+# --- over a real association ------------------------------------------------------------
+
+
+def _store_with(port: int, command: bytes, data: bytes) -> int | None:
+    with Peer(port, timeout=10) as peer:
+        cid = peer.associate(CT_CONTEXT).accepted_ids()[0]
+        peer.send_command(cid, command)
+        try:
+            peer.send_dataset(cid, data)
+            status = peer.status(10)
+        except Exception:  # noqa: BLE001 - closed, or no answer: no status
+            return None
+        peer.release()
+        return status
+
+
+@pytest.mark.parametrize("case", ["retired (0000,0001)", "a C-MOVE originator"])
+def test_a_command_set_left_to_pydicom_is_still_filed(serve_process, case):
+    server = serve_process(*FAST)
+    uid, data, ds = ct_bytes(generate_uid())
+    if case == "a C-MOVE originator":  # read directly: filed the same way
+        command = store_rq(uid=uid, move=(b"MOVER\x00", 3))
+        assert StoreCommand.read(command) is not None
+    else:
+        body = store_rq(uid=uid)[12:]
+        command = element(0x0000, struct.pack("<L", len(body) + 12)) + element(0x0001, b"\0\0\0\0") + body
+        assert StoreCommand.read(command) is None
+    assert _store_with(server.port, command, data) == SUCCESS, server.log()
+    filed = ct_path(server.out, ds)
+    assert layout_files(server.out) == [filed]
+    assert filed.read_bytes().endswith(data)  # our File Meta, then the dataset as sent
+    still_serving(server)
+
+
+@pytest.mark.parametrize("where", ["value", "element header"])
+def test_a_cut_command_set_files_nothing(serve_process, where):
+    """Cut in its last value (pydicom reads a shorter UID: the dataset no
+    longer matches it) or in its last element header (undecodable): left to
+    pydicom, refused or aborted as before, with the reason in the log."""
+    server = serve_process(*FAST)
+    uid, data, _ = ct_bytes(generate_uid())
+    cut = 3 if where == "value" else len(ui(uid)) + 4
+    command = store_rq(uid=uid)[:-cut]
+    assert StoreCommand.read(command) is None
+    status = _store_with(server.port, command, data)
+    assert status != SUCCESS
+    assert layout_files(server.out) == []
+    reason = "does not match|aborting the association" if status is None else "C-STORE failed"
+    assert log_lines(server, reason), server.log()
+    still_serving(server)
