@@ -194,3 +194,26 @@ def test_plain_churn_leaves_no_count_behind(serve_process):
     for s in _only_the_bound_waits(server, "127.0.0.2"):
         s.close()
     assert "Traceback" not in server.log()
+
+
+def test_tls_port_probes_that_send_nothing_are_not_logged(serve_process, certs):  # noqa: F811
+    """A health check that connects and closes (or resets) a TLS port gets no
+    line, as on a plain port; a client that starts a handshake and fails it
+    still gets one; the server keeps serving."""
+    server = serve_process(*tls_args(certs), "--workers", "1")
+    for i in range(20):
+        s = _connect(server.port, "127.0.0.1", reset=i % 2 == 1)
+        s.close()
+    bad = _connect(server.port, "127.0.0.1")
+    bad.sendall(b"\x16\x03\x01\x00\x05garbage")
+    assert _closed_by_server([bad], 10.0) == {bad}
+    bad.close()
+    uid, data, ds = ct_bytes(PatientID="AFTERPROBES")
+    with _tls_peer(server.port, certs) as peer:
+        rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+        assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
+        assert peer.release()
+    assert ct_path(server.out, ds).is_file()
+    lines = [line for line in server.log().splitlines() if "TLS handshake" in line]
+    assert len(lines) == 1, server.log()  # the garbage sender's, not the 20 probes'
+    assert "Traceback" not in server.log()

@@ -120,8 +120,13 @@ class HardenedAssociationServer(ThreadedAssociationServer):
         ae = self.ae
         if self.ssl_context is not None:
             deadline = None if ae.acse_timeout is None else time.monotonic() + ae.acse_timeout
+            request.settimeout(ae.acse_timeout)
+            if not _sends_anything(request):  # a silent probe or health check is not worth a line
+                _close_quietly(request)
+                return None
             try:
-                request.settimeout(ae.acse_timeout)
+                if deadline is not None:
+                    request.settimeout(max(0.001, deadline - time.monotonic()))
                 request = self.ssl_context.wrap_socket(request, server_side=True)
             except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
                 log.warning(
@@ -330,6 +335,15 @@ def _set_lowat(sock: socket.socket, n: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
     except (OSError, AttributeError):
         pass
+
+
+def _sends_anything(sock: socket.socket) -> bool:
+    """Whether the peer sends a byte before it closes, resets or its time runs
+    out (the byte is left where it is, for the TLS handshake to read)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except OSError:  # timed out or reset
+        return False
 
 
 def _tls_reason(exc: BaseException) -> str:
