@@ -795,14 +795,14 @@ class SqliteIndex:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise IndexInUseError(f"the index of {self.root} is being rebuilt") from None
-            self._conn = _connect(path)
+            self._conn: sqlite3.Connection | None = (conn := _connect(path))  # None: closed
             try:
-                meta = _read_meta(self._conn)
+                meta = _read_meta(conn)
             except sqlite3.Error as exc:
-                self._conn.close()
+                conn.close()
                 raise IndexStaleError(f"unreadable index {path}: {exc}") from exc
             if meta.get("schema_version") != str(SCHEMA_VERSION):
-                self._conn.close()
+                conn.close()
                 raise IndexStaleError(f"index {path} has schema {meta.get('schema_version')}, not {SCHEMA_VERSION}")
         except BaseException:
             os.close(self._lock_fd)
@@ -817,6 +817,8 @@ class SqliteIndex:
     def _c(self) -> sqlite3.Connection:
         if os.getpid() != self._pid:
             raise InstanceIndexError("an index connection was carried across fork: open one per process")
+        if self._conn is None:
+            raise InstanceIndexError(f"the index of {self.root} is closed")
         return self._conn
 
     def _tx(self):
@@ -872,9 +874,10 @@ class SqliteIndex:
                 if row.state == "pending":
                     if owner_alive(row.owner):
                         return None
-                    row = self._settle(cur, row, row_intent)  # type: ignore[assignment,union-attr,operator,arg-type]
-                    if row is None:
+                    settled = self._settle(cur, row, row_intent)
+                    if settled is None:
                         continue
+                    row = settled
                 if not self._take_obsolete(cur, relpath, owner):
                     return None
                 cur.execute(
@@ -952,14 +955,14 @@ class SqliteIndex:
             cur.execute(_SET_OK + " AND owner = ? AND state = 'pending'", (*args, owner))
         if cur.rowcount != 1:
             raise ClaimLostError(f"the claim of {uid} was settled by another process")
-        counted = old is not None and old.path is not None
+        counted = old if old is not None and old.path is not None else None  # (a row with a file)
         folder = _folder(new_path)
         series, study = facts.get("series_instance_uid"), facts.get("study_instance_uid")
         for key, table, old_uid, new_uid in (
-            ("series_instance_uid", "series", old.series_instance_uid if counted else None, series),  # type: ignore[assignment,union-attr,operator,arg-type]
-            ("study_instance_uid", "studies", old.study_instance_uid if counted else None, study),  # type: ignore[assignment,union-attr,operator,arg-type]
+            ("series_instance_uid", "series", counted.series_instance_uid if counted is not None else None, series),
+            ("study_instance_uid", "studies", counted.study_instance_uid if counted is not None else None, study),
         ):
-            if counted and old_uid is not None and old_uid != new_uid:
+            if counted is not None and old_uid is not None and old_uid != new_uid:
                 cur.execute(
                     f"UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1,"
                     f" revision = {_BUMP} WHERE {key} = ?",
@@ -968,7 +971,7 @@ class SqliteIndex:
                 cur.execute(f"DELETE FROM {table} WHERE {key} = ? AND instances <= 0", (old_uid,))
             if new_uid is None:
                 continue
-            delta = 0 if counted and old_uid == new_uid else 1
+            delta = 0 if counted is not None and old_uid == new_uid else 1
             if table == "series":
                 cur.execute(
                     _SERIES_UPSERT,
@@ -982,12 +985,12 @@ class SqliteIndex:
                      now, now, delta),
                 )
         cur.execute("DELETE FROM obsolete WHERE path = ?", (new_path,))
-        if counted and old.path != new_path:  # type: ignore[assignment,union-attr,operator,arg-type]
+        if counted is not None and counted.path != new_path:
             cur.execute(
                 "INSERT OR REPLACE INTO obsolete(path, sop_instance_uid, owner, since) VALUES (?, ?, ?, ?)",
-                (old.path, uid, owner or "", now),  # type: ignore[assignment,union-attr,operator,arg-type]
+                (counted.path, uid, owner or "", now),
             )
-            return old.path  # type: ignore[assignment,union-attr,operator,arg-type]
+            return counted.path
         return None
 
     def _file_matches(self, relpath: str | None, facts: Mapping[str, Any]) -> bool:
@@ -1023,25 +1026,25 @@ class SqliteIndex:
             self._apply(cur, uid, old, new, intent, mtime, row.owner)
             found = cur.execute(_SELECT_ROW, (uid,)).fetchone()
             return _row(found)[0]
-        stray = new is not None and new != row.path and (self.root / new).exists()
-        if old is not None and (self.root / old.path).exists():  # type: ignore[assignment,union-attr,operator,arg-type]
+        stray = new if new is not None and new != row.path and (self.root / new).exists() else None
+        if old is not None and row.path is not None and (self.root / row.path).exists():
             cur.execute(
                 "UPDATE instances SET state = 'ok', pending_path = NULL, owner = NULL, pid = NULL,"
                 " since = NULL, intent = NULL WHERE sop_instance_uid = ?",
                 (uid,),
             )
             if stray:
-                self._add_obsolete(cur, new, uid, row.owner)  # type: ignore[assignment,union-attr,operator,arg-type]
+                self._add_obsolete(cur, stray, uid, row.owner)
             return old
         if stray:
             # neither the intended file nor the old one: a file of this UID is
             # at the new path (another version): it is what the tree holds
             facts = dict(intent)
-            p = self.root / new  # type: ignore[assignment,union-attr,operator,arg-type]
+            p = self.root / stray
             st = p.stat()
             facts["size"] = st.st_size
             facts["digest"] = sha256_file(p) if intent.get("digest") else None
-            self._apply(cur, uid, None, new, facts, st.st_mtime, row.owner)  # type: ignore[assignment,union-attr,operator,arg-type]
+            self._apply(cur, uid, None, stray, facts, st.st_mtime, row.owner)
             if old is not None:
                 self._uncount(cur, old)
             return _row(cur.execute(_SELECT_ROW, (uid,)).fetchone())[0]
@@ -1117,7 +1120,8 @@ class SqliteIndex:
         """Close; with `clean` (the run's main process, after its workers), and
         if no other process has the index open, record a clean close, synced."""
         with self._lock:
-            if self._conn is None:
+            conn = self._conn
+            if conn is None:
                 return
             try:
                 if clean and os.getpid() == self._pid:
@@ -1126,12 +1130,12 @@ class SqliteIndex:
                     except BlockingIOError:
                         pass  # another user still has it: it will close it
                     else:
-                        self._conn.execute("PRAGMA synchronous=FULL")
-                        self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('clean', '1')")
-                        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                        conn.execute("PRAGMA synchronous=FULL")
+                        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('clean', '1')")
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
-                self._conn.close()
-                self._conn = None  # type: ignore[assignment,union-attr,operator,arg-type]
+                conn.close()
+                self._conn = None
                 os.close(self._lock_fd)
 
     def __enter__(self) -> SqliteIndex:
