@@ -7,16 +7,26 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 import warnings
 from io import BytesIO
 
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom.dsutils import decode
-from test_serve_hostile import CT_CONTEXT, FAST, ct_bytes, ct_path, layout_files, log_lines, still_serving
+from test_serve_hostile import (
+    CT_CONTEXT,
+    FAST,
+    ct_bytes,
+    ct_path,
+    layout_files,
+    log_lines,
+    no_temp_files_within,
+    still_serving,
+)
 
 from scp.net._pynetdicom import StoreCommand
-from scp.net.status import SUCCESS
+from scp.net.status import CANNOT_UNDERSTAND, SUCCESS
 
 import pdu
 from pdu import Peer
@@ -195,4 +205,100 @@ def test_a_cut_command_set_files_nothing(serve_process, where):
     assert layout_files(server.out) == []
     reason = "does not match|aborting the association" if status is None else "C-STORE failed"
     assert log_lines(server, reason), server.log()
+    still_serving(server)
+
+
+# --- answers that cannot be written as usual, and PDUs that run on -----------------------
+
+
+def _answer(peer: Peer, timeout: float = 10) -> tuple[str, object]:
+    """('rsp', command set) for a response, ('abort', None) for an A-ABORT or
+    a closed connection."""
+    try:
+        pdu_ = peer.read_pdu(timeout)
+    except (OSError, ConnectionError, pdu.PeerClosed):
+        return "abort", None
+    if pdu_.kind == pdu.A_ABORT:
+        return "abort", None
+    assert pdu_.kind == pdu.P_DATA_TF, f"PDU type {pdu_.kind:#x}"
+    fragments = b"".join(f for _, header, f in pdu.parse_pdvs(pdu_.body) if header & pdu.COMMAND)
+    return "rsp", pdu.decode_command(fragments)
+
+
+def test_a_response_that_fits_neither_encoder_aborts_instead_of_hanging(serve_process):
+    """A 65-character UID (refused: 0xC000) from a peer whose PDUs hold 120
+    bytes: the hand-made response does not fit one PDU and pynetdicom's
+    refuses the UID. The association is aborted at once with a line, not left
+    open with its thread dead."""
+    server = serve_process(*FAST, "--network-timeout", "30")
+    uid = "1.2.826.0.1.3680043.8.498." + "3" * 39
+    assert len(uid) == 65
+    _, data, _ = ct_bytes(uid)
+    with Peer(server.port, timeout=10) as peer:
+        peer.associate(CT_CONTEXT, max_pdu=120)
+        peer.send_command(1, store_rq(uid=uid))
+        peer.send_dataset(1, data, fragment=100)
+        started = time.monotonic()
+        kind, _ = _answer(peer)
+        assert kind == "abort" and time.monotonic() - started < 5, server.log()
+    assert log_lines(server, "cannot answer the C-STORE"), server.log()
+    assert "Traceback" not in server.log()
+    assert layout_files(server.out) == []
+    still_serving(server)
+
+
+@pytest.mark.parametrize("sent", [b"1.2.826.0.1.3680043.8.498." + b"3" * 38 + b"\xe9", b"1.2.3\\1.2.4"],
+                         ids=["65 bytes, not ASCII", "two values"])
+def test_a_refused_uid_is_answered_with_the_bytes_it_came_with(serve_process, sent):
+    """pydicom's response encoder refuses the first (over 64 characters) and
+    writes the second as a Python list; the answer must carry what was sent."""
+    server = serve_process(*FAST)
+    _, data, _ = ct_bytes(generate_uid())
+    with Peer(server.port, timeout=10) as peer:
+        peer.associate(CT_CONTEXT)
+        peer.send_command(1, store_rq(uid=sent.decode("latin-1")))
+        peer.send_dataset(1, data)
+        kind, rsp = _answer(peer)
+        assert kind == "rsp", server.log()
+        assert rsp.Status == CANNOT_UNDERSTAND and rsp.MessageIDBeingRespondedTo == 7
+        raw = rsp["AffectedSOPInstanceUID"]  # as it came back, value for value
+        values = raw.value if isinstance(raw.value, list) or raw.VM > 1 else [raw.value]
+        assert "\\".join(str(v) for v in values).encode("latin-1") == sent
+        assert peer.release()
+    assert layout_files(server.out) == []
+    assert "Traceback" not in server.log() and "['" not in server.log()
+
+
+@pytest.mark.parametrize("second", ["C-STORE", "C-ECHO"])
+def test_a_pdu_that_runs_on_past_a_message_aborts_and_files_nothing(serve_process, second):
+    """Two messages in one P-DATA-TF: one operation at a time was negotiated,
+    so the second could not be sent before the first's answer. Aborted with a
+    line, nothing filed (it used to answer the first and drop the second
+    silently, leaving its sender waiting)."""
+    server = serve_process(*FAST)
+    uid, data, _ = ct_bytes(generate_uid())
+    other, data2, _ = ct_bytes(generate_uid())
+    pdvs = [(1, pdu.COMMAND | pdu.LAST, store_rq(uid=uid)), (1, pdu.LAST, data)]
+    if second == "C-STORE":
+        pdvs += [(1, pdu.COMMAND | pdu.LAST, store_rq(uid=other, message_id=8)), (1, pdu.LAST, data2)]
+        first = pdvs[:2]
+    else:
+        pdvs = [(3, pdu.COMMAND | pdu.LAST, pdu.c_echo_rq(1)), (3, pdu.COMMAND | pdu.LAST, pdu.c_echo_rq(2))]
+        first = pdvs[:1]
+    assert StoreCommand.read(pdvs[0][2]) is not None or second == "C-ECHO"
+    with Peer(server.port, timeout=10) as peer:
+        peer.associate(CT_CONTEXT)
+        peer.send(pdu.p_data(*pdvs))
+        kind, _ = _answer(peer)
+        assert kind == "abort", server.log()
+    assert log_lines(server, "went on past the end of a message"), server.log()
+    assert layout_files(server.out) == []
+    assert no_temp_files_within(server.out) == []
+    # the same messages one PDU each are served
+    with Peer(server.port, timeout=10) as peer:
+        peer.associate(CT_CONTEXT)
+        peer.send(pdu.p_data(*first))
+        kind, rsp = _answer(peer)
+        assert kind == "rsp" and rsp.Status == SUCCESS, server.log()
+        assert peer.release()
     still_serving(server)

@@ -133,6 +133,7 @@ from typing import Any
 
 import pynetdicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, _config, dimse_messages, evt, fsm
 from pynetdicom import _handlers as _pyn_handlers
 from pynetdicom.acse import ACSE
@@ -288,8 +289,10 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
     if primitive.__class__ is not P_DATA:
         return False
     sink: Any
+    pdvs = primitive.presentation_data_value_list
     try:
-        for context_id, data in primitive.presentation_data_value_list:
+        for i, (context_id, data) in enumerate(pdvs):
+            more = i + 1 < len(pdvs)
             control = data[0]
             if control & 1:  # a command fragment
                 if self.context_id is not None:
@@ -311,6 +314,8 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
                 self.command_set = lean or decode(self.encoded_command_set, True, True)  # type: ignore[assignment]
                 self.__class__ = _MESSAGE_TYPES[self.command_set.CommandField][1]
                 if self.command_set.CommandDataSetType == 0x0101:
+                    if more:
+                        return _protocol_error(self, assoc, _SECOND_MESSAGE)
                     return True  # no dataset follows
                 if isinstance(self, C_STORE_RQ) and _open_dataset is not None and assoc is not None:
                     cx = assoc._accepted_cx.get(context_id)
@@ -349,6 +354,8 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
                             f"{type(self).__name__.replace('_', '-')}",
                         )
                 if control & 2:  # the last fragment
+                    if more:
+                        return _protocol_error(self, assoc, _SECOND_MESSAGE)
                     if sink is not None:
                         sink.finish()
                         if _queue_store(self, assoc, sink):
@@ -357,6 +364,13 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
     except Exception as exc:  # an undecodable command set, an unknown command field...
         return _protocol_error(self, assoc, f"an invalid DIMSE message ({type(exc).__name__}: {exc})")
     return False
+
+
+#: Why a P-DATA-TF that goes on past the end of a message is refused.
+_SECOND_MESSAGE = (
+    "a P-DATA-TF went on past the end of a message, before its answer "
+    "(one operation at a time was negotiated)"
+)
 
 
 def current_association() -> Association | None:
@@ -1111,6 +1125,21 @@ _INTERNALS.extend([
      lambda: callable(getattr(_pyn_handlers, "standard_dimse_recv_handler", None))),
 ])
 
+def uid_text(value: Any) -> str:
+    """A command's UID as the peer sent it: pydicom splits a value with
+    backslashes into several (a list whose ``str`` is its Python repr).
+
+    >>> from pydicom.multival import MultiValue
+    >>> uid_text(MultiValue(str, ["1.2", "1.3"])), uid_text("1.2"), uid_text(None)
+    ('1.2\\\\1.3', '1.2', '')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
 class StoreCommand:
     """The command set of a plain C-STORE-RQ, read straight from its bytes
     (implicit VR little endian, a handful of elements): what pydicom's decode
@@ -1211,8 +1240,8 @@ class StoreRequest:
 
     def __init__(self, command_set: Dataset | StoreCommand, sink: Any) -> None:
         self.MessageID = int(command_set.MessageID)
-        self.AffectedSOPClassUID = str(command_set.AffectedSOPClassUID)
-        self.AffectedSOPInstanceUID = str(command_set.AffectedSOPInstanceUID)
+        self.AffectedSOPClassUID = uid_text(command_set.AffectedSOPClassUID)
+        self.AffectedSOPInstanceUID = uid_text(command_set.AffectedSOPInstanceUID)
         self.DataSet = None  # (Event.dataset's fallback reads it)
         self._dataset_file = sink
         self._dataset_path = Path(sink.name)
@@ -1271,13 +1300,22 @@ def _serve_store(assoc: Any, request: StoreRequest, context_id: int) -> None:
         status = HANDLER_FAILED
     dimse = assoc.dimse
     fields = (request.AffectedSOPClassUID, request.MessageID, status, request.AffectedSOPInstanceUID)
-    if not _send_store_rsp(dimse, context_id, *fields):
+    if _send_store_rsp(dimse, context_id, *fields):
+        return
+    try:
         rsp = C_STORE()  # pynetdicom's encoder, and its EVT_DIMSE_SENT
         rsp.MessageIDBeingRespondedTo = request.MessageID
         rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
         rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
         rsp.Status = status
         _ORIGINALS.get((DIMSEServiceProvider, "send_msg"), _ORIGINAL_SEND_MSG)(dimse, rsp, context_id)
+    except Exception as exc:  # its UIDs (e.g. over 64 characters) do not fit pynetdicom's validation
+        log.warning(
+            "cannot answer the C-STORE of SOP Instance %s from %s (status 0x%04X): %s; aborting the "
+            "association", safe(request.AffectedSOPInstanceUID), safe(_peer(assoc)), status, safe(str(exc)),
+            extra={"event": "protocol_error", "reason": f"cannot answer: {exc}"},
+        )
+        assoc.abort()
 
 
 # --- the C-STORE response, encoded by hand ---------------------------------------------
@@ -1294,7 +1332,7 @@ _US = struct.Struct("<HHLH")  # tag group, element, length (2), value: one impli
 
 
 def _ui(element: int, uid: str) -> bytes:
-    value = uid.encode("ascii")
+    value = uid.encode("latin-1")  # (how pydicom decoded the request's bytes: they go back as sent)
     if len(value) % 2:
         value += b"\x00"
     return struct.pack("<HHL", 0, element, len(value)) + value

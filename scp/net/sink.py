@@ -309,8 +309,8 @@ class SinkFactory:
     def __call__(self, command: Any, transfer_syntax: str, calling_aet: str) -> IncomingDataset:
         return IncomingDataset(
             self.folder,
-            sop_class_uid=str(command.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(command.AffectedSOPInstanceUID or ""),
+            sop_class_uid=_pynetdicom.uid_text(command.AffectedSOPClassUID),
+            sop_instance_uid=_pynetdicom.uid_text(command.AffectedSOPInstanceUID),
             transfer_syntax=str(transfer_syntax),
             calling_aet=calling_aet,
             keep=self.keep,
