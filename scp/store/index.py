@@ -1033,10 +1033,10 @@ class SqliteIndex:
                 " since = NULL, intent = NULL WHERE sop_instance_uid = ?",
                 (uid,),
             )
-            if stray:
+            if stray is not None:
                 self._add_obsolete(cur, stray, uid, row.owner)
             return old
-        if stray:
+        if stray is not None:
             # neither the intended file nor the old one: a file of this UID is
             # at the new path (another version): it is what the tree holds
             facts = dict(intent)
