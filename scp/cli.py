@@ -246,7 +246,7 @@ def sort(
 
     from scp.errors import DestinationLockedError, Interrupted
     from scp.layout import Template
-    from scp.sort import REPORT_FORMATS, sort_tree, text
+    from scp.sort import REPORT_FORMATS, shown, sort_tree
 
     err = _err()
     try:
@@ -274,14 +274,14 @@ def sort(
         def on_outcome(o: Outcome) -> None:
             progress.advance(o)
             if o.result is Result.FAILED:
-                progress.print(f"failed: {text(o.source)}: {text(o.reason)}")
+                progress.print(f"failed: {shown(o.source)}: {shown(o.reason)}")
             elif dry_run and o.result in (Result.PLANNED, Result.KEPT_AS_COPY):
-                plain(f"{text(o.source)} -> {text(str(dst / o.destination))}")
+                plain(f"{shown(o.source)} -> {shown(str(dst / o.destination))}")
 
         def on_rename(old: str, new: str) -> None:
             if dry_run:
-                plain(f"(the file planned at {text(str(dst / old))} goes to "
-                      f"{text(str(dst / new))}: a file with a smaller SHA-256 claims the name)")
+                plain(f"(the file planned at {shown(str(dst / old))} goes to "
+                      f"{shown(str(dst / new))}: a file with a smaller SHA-256 claims the name)")
 
         stopped = None
         try:
@@ -297,7 +297,7 @@ def sort(
             stopped = (130, _INTERRUPTED)
         except OSError as exc:
             what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc
-            stopped = (2, f"error: {text(str(what))}")
+            stopped = (2, f"error: {shown(str(what))}")
     if stopped is not None:
         err.print(stopped[1], markup=False, highlight=False, soft_wrap=True)
         _done.set()

@@ -33,10 +33,10 @@ from typing import IO
 
 from scp.config import SortConfig
 from scp.enums import Mode, Result, SkipCategory
-from scp.errors import DestinationLockedError, Interrupted
+from scp.errors import DestinationLockedError, Interrupted, SortscpError
 from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
-from scp.sort_jobs import Deferred, Item, sort_batch, sort_claims
+from scp.sort_jobs import Deferred, Item, sort_batch, sort_claims, special_file
 from scp.store.fsops import flush_count, same_content
 from scp.store.tmp import STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
 
@@ -66,6 +66,20 @@ def text(path: str) -> str:
         return path
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def shown(path: str) -> str:
+    """`path` for a line on the terminal: as :func:`text`, with control
+    characters (a newline, an escape sequence in a file name) escaped too, so a
+    name can neither forge a line nor drive the terminal.
+
+    >>> shown("a\\nfailed: forged\\x1b[2J")
+    'a\\\\nfailed: forged\\\\x1b[2J'
+    """
+    t = text(path)
+    if t.isprintable():
+        return t
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in t)
 
 
 # --- the walk ---------------------------------------------------------------------
@@ -148,7 +162,7 @@ def iter_entries(
                             seen_files.add((st.st_dev, st.st_ino))
                     yield (entry.path, via_link)
                 else:
-                    yield _special(entry.path, entry.stat(follow_symlinks=False).st_mode)
+                    yield special_file(entry.path, entry.stat(follow_symlinks=False).st_mode)
             except FileNotFoundError:
                 yield Outcome(Result.SKIPPED, entry.path, "", "removed by someone else before it "
                               "was sorted", category=SkipCategory.GONE.value)
@@ -195,24 +209,13 @@ def _follow(
             return _seen(path)
         seen_files.add(key)
         return "file"
-    return _special(path, st.st_mode)
+    return special_file(path, st.st_mode)
 
 
 def _seen(path: str) -> Outcome:
     return Outcome(Result.SKIPPED, path, "", "the same file as one sorted already under "
                    "another name", category=SkipCategory.SYMLINK.value)
 
-
-def _special(path: str, mode: int) -> Outcome:
-    if stat.S_ISFIFO(mode):
-        what = "a FIFO (named pipe)"
-    elif stat.S_ISSOCK(mode):
-        what = "a socket"
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        what = "a device"
-    else:
-        what = "not a regular file"
-    return Outcome(Result.SKIPPED, path, "", what, category=SkipCategory.SPECIAL.value)
 
 
 def iter_files(
@@ -252,7 +255,7 @@ def lock_destination(dst: Path) -> int:
         pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
         raise DestinationLockedError(
-            f"another sortscp sort is writing into {text(os.fspath(dst))} (pid {pid}); "
+            f"another sortscp sort is writing into {shown(os.fspath(dst))} (pid {pid}); "
             "try again when it has finished"
         ) from None
     os.ftruncate(fd, 0)
@@ -324,6 +327,9 @@ def sort_tree(
                     writer.discard()
                 raise
             stack.callback(os.close, lock)
+        if writer is not None:
+            writer.begin()
+        if not cfg.dry_run:
             started_ns = os.fstat(lock).st_ctime_ns  # the file system's clock, now
             removed = remove_orphans(cfg.dst / TMP_DIRNAME)  # left by an interrupted run
             if removed:
@@ -411,8 +417,14 @@ def sort_tree(
                 for rel in sorted(deferred):
                     if stop.signum is not None:
                         break
-                    outcomes, renamed = sort_claims(
-                        rel, deferred[rel], cfg, started_ns, planned.get(rel))
+                    try:
+                        outcomes, renamed = sort_claims(
+                            rel, deferred[rel], cfg, started_ns, planned.get(rel))
+                    except (OSError, SortscpError) as exc:  # that name only: the run goes on
+                        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                        outcomes = [Outcome(Result.FAILED, c.source, "", f"cannot name it at {rel}: {why}")
+                                    for c in deferred[rel]]
+                        renamed = None
                     if renamed is not None:
                         _renamed(rel, renamed, report, writer, cfg, on_rename)
                     for outcome in outcomes:
@@ -522,15 +534,26 @@ class _ReportWriter:
         self.dst = dst
         self.json = REPORT_FORMATS.get(path.suffix.lower(), False)
         self._file: IO[str] | None = None
+        self._created = False
         self._amend: dict[str, tuple[str, int]] = {}
         self._rows = 0
 
     def __enter__(self) -> _ReportWriter:
-        self._file = open(self.path, "w", encoding="utf-8", newline="")
+        """Open it, not emptied yet (:meth:`begin`): a run refused at DST's lock
+        must leave the report of the run that holds it alone."""
+        self._created = not os.path.lexists(self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self._file = open(fd, "w", encoding="utf-8", newline="")
+        return self
+
+    def begin(self) -> None:
+        """The run goes ahead: empty the file and write the header."""
+        assert self._file is not None
+        if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # (not a pipe)
+            self._file.truncate(0)
         if not self.json:
             self._csv = csv.writer(self._file)
             self._csv.writerow(self.FIELDS)
-        return self
 
     def _row(self, o: Outcome) -> tuple[str, ...]:
         destination = os.fspath(self.dst / o.destination) if o.destination else ""
@@ -556,10 +579,12 @@ class _ReportWriter:
         self._amend[old] = (new, self._rows)
 
     def discard(self) -> None:
-        """Close and remove the report (the run was refused before it began)."""
+        """Close it, untouched, and remove it if this run created it (the run
+        was refused before it began)."""
         assert self._file is not None
         self._file.close()
-        os.unlink(self.path)
+        if self._created:
+            os.unlink(self.path)
         self._file = None
 
     def __exit__(self, *exc: object) -> None:

@@ -101,11 +101,14 @@ def sort_file(
             mode = Mode.COPY
         fast = None
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        # (O_NONBLOCK: a FIFO put in its place since the walk must not block the worker)
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):  # as open() refuses it
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+            if not stat.S_ISREG(st.st_mode):
+                return special_file(path, st.st_mode)
             size = st.st_size
             rel = _sort_name(fd, st, cfg.template)  # header and completeness: one pass
             if fast is not None:
@@ -164,7 +167,10 @@ def _sort_name(fd: int, st: os.stat_result, template: Template) -> PurePosixPath
         src = open(fd, "rb", buffering=HEADER_PREFIX, closefd=False)
     try:
         try:
-            raw = read_raw(src, 0, head, tags, True, size=None if src is not None else len(head))
+            # (the dataset's own SOP Instance UID: a fragment cut before it, or a
+            # File Meta alone, is not filed under the File Meta's)
+            raw = read_raw(src, 0, head, tags, True, identity_from_meta=False,
+                           size=None if src is not None else len(head))
         except Refused as exc:
             raise NotDicomError(*exc.args) from None
         except NotDicomError:
@@ -187,7 +193,7 @@ def _sort_name(fd: int, st: os.stat_result, template: Template) -> PurePosixPath
             if src is None:
                 src = open(fd, "rb", buffering=HEADER_PREFIX, closefd=False)
             src.seek(0)
-            ds = read_header(src, template.keywords, check=True)
+            ds = read_header(src, template.keywords, check=True, identity_from_meta=False)
         return relative_path(ds, template)
     finally:
         if src is not None:
@@ -314,13 +320,13 @@ def sort_claims(
             ours_digest = _digest(planned_at_name)
     elif taken and started_ns is not None:
         st = os.lstat(final)
-        if st.st_ctime_ns >= started_ns:
-            ours_digest = _digest(os.fspath(final))
+        if st.st_ctime_ns >= started_ns and stat.S_ISREG(st.st_mode):
+            ours_digest = _held_digest(final)
     held: dict[str, Path] = {}
     for name in taken:
         if name == final and ours_digest is not None:
             continue
-        d = _digest(os.fspath(name))
+        d = _held_digest(name)
         if d is not None:
             held.setdefault(d, name)
     outcomes: list[Outcome] = []
@@ -390,15 +396,44 @@ def _claimed(
 
 
 def _digest(path: str) -> str | None:
-    """SHA-256 of a file's bytes; None if it is gone (or a dangling link)."""
+    """SHA-256 of a file's bytes; None if it is gone (or a dangling link).
+
+    Raises OSError for what is not a regular file (never blocks on a FIFO)
+    or cannot be read."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
+
+
+def _held_digest(name: Path) -> str | None:
+    """What holds a taken name in DST, as :func:`_digest` gives it; a folder,
+    a FIFO or an unreadable file holds it too, matching nothing this run brings."""
+    try:
+        return _digest(os.fspath(name))
+    except OSError as exc:
+        return f"unreadable:{name}:{exc.errno}"
+
+
+def special_file(path: str, mode: int) -> Outcome:
+    """The outcome of an entry that is a FIFO, a socket or a device (or
+    anything else than a regular file and a folder): skipped, named."""
+    if stat.S_ISFIFO(mode):
+        what = "a FIFO (named pipe)"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        what = "a device"
+    else:
+        what = "not a regular file"
+    return Outcome(Result.SKIPPED, path, "", what, category=SkipCategory.SPECIAL.value)
 
 
 def _nested(cfg: SortConfig) -> bool:

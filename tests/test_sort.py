@@ -698,3 +698,24 @@ def test_terminal_gets_a_progress_bar(small_tree: Tree, tmp_path: Path) -> None:
     assert "sorting" in text and "\x1b[" in text, text[-2000:]
     assert "━" in text or "━" in text, text[-2000:]
     summary(text)
+
+
+def test_a_source_that_became_a_fifo_is_skipped_without_blocking(tmp_path: Path) -> None:
+    """A file swapped for a FIFO between the walk and its worker: the worker's
+    open must not wait for a writer (it did, for ever); skipped as special."""
+    import threading
+
+    from scp.sort_jobs import sort_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    fifo = src / "was a file.dcm"
+    os.mkfifo(fifo)
+    cfg = SortConfig(src=src, dst=tmp_path / "dst", workers=1)
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(sort_file(str(fifo), cfg)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert got, "the worker blocked on the FIFO"
+    assert (got[0].result, got[0].category) == (Status.SKIPPED, "special"), got[0]
+    assert fifo.is_fifo() and not (tmp_path / "dst").exists() or not any((tmp_path / "dst").rglob("*.dcm"))

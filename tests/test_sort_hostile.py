@@ -798,3 +798,99 @@ def test_summary_separates_every_kind(tmp_path: Path) -> None:
     assert count_near(line, 1, "not DICOM") and count_near(line, 1, "truncated"), line
     assert count_near(line, 1, "link") and count_near(line, 1, "special"), line
     assert count_near(line, 0, "failed"), line
+
+
+# === names held by what is not a file, fragments without a UID, the lock, the terminal ====
+
+def _layout_path_of(source: Path, tmp_path: Path) -> str:
+    """Where sort files `source` (relative to DST), learnt from a scratch run."""
+    scratch_src, scratch_dst = tmp_path / "scratch-src", tmp_path / "scratch-dst"
+    write(scratch_src / source.name, source.read_bytes())
+    r = run_cli("sort", scratch_src, scratch_dst, "--mode", "copy")
+    check_ok(r)
+    (placed,) = layout_files(scratch_dst)
+    return str(placed.relative_to(scratch_dst))
+
+
+@pytest.mark.parametrize("holder", ["folder", "fifo"])
+def test_a_destination_name_held_by_a_folder_or_a_fifo_is_passed_over(tmp_path: Path, holder: str) -> None:
+    """The run neither stops (it did: exit 2, rows lost) nor blocks on the
+    FIFO (it did: for ever): the instance takes the next name, every source
+    gets its row, and what held the name is left alone."""
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.csv"
+    rel = _layout_path_of(CT, tmp_path)
+    ct, mr = write(src / "ct.dcm", CT.read_bytes()), write(src / "mr.dcm", MR.read_bytes())
+    held = dst / rel
+    held.parent.mkdir(parents=True)
+    if holder == "folder":
+        held.mkdir()
+    else:
+        os.mkfifo(held)
+    r = run_cli("sort", src, dst, "--mode", "copy", "--workers", WORKERS, "--report", report, timeout=60)
+    check_ok(r)
+    rows = by_source(read_rows(report))
+    assert set(rows) == {str(ct), str(mr)}, show(r)
+    row = rows[str(ct)]
+    assert row["outcome"] == "kept_as_copy" and row["destination"].endswith("~2.dcm"), (row, show(r))
+    assert Path(row["destination"]).read_bytes() == CT.read_bytes()
+    assert held.is_dir() if holder == "folder" else held.is_fifo()
+
+
+def _cut_before_its_uids() -> bytes:
+    """CT_small cut at the element boundary before its SOP Class UID: its File
+    Meta names the instance, its dataset does not."""
+    data = CT.read_bytes()
+    start = data.find(b"\x08\x00\x16\x00UI")  # (0008,0016) UI, explicit VR little endian
+    assert start > 132, "CT_small is not what this test expects"
+    return data[:start]
+
+
+@pytest.mark.parametrize("what", ["preamble and DICM only", "cut before its UIDs"])
+def test_a_file_without_its_own_sop_instance_uid_is_not_filed(tmp_path: Path, what: str) -> None:
+    """It was filed, as UNKNOWN.dcm or under the File Meta's UID (taking the
+    complete instance's name)."""
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    data = b"\0" * 128 + b"DICM" if what.startswith("preamble") else _cut_before_its_uids()
+    path = write(src / "fragment.dcm", data)
+    r = run_cli("sort", src, dst, "--mode", "move", "--report", report)
+    check_ok(r)
+    assert layout_files(dst) == [], show(r)
+    assert path.read_bytes() == data
+    row = by_source(read_rows(report))[str(path)]
+    assert (row["outcome"], row["category"]) == ("skipped", "not_dicom"), (row, show(r))
+
+
+def test_a_run_refused_at_the_lock_leaves_the_running_runs_report_alone(tmp_path: Path) -> None:
+    """Another sort holds DST (its lock taken here as a sort takes it): a second
+    run with the same --report exits 75 and neither empties nor removes it (it
+    did both), and one with a new --report creates nothing."""
+    import fcntl
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "ct.dcm", CT.read_bytes())
+    (dst / STATE_PREFIX).mkdir(parents=True)
+    lock = os.open(dst / STATE_PREFIX / "sort.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running = write(tmp_path / "running.csv", b"source,destination,outcome\n/a,/b,new\n")
+        r = run_cli("sort", src, dst, "--report", running)
+        check_ok(r, 75)
+        assert running.read_bytes() == b"source,destination,outcome\n/a,/b,new\n", show(r)
+        fresh = tmp_path / "fresh.csv"
+        check_ok(run_cli("sort", src, dst, "--report", fresh), 75)
+        assert not fresh.exists()
+    finally:
+        os.close(lock)
+    assert layout_files(dst) == []
+
+
+def test_control_characters_in_a_name_never_reach_the_terminal(tmp_path: Path) -> None:
+    """A file name with a newline and an escape sequence, in the lines a dry run
+    prints: escaped, so it can neither forge a line nor clear the screen."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "evil\nfailed: /etc/passwd: forged\x1b[2J.dcm", CT.read_bytes())
+    r = run_cli("sort", src, dst, "--dry-run")
+    check_ok(r)
+    assert "\x1b" not in r.stdout + r.stderr, show(r)
+    assert not any(line.startswith("failed: /etc/passwd") for line in (r.stdout + r.stderr).splitlines()), show(r)
+    assert "evil\\nfailed: /etc/passwd: forged\\x1b[2J.dcm ->" in r.stdout, show(r)
