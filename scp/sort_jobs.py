@@ -445,6 +445,14 @@ def _nested(cfg: SortConfig) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
+    """The system's words and the paths: both of a link or rename (the
+    second, in DST, is often the one at fault).
+
+    >>> _reason(PermissionError(13, "Permission denied", "/src/a.dcm", None, "/dst/P/S/1.2.dcm"))
+    'Permission denied: /src/a.dcm -> /dst/P/S/1.2.dcm'
+    """
     if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename and exc.filename2:
+            return f"{exc.strerror}: {exc.filename} -> {exc.filename2}"
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     return str(exc) or type(exc).__name__
