@@ -54,6 +54,18 @@ class InstanceIndexError(StoreError):
     failure (0xA700), never a Success."""
 
 
+class IndexCommitFailed(InstanceIndexError):
+    """The file has its final name but the index could not record it (e.g. the
+    disk filled between the two). The claim stays held by the process that
+    wrote it, so that process is replaced (:attr:`replace_worker`): its claim
+    is then a dead owner's, settled from the files by the next store of that
+    UID (the sender's retry) as after a crash, instead of blocking every
+    retry while the process lives."""
+
+    #: The worker pool replaces the worker that raised it (:meth:`scp.pool.WorkerPool.run`).
+    replace_worker = True
+
+
 class DestinationLockedError(SortscpError):
     """Another ``sortscp sort`` holds the lock on the destination folder."""
 

@@ -300,8 +300,11 @@ class WorkerPool:
         except Exception as exc:  # read whole, but it does not unpickle: the worker is fine
             self._give_back(worker)
             raise RuntimeError(f"the worker's answer cannot be read: {exc!r}") from exc
-        self._give_back(worker)
         ok, value = answer
+        if not ok and getattr(value, "replace_worker", False):  # its state must not outlive the job
+            self._replace(worker, f"worker process {worker.pid} is replaced: {value}")
+            raise value
+        self._give_back(worker)
         if not ok:
             raise value
         return value

@@ -9,6 +9,7 @@ every wait is bounded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -319,6 +321,65 @@ def test_disk_full_fails_the_instance_and_recovers(tmpfs):
         again = ct("1.2.826.0.1.3680043.10.2.99", pixels)
         assert store_one(server.port, again) == SUCCESS, server.log()
         assert any(p.name == f"{again.SOPInstanceUID}.dcm" for p in layout_files(out))
+    finally:
+        server.kill()
+
+
+def _fill_to(mount: Path, filler: Path, free_bytes: int) -> None:
+    """Make `mount` have about `free_bytes` free (a filler file grown or cut)."""
+    def free() -> int:
+        st = os.statvfs(mount)
+        return st.f_bavail * st.f_frsize
+    if free() < free_bytes and filler.exists():
+        os.truncate(filler, max(0, filler.stat().st_size - (free_bytes - free())))
+    for _ in range(10_000):
+        left = free() - free_bytes
+        if left <= 0:
+            return
+        try:
+            with open(filler, "ab") as f:
+                f.write(b"\1" * (min(left, 1 << 20) if left > 65536 else 4096))
+        except OSError:
+            return
+
+
+def test_a_disk_that_fills_between_file_and_index_row_never_blocks_the_retry(tmpfs):
+    """Free space stepped down a page at a time, one new instance a step, so
+    that the disk fills at every point of a store, the index commit after the
+    file's rename included. Each instance that failed (0xA700) is then sent
+    again once space is back: every retry succeeds at once (one whose index
+    commit had failed used to wait 30 s for its own live worker's claim and
+    fail again, until a restart), and the index agrees with the tree."""
+    mount = tmpfs("6m")
+    out, filler = mount / "out", mount / "filler"
+    server = ServeProcess(out, "--workers", "1")
+    try:
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.7.0")) == SUCCESS, server.log()
+        failed: list[pydicom.Dataset] = []
+        assoc = associate(server.port)
+        assert assoc.is_established, server.log()
+        for step in range(40):
+            _fill_to(mount, filler, (40 - step) * 4096)
+            ds = ct(f"1.2.826.0.1.3680043.10.7.{step + 1}")
+            if getattr(assoc.send_c_store(ds), "Status", None) != SUCCESS:
+                failed.append(ds)
+            if not assoc.is_established:
+                assoc = associate(server.port)
+        assoc.release()
+        assert failed, "the disk never filled"
+        filler.unlink()
+        for ds in failed:
+            started = time.monotonic()
+            status = store_one(server.port, ds)
+            took = time.monotonic() - started
+            assert status == SUCCESS and took < 10, f"{ds.SOPInstanceUID}: {status} after {took:.1f} s\n{server.log()}"
+        files = layout_files(out)
+        assert sorted(p.name for p in files) == sorted(f"{u}.dcm" for u in {
+            "1.2.826.0.1.3680043.10.7.0", *(f"1.2.826.0.1.3680043.10.7.{i + 1}" for i in range(40))})
+        listed = json.loads(run_cli("ls", "--json", out).stdout)
+        count = sum(series["instances"] for study in listed["studies"] for series in study["series"])
+        assert count == len(files), f"the index lists {count}, the tree holds {len(files)}\n{server.log()}"
+        assert "Traceback" not in server.log()
     finally:
         server.kill()
 

@@ -36,6 +36,15 @@ def pid_after(seconds: float) -> int:
     return os.getpid()
 
 
+def fail_replacing_the_worker(path: str) -> None:
+    """A job whose failure leaves the worker in a state that must not serve
+    another job (as a failed index commit does): its pid in `path`, then raise."""
+    from scp.errors import IndexCommitFailed
+
+    Path(path).write_text(str(os.getpid()))
+    raise IndexCommitFailed("the index cannot record it")
+
+
 def both_workers(pool: WorkerPool, seconds: float) -> set[int]:
     """The PIDs the two workers of `pool` answer from, each given a job of
     `seconds` at the same time (up to 20 tries to see both)."""
@@ -201,3 +210,16 @@ def test_the_deadline_counts_running_time_not_the_wait_for_a_worker(pool):
     took = time.monotonic() - start
     first.join(10)
     assert took > 2.5, f"the job did not wait for the busy worker ({took:.1f} s)"
+
+
+def test_a_job_that_asks_for_it_gets_its_worker_replaced_before_the_caller_hears(pool, tmp_path):
+    """The caller gets the job's exception; the worker it ran in is gone by
+    then, and the next jobs run in other, live workers."""
+    from scp.errors import IndexCommitFailed
+
+    marker = tmp_path / "pid"
+    with pytest.raises(IndexCommitFailed):
+        pool.run(fail_replacing_the_worker, str(marker), timeout=20)
+    dead = int(marker.read_text())
+    assert not pid_alive(dead), "the worker was given back to the pool"
+    assert dead not in {pool.run(pid_after, 0, timeout=20) for _ in range(6)}

@@ -18,7 +18,15 @@ from pynetdicom import evt
 
 from scp.config import ServeConfig
 from scp.enums import Result
-from scp.errors import DatasetMismatch, InstanceIndexError, NoDataset, NotDicomError, ReceiveFailed, StoreError
+from scp.errors import (
+    DatasetMismatch,
+    IndexCommitFailed,
+    InstanceIndexError,
+    NoDataset,
+    NotDicomError,
+    ReceiveFailed,
+    StoreError,
+)
 from scp.events.pipeline import Pipeline
 from scp.jobs import store_received
 from scp.log import safe
@@ -105,7 +113,8 @@ class StoreHandlers:
                 store_received, sink.name, calling, self.cfg, sink.header(), timeout=self.cfg.job_timeout
             )
         except Exception as exc:
-            if isinstance(exc, (BrokenProcessPool, JobTimeout)):  # what dead workers were writing
+            # what dead workers (or one replaced after a failed index commit) were writing
+            if isinstance(exc, (BrokenProcessPool, JobTimeout, IndexCommitFailed)):
                 self.after_worker_death()
             status = status_for(exc)
             stats.failed += 1

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scp.enums import Duplicate, Placement
+from scp.errors import IndexCommitFailed, InstanceIndexError
 from scp.store._prune import remove_obsolete
 from scp.store.commit import commit_file
 from scp.store.index import InstanceIndex, SqliteIndex, open_index
@@ -70,7 +71,12 @@ def commit_instance(
     except BaseException:
         index.abort(claim)
         raise
-    superseded = index.commit(claim)
+    try:
+        superseded = index.commit(claim)
+    except InstanceIndexError:  # e.g. the claim was settled by another process: not ours to hold
+        raise
+    except Exception as exc:  # its file is in place, its claim still ours: see IndexCommitFailed
+        raise IndexCommitFailed(f"filed at {rel}, but the index cannot record it: {exc}") from exc
     if superseded is not None:
         if on_conflict is Duplicate.BOTH:
             index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
