@@ -135,12 +135,80 @@ def test_a_restart_mid_series_completes_it_once_and_a_late_instance_gives_revisi
     assert manifest["revision"] == 2 and manifest["instance_count"] == 4
 
 
+def test_an_identical_resend_does_not_complete_a_series_again_and_a_new_instance_does(
+        serve_process, tmp_path: Path) -> None:
+    """The same bytes sent again change nothing in the tree, so no new
+    revision (it gave one, with the same instances, hook and manifest again);
+    a new instance still gives revision 2."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    datasets = ct_copies(3)
+    assert send_datasets(server.port, datasets[:2]) == [SUCCESS] * 2
+    wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the series to complete")
+    manifest = series_manifest_path(server.out, datasets[0].SeriesInstanceUID)
+    before = manifest.read_bytes()
+    assert send_datasets(server.port, datasets[:2]) == [SUCCESS] * 2  # identical bytes again
+    time.sleep(3.5)  # past the stable time, several polls
+    assert [e["revision"] for e in events_of(events, "series_complete")] == [1], server.log()
+    assert manifest.read_bytes() == before
+    assert send_datasets(server.port, datasets[2:]) == [SUCCESS]
+    wait_until(lambda: len(events_of(events, "series_complete")) == 2, timeout=30, what="revision 2")
+    done = events_of(events, "series_complete")
+    assert [(e["revision"], e["instance_count"]) for e in done] == [(1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("uids", [("1.2.3." + "4" * 300,), ("1.2.826.0.1.3680043.8.498.5/7",
+                                                            "1.2.826.0.1.3680043.8.498.5_7")],
+                         ids=["too long for a file name", "two that make the same file name"])
+def test_series_with_odd_uids_each_get_a_manifest_and_block_no_other(serve_process, tmp_path: Path, uids) -> None:
+    """A SeriesInstanceUID longer than a file name allows stopped every series
+    completion for good (its manifest failed first, every round, with a line
+    every 0.25 s); two UIDs that sanitize alike shared one manifest."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    odd = []
+    for i, uid in enumerate(uids):
+        (ds,) = ct_copies(1)
+        ds.SeriesInstanceUID = uid
+        ds.SeriesNumber = 10 + i
+        odd.append(ds)
+    normal = ct_copies(2)
+    assert send_datasets(server.port, odd) == [SUCCESS] * len(odd)
+    assert send_datasets(server.port, normal) == [SUCCESS] * 2
+    wait_until(lambda: {e["series_instance_uid"] for e in events_of(events, "series_complete")}
+               >= {*uids, normal[0].SeriesInstanceUID}, timeout=30, what="every series to complete")
+    manifests = {e["series_instance_uid"]: e["manifest"] for e in events_of(events, "series_complete")}
+    assert len(set(manifests.values())) == len(manifests), manifests
+    for uid in uids:
+        assert json.loads(Path(manifests[uid]).read_text())["series_instance_uid"] == uid
+    assert "Traceback" not in server.log()
+
+
+def test_a_series_whose_manifest_cannot_be_written_blocks_no_other_and_is_logged_once(
+        serve_process, tmp_path: Path) -> None:
+    """Its manifest's name is held by a folder: that series cannot complete
+    (tried again each round, one log line in all), the others complete."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    bad, good = ct_copies(1), ct_copies(2)
+    bad[0].SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    bad[0].SeriesNumber = 77
+    series_manifest_path(server.out, bad[0].SeriesInstanceUID).mkdir(parents=True)
+    assert send_datasets(server.port, bad) == [SUCCESS]
+    assert send_datasets(server.port, good) == [SUCCESS] * 2
+    wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the other series to complete")
+    time.sleep(2.0)  # several more rounds
+    assert [e["series_instance_uid"] for e in events_of(events, "series_complete")] == [good[0].SeriesInstanceUID]
+    lines = [line for line in server.log().splitlines() if "cannot complete series" in line]
+    assert len(lines) == 1 and bad[0].SeriesInstanceUID in lines[0], server.log()
+
+
 #: --hook-timeout of the hung-hook test; a C-STORE held by a hook would wait this long.
 HOOK_TIMEOUT = 5
 
 
 @pytest.mark.parametrize("command, logged", [
-    ("sleep 1000", "killed after its timeout"),
+    ("sleep 1000", f"still running past --hook-timeout (stopped after {HOOK_TIMEOUT}."),
     ("sh -c 'echo no luck >&2; exit 3'", "exited 3"),
 ])
 def test_a_hung_or_failing_hook_changes_no_status_and_holds_no_response(serve_process, command: str,

@@ -601,14 +601,19 @@ def test_output_under_a_regular_file(tmp_path):
     _cli_error(proc, "cannot write to the output folder", "Not a directory")
 
 
-def test_port_in_use(tmp_path):
+@pytest.mark.parametrize("events", [False, True], ids=["plain", "with a hook"])
+def test_port_in_use(tmp_path, events):
+    """One clear error; with the events pipeline on, no false 'events not
+    delivered' warning before it (its stop used to run twice)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", "--port", port,
+        hook = ("--on-stored", "true") if events else ()
+        proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", "--port", port, *hook,
                        timeout=60)
     _cli_error(proc, f"cannot listen on 127.0.0.1:{port}", "Address already in use")
+    assert "not delivered" not in proc.stdout + proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("name,value", [("SORTSCP_PORT", "abc"), ("SORTSCP_MAX_ASSOCIATIONS", "0"),

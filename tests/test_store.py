@@ -224,6 +224,7 @@ def test_a_folder_pruned_while_a_file_is_named_into_it_is_made_again(tmp_path: P
     nothing). Here a thread removes the empty target folders as fast as it can
     while 300 files are committed into fresh folders."""
     import threading
+    import time
 
     from scp.store._prune import prune_empty_dirs
     from scp.store.commit import commit_file
@@ -251,6 +252,7 @@ def test_a_folder_pruned_while_a_file_is_named_into_it_is_made_again(tmp_path: P
                 commit_file(src, root, PurePosixPath(f"P{i % 7}/S{i}/1.{i}.dcm"), durable=False)
             except StoreError as exc:
                 failures.append(exc)
+            time.sleep(0)  # the GIL to the pruner: it must get to run between the commits
     finally:
         stop.set()
         thread.join()

@@ -90,7 +90,7 @@ class HookResult:
         if self.error:
             return f"could not start: {self.error}"
         if self.timed_out:
-            return f"killed after its timeout of {self.seconds:.1f} s"
+            return f"killed: still running past --hook-timeout (stopped after {self.seconds:.1f} s)"
         if self.returncode is not None and self.returncode < 0:
             return f"killed by signal {-self.returncode}"
         return f"exited {self.returncode}"

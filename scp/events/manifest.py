@@ -15,8 +15,10 @@ path).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -34,13 +36,25 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _safe_uid(uid: str) -> str:
-    """A UID as a file name (UIDs are digits and dots; anything else is replaced).
+#: What a UID that names its manifest as it is looks like (the standard's form).
+_PLAIN_UID = re.compile(r"[0-9][0-9.]{0,63}")
 
-    >>> _safe_uid("1.2.3"), _safe_uid("../x")
-    ('1.2.3', '.._x')
+
+def _safe_uid(uid: str) -> str:
+    """A UID as a file name of its own: a UID of the standard's form as it is;
+    anything else (a sender's odd UID: other characters, over 64) made safe,
+    cut short, and given a digest of the whole, so two such UIDs never share
+    a manifest and none makes a name too long for the file system.
+
+    >>> _safe_uid("1.2.3")
+    '1.2.3'
+    >>> _safe_uid("X/5") != _safe_uid("X_5"), len(_safe_uid("1." * 200)) < 100
+    (True, True)
     """
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in uid) or "_"
+    if _PLAIN_UID.fullmatch(uid):
+        return uid
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in uid)[:64]
+    return f"{safe}~{hashlib.sha256(uid.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
 
 
 def series_manifest_path(out: Path, series_uid: str) -> Path:

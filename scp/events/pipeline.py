@@ -42,6 +42,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from scp.events.manifest import (
 )
 from scp.events.metrics import Metrics
 from scp.events.sinks import EventLog, Webhook, event_record
-from scp.log import DropLog
+from scp.log import DropLog, safe
 from scp.store.index import InstanceIndexError, SeriesState, SqliteIndex, StudyState, index_path
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class Pipeline:
         self._own_index = index is None
         self._index_lock = threading.Lock()
         self._last_error = ""
+        self._stopped = False
+        self._failing: dict[tuple[str, str], str] = {}  #: (what, uid) -> why it cannot complete yet
         self.poll_seconds = max(0.05, min(1.0, min(cfg.series_stable_seconds, cfg.study_stable_seconds) / 4))
 
     # ---- life cycle
@@ -166,7 +169,11 @@ class Pipeline:
         self._threads.append(t)
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:
-        """Stop watching; deliver what is queued, each stage bounded by `timeout` s."""
+        """Stop watching; deliver what is queued, each stage bounded by `timeout` s.
+        Once: a server that failed to start stops it again."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self._hurry.set()
         if self._dispatch:
@@ -368,12 +375,31 @@ class Pipeline:
         for s in index.stable_series(self.cfg.series_stable_seconds):
             if self._stop.is_set():
                 break
-            n_series += self._complete_series(index, s)
+            n_series += self._contained("series", s.series_instance_uid, self._complete_series, index, s)
         for t in index.stable_studies(self.cfg.study_stable_seconds):
             if self._stop.is_set():
                 break
-            n_studies += self._complete_study(index, t)
+            n_studies += self._contained("study", t.study_instance_uid, self._complete_study, index, t)
         return n_series, n_studies
+
+    def _contained(self, what: str, uid: str, complete: Callable[..., bool], *args: Any) -> bool:
+        """`complete(*args)`, its failure kept to that one series or study (the
+        others still complete; it is tried again each round) and logged once
+        per reason, not every round."""
+        try:
+            done = complete(*args)
+        except (OSError, InstanceIndexError) as exc:  # e.g. its manifest cannot be written
+            reason = str(exc)
+            if isinstance(exc, OSError) and exc.strerror:  # (not the random name of a temporary file)
+                reason = f"{exc.strerror}: {exc.filename2 or os.path.dirname(str(exc.filename or ''))}"
+            if self._failing.get((what, uid)) != reason:
+                self._failing[(what, uid)] = reason
+                log.warning("cannot complete %s %s yet (tried again every %g s): %s", what, safe(uid),
+                            self.poll_seconds, safe(reason),
+                            extra={"event": f"{what}_complete_failed", "reason": reason})
+            return False
+        self._failing.pop((what, uid), None)
+        return done
 
     def _complete_series(self, index: SqliteIndex, s: SeriesState) -> bool:
         rows = index.instances_of_series(s.series_instance_uid)

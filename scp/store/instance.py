@@ -64,8 +64,11 @@ def commit_instance(
             assert old is not None
             return Committed(root / str(old.path), Placement.KEPT_EXISTING, old.path)
         final, placement = commit_file(src, root, rel, on_conflict=on_conflict, durable=durable)
-        if final != root / rel or (placement is Placement.KEPT_EXISTING and old is not None):
-            # stored as ~N beside other bytes, or the indexed file kept: the row stays as it was
+        unchanged = placement is Placement.IDENTICAL and old is not None and old.path == rel.as_posix()
+        if final != root / rel or (placement is Placement.KEPT_EXISTING and old is not None) or unchanged:
+            # stored as ~N beside other bytes, the indexed file kept, or the same bytes sent
+            # again where the index has them: the row stays as it was (its series too:
+            # nothing new arrived, so a completed series does not complete again)
             index.abort(claim)
             return Committed(final, placement)
     except BaseException:
