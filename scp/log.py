@@ -195,10 +195,12 @@ def escape_controls(text: str) -> str:
                    for ch in text)
 
 
-def safe(value: object) -> str:
+def safe(value: object, *, backslashes: bool = True) -> str:
     """`value` as text fit for one log line: control characters (newlines,
     escape sequences, NUL ...) and backslashes are escaped, so a peer's AE
     title or a header value can neither forge a line nor colour the terminal.
+    (Without `backslashes`, those are left as they are: for a path that
+    already carries ``\\xNN`` escapes, see :func:`scp.sort.shown`.)
 
     >>> safe("EVIL\\n2026-01-01 INFO forged")
     'EVIL\\\\n2026-01-01 INFO forged'
@@ -208,11 +210,11 @@ def safe(value: object) -> str:
     'Yamada^Tarou=山田^太郎'
     """
     text = str(value)
-    if text.isprintable() and "\\" not in text:
+    if text.isprintable() and not (backslashes and "\\" in text):
         return text
     out = []
     for ch in text:
-        if ch == "\\":
+        if ch == "\\" and backslashes:
             out.append("\\\\")
         elif ch.isprintable():
             out.append(ch)

@@ -34,9 +34,10 @@ from typing import IO
 from scp.config import SortConfig
 from scp.enums import Mode, Result, SkipCategory
 from scp.errors import DestinationLockedError, Interrupted, SortscpError
+from scp.log import safe
 from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
-from scp.sort_jobs import Deferred, Item, sort_batch, sort_claims, special_file
+from scp.sort_jobs import Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
 from scp.store.fsops import flush_count, same_content
 from scp.store.tmp import STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
 
@@ -76,10 +77,7 @@ def shown(path: str) -> str:
     >>> shown("a\\nfailed: forged\\x1b[2J")
     'a\\\\nfailed: forged\\\\x1b[2J'
     """
-    t = text(path)
-    if t.isprintable():
-        return t
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in t)
+    return safe(text(path), backslashes=False)
 
 
 # --- the walk ---------------------------------------------------------------------
@@ -327,9 +325,6 @@ def sort_tree(
                     writer.discard()
                 raise
             stack.callback(os.close, lock)
-        if writer is not None:
-            writer.begin()
-        if not cfg.dry_run:
             started_ns = os.fstat(lock).st_ctime_ns  # the file system's clock, now
             removed = remove_orphans(cfg.dst / TMP_DIRNAME)  # left by an interrupted run
             if removed:
@@ -338,6 +333,8 @@ def sort_tree(
                 # Our own output appears in the tree being walked: pass over every
                 # file changed after this moment, measured by the file system's clock.
                 changed_before_ns = fs_clock_ns(cfg.dst)
+        if writer is not None:
+            writer.begin()  # (only now: a run refused at the lock leaves the report alone)
         entries = iter_entries(
             cfg.src, skip, changed_before_ns=changed_before_ns,
             follow_symlinks=cfg.follow_symlinks,
@@ -421,9 +418,8 @@ def sort_tree(
                         outcomes, renamed = sort_claims(
                             rel, deferred[rel], cfg, started_ns, planned.get(rel))
                     except (OSError, SortscpError) as exc:  # that name only: the run goes on
-                        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                        outcomes = [Outcome(Result.FAILED, c.source, "", f"cannot name it at {rel}: {why}")
-                                    for c in deferred[rel]]
+                        why = f"cannot name it at {rel}: {failure_reason(exc)}"
+                        outcomes = [Outcome(Result.FAILED, c.source, "", why) for c in deferred[rel]]
                         renamed = None
                     if renamed is not None:
                         _renamed(rel, renamed, report, writer, cfg, on_rename)

@@ -131,7 +131,7 @@ def sort_file(
     except (SortscpError, OSError) as exc:
         if isinstance(exc, FileNotFoundError) and not os.path.lexists(target):
             return gone(path)
-        return Outcome(Result.FAILED, path, "", _reason(exc))
+        return Outcome(Result.FAILED, path, "", failure_reason(exc))
     except Exception as exc:  # never lose track of a file: report it
         return Outcome(Result.FAILED, path, "", f"{type(exc).__name__}: {exc}")
     if placement is Placement.DEFERRED:
@@ -275,7 +275,7 @@ def _named(
         if isinstance(result, FileNotFoundError) and not os.path.lexists(o.source):
             return gone(o.source)
         exc = result if isinstance(result, Exception) else OSError("not placed")
-        return Outcome(Result.FAILED, o.source, "", _reason(exc))
+        return Outcome(Result.FAILED, o.source, "", failure_reason(exc))
     if isinstance(o, Outcome) and isinstance(done.get(key), OSError):  # a move's source stayed
         return _unremoved(o, done[key])  # type: ignore[arg-type]
     return o
@@ -284,7 +284,7 @@ def _named(
 def _unremoved(o: Outcome, exc: OSError) -> Outcome:
     if isinstance(exc, FileNotFoundError):  # someone else removed it: it is in place
         return o
-    return Outcome(Result.FAILED, o.source, "", _reason(exc))
+    return Outcome(Result.FAILED, o.source, "", failure_reason(exc))
 
 
 def sort_claims(
@@ -335,7 +335,7 @@ def sort_claims(
         try:
             d = _digest(claim.source)
         except OSError as exc:
-            outcomes.append(Outcome(Result.FAILED, claim.source, "", _reason(exc)))
+            outcomes.append(Outcome(Result.FAILED, claim.source, "", failure_reason(exc)))
             continue
         if d is None:
             outcomes.append(gone(claim.source))
@@ -388,7 +388,7 @@ def _claimed(
     except (SortscpError, OSError) as exc:
         if isinstance(exc, FileNotFoundError) and not os.path.lexists(target):
             return gone(claim.source)
-        return Outcome(Result.FAILED, claim.source, "", _reason(exc))
+        return Outcome(Result.FAILED, claim.source, "", failure_reason(exc))
     if name.name == PurePosixPath(claim.rel).name:
         return Outcome(Result.PLANNED if cfg.dry_run else Result.NEW, claim.source, dest, "", size)
     result, note = _SORTED[Placement.STORED_AS_COPY]
@@ -444,11 +444,11 @@ def _nested(cfg: SortConfig) -> bool:
     )
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """The system's words and the paths: both of a link or rename (the
     second, in DST, is often the one at fault).
 
-    >>> _reason(PermissionError(13, "Permission denied", "/src/a.dcm", None, "/dst/P/S/1.2.dcm"))
+    >>> failure_reason(PermissionError(13, "Permission denied", "/src/a.dcm", None, "/dst/P/S/1.2.dcm"))
     'Permission denied: /src/a.dcm -> /dst/P/S/1.2.dcm'
     """
     if isinstance(exc, OSError) and exc.strerror:

@@ -31,6 +31,16 @@ def _associate_and_store(peer, uid: str, data: bytes, rq: bytes) -> int:
     return peer.status()
 
 
+def still_stores_over_tls(server, certs, patient_id: str) -> None:  # noqa: F811
+    """A well-behaved TLS sender, from 127.0.0.1, still stores an instance (filed)."""
+    uid, data, ds = ct_bytes(PatientID=patient_id)
+    with _tls_peer(server.port, certs) as peer:
+        rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
+        assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
+        assert peer.release()
+    assert ct_path(server.out, ds).is_file()
+
+
 def test_tls_bytes_after_the_request_reach_the_association(serve_process, certs):  # noqa: F811
     """The request and a P-DATA in one write: the P-DATA is not lost in the read
     ahead of the request (nor swallowed into it). Before the A-ASSOCIATE-AC it is
@@ -125,12 +135,7 @@ def test_tls_churn_leaves_no_count_behind(serve_process, certs):  # noqa: F811
         s.close()
     socks = _only_the_bound_waits(server, "127.0.0.2")
     try:
-        uid, data, ds = ct_bytes(PatientID="AFTERCHURN")
-        with _tls_peer(server.port, certs) as peer:  # from 127.0.0.1: another address
-            rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
-            assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
-            assert peer.release()
-        assert ct_path(server.out, ds).is_file()
+        still_stores_over_tls(server, certs, "AFTERCHURN")  # from 127.0.0.1: another address
     finally:
         for s in socks:
             s.close()
@@ -168,12 +173,7 @@ def test_tls_request_announcing_more_than_a_pdu_may_be_is_refused(serve_process,
         assert answer.kind == pdu.A_ABORT, f"PDU type {answer.kind:#x}\n{server.log()}"
         assert peer.closed_within(5) is not None
     assert "Traceback" not in server.log()
-    uid, data, ds = ct_bytes(PatientID="AFTERHUGE")
-    with _tls_peer(server.port, certs) as peer:
-        rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
-        assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
-        assert peer.release()
-    assert ct_path(server.out, ds).is_file()
+    still_stores_over_tls(server, certs, "AFTERHUGE")
 
 
 def test_plain_churn_leaves_no_count_behind(serve_process):
@@ -208,12 +208,7 @@ def test_tls_port_probes_that_send_nothing_are_not_logged(serve_process, certs):
     bad.sendall(b"\x16\x03\x01\x00\x05garbage")
     assert _closed_by_server([bad], 10.0) == {bad}
     bad.close()
-    uid, data, ds = ct_bytes(PatientID="AFTERPROBES")
-    with _tls_peer(server.port, certs) as peer:
-        rq = pdu.associate_rq([(1, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])])
-        assert _associate_and_store(peer, uid, data, rq) == SUCCESS, server.log()
-        assert peer.release()
-    assert ct_path(server.out, ds).is_file()
+    still_stores_over_tls(server, certs, "AFTERPROBES")
     lines = [line for line in server.log().splitlines() if "TLS handshake" in line]
     assert len(lines) == 1, server.log()  # the garbage sender's, not the 20 probes'
     assert "Traceback" not in server.log()

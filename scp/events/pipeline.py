@@ -132,7 +132,6 @@ class Pipeline:
         self._own_index = index is None
         self._index_lock = threading.Lock()
         self._last_error = ""
-        self._stopped = False
         self._failing: dict[tuple[str, str], str] = {}  #: (what, uid) -> why it cannot complete yet
         self.poll_seconds = max(0.05, min(1.0, min(cfg.series_stable_seconds, cfg.study_stable_seconds) / 4))
 
@@ -171,9 +170,8 @@ class Pipeline:
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop watching; deliver what is queued, each stage bounded by `timeout` s.
         Once: a server that failed to start stops it again."""
-        if self._stopped:
+        if self._stop.is_set():
             return
-        self._stopped = True
         self._stop.set()
         self._hurry.set()
         if self._dispatch:
