@@ -302,3 +302,41 @@ def test_a_pdu_that_runs_on_past_a_message_aborts_and_files_nothing(serve_proces
         assert kind == "rsp" and rsp.Status == SUCCESS, server.log()
         assert peer.release()
     still_serving(server)
+
+
+def c_cancel_rq(message_id: int) -> bytes:
+    body = element(0x0100, us(0x0FFF)) + element(0x0120, us(message_id)) + element(0x0800, us(0x0101))
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+@pytest.mark.parametrize("second", ["C-STORE", "C-CANCEL", "C-ECHO"])
+def test_a_command_in_the_middle_of_a_dataset_aborts_and_files_nothing(serve_process, second):
+    """A C-STORE's dataset half sent, then a new command (a C-CANCEL, which
+    no C-STORE has, another C-STORE, a C-ECHO). The first instance can never
+    be completed; the association is aborted with a line, as DCMTK aborts on
+    an unexpected PDV, so the sender hears at once and can send both again.
+    (It used to drop the first silently and go on with the second: the
+    sender waited for an answer to the first that never came.)"""
+    server = serve_process(*FAST)
+    uid, data, _ = ct_bytes(generate_uid())
+    other, data2, ds2 = ct_bytes(generate_uid())
+    with Peer(server.port, timeout=10) as peer:
+        peer.associate(CT_CONTEXT)
+        peer.send_command(1, store_rq(uid=uid))
+        peer.send_dataset(1, data[: len(data) // 2], last=False)
+        if second == "C-STORE":
+            peer.send_command(1, store_rq(uid=other, message_id=8))
+            peer.send_dataset(1, data2)
+        elif second == "C-CANCEL":
+            peer.send_command(1, c_cancel_rq(7))
+        else:
+            peer.send(pdu.p_data((3, pdu.COMMAND | pdu.LAST, pdu.c_echo_rq(8))))
+        kind, _ = _answer(peer)
+        assert kind == "abort", server.log()
+    assert log_lines(server, "a new command began before the last fragment"), server.log()
+    assert "Traceback" not in server.log()
+    assert layout_files(server.out) == []
+    assert no_temp_files_within(server.out) == []
+    assert _store_with(server.port, store_rq(uid=other, message_id=8), data2) == SUCCESS
+    assert layout_files(server.out) == [ct_path(server.out, ds2)]
+    still_serving(server)

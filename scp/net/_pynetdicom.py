@@ -296,11 +296,10 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
             control = data[0]
             if control & 1:  # a command fragment
                 if self.context_id is not None:
-                    # a command set is complete and its dataset is not: abandoned
-                    sink = self._data_set_file
-                    if sink is not None and hasattr(sink, "abandon"):
-                        sink.abandon("another command started before its last fragment", _peer(assoc))
-                    _reset(self)
+                    # A command set is complete and its dataset is not: a new
+                    # command now is a protocol violation (as DCMTK's "unexpected
+                    # PDV"). Aborted: the sender hears, and may send both again.
+                    return _protocol_error(self, assoc, _COMMAND_IN_DATASET)
                 self.encoded_command_set.write(data[1:])
                 if self.encoded_command_set.tell() > MAX_COMMAND_BYTES:
                     return _protocol_error(self, assoc, f"a command set longer than {MAX_COMMAND_BYTES} bytes")
@@ -371,6 +370,10 @@ _SECOND_MESSAGE = (
     "a P-DATA-TF went on past the end of a message, before its answer "
     "(one operation at a time was negotiated)"
 )
+
+
+#: Why a command fragment in the middle of a dataset is refused.
+_COMMAND_IN_DATASET = "a new command began before the last fragment of the dataset in progress"
 
 
 def current_association() -> Association | None:
