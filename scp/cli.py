@@ -7,6 +7,7 @@ and the commands' own modules are imported when a command runs, not here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -67,6 +68,13 @@ def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise typer.BadParameter(f"choose one of {', '.join(LOG_LEVELS)}")
     return text.upper()
+
+
+def _seconds(value: float) -> float:
+    """A number of seconds: finite (``nan`` passes click's range check)."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number of seconds")
+    return value
 
 
 def _positive(value: Optional[int]) -> Optional[int]:
@@ -154,11 +162,11 @@ def serve(
     on_duplicate: Annotated[str, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), callback=_serve_duplicate, metavar="[replace|keep]", help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE.value,
     max_associations: Annotated[int, typer.Option("--max-associations", envvar=_env("MAX_ASSOCIATIONS"), min=1, help="Concurrent associations; more are rejected (local limit exceeded).")] = config.DEFAULT_MAX_ASSOCIATIONS,
     max_pdu: Annotated[int, typer.Option("--max-pdu", envvar=_env("MAX_PDU"), min=0, help="Maximum PDU size we receive (0 = unlimited, read up to 64 MiB); a longer P-DATA PDU aborts the association.")] = config.DEFAULT_MAX_PDU,
-    acse_timeout: Annotated[float, typer.Option("--acse-timeout", envvar=_env("ACSE_TIMEOUT"), min=0.1, help="Seconds a peer has, in total from its connection, to send its whole A-ASSOCIATE-RQ (and to answer ours).")] = config.DEFAULT_ACSE_TIMEOUT,
-    dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, help="Seconds to wait for DIMSE messages. A message still arriving must be complete within this plus 1 s per 64 KiB received (at least 64 KiB/s after this grace), or the association is aborted.")] = config.DEFAULT_DIMSE_TIMEOUT,
-    network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, help="On SIGINT/SIGTERM, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
-    job_timeout: Annotated[float, typer.Option("--job-timeout", envvar=_env("JOB_TIMEOUT"), min=0.1, help="Seconds a worker may take to file one instance; past it the instance gets 0xA700 (out of resources) and the worker is replaced.")] = config.DEFAULT_JOB_TIMEOUT,
+    acse_timeout: Annotated[float, typer.Option("--acse-timeout", envvar=_env("ACSE_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds a peer has, in total from its connection, to send its whole A-ASSOCIATE-RQ (and to answer ours).")] = config.DEFAULT_ACSE_TIMEOUT,
+    dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds to wait for DIMSE messages. A message still arriving must be complete within this plus 1 s per 64 KiB received (at least 64 KiB/s after this grace), or the association is aborted.")] = config.DEFAULT_DIMSE_TIMEOUT,
+    network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, max=config.MAX_SECONDS, callback=_seconds, help="On SIGINT/SIGTERM, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
+    job_timeout: Annotated[float, typer.Option("--job-timeout", envvar=_env("JOB_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds a worker may take to file one instance; past it the instance gets 0xA700 (out of resources) and the worker is replaced.")] = config.DEFAULT_JOB_TIMEOUT,
     allow_aet: Annotated[Optional[list[str]], typer.Option("--allow-aet", envvar=_env("ALLOW_AET"), callback=_allow_list, metavar="TITLE[@HOST]", help="Accept associations only from this calling AE title (optionally only from HOST); repeatable, or separated by spaces/commas in the variable. Default: anyone.")] = None,
     require_called_aet: Annotated[bool, typer.Option("--require-called-aet", envvar=_env("REQUIRE_CALLED_AET"), help="Reject associations addressed to another AE title than --aet.")] = False,
     tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", envvar=_env("TLS_CERT"), dir_okay=False, help="Serve DICOM over TLS with this PEM certificate (chain).")] = None,
@@ -172,9 +180,9 @@ def serve(
     on_study_complete: Annotated[Optional[str], typer.Option("--on-study-complete", envvar=_env("ON_STUDY_COMPLETE"), callback=_hook_command, metavar="CMD", help="Run CMD when a study is complete.")] = None,
     hook_shell: Annotated[bool, typer.Option("--hook-shell", envvar=_env("HOOK_SHELL"), help="Run hook commands with /bin/sh -c (default: split like a shell, run without one).")] = False,
     hook_concurrency: Annotated[int, typer.Option("--hook-concurrency", envvar=_env("HOOK_CONCURRENCY"), min=1, help="Hook processes running at once.")] = config.DEFAULT_HOOK_CONCURRENCY,
-    hook_timeout: Annotated[float, typer.Option("--hook-timeout", envvar=_env("HOOK_TIMEOUT"), min=0.1, help="Seconds before a hook's process group is killed.")] = config.DEFAULT_HOOK_TIMEOUT,
-    series_stable_seconds: Annotated[float, typer.Option("--series-stable-seconds", envvar=_env("SERIES_STABLE_SECONDS"), min=0.1, help="A series is complete when nothing of it arrived for this long.")] = config.DEFAULT_SERIES_STABLE_SECONDS,
-    study_stable_seconds: Annotated[float, typer.Option("--study-stable-seconds", envvar=_env("STUDY_STABLE_SECONDS"), min=0.1, help="A study is complete when nothing of it arrived for this long and its series are complete.")] = config.DEFAULT_STUDY_STABLE_SECONDS,
+    hook_timeout: Annotated[float, typer.Option("--hook-timeout", envvar=_env("HOOK_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds before a hook's process group is killed.")] = config.DEFAULT_HOOK_TIMEOUT,
+    series_stable_seconds: Annotated[float, typer.Option("--series-stable-seconds", envvar=_env("SERIES_STABLE_SECONDS"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="A series is complete when nothing of it arrived for this long.")] = config.DEFAULT_SERIES_STABLE_SECONDS,
+    study_stable_seconds: Annotated[float, typer.Option("--study-stable-seconds", envvar=_env("STUDY_STABLE_SECONDS"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="A study is complete when nothing of it arrived for this long and its series are complete.")] = config.DEFAULT_STUDY_STABLE_SECONDS,
     events: Annotated[Optional[str], typer.Option("--events", envvar=_env("EVENTS"), metavar="FILE", help="Append one JSON line per event to FILE ('-': standard output).")] = None,
     webhook: Annotated[Optional[str], typer.Option("--webhook", envvar=_env("WEBHOOK"), callback=_webhook_url, metavar="URL", help="POST each event as JSON to URL (retries; drops, logged, when it cannot).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", envvar=_env("METRICS_PORT"), min=0, max=65535, help="Serve Prometheus metrics on this port (0: any free port). Default: off.")] = None,
@@ -452,7 +460,7 @@ def echo(
     port: Annotated[int, typer.Argument(min=1, max=65535, help="Peer port.")],
     aet: Annotated[str, typer.Option("--aet", callback=_ae_title, help="Our (calling) AE title.")] = config.DEFAULT_ECHO_AET,
     called_aet: Annotated[str, typer.Option("--called-aet", callback=_ae_title, help="The peer's (called) AE title.")] = config.DEFAULT_AET,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for each answer.")] = config.DEFAULT_ECHO_TIMEOUT,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds to wait for the connection and for each answer.")] = config.DEFAULT_ECHO_TIMEOUT,
 ) -> None:
     """Send a C-ECHO (DICOM ping).
 

@@ -39,6 +39,9 @@ DEFAULT_STUDY_STABLE_SECONDS = 60.0
 #: Hook processes running at once, and the seconds before one is killed.
 DEFAULT_HOOK_CONCURRENCY = 4
 DEFAULT_HOOK_TIMEOUT = 60.0
+#: The longest any option in seconds may be (a week): the waits they become
+#: (``poll`` in milliseconds among them) must be able to hold them.
+MAX_SECONDS = 7 * 24 * 3600.0
 
 
 def check_ae_title(title: str) -> str:

@@ -622,3 +622,30 @@ def test_bad_environment_values(tmp_path, name, value):
     env = dict(cli_env(), **{name: value})
     proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", env=env, timeout=60)
     _cli_error(proc, name)
+
+
+SECONDS_OPTIONS = ("--acse-timeout", "--dimse-timeout", "--network-timeout", "--drain-timeout",
+                   "--job-timeout", "--hook-timeout", "--series-stable-seconds", "--study-stable-seconds")
+
+
+@pytest.mark.parametrize("value", ["1e10", "3000000", "inf", "nan"])
+@pytest.mark.parametrize("option", SECONDS_OPTIONS)
+def test_seconds_no_wait_can_hold_are_refused_at_start(tmp_path, option, value):
+    """Past about 24.8 days a wait in milliseconds overflows: such a value used
+    to start a server whose every connection, C-STORE or hook then failed with
+    a traceback (or crash it at once). Refused before anything starts, by the
+    option's name and by its environment variable's."""
+    out = tmp_path / "out"
+    proc = run_cli("serve", "--out", out, "--host", "127.0.0.1", "--port", free_port(),
+                   option, value, timeout=60)
+    _cli_error(proc, option)
+    var = "SORTSCP_" + option.lstrip("-").replace("-", "_").upper()
+    env = dict(cli_env(), **{var: value})
+    proc = run_cli("serve", "--out", out, "--host", "127.0.0.1", "--port", free_port(), env=env, timeout=60)
+    _cli_error(proc, var)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["1e10", "nan"])
+def test_echo_timeout_no_wait_can_hold_is_refused(value):
+    _cli_error(run_cli("echo", "127.0.0.1", "1", "--timeout", value, timeout=60), "--timeout")
