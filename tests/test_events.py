@@ -552,6 +552,18 @@ def test_ls_without_an_index_says_so_and_exits_1(tmp_path: Path) -> None:
     assert result.stderr.strip().startswith("error: no index at") and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("damage", [b"garbage\n", b"SQLite format 3\x00" + b"\x00" * 84])
+def test_ls_of_a_damaged_index_says_so_and_exits_1(tmp_path: Path, damage: bytes) -> None:
+    """Not a database, or a header cut short: one line, no traceback (it used
+    to print sqlite3's). `serve` rebuilds such an index from the tree."""
+    (tmp_path / ".sortscp").mkdir()
+    (tmp_path / ".sortscp" / "index.sqlite").write_bytes(damage)
+    result = run_cli("ls", tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().startswith("error: cannot read the index of"), result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def _env() -> dict[str, str]:
     from conftest import cli_env
 

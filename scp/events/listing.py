@@ -6,6 +6,7 @@ error for the caller to report: :class:`NoIndex`).
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,15 @@ def listing(out: Path) -> list[dict[str, Any]]:
         raise NoIndex(f"no index at {index_path(out)}: `sortscp serve --out {out}` creates it")
     try:
         index = SqliteIndex(out)
-    except InstanceIndexError as exc:
+        try:
+            studies = index.studies()
+            series = index.series_list()
+        finally:
+            index.close()
+    except (InstanceIndexError, sqlite3.Error) as exc:  # damaged, not a database, locked
         raise NoIndex(f"cannot read the index of {out}: {exc}") from None
-    try:
-        studies = index.studies()
-        series = index.series_list()
-    finally:
-        index.close()
+    except OSError as exc:  # its folder not writable (its lock file), unreadable
+        raise NoIndex(f"cannot open the index of {out}: {exc.strerror}: {exc.filename}") from None
     by_study: dict[str | None, list[dict[str, Any]]] = {}
     for s in series:
         by_study.setdefault(s.study_instance_uid, []).append({
