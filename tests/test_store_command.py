@@ -340,3 +340,29 @@ def test_a_command_in_the_middle_of_a_dataset_aborts_and_files_nothing(serve_pro
     assert _store_with(server.port, store_rq(uid=other, message_id=8), data2) == SUCCESS
     assert layout_files(server.out) == [ct_path(server.out, ds2)]
     still_serving(server)
+
+
+def _explicit(tag: int, vr: str, value: bytes) -> bytes:
+    if vr in ("OB", "OW", "SQ", "UN", "UT"):
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+
+def test_a_dataset_with_a_tag_out_of_order_is_filed_where_pydicom_reads_it(serve_process):
+    """Rows (0028,0010) before the names, as a relay that forwards a dataset's
+    bytes unchanged may send it (found by an independent attack). pydicom,
+    and `sort`, read the names; `serve` filed it under UNKNOWN_UNKNOWN: its
+    second read stopped at the first tag past the template's, never seeing
+    the names after it."""
+    server = serve_process(*FAST)
+    uid = generate_uid()
+    ui_ = ui(uid)
+    data = (_explicit(0x00080016, "UI", ui(pdu.CT_IMAGE_STORAGE)) + _explicit(0x00080018, "UI", ui_)
+            + _explicit(0x00280010, "US", b"\x10\x00")
+            + _explicit(0x0008103E, "LO", b"CHEST ") + _explicit(0x00100010, "PN", b"Doe^John")
+            + _explicit(0x00100020, "LO", b"12345 ") + _explicit(0x00200011, "IS", b"3 ")
+            + _explicit(0x7FE00010, "OW", b"\0\0\0\0"))
+    assert _store_with(server.port, store_rq(uid=uid), data) == SUCCESS, server.log()
+    files = layout_files(server.out)
+    assert [f.relative_to(server.out).as_posix() for f in files] == [f"Doe^John_12345/CHEST_3/{uid}.dcm"]
+    assert files[0].read_bytes().endswith(data)

@@ -225,7 +225,11 @@ def read_raw(
     walker = DatasetWalker(
         implicit=implicit, little=little, deflated=deflated,
         wanted=[t for t in tags if t < FIRST_PIXEL_TAG], size=dataset_size,
-        stop_past_wanted=not check,
+        # Never stopped at the first tag past the wanted ones: a wanted tag out
+        # of order further on changes what pydicom reads (it files the instance
+        # elsewhere), and only a walk to the end sees it. Large values after
+        # the wanted tags (the pixels) are skipped with a seek, not read.
+        stop_past_wanted=False,
     )
     walker.feed(memoryview(head)[data_start:])
     if not walker.stopped:
