@@ -143,8 +143,11 @@ def named_from_header(header: ReceivedHeader, template: Template, size: int,
 def instance_facts(ds: Dataset, size: int, calling_aet: str | None = None) -> dict[str, Any]:
     """The index's facts of an instance read with :data:`FACT_KEYWORDS`."""
     def text(keyword: str) -> str | None:
-        value = ds.get(keyword)
-        return None if value is None or value == "" else str(value)
+        try:
+            value = ds.get(keyword)
+            return None if value is None or value == "" else str(value)
+        except Exception:  # noqa: BLE001 - a value pydicom cannot convert (IS "inf", FD of 4 bytes):
+            return None  # unknown, as the layout renders it; it must not refuse the instance
 
     meta = getattr(ds, "file_meta", None)
     if calling_aet is None and meta is not None:

@@ -366,3 +366,22 @@ def test_a_dataset_with_a_tag_out_of_order_is_filed_where_pydicom_reads_it(serve
     files = layout_files(server.out)
     assert [f.relative_to(server.out).as_posix() for f in files] == [f"Doe^John_12345/CHEST_3/{uid}.dcm"]
     assert files[0].read_bytes().endswith(data)
+
+
+@pytest.mark.parametrize("series_number", [(0x00200011, "IS", b"inf "), (0x00200011, "FD", b"\0\0\0\0")],
+                         ids=["IS inf", "FD of 4 bytes"])
+def test_a_value_pydicom_cannot_convert_still_files_the_instance(serve_process, series_number):
+    """The layout renders such a value UNKNOWN, and `sort` files it; `serve`
+    refused it with 0xA700 (out of resources), as its index facts converted
+    it unguarded (found by an independent attack). Rows first: the worker,
+    not the network thread, reads this header."""
+    server = serve_process(*FAST)
+    uid = generate_uid()
+    data = (_explicit(0x00080016, "UI", ui(pdu.CT_IMAGE_STORAGE)) + _explicit(0x00080018, "UI", ui(uid))
+            + _explicit(0x00280010, "US", b"\x10\x00")
+            + _explicit(0x00100010, "PN", b"Doe^John") + _explicit(0x00100020, "LO", b"12345 ")
+            + _explicit(*series_number) + _explicit(0x7FE00010, "OW", b"\0\0\0\0"))
+    assert _store_with(server.port, store_rq(uid=uid), data) == SUCCESS, server.log()
+    files = layout_files(server.out)
+    assert [f.relative_to(server.out).as_posix() for f in files] == [f"Doe^John_12345/UNKNOWN_UNKNOWN/{uid}.dcm"]
+    assert "Traceback" not in server.log()
