@@ -39,7 +39,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from scp import DEFAULT_TEMPLATE as DEFAULT_TEMPLATE  # the layout's default, re-exported
 from scp._datadict import dictionary_vr, keyword_for_tag, tag_for_keyword
@@ -130,12 +130,24 @@ class Template:
                 raise TemplateError(f"the template has an empty path component: {text!r}")
             if all(isinstance(p, str) for p in parts) and "".join(map(str, parts)) in (".", ".."):
                 raise TemplateError(f"the template may not contain '.' or '..': {text!r}")
-        if not any(
-            isinstance(p, Field) and p.keyword == "SOPInstanceUID" for p in components[-1]
-        ):
+        last = components[-1]
+        uids = [i for i, p in enumerate(last) if isinstance(p, Field) and p.keyword == "SOPInstanceUID"]
+        if not uids:
             raise TemplateError(
                 "the file name (last component) must contain {SOPInstanceUID}, so that "
                 f"two instances never share a name: {text!r}"
+            )
+        # ... whole, and not run together with another field: {SOPInstanceUID:.6}
+        # or {InstanceNumber}{SOPInstanceUID} gives two instances one name.
+        if not any(
+            not cast(Field, last[i]).spec
+            and not (i > 0 and isinstance(last[i - 1], Field))
+            and not (i + 1 < len(last) and isinstance(last[i + 1], Field))
+            for i in uids
+        ):
+            raise TemplateError(
+                "the file name must contain {SOPInstanceUID} whole (no format spec) and apart "
+                f"from other fields (a literal between them), so that two instances never share a name: {text!r}"
             )
         return cls(text, tuple(tuple(parts) for parts in components))
 

@@ -347,3 +347,18 @@ def test_charset_names_decode_into_the_patient_folder(path: Path) -> None:
     folder = relative_path(ds, DEFAULT).parts[0]
     assert expected in folder, (folder, expected)
     assert any(ord(c) > 127 for c in folder) or path.name in ("chrI2.dcm",), folder
+
+
+@pytest.mark.parametrize("text", ["{PatientID}/{SOPInstanceUID:.6}.dcm",
+                                  "{PatientID}/{InstanceNumber}{SOPInstanceUID}.dcm",
+                                  "{PatientID}/{SOPInstanceUID}{InstanceNumber}.dcm"])
+def test_a_file_name_that_could_give_two_instances_one_name_is_refused(text):
+    """Found by an independent attack: with {SOPInstanceUID:.6}, serve filed
+    1.2.3.4.5.1 and 1.2.3.4.5.2 at one name, the second replacing the first."""
+    with pytest.raises(TemplateError, match="whole"):
+        Template.parse(text)
+
+
+def test_a_file_name_with_the_uid_whole_beside_a_literal_is_accepted():
+    assert Template.parse("{PatientID}/{InstanceNumber:04}_{SOPInstanceUID}.dcm").keywords == (
+        "PatientID", "InstanceNumber", "SOPInstanceUID")
