@@ -142,8 +142,16 @@ def _hook_command(value: Optional[str]) -> Optional[str]:
 
 
 def _webhook_url(value: Optional[str]) -> Optional[str]:
-    if value and not value.startswith(("http://", "https://")):
-        raise typer.BadParameter("an http:// or https:// URL")
+    if value:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise typer.BadParameter(f"not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise typer.BadParameter("an http:// or https:// URL with a host")
     return value or None
 
 

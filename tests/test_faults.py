@@ -614,10 +614,12 @@ def test_port_in_use(tmp_path, events):
                        timeout=60)
     _cli_error(proc, f"cannot listen on 127.0.0.1:{port}", "Address already in use")
     assert "not delivered" not in proc.stdout + proc.stderr, proc.stderr
+    assert "stopped:" not in proc.stdout + proc.stderr, proc.stderr  # it never started
 
 
 @pytest.mark.parametrize("name,value", [("SORTSCP_PORT", "abc"), ("SORTSCP_MAX_ASSOCIATIONS", "0"),
-                                        ("SORTSCP_NETWORK_TIMEOUT", "soon"), ("SORTSCP_ON_DUPLICATE", "merge")])
+                                        ("SORTSCP_NETWORK_TIMEOUT", "soon"), ("SORTSCP_ON_DUPLICATE", "merge"),
+                                        ("SORTSCP_WEBHOOK", "http://"), ("SORTSCP_WEBHOOK", "http://h:port/")])
 def test_bad_environment_values(tmp_path, name, value):
     env = dict(cli_env(), **{name: value})
     proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", env=env, timeout=60)

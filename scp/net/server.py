@@ -173,6 +173,7 @@ class Server:
         self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
+        self._served = False  # start() completed: only then is there a "stopped" to report
 
     @property
     def address(self) -> tuple[str, int]:
@@ -222,6 +223,7 @@ class Server:
         )
         if access.rules:
             log.info("accepting calling AE titles: %s", ", ".join(map(str, access.rules)))
+        self._served = True
 
     def request_stop(self, *_: object) -> None:
         """Ask the server to stop; asked again while stopping, stop at once
@@ -275,7 +277,7 @@ class Server:
         if self.index is not None:
             self.index.close(clean=True)  # after the workers: they had it open
             self.index = None
-        if self.handlers is not None:
+        if self.handlers is not None and self._served:
             log.info(
                 "stopped: %d instances stored, %d failed",
                 self.handlers.stored, self.handlers.failed,
