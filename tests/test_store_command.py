@@ -348,6 +348,15 @@ def _explicit(tag: int, vr: str, value: bytes) -> bytes:
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
 
 
+def _rows_first(uid: str, *names: bytes) -> bytes:
+    """A CT dataset, explicit VR little endian, with Rows (0028,0010) before
+    `names` (elements as :func:`_explicit` makes them): out of tag order, so
+    the worker, not the network thread, reads its header."""
+    return (_explicit(0x00080016, "UI", ui(pdu.CT_IMAGE_STORAGE)) + _explicit(0x00080018, "UI", ui(uid))
+            + _explicit(0x00280010, "US", b"\x10\x00") + b"".join(names)
+            + _explicit(0x7FE00010, "OW", b"\0\0\0\0"))
+
+
 def test_a_dataset_with_a_tag_out_of_order_is_filed_where_pydicom_reads_it(serve_process):
     """Rows (0028,0010) before the names, as a relay that forwards a dataset's
     bytes unchanged may send it (found by an independent attack). pydicom,
@@ -356,12 +365,8 @@ def test_a_dataset_with_a_tag_out_of_order_is_filed_where_pydicom_reads_it(serve
     the names after it."""
     server = serve_process(*FAST)
     uid = generate_uid()
-    ui_ = ui(uid)
-    data = (_explicit(0x00080016, "UI", ui(pdu.CT_IMAGE_STORAGE)) + _explicit(0x00080018, "UI", ui_)
-            + _explicit(0x00280010, "US", b"\x10\x00")
-            + _explicit(0x0008103E, "LO", b"CHEST ") + _explicit(0x00100010, "PN", b"Doe^John")
-            + _explicit(0x00100020, "LO", b"12345 ") + _explicit(0x00200011, "IS", b"3 ")
-            + _explicit(0x7FE00010, "OW", b"\0\0\0\0"))
+    data = _rows_first(uid, _explicit(0x0008103E, "LO", b"CHEST "), _explicit(0x00100010, "PN", b"Doe^John"),
+                       _explicit(0x00100020, "LO", b"12345 "), _explicit(0x00200011, "IS", b"3 "))
     assert _store_with(server.port, store_rq(uid=uid), data) == SUCCESS, server.log()
     files = layout_files(server.out)
     assert [f.relative_to(server.out).as_posix() for f in files] == [f"Doe^John_12345/CHEST_3/{uid}.dcm"]
@@ -373,14 +378,11 @@ def test_a_dataset_with_a_tag_out_of_order_is_filed_where_pydicom_reads_it(serve
 def test_a_value_pydicom_cannot_convert_still_files_the_instance(serve_process, series_number):
     """The layout renders such a value UNKNOWN, and `sort` files it; `serve`
     refused it with 0xA700 (out of resources), as its index facts converted
-    it unguarded (found by an independent attack). Rows first: the worker,
-    not the network thread, reads this header."""
+    it unguarded (found by an independent attack)."""
     server = serve_process(*FAST)
     uid = generate_uid()
-    data = (_explicit(0x00080016, "UI", ui(pdu.CT_IMAGE_STORAGE)) + _explicit(0x00080018, "UI", ui(uid))
-            + _explicit(0x00280010, "US", b"\x10\x00")
-            + _explicit(0x00100010, "PN", b"Doe^John") + _explicit(0x00100020, "LO", b"12345 ")
-            + _explicit(*series_number) + _explicit(0x7FE00010, "OW", b"\0\0\0\0"))
+    data = _rows_first(uid, _explicit(0x00100010, "PN", b"Doe^John"), _explicit(0x00100020, "LO", b"12345 "),
+                       _explicit(*series_number))
     assert _store_with(server.port, store_rq(uid=uid), data) == SUCCESS, server.log()
     files = layout_files(server.out)
     assert [f.relative_to(server.out).as_posix() for f in files] == [f"Doe^John_12345/UNKNOWN_UNKNOWN/{uid}.dcm"]
