@@ -69,7 +69,8 @@ _HASH_DIGITS = 12
 _ASCII_UNSAFE = str.maketrans(
     {c: "_" for c in [*map(chr, range(0x21)), "\x7f", *UNSAFE_CHARS]}
 )
-_MAX_KEPT_EXTENSION = 16
+#: Longest extension (in UTF-8 bytes, without its dot) kept at the end of a cut or suffixed name.
+MAX_KEPT_EXTENSION = 16
 
 
 @dataclass(frozen=True)
@@ -323,12 +324,26 @@ def _shorten(name: str) -> str:
         return name
     digest = hashlib.sha256(raw).hexdigest()[:_HASH_DIGITS]
     stem, dot, ext = name.rpartition(".")
-    if not (dot and stem and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION):
+    if not (dot and stem and 0 < len(ext.encode("utf-8")) <= MAX_KEPT_EXTENSION):
         stem, ext = name, ""
     suffix = f"~{digest}" + (f".{ext}" if ext else "")
     budget = MAX_COMPONENT_BYTES - len(suffix.encode("utf-8"))
     cut = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
     return cut + suffix
+
+
+def fit_component(stem: str, tail: str) -> str:
+    """``stem + tail``, with `stem` cut on a character boundary so that the
+    name fits in :data:`MAX_COMPONENT_BYTES` (a ``~2`` added to a name that was
+    already the longest allowed must not make it one the file system refuses).
+
+    >>> fit_component("a" * 255, "~2.dcm") == "a" * 249 + "~2.dcm"
+    True
+    """
+    budget = MAX_COMPONENT_BYTES - len(tail.encode("utf-8"))
+    if budget < 1:
+        raise ValueError(f"{tail!r} leaves no room for a name")
+    return stem.encode("utf-8")[:budget].decode("utf-8", "ignore") + tail
 
 
 def render_component(ds: Dataset, parts: tuple[Part, ...]) -> str:

@@ -894,3 +894,22 @@ def test_control_characters_in_a_name_never_reach_the_terminal(tmp_path: Path) -
     assert "\x1b" not in r.stdout + r.stderr, show(r)
     assert not any(line.startswith("failed: /etc/passwd") for line in (r.stdout + r.stderr).splitlines()), show(r)
     assert "evil\\nfailed: /etc/passwd: forged\\x1b[2J.dcm ->" in r.stdout, show(r)
+
+
+def test_a_second_instance_under_the_longest_name_gets_a_name_that_fits(tmp_path: Path) -> None:
+    """A file name cut to 255 bytes is taken by another instance with the same
+    UID: the one kept beside it (``~2``) is cut again to fit. It was not: every
+    run (and rerun) failed with "File name too long", exit 1."""
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.csv"
+    uid = f"{UID_ROOT}.255"
+    first = write(src / "a.dcm", dicom_bytes(CT, uid))
+    second = write(src / "b.dcm", dicom_bytes(CT, uid, StudyDescription="other bytes"))
+    r = run_cli("sort", src, dst, "--mode", "copy", "--workers", WORKERS, "--report", report,
+                "--template", "{PatientID}/{SOPInstanceUID}_{PatientName:_<300}.dcm")
+    check_ok(r)
+    placed = layout_files(dst)
+    assert len(placed) == 2, show(r)
+    assert all(len(p.name.encode()) <= 255 and p.name.endswith(".dcm") for p in placed), placed
+    assert sorted(sha(p) for p in placed) == sorted([sha(first), sha(second)]), show(r)
+    outcomes = sorted(row["outcome"] for row in read_rows(report))
+    assert outcomes == ["kept_as_copy", "new"], show(r)

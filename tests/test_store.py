@@ -10,7 +10,7 @@ import pytest
 
 from scp.enums import Duplicate, Mode, Placement
 from scp.errors import OutsideRootError, StoreError
-from scp.store.commit import write_atomic
+from scp.store.commit import commit_file, write_atomic
 from scp.store.place import place
 from scp.store.tmp import TMP_DIRNAME, fs_clock_ns
 
@@ -260,3 +260,17 @@ def test_a_folder_pruned_while_a_file_is_named_into_it_is_made_again(tmp_path: P
     assert pruned[0] > 0  # the pruner did remove folders under the writer
     for i in range(n):
         assert (root / f"P{i % 7}/S{i}/1.{i}.dcm").read_bytes() == f"instance {i}".encode()
+
+
+def test_replacing_a_file_under_the_longest_name_works(tmp_path: Path) -> None:
+    """The temporary link made beside a name to replace it atomically is cut
+    to fit too: under a 255-byte name it was refused ("File name too long")."""
+    out = tmp_path / "out"
+    rel = PurePosixPath("p", "x" * 251 + ".dcm")
+    write_atomic(out, rel, lambda f: f.write(b"first"))
+    src = out / TMP_DIRNAME / "incoming"
+    src.write_bytes(b"second")
+    assert commit_file(src, out, rel, on_conflict=Duplicate.REPLACE) == (
+        out / rel, Placement.REPLACED)
+    assert (out / rel).read_bytes() == b"second"
+    assert sorted(p.name for p in (out / "p").iterdir()) == [rel.name]

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from scp.enums import Duplicate, Placement
 from scp.errors import FolderGone, OutsideRootError, StoreError
+from scp.layout import MAX_KEPT_EXTENSION, fit_component
 from scp.store.fsops import (
     FOLDER_ATTEMPTS,
     NEW_FILE_MODE,
@@ -167,7 +168,7 @@ def claim(
 
 def replace_with(make: Callable[[Path], None], final: Path) -> None:
     """Atomically replace `final` by what `make` creates at a temporary name beside it."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.link")
+    tmp = final.with_name(fit_component(f".{final.name}", f".{os.getpid()}.link"))
     unlink_quietly(tmp)
     make(tmp)
     os.replace(tmp, final)
@@ -179,13 +180,14 @@ def candidates(final: Path, on_conflict: Duplicate):
         stem, ext = _split_ext(final.name)
         n = 2
         while True:
-            yield final.with_name(f"{stem}~{n}{ext}")
+            yield final.with_name(fit_component(stem, f"~{n}{ext}"))
             n += 1
 
 
 def _split_ext(name: str) -> tuple[str, str]:
+    """``("a", ".dcm")`` for ``a.dcm``; a name without a short extension is all stem."""
     stem, dot, ext = name.rpartition(".")
-    return (stem, dot + ext) if dot and stem else (name, "")
+    return (stem, dot + ext) if dot and stem and len(ext.encode()) <= MAX_KEPT_EXTENSION else (name, "")
 
 
 def _stored(candidate: Path, final: Path) -> Placement:
