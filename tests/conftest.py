@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,28 @@ def cli_env() -> dict[str, str]:
     for key in [k for k in env if k.startswith("SORTSCP_")]:
         del env[key]
     return env
+
+
+def unprivileged_prefix() -> list[str]:
+    """A command prefix under which permissions apply (we may be root)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv is not installed: file modes cannot be tested")
+    # root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH obeys the mode bits
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    probe = tempfile.mkdtemp()
+    try:
+        os.chmod(probe, 0)
+        p = subprocess.run([*prefix, sys.executable, "-c", f"import os; os.listdir({probe!r})"],
+                           check=False, capture_output=True)
+        if p.returncode == 0:
+            pytest.skip("cannot drop root's permission override here (setpriv had no effect)")
+    finally:
+        os.chmod(probe, 0o700)
+        os.rmdir(probe)
+    return prefix
 
 
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

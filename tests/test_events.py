@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from scp.events.sinks import Webhook, event_record
 from scp.log import DROP_LOG_SECONDS
 from scp.store.index import SqliteIndex, create_empty, sha256_file
 
-from conftest import run_cli
+from conftest import cli_env, run_cli, unprivileged_prefix
 from serve_helpers import wait_until
 
 CT = Path(get_testdata_file("CT_small.dcm"))
@@ -544,6 +545,56 @@ def test_ls_prints_no_control_characters_a_sender_put_in_a_name(out: Path, index
     assert r"EV\x1b[2J\x1b[31mIL\nFORGED" in table.stdout, table.stdout
     js = run_cli("ls", "--json", out)  # JSON escapes them itself, and keeps the value
     assert json.loads(js.stdout)["studies"][0]["patient_name"] == "EV\x1b[2J\x1b[31mIL\nFORGED"
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("server", ["running", "stopped"])
+def test_ls_changes_nothing_in_out(out: Path, server: str) -> None:
+    """``ls`` reads: it created OUT/.sortscp/index.lock when it was missing (a
+    copied index), and SQLite's -wal and -shm, left behind for the server's
+    user to trip over, when the index was closed."""
+    index = SqliteIndex(out)
+    add_instance(index, out, "1.12.7", "1.12.7.1", "1.12.7.1.1")
+    if server == "stopped":
+        index.close(clean=True)
+    (out / ".sortscp" / "index.lock").unlink()
+    before = _tree(out)
+    try:
+        for args in (["ls", out], ["ls", "--json", out]):
+            result = run_cli(*args, env={**cli_env(), "COLUMNS": "200"})
+            assert result.returncode == 0 and "Doe^John_42/CT_1" in result.stdout, result.stderr
+        after = _tree(out)
+        if server == "running":  # a reader marks its place in the server's shared memory
+            shm = ".sortscp/index.sqlite-shm"
+            before[shm], after[shm] = before[shm][:2], after[shm][:2]
+        assert after == before
+    finally:
+        index.close()
+
+
+def test_ls_reads_an_index_in_a_folder_it_cannot_write(out: Path) -> None:
+    """A read-only mount, or another user's OUT: it failed to open the lock
+    file for writing ("cannot open the index ... Permission denied")."""
+    prefix = unprivileged_prefix()
+    index = SqliteIndex(out)
+    add_instance(index, out, "1.12.6", "1.12.6.1", "1.12.6.1.1")
+    index.close(clean=True)
+    state = out / ".sortscp"
+    for p in state.iterdir():
+        p.chmod(0o444)
+    state.chmod(0o555)
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-m", "scp", "ls", "--json", str(out)],
+                                capture_output=True, text=True, timeout=60, env=cli_env())
+    finally:
+        state.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    (study,) = json.loads(result.stdout)["studies"]
+    assert study["study_instance_uid"] == "1.12.6" and study["instances"] == 1
 
 
 def test_ls_without_an_index_says_so_and_exits_1(tmp_path: Path) -> None:

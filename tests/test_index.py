@@ -626,3 +626,17 @@ def test_one_index_shared_by_threads(root, idx):
     errors = in_threads(work)
     assert errors == []
     assert len(assert_agree(root, idx)) == 30
+
+
+@pytest.mark.parametrize("folder", ["out#1", "what?", "100%"])
+def test_an_index_under_a_folder_with_uri_characters_is_kept(tmp_path, folder):
+    """'#', '?' or '%' in OUT's path cut the SQLite URI that checks the index:
+    it read as unreadable, and every start rebuilt it from the tree."""
+    root = tmp_path / folder
+    root.mkdir()
+    index, report = open_index(root, read_identity)
+    index.close(clean=True)
+    assert check(root) is None
+    index, report = open_index(root, read_identity)
+    index.close(clean=True)
+    assert report.rebuilt is None

@@ -40,7 +40,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, unprivileged_prefix
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -414,30 +414,8 @@ def test_follow_symlinks_sorts_each_target_once_and_survives_loops(tmp_path: Pat
     assert {row["outcome"] for row in rows} <= OUTCOMES, rows
 
 
-def _drop_privileges_prefix() -> list[str]:
-    """A command prefix under which permissions apply (we may be root)."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root and setpriv is not installed: cannot make a folder unreadable")
-    # root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH obeys the mode bits
-    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
-    probe = tempfile.mkdtemp()
-    try:
-        os.chmod(probe, 0)
-        p = subprocess.run([*prefix, sys.executable, "-c", f"import os; os.listdir({probe!r})"],
-                           check=False, capture_output=True)
-        if p.returncode == 0:
-            pytest.skip("cannot drop root's permission override here (setpriv had no effect)")
-    finally:
-        os.chmod(probe, 0o700)
-        os.rmdir(probe)
-    return prefix
-
-
 def test_an_unreadable_folder_is_a_failure(tmp_path: Path) -> None:
-    prefix = _drop_privileges_prefix()
+    prefix = unprivileged_prefix()
     src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
     write(src / "ok" / "ct.dcm", CT.read_bytes())
     write(src / "locked" / "mr.dcm", MR.read_bytes())

@@ -28,7 +28,7 @@ def listing(out: Path) -> list[dict[str, Any]]:
     if not index_path(out).is_file():
         raise NoIndex(f"no index at {index_path(out)}: `sortscp serve --out {out}` creates it")
     try:
-        index = SqliteIndex(out)
+        index = SqliteIndex(out, read_only=True)
         try:
             studies = index.studies()
             series = index.series_list()

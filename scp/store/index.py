@@ -162,6 +162,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
@@ -511,6 +512,35 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _open_lock(path: Path, read_only: bool) -> int | None:
+    """The lock file's descriptor (created if missing); read-only: only if it
+    is there (a copied index may have none, and nothing can rebuild it then)."""
+    if not read_only:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing beside the index.
+
+    With a ``-wal`` file there (a server has the index open, or died), the
+    reader needs it and its ``-shm``: ``mode=ro`` reads through them. Without
+    one (the index was closed; everything is in the file), ``immutable`` reads
+    the file alone, because ``mode=ro`` would create a ``-wal`` and ``-shm``
+    and leave them behind, owned by whoever ran ``ls``, where they could
+    stop the server's own user from opening the index, and fails outright
+    in a folder it cannot write."""
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.exists() else "immutable=1"
+    return sqlite3.connect(
+        f"file:{urllib.parse.quote(str(path))}?{mode}", uri=True, timeout=BUSY_TIMEOUT,
+        isolation_level=None, check_same_thread=False,
+    )
+
+
 def _use_wal(conn: sqlite3.Connection) -> None:
     """Switch to WAL unless the file already is (WAL is persistent).
 
@@ -547,7 +577,7 @@ def check(root: Path | str) -> str | None:
     if not path.is_file():
         return "missing"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
         try:
             meta = _read_meta(conn)
         finally:
@@ -778,8 +808,14 @@ class SqliteIndex:
 
     _seq = itertools.count(1)
 
-    def __init__(self, root: Path | str, *, claim_timeout: float = DEFAULT_CLAIM_TIMEOUT) -> None:
+    def __init__(
+        self, root: Path | str, *, claim_timeout: float = DEFAULT_CLAIM_TIMEOUT, read_only: bool = False
+    ) -> None:
+        """Open the index of `root`; with `read_only` (``sortscp ls``), create
+        and change nothing there, not even the lock file, so that a read-only
+        or another user's folder can be read (see :func:`_connect_read_only`)."""
         self.root = Path(root)
+        self.read_only = read_only
         self.claim_timeout = claim_timeout
         self._pid = os.getpid()
         start = start_time(self._pid)
@@ -789,13 +825,15 @@ class SqliteIndex:
         path = sdir / INDEX_FILENAME
         if not path.is_file():
             raise IndexStaleError(f"no index at {path}: rebuild it")
-        self._lock_fd = os.open(sdir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd: int | None = _open_lock(sdir / LOCK_FILENAME, read_only)
         try:
             try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise IndexInUseError(f"the index of {self.root} is being rebuilt") from None
-            self._conn: sqlite3.Connection | None = (conn := _connect(path))  # None: closed
+            conn = _connect_read_only(path) if read_only else _connect(path)
+            self._conn: sqlite3.Connection | None = conn  # None: closed
             try:
                 meta = _read_meta(conn)
             except sqlite3.Error as exc:
@@ -805,7 +843,8 @@ class SqliteIndex:
                 conn.close()
                 raise IndexStaleError(f"index {path} has schema {meta.get('schema_version')}, not {SCHEMA_VERSION}")
         except BaseException:
-            os.close(self._lock_fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise
         self.generation = int(meta.get("generation", "1"))
 
@@ -1124,7 +1163,7 @@ class SqliteIndex:
             if conn is None:
                 return
             try:
-                if clean and os.getpid() == self._pid:
+                if clean and os.getpid() == self._pid and self._lock_fd is not None:
                     try:
                         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
@@ -1136,7 +1175,8 @@ class SqliteIndex:
             finally:
                 conn.close()
                 self._conn = None
-                os.close(self._lock_fd)
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
 
     def __enter__(self) -> SqliteIndex:
         return self
