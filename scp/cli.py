@@ -173,7 +173,7 @@ def serve(
     acse_timeout: Annotated[float, typer.Option("--acse-timeout", envvar=_env("ACSE_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds a peer has, in total from its connection, to send its whole A-ASSOCIATE-RQ (and to answer ours).")] = config.DEFAULT_ACSE_TIMEOUT,
     dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds to wait for DIMSE messages. A message still arriving must be complete within this plus 1 s per 64 KiB received (at least 64 KiB/s after this grace), or the association is aborted.")] = config.DEFAULT_DIMSE_TIMEOUT,
     network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, max=config.MAX_SECONDS, callback=_seconds, help="On SIGINT/SIGTERM, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", envvar=_env("DRAIN_TIMEOUT"), min=0, max=config.MAX_SECONDS, callback=_seconds, help="On SIGINT, SIGTERM or SIGHUP, seconds to let associations in flight finish.")] = config.DEFAULT_DRAIN_TIMEOUT,
     job_timeout: Annotated[float, typer.Option("--job-timeout", envvar=_env("JOB_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds a worker may take to file one instance; past it the instance gets 0xA700 (out of resources) and the worker is replaced.")] = config.DEFAULT_JOB_TIMEOUT,
     allow_aet: Annotated[Optional[list[str]], typer.Option("--allow-aet", envvar=_env("ALLOW_AET"), callback=_allow_list, metavar="TITLE[@HOST]", help="Accept associations only from this calling AE title (optionally only from HOST); repeatable, or separated by spaces/commas in the variable. Default: anyone.")] = None,
     require_called_aet: Annotated[bool, typer.Option("--require-called-aet", envvar=_env("REQUIRE_CALLED_AET"), help="Reject associations addressed to another AE title than --aet.")] = False,
@@ -239,7 +239,8 @@ def _one_line_usage_error(message: str) -> typer.Exit:
     epilog="\b\nThe default template (--template):\n  " + DEFAULT_TEMPLATE
     + "\n\b\nExit status: 0 every DICOM file is in place (the rest skipped, each with\n"
     "its reason), 1 an entry failed (listed in the report), 2 usage error,\n"
-    "75 another sort is writing into DST, 130 interrupted (SIGINT), 143 SIGTERM.",
+    "75 another sort is writing into DST, 130 interrupted (SIGINT), 143 SIGTERM,\n"
+    "129 SIGHUP.",
 )
 def sort(
     src: Annotated[Path, typer.Argument(exists=True, file_okay=False, readable=True, help="Folder to read (walked recursively).")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,9 @@ DEFAULT_HOOK_TIMEOUT = 60.0
 #: The longest any option in seconds may be (a week): the waits they become
 #: (``poll`` in milliseconds among them) must be able to hold them.
 MAX_SECONDS = 7 * 24 * 3600.0
+#: The signals that stop ``serve`` and ``sort`` cleanly (in flight work finishes;
+#: a second one stops at once). SIGHUP: the terminal or SSH session went away.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def check_ae_title(title: str) -> str:

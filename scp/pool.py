@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 #: How often a worker checks that its parent lives, where it cannot be told.
 PARENT_POLL_SECONDS = 1.0
-#: How long a worker sent SIGTERM gets before SIGKILL when the pool closes.
-TERMINATE_GRACE_SECONDS = 1.0
 #: How long the pool waits for a killed process to be gone.
 KILL_WAIT_SECONDS = 5.0
 #: How long a worker asked to exit (the pool closes) gets before SIGKILL.
@@ -69,9 +67,13 @@ class PoolClosed(StoreError):
 def _init_worker(parent: int | None = None, log_setup: tuple[str, LogFormat] | None = None) -> None:
     if log_setup is not None:
         setup_worker_logging(log_setup)  # never Python's raw last-resort output
-    # Ctrl-C and SIGTERM are the parent's to handle: it drains, then closes us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C, a hang-up and SIGTERM are the parent's to handle: it drains, then
+    # closes us. A terminal sends the first two to its whole process group, and
+    # systemd (KillMode=control-group) SIGTERM to every process of the service:
+    # a worker that died of it would fail the instances the drain is finishing.
+    # The pool stops a worker by its pipe, else with SIGKILL.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
 
@@ -181,15 +183,12 @@ class _Worker:
             self.conn.close()
 
     def stop(self, grace: float = EXIT_WAIT_SECONDS) -> None:
-        """Ask the worker to exit; after `grace` seconds SIGTERM, then SIGKILL."""
+        """Ask the worker to exit; after `grace` seconds, SIGKILL (it ignores SIGTERM)."""
         try:
             self.conn.send(None)
         except OSError:
             pass
         self.proc.join(grace)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(TERMINATE_GRACE_SECONDS)
         self.kill()
 
 
@@ -373,9 +372,6 @@ class WorkerPool:
         for w in idle:
             w.stop()
         for w in busy:  # past the grace: their callers hear PoolClosed
-            w.proc.terminate()
-        for w in busy:
-            w.proc.join(TERMINATE_GRACE_SECONDS)
             w.kill(close=False)  # its caller, reading the pipe, closes it
 
     def __enter__(self) -> WorkerPool:

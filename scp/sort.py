@@ -9,7 +9,7 @@ whose name holds other bytes are named after the walk
 (:func:`scp.sort_jobs.sort_claims`), so ``~N`` never depends on scheduling. The
 parent holds a lock on DST, collects :class:`Outcome` s into a
 :class:`Report`, writes the optional per-file report and advances the
-progress callback. SIGINT and SIGTERM drain the work in flight and stop.
+progress callback. SIGINT, SIGTERM and SIGHUP drain the work in flight and stop.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
-from scp.config import SortConfig
+from scp.config import STOP_SIGNALS, SortConfig
 from scp.enums import Mode, Result, SkipCategory
 from scp.errors import DestinationLockedError, Interrupted, SortscpError
 from scp.log import safe
@@ -262,7 +262,7 @@ def lock_destination(dst: Path) -> int:
 
 
 class _Stop:
-    """Set by SIGINT/SIGTERM; a second signal raises KeyboardInterrupt (stop now)."""
+    """Set by SIGINT, SIGTERM or SIGHUP; a second signal raises KeyboardInterrupt (stop now)."""
 
     signum: int | None = None
 
@@ -277,7 +277,7 @@ def _signals(stop: _Stop) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -302,7 +302,7 @@ def sort_tree(
     plain name during the walk moves to its ``~N`` (see :func:`scp.sort_jobs.sort_claims`).
 
     Raises :class:`DestinationLockedError` if another sort writes into DST, and
-    :class:`Interrupted` after a SIGINT/SIGTERM once the work in flight is done.
+    :class:`Interrupted` after a stop signal once the work in flight is done.
     """
     report = Report()
     parent_flushes = flush_count()  # ours (the names given after the walk), beside the workers'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,8 +137,11 @@ class ServeProcess:
     """``sortscp serve`` in a child process on a free port of 127.0.0.1."""
 
     def __init__(self, out: Path, *args: str, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, new_session: bool = False) -> None:
+        """`new_session`: its own process group, workers included, for a test
+        that signals the whole group (as a terminal or systemd does)."""
         self.out = out
+        self.new_session = new_session
         self.port = free_port()
         self.log_path = out.parent / f"serve-{self.port}.log"
         self._log = open(self.log_path, "wb")
@@ -145,6 +149,7 @@ class ServeProcess:
             [sys.executable, "-m", "scp", "serve", "--out", str(out), "--host", "127.0.0.1",
              "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(), cwd=cwd,
+            start_new_session=new_session,
         )
         try:
             wait_for_port(self.port, proc=self.proc)
@@ -168,6 +173,11 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+        if self.new_session:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._log.close()
 
 
@@ -178,8 +188,8 @@ def serve_process(tmp_path: Path) -> Iterator[callable]:
     started: list[ServeProcess] = []
 
     def start(*args: str, out: Path | None = None, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> ServeProcess:
-        server = ServeProcess(out or tmp_path / "out", *args, env=env, cwd=cwd)
+              cwd: Path | None = None, new_session: bool = False) -> ServeProcess:
+        server = ServeProcess(out or tmp_path / "out", *args, env=env, cwd=cwd, new_session=new_session)
         started.append(server)
         return server
 

@@ -241,8 +241,16 @@ def test_concurrent_associations_all_succeed(serve_process) -> None:
             assert pydicom.dcmread(p).file_meta.SourceApplicationEntityTitle == f"SCU{i}"
 
 
-def test_sigterm_during_a_transfer_finishes_the_association_and_exits_0(serve_process) -> None:
-    server = serve_process("--workers", "2")
+@pytest.mark.parametrize(("signum", "group"), [
+    (signal.SIGTERM, False),  # `kill PID`, docker stop
+    (signal.SIGTERM, True),  # systemd: every process of the service at once
+    (signal.SIGHUP, True),  # the terminal or SSH session closed: its process group
+], ids=["SIGTERM", "SIGTERM to the group", "SIGHUP to the group"])
+def test_a_stop_signal_during_a_transfer_finishes_the_association_and_exits_0(
+        serve_process, signum: signal.Signals, group: bool) -> None:
+    """SIGHUP killed the server on the spot, without a line, associations
+    cut; SIGTERM to its workers too killed them, failing what was in flight."""
+    server = serve_process("--workers", "2", new_session=group)
     datasets = ct_copies(80, patient="Sigterm^Test")
     statuses: list[int] = []
     done = threading.Event()
@@ -263,15 +271,15 @@ def test_sigterm_during_a_transfer_finishes_the_association_and_exits_0(serve_pr
     sender = threading.Thread(target=send)
     sender.start()
     wait_until(lambda: len(statuses) >= 10, what="the first instances")
-    os.kill(server.proc.pid, signal.SIGTERM)
+    (os.killpg if group else os.kill)(server.proc.pid, signum)
     code = server.proc.wait(120)
     sender.join(60)
     log = _log(server)
     assert code == 0, log
     assert done.is_set()
-    assert len(statuses) == len(datasets), log
-    stored = [ds for ds, s in zip(datasets, statuses) if s == SUCCESS]
-    assert len(stored) > 10, f"the association in flight should finish: {statuses}\n{log}"
+    assert statuses == [SUCCESS] * len(datasets), f"the association in flight should finish\n{log}"
+    stored = datasets
+    assert log.rstrip().splitlines()[-1].endswith(f"stopped: {len(datasets)} instances stored, 0 failed"), log
     files = layout_files(server.out)
     assert {p.name for p in files} == {f"{ds.SOPInstanceUID}.dcm" for ds in stored}
     for p in files:  # complete, readable instances only

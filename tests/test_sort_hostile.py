@@ -603,7 +603,12 @@ def test_dry_run_after_a_copy_tells_the_truth(tmp_path: Path) -> None:
 
 # === 8. stopping =====================================================================
 
-def test_sigterm_stops_cleanly_and_a_rerun_finishes(many, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_stops_cleanly_and_a_rerun_finishes(
+        many, tmp_path: Path, signum: signal.Signals, code: int) -> None:
+    """SIGHUP (a closed terminal or SSH session) stops as SIGTERM does; it
+    killed the sort on the spot, its workers too, leaving temporary files."""
     root, contents, uids = many
     src, dst = tmp_path / "src", tmp_path / "dst"
     clone(root, src)
@@ -611,13 +616,13 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes(many, tmp_path: Path) -> Non
     try:
         wait_for_files(dst, 20, proc)
         assert proc.poll() is None, "finished before it could be stopped"
-        os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, as a service manager does
+        os.killpg(proc.pid, signum)  # the whole group, as a terminal or `kill -- -PGID` does
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             kill_group(proc)
     result = (proc.returncode, out, err)
-    assert proc.returncode == 143, show(result)
+    assert proc.returncode == code, show(result)
     assert "interrupted" in err and "run the same command again" in err, show(result)
     assert "leaked semaphore" not in err and "Traceback" not in err, show(result)
     deadline = time.monotonic() + 10

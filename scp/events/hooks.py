@@ -839,7 +839,7 @@ def hook_process_main() -> None:
             os.nice(19)
         except OSError:
             pass
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the server stops us by closing stdin
     _HelperLoop().run()
     os._exit(0)

@@ -1,6 +1,6 @@
 """``sortscp serve``: set up the AE, run it, stop it cleanly.
 
-Stopping (SIGINT/SIGTERM) closes the listening socket first, lets the
+Stopping (SIGINT, SIGTERM or SIGHUP) closes the listening socket first, lets the
 associations in flight finish (bounded by ``drain_timeout``; a second signal
 cuts it short), closes the worker pool (killing workers that do not exit, so a
 hung one cannot hold the stop), then aborts what is left. A stop takes at most
@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp.config import ServeConfig
+from scp.config import STOP_SIGNALS, ServeConfig
 from scp.errors import InstanceIndexError, SortscpError
 from scp.events.pipeline import Pipeline
 from scp.jobs import header_tags, identity_facts
@@ -284,10 +284,10 @@ class Server:
             )
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
-        """Start, serve until SIGINT/SIGTERM, stop. Returns the exit code."""
+        """Start, serve until SIGINT, SIGTERM or SIGHUP, stop. Returns the exit code."""
         # Handlers first: a supervisor may send SIGTERM as soon as the port accepts;
         # they stay through the stop, where a second signal cuts the drain short.
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
             try:
                 self.start()
