@@ -70,6 +70,27 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _folder(value: str | Path) -> Path:
+    """A folder argument, never empty: ``""`` would mean the working folder
+    (an unset ``$DST`` in a script). A path that exists must be a folder."""
+    text = os.fspath(value)  # a default comes as a Path
+    if not text.strip():
+        raise typer.BadParameter("is empty (to mean this folder, say '.')")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{text!r} is not a folder")
+    return path
+
+
+def _existing_folder(text: str | Path) -> Path:
+    path = _folder(text)
+    if not path.is_dir():
+        raise typer.BadParameter(f"folder {text!r} does not exist")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise typer.BadParameter(f"folder {text!r} cannot be read")
+    return path
+
+
 def _seconds(value: float) -> float:
     """A number of seconds: finite (``nan`` passes click's range check)."""
     if not math.isfinite(value):
@@ -161,7 +182,7 @@ def _env(name: str) -> str:
 
 @app.command()
 def serve(
-    out: Annotated[Path, typer.Option("--out", "-o", envvar=_env("OUT"), help="Output folder.")] = config.DEFAULT_OUT,
+    out: Annotated[Path, typer.Option("--out", "-o", envvar=_env("OUT"), parser=_folder, metavar="<folder>", help="Output folder.")] = config.DEFAULT_OUT,
     aet: Annotated[str, typer.Option("--aet", envvar=_env("AET"), callback=_ae_title, help="Our AE title.")] = config.DEFAULT_AET,
     port: Annotated[int, typer.Option("--port", "-p", envvar=_env("PORT"), min=0, max=65535, help="TCP port.")] = config.DEFAULT_PORT,
     host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
@@ -243,8 +264,8 @@ def _one_line_usage_error(message: str) -> typer.Exit:
     "129 SIGHUP.",
 )
 def sort(
-    src: Annotated[Path, typer.Argument(exists=True, file_okay=False, readable=True, help="Folder to read (walked recursively).")],
-    dst: Annotated[Path, typer.Argument(file_okay=False, help="Folder to fill with the layout (may be SRC itself).")],
+    src: Annotated[Path, typer.Argument(parser=_existing_folder, metavar="SRC", help="Folder to read (walked recursively).")],
+    dst: Annotated[Path, typer.Argument(parser=_folder, metavar="DST", help="Folder to fill with the layout (may be SRC itself).")],
     mode: Annotated[Mode, typer.Option("--mode", "-m", help="copy keeps timestamps; move removes a source only once a real file with its bytes is stored and flushed.")] = Mode.COPY,
     template: Annotated[str, typer.Option("--template", "-t", metavar="TEMPLATE", show_default=False, help="Path template of DICOM keywords or tag numbers ({00100020}, {0010,0020}), with optional format specs ({SeriesNumber:04}, {PatientName:.8}). The file name must contain {SOPInstanceUID}. Default: see below.")] = DEFAULT_TEMPLATE,
     workers: WorkersOpt = None,
@@ -419,7 +440,7 @@ class _SortProgress:
 
 @app.command("ls")
 def ls(
-    out: Annotated[Path, typer.Argument(envvar=_env("OUT"), file_okay=False, help="The output folder of `sortscp serve`.")],
+    out: Annotated[Path, typer.Argument(envvar=_env("OUT"), parser=_folder, metavar="OUT", help="The output folder of `sortscp serve`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (studies, each with its series).")] = False,
 ) -> None:
     """List the studies and series received (from the index in OUT/.sortscp).
@@ -486,7 +507,7 @@ def echo(
 
 @app.command()
 def reindex(
-    out: Annotated[Path, typer.Argument(help="The output folder whose instance index to rebuild.")],
+    out: Annotated[Path, typer.Argument(parser=_folder, metavar="OUT", help="The output folder whose instance index to rebuild.")],
     digests: Annotated[bool, typer.Option("--digests", help="Also record the sha256 of every file (reads them whole).")] = False,
 ) -> None:
     """Rebuild the instance index (OUT/.sortscp/index.sqlite) from the files.

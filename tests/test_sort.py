@@ -449,6 +449,24 @@ def test_usage_errors_exit_2_before_touching_dst(tmp_path: Path, args: list[str]
     assert os.listdir(tmp_path / "src") == ["file"]
 
 
+@pytest.mark.parametrize("args", [
+    ["sort", "{src}", ""], ["sort", "", "{tmp}/dst"], ["sort", "{src}", " "],
+    ["ls", ""], ["reindex", ""], ["serve", "--out", "", "--port", "0"],
+], ids=["sort DST", "sort SRC", "sort DST blank", "ls", "reindex", "serve --out"])
+def test_an_empty_folder_argument_is_refused_not_read_as_the_working_folder(
+        tmp_path: Path, args: list[str]) -> None:
+    """``sortscp sort "$SRC" "$DST"`` with DST unset sorted SRC into the
+    working folder (and ``serve -o "$OUT"`` served into it)."""
+    src, here = tmp_path / "src", tmp_path / "here"
+    src.mkdir()
+    here.mkdir()
+    (src / "ct.dcm").write_bytes((TEST_FILES / "CT_small.dcm").read_bytes())
+    r = run_cli(*(a.format(tmp=tmp_path, src=src) for a in args), cwd=here, timeout=30)
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 2 and "is empty" in out, out
+    assert os.listdir(here) == [] and os.listdir(src) == ["ct.dcm"], out
+
+
 # --- interrupted runs ----------------------------------------------------------------
 
 N_INSTANCES = 1500
