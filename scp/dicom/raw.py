@@ -95,7 +95,7 @@ class RawHeader:
     value_offsets: dict[int, int]
     #: Where the dataset starts in the stream.
     dataset_start: int
-    #: Where the walk stopped in the stream (not for deflated data).
+    #: Where the walk ended in the stream: the end of the dataset (not for deflated data).
     end: int
 
 
@@ -225,27 +225,25 @@ def read_raw(
     walker = DatasetWalker(
         implicit=implicit, little=little, deflated=deflated,
         wanted=[t for t in tags if t < FIRST_PIXEL_TAG], size=dataset_size,
-        # Never stopped at the first tag past the wanted ones: a wanted tag out
-        # of order further on changes what pydicom reads (it files the instance
-        # elsewhere), and only a walk to the end sees it. Large values after
-        # the wanted tags (the pixels) are skipped with a seek, not read.
-        stop_past_wanted=False,
     )
+    # Walked to the end, never stopped at the first tag past the wanted ones: a
+    # wanted tag out of order further on changes what pydicom reads (it files
+    # the instance elsewhere), and only a walk to the end sees it. Large values
+    # after the wanted tags (the pixels) are skipped with a seek, not read.
     walker.feed(memoryview(head)[data_start:])
-    if not walker.stopped:
-        if len(head) == HEADER_PREFIX:  # a header longer than the prefix
-            assert src is not None
-            src.seek(start + len(head))
-            while not walker.stopped:
-                skip = walker.skip
-                if skip:
-                    src.seek(skip, os.SEEK_CUR)
-                    walker.skipped(skip)
-                chunk = src.read(HEADER_PREFIX)
-                if not chunk:
-                    break
-                walker.feed(chunk)
-        walker.close()
+    if len(head) == HEADER_PREFIX:  # a header longer than the prefix
+        assert src is not None
+        src.seek(start + len(head))
+        while True:
+            skip = walker.skip
+            if skip:
+                src.seek(skip, os.SEEK_CUR)
+                walker.skipped(skip)
+            chunk = src.read(HEADER_PREFIX)
+            if not chunk:
+                break
+            walker.feed(chunk)
+    walker.close()
     if walker.irregular_in_header:
         return None
     elements = {t: v for t, v in walker.elements.items() if t < FIRST_PIXEL_TAG}

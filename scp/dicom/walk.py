@@ -138,10 +138,6 @@ class DatasetWalker:
     size
         The dataset's length in bytes, if known (a file): lengths are then
         checked against it as soon as they are read. Not for deflated data.
-    stop_past_wanted
-        Stop (and ignore further bytes) at the first top-level element header
-        past the last wanted tag: a header read, not a completeness check.
-        :meth:`close` then checks nothing.
 
     Attributes
     ----------
@@ -157,9 +153,7 @@ class DatasetWalker:
         Dataset offset just after the (0002,xxxx) elements at the start of the
         dataset (0 if it does not start with any).
     position : int
-        Dataset bytes consumed so far; for deflated data, inflated bytes. Once
-        stopped (`stop_past_wanted`), the offset of the element header where
-        the walk stopped.
+        Dataset bytes consumed so far; for deflated data, inflated bytes.
     irregular : str | None
         The first thing seen that a strict reader would not expect but pydicom
         tolerates (a switch to implicit VR, an unknown VR, top-level tags out
@@ -169,13 +163,11 @@ class DatasetWalker:
         True if such a thing was seen before the walk was past the last
         wanted tag (or is a wanted tag out of order): it may change what
         pydicom reads.
-    stopped : bool
-        True once a `stop_past_wanted` walk stopped.
     """
 
     __slots__ = (
         "elements", "value_offsets", "past_wanted", "leading_meta_end", "position",
-        "irregular", "irregular_in_header", "stopped", "_implicit", "_little", "_wanted", "_max_wanted", "_stop",
+        "irregular", "irregular_in_header", "_implicit", "_little", "_wanted", "_max_wanted",
         "_frames", "_skip", "_cur", "_collect", "_tail", "_count", "_leading", "_last_tag",
         "_z", "_max_inflate", "_closed", "_impl", "_expl", "_ul",
     )
@@ -189,7 +181,6 @@ class DatasetWalker:
         wanted: Iterable[int] = (),
         max_inflate: int = 1 << 20,
         size: int | None = None,
-        stop_past_wanted: bool = False,
     ) -> None:
         if deflated and (implicit or not little):
             raise ValueError("deflated data is explicit VR little endian")
@@ -199,7 +190,6 @@ class DatasetWalker:
         self._little = bool(little)
         self._wanted = frozenset(int(t) for t in wanted) | {SPECIFIC_CHARACTER_SET}
         self._max_wanted = max(self._wanted)
-        self._stop = stop_past_wanted
         self.elements: dict[int, tuple[str | None, bytes]] = {}
         self.value_offsets: dict[int, int] = {}
         self.past_wanted = False
@@ -207,7 +197,6 @@ class DatasetWalker:
         self.position = 0
         self.irregular: str | None = None
         self.irregular_in_header = False
-        self.stopped = False
         limit = _NO_LIMIT if size is None else int(size)
         self._frames: list[list] = [[_TOP, -1, limit, self._implicit, 0, False]]
         self._skip = 0
@@ -245,7 +234,7 @@ class DatasetWalker:
         """Walk the next bytes of the dataset (any length, even 1 byte)."""
         if self._closed:
             raise ValueError("the walker is closed")
-        if self.stopped or not data:
+        if not data:
             return
         z = self._z
         if z is None:
@@ -259,8 +248,6 @@ class DatasetWalker:
             while True:
                 if out:
                     self._feed_raw(out)
-                    if self.stopped:
-                        return
                 # past the end of the stream, zlib keeps the rest as an
                 # unconsumed tail for ever: it is padding, not data
                 if z.eof or (len(out) < limit and not z.unconsumed_tail):
@@ -274,8 +261,6 @@ class DatasetWalker:
         if self._closed:
             return
         self._closed = True
-        if self.stopped:
-            return
         if self._z is not None and not self._z.eof:
             raise TruncatedError(
                 f"the deflate stream is cut short (after {self.position} inflated bytes)"
@@ -323,8 +308,6 @@ class DatasetWalker:
             self._tail = b""
             used = self._run(head, 0, len(head))
             self.position += used
-            if self.stopped:
-                return
             if used >= len(old):
                 i += used - len(old)
             else:
@@ -334,7 +317,7 @@ class DatasetWalker:
             return
         used = self._run(data, i, n)
         self.position += used - i
-        if not self.stopped and used < n:
+        if used < n:
             self._tail = bytes(data[used:n])
 
     @staticmethod
@@ -360,8 +343,8 @@ class DatasetWalker:
             self.irregular_in_header = True
 
     def _run(self, buf, i: int, n: int) -> int:
-        """Walk `buf[i:n]`; return the index where more bytes are needed (or
-        where the walk stopped). The caller advances :attr:`position`."""
+        """Walk `buf[i:n]`; return the index where more bytes are needed.
+        The caller advances :attr:`position`."""
         frames = self._frames
         base = self.position - i
         impl, expl, ul = self._impl, self._expl, self._ul
@@ -572,10 +555,6 @@ class DatasetWalker:
                     if top:
                         if tag > max_wanted and not past:
                             past = self.past_wanted = True
-                            if self._stop:
-                                count -= 1
-                                self.stopped = True
-                                return i
                         if tag <= last_tag:
                             self._note(f"top-level tag {_fmt(tag)} out of order",
                                        tag <= max_wanted)
