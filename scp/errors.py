@@ -19,6 +19,11 @@ class StoreError(SortscpError):
     """An instance could not be written to its final place."""
 
 
+class SourceChanged(StoreError):
+    """A source file was replaced or written to while it was being sorted: it
+    is neither placed from its new bytes nor removed (a rerun sorts it)."""
+
+
 class FolderGone(StoreError):
     """The folder a file was being named into was removed meanwhile (a
     concurrent prune); the caller makes it again and retries."""

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, BinaryIO
 from scp.config import SortConfig
 from scp.dicom.raw import HEADER_PREFIX, IDENTITY_KEYWORDS, Refused, read_file_start, read_raw, wanted_tags
 from scp.enums import Duplicate, Fsync, Mode, Placement, Result, SkipCategory
-from scp.errors import NotDicomError, SortscpError, TruncatedError
+from scp.errors import NotDicomError, SortscpError, SourceChanged, TruncatedError
 from scp.layout import relative_path, relative_path_raw
 from scp.report import Outcome
 from scp.store.commit import candidates, destination
-from scp.store.fsops import flush_count
+from scp.store.fsops import Identity, flush_count, identity
 from scp.store.place import (
     PENDING,
     PLACED,
@@ -70,6 +70,8 @@ class Deferred:
     source: str
     rel: str
     via_link: bool = False
+    #: :func:`~scp.store.fsops.identity` of the file read (None in a dry run).
+    expect: Identity | None = None
 
 
 #: One file to sort: its path in SRC and whether it was reached through a symbolic link.
@@ -123,6 +125,7 @@ def sort_file(
         final, placement = place(
             Path(target), cfg.dst, rel, mode, on_conflict=Duplicate.BOTH,
             durable=cfg.fsync is Fsync.ALWAYS, batch=batch, defer=True, dry_run=cfg.dry_run,
+            expect=identity(st),
         )
     except TruncatedError as exc:
         return Outcome(Result.SKIPPED, path, "", f"truncated: {exc}", category=SkipCategory.TRUNCATED.value)
@@ -135,7 +138,7 @@ def sort_file(
     except Exception as exc:  # never lose track of a file: report it
         return Outcome(Result.FAILED, path, "", f"{type(exc).__name__}: {exc}")
     if placement is Placement.DEFERRED:
-        return Deferred(path, str(rel), via_link)
+        return Deferred(path, str(rel), via_link, identity(st))
     dest = str(final.relative_to(cfg.dst))
     if placement is Placement.REPLACED:
         result, note = Result.REPLACED, _REPLACED_WHY[mode]
@@ -276,12 +279,12 @@ def _named(
             return gone(o.source)
         exc = result if isinstance(result, Exception) else OSError("not placed")
         return Outcome(Result.FAILED, o.source, "", failure_reason(exc))
-    if isinstance(o, Outcome) and isinstance(done.get(key), OSError):  # a move's source stayed
+    if isinstance(o, Outcome) and isinstance(done.get(key), (OSError, SourceChanged)):  # a move's source stayed
         return _unremoved(o, done[key])  # type: ignore[arg-type]
     return o
 
 
-def _unremoved(o: Outcome, exc: OSError) -> Outcome:
+def _unremoved(o: Outcome, exc: OSError | SourceChanged) -> Outcome:
     if isinstance(exc, FileNotFoundError):  # someone else removed it: it is in place
         return o
     return Outcome(Result.FAILED, o.source, "", failure_reason(exc))
@@ -381,10 +384,11 @@ def _claimed(
         durable = cfg.fsync is Fsync.ALWAYS
         if placement is Placement.IDENTICAL:
             if not cfg.dry_run:
-                place_identical(Path(target), name, mode, durable)
+                place_identical(Path(target), name, mode, durable, expect=claim.expect)
             return Outcome(Result.ALREADY, claim.source, dest, "", size)
         if not cfg.dry_run:
-            place_at(Path(target), cfg.dst, name, mode, durable=durable, replace=replace)
+            place_at(Path(target), cfg.dst, name, mode, durable=durable, replace=replace,
+                     expect=claim.expect)
     except (SortscpError, OSError) as exc:
         if isinstance(exc, FileNotFoundError) and not os.path.lexists(target):
             return gone(claim.source)

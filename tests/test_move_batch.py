@@ -8,10 +8,14 @@ import os
 import shutil
 from pathlib import Path, PurePosixPath
 
+import pytest
+
 from scp.config import SortConfig
 from scp.enums import Mode, Placement
 from scp.enums import Result as Status
+from scp.errors import SourceChanged
 from scp.sort_jobs import sort_files
+from scp.store.fsops import identity
 from scp.store.place import PENDING, PLACED, TAKEN, MoveBatch, SortBatch, place
 from scp.store.tmp import TMP_DIRNAME
 
@@ -94,3 +98,89 @@ def test_copies_of_a_batch_get_their_names_only_when_finished(tmp_path: Path) ->
     assert not tmp.exists() or list(tmp.iterdir()) == []
     left = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
     assert left == ["P/S/0.dcm", "P/S/1.dcm"]
+
+
+# --- a source replaced or written to while it is sorted (another process:
+# a receiver dropping a corrected instance into the same folder) -----------------
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """What a writer does: a new file renamed over the name (a new inode)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _opened(path: Path) -> tuple[int, os.stat_result]:
+    fd = os.open(path, os.O_RDONLY)
+    return fd, os.fstat(fd)
+
+
+@pytest.mark.parametrize("mode", [Mode.MOVE, Mode.HARDLINK])
+def test_a_source_replaced_after_its_header_was_read_is_not_linked(tmp_path: Path, mode: Mode) -> None:
+    """The name was given by the header read; the link took whatever file had
+    the path by then, so another instance was filed under the first one's
+    patient and UID (and, moving, its source removed)."""
+    src = Path(shutil.copy2(CT, tmp_path / "in.dcm"))
+    final = tmp_path / "dst" / "P" / "S" / "1.dcm"
+    batch = SortBatch(tmp_path / "dst", mode, durable=False)
+    fd, st = _opened(src)
+    try:
+        _replace_with(src, MR.read_bytes())
+        with pytest.raises(SourceChanged):
+            batch.claim(src, fd, st, final)
+    finally:
+        os.close(fd)
+    assert batch.finish() == {}
+    assert not final.exists()
+    assert src.read_bytes() == MR.read_bytes()
+
+
+@pytest.mark.parametrize("change", ["replaced", "appended to"])
+def test_a_moved_source_changed_before_its_removal_is_kept(tmp_path: Path, change: str) -> None:
+    """Its removal waits for the batch's flush; a new version put at its path
+    meanwhile was removed with it, and its bytes were in neither tree."""
+    src = Path(shutil.copy2(CT, tmp_path / "in.dcm"))
+    final = tmp_path / "dst" / "P" / "S" / "1.dcm"
+    batch = SortBatch(tmp_path / "dst", Mode.MOVE, durable=False)
+    fd, st = _opened(src)
+    try:
+        assert batch.claim(src, fd, st, final) == PLACED
+    finally:
+        os.close(fd)
+    if change == "replaced":
+        _replace_with(src, MR.read_bytes())
+        expect_src = MR.read_bytes()
+    else:
+        with open(src, "ab") as f:
+            f.write(b"\0" * 16)
+        expect_src = CT.read_bytes() + b"\0" * 16
+    done = batch.finish()
+    assert list(done) == [str(src)] and isinstance(done[str(src)], SourceChanged), done
+    assert src.read_bytes() == expect_src
+    assert final.read_bytes() == (CT.read_bytes() if change == "replaced" else expect_src)
+
+
+@pytest.mark.parametrize("when", ["before the copy", "before the removal"])
+def test_the_slow_path_keeps_a_source_changed_while_it_is_moved(tmp_path: Path, when: str) -> None:
+    """place() (a taken name, another file system) copied and removed by path:
+    bytes appended between the copy and the removal were lost."""
+    src = Path(shutil.copy2(CT, tmp_path / "in.dcm"))
+    read = identity(os.stat(src))
+    tail = b"\xe0\x7f\x10\x00OB\x00\x00" + (16).to_bytes(4, "little") + b"P" * 16
+    dst = tmp_path / "dst"
+    if when == "before the copy":
+        with open(src, "ab") as f:
+            f.write(tail)
+        with pytest.raises(SourceChanged):
+            place(src, dst, PurePosixPath("P/S/1.dcm"), Mode.COPY, expect=read)
+        assert list(dst.rglob("*.dcm")) == []
+        assert src.read_bytes() == CT.read_bytes() + tail
+        return
+    batch = MoveBatch(durable=False)
+    final, _ = place(src, dst, PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch, expect=read)
+    with open(src, "ab") as f:  # a hard link: the same file, so it grew at `final` too
+        f.write(tail)
+    done = batch.finish()
+    assert isinstance(done.get(str(src)), SourceChanged), done
+    assert src.read_bytes() == CT.read_bytes() + tail

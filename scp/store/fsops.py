@@ -12,9 +12,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from scp.errors import StoreError
+from scp.errors import SourceChanged, StoreError
 
 CHUNK = 1 << 20
+
+#: What says a file is still the one read: device, inode, size, modification time.
+Identity = tuple[int, int, int, int]
+
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_source(path: Path, expect: Identity | None) -> None:
+    """Raise :class:`~scp.errors.SourceChanged` unless `path` is still the file
+    `expect` describes (None: nothing to check). Called just before a source
+    is removed: another process may have replaced it (a rename over it) or
+    written to it since its bytes were placed."""
+    if expect is not None and identity(os.lstat(path)) != expect:
+        raise SourceChanged(f"{path} changed while it was being sorted; left in place, run again")
 
 
 def umask() -> int:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
 from scp.enums import Duplicate, Mode, Placement
-from scp.errors import StoreError
+from scp.errors import SourceChanged, StoreError
 from scp.store.commit import candidates, destination
 from scp.store.fsops import (
     CHUNK,
+    Identity,
+    check_source,
     ensure_parent,
     fsync_dir,
     fsync_path,
+    identity,
     same_content,
     sync_filesystem,
 )
@@ -38,8 +40,13 @@ def place(
     batch: MoveBatch | None = None,
     defer: bool = False,
     dry_run: bool = False,
+    expect: Identity | None = None,
 ) -> tuple[Path, Placement]:
     """Put the file `src` at ``root / rel`` by copy, move, hard or symbolic link.
+
+    `expect` is the :func:`~scp.store.fsops.identity` of the file whose header
+    named it ``rel``: what is placed must still be that file, and a move
+    removes `src` only while it is (else :class:`~scp.errors.SourceChanged`).
 
     ``copy`` keeps timestamps and permissions (as ``shutil.copy2``). ``move``
     removes `src` only once a regular file with its bytes is at a final name in
@@ -70,9 +77,9 @@ def place(
             if dry_run:
                 return name, Placement.IDENTICAL if kind == _IDENTICAL else Placement.REPLACED
             if kind == _IDENTICAL:
-                _finish_move(src, name, mode, batch, identical=True, durable=durable)
+                _finish_move(src, name, mode, batch, identical=True, durable=durable, expect=expect)
                 return name, Placement.IDENTICAL
-            place_at(src, root, name, mode, durable=durable, replace=True, batch=batch)
+            place_at(src, root, name, mode, durable=durable, replace=True, batch=batch, expect=expect)
             return name, Placement.REPLACED
         free = next(c for c in candidates(final, Duplicate.BOTH) if not os.path.lexists(c))
         if free != final and defer:
@@ -81,7 +88,7 @@ def place(
             return free, Placement.STORED if free == final else Placement.STORED_AS_COPY
         ensure_parent(root, free, durable)
         try:
-            place_at(src, root, free, mode, durable=durable, replace=False, batch=batch)
+            place_at(src, root, free, mode, durable=durable, replace=False, batch=batch, expect=expect)
         except FileExistsError:
             if attempt:
                 raise
@@ -116,20 +123,21 @@ def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
 
 def place_at(
     src: Path, root: Path, name: Path, mode: Mode, *, durable: bool, replace: bool,
-    batch: MoveBatch | None = None,
+    batch: MoveBatch | None = None, expect: Identity | None = None,
 ) -> None:
     """Give `name` the content of `src` as `mode` makes it: create it (a link,
     which never overwrites: ``FileExistsError`` if taken) or, with `replace`,
     atomically replace what is there. A move then removes `src` (see
-    :func:`place`)."""
+    :func:`place`, and its `expect`)."""
     ensure_parent(root, name, durable)
     if mode is Mode.MOVE and replace and _same_inode(src, name) and not os.path.islink(name):
-        _finish_move(src, name, mode, batch, identical=False, durable=durable)  # the file itself
+        _finish_move(src, name, mode, batch, identical=False, durable=durable,
+                     expect=expect)  # the file itself
         return
     direct = not replace and mode is not Mode.COPY
     if direct:  # one link, no temporary name
         try:
-            _make(src, name, mode)
+            expect = _make(src, name, mode, expect)
         except OSError as exc:
             if exc.errno != errno.EXDEV or mode is not Mode.MOVE:
                 raise
@@ -139,11 +147,11 @@ def place_at(
         try:
             unlink_quietly(tmp)
             try:
-                _make(src, tmp, mode)
+                expect = _make(src, tmp, mode, expect)
             except OSError as exc:
                 if exc.errno != errno.EXDEV or mode is not Mode.MOVE:
                     raise
-                _make(src, tmp, Mode.COPY)
+                expect = _make(src, tmp, Mode.COPY, expect)
             if mode in (Mode.COPY, Mode.MOVE) and durable:
                 fsync_path(tmp)
             if replace:
@@ -154,12 +162,15 @@ def place_at(
             unlink_quietly(tmp)
     if durable and batch is None and mode is not Mode.MOVE:
         fsync_dir(name.parent)
-    _finish_move(src, name, mode, batch, identical=False, durable=durable)
+    _finish_move(src, name, mode, batch, identical=False, durable=durable, expect=expect)
 
 
-def place_identical(src: Path, name: Path, mode: Mode, durable: bool = True) -> None:
-    """`name` already holds the bytes of `src` as a real file: a move removes `src`."""
-    _finish_move(src, name, mode, None, identical=True, durable=durable)
+def place_identical(
+    src: Path, name: Path, mode: Mode, durable: bool = True, expect: Identity | None = None,
+) -> None:
+    """`name` already holds the bytes of `src` as a real file: a move removes `src`
+    (while it is still the file `expect` describes)."""
+    _finish_move(src, name, mode, None, identical=True, durable=durable, expect=expect)
 
 
 def rename_within(old: Path, new: Path, durable: bool = True) -> None:
@@ -170,31 +181,56 @@ def rename_within(old: Path, new: Path, durable: bool = True) -> None:
         fsync_dir(new.parent)
 
 
-def _make(src: Path, path: Path, mode: Mode) -> None:
-    if mode is Mode.COPY:
-        shutil.copyfile(src, path)
-        shutil.copystat(src, path)
-    elif mode is Mode.SYMLINK:
+def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identity | None:
+    """Make the new entry `path` for `src` as `mode` does; return the identity
+    of the file it was made from. A file other than `expect` (replaced or
+    written to since its header was read) is refused: nothing is left at
+    `path`, and :class:`~scp.errors.SourceChanged` is raised."""
+    if mode is Mode.SYMLINK:
         os.symlink(os.path.abspath(src), path)
-    else:
-        os.link(src, path)
+        return expect
+    if mode is Mode.COPY:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if expect is not None and identity(st) != expect:
+                raise SourceChanged(f"{src} changed while it was being sorted; left in place, run again")
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _copy_into(fd, out, st)
+            except BaseException:
+                os.close(out)
+                unlink_quietly(path)
+                raise
+            os.close(out)
+        finally:
+            os.close(fd)
+        return identity(st)
+    os.link(src, path)
+    made = identity(os.lstat(path))  # the file the link took: the one read?
+    if expect is not None and made != expect:
+        unlink_quietly(path)
+        raise SourceChanged(f"{src} changed while it was being sorted; left in place, run again")
+    return made
 
 
 def _finish_move(
     src: Path, name: Path, mode: Mode, batch: MoveBatch | None, *, identical: bool,
-    durable: bool,
+    durable: bool, expect: Identity | None = None,
 ) -> None:
     """For a move: remove `src` now that `name` holds its bytes as a regular
-    file (flushed first, if `durable`), unless `src` *is* that entry."""
+    file (flushed first, if `durable`), unless `src` *is* that entry, and only
+    while `src` is still the file `expect` describes."""
     if mode is not Mode.MOVE or _same_entry(src, name):
         return
     if durable and identical and not _same_inode(src, name):
         fsync_path(name)  # stored by an earlier copy that may not be on disk yet
     if batch is not None:
-        batch.remove_after_flush(src, name.parent)
+        batch.remove_after_flush(src, name.parent, expect)
         return
     if durable:
         fsync_dir(name.parent)
+    check_source(src, expect)
     os.unlink(src)
     if durable:
         fsync_dir(src.parent)
@@ -221,23 +257,25 @@ class MoveBatch:
     def __init__(self, durable: bool = True) -> None:
         self.durable = durable
         self._flush: dict[Path, None] = {}
-        self._sources: list[Path] = []
+        self._sources: list[tuple[Path, Identity | None]] = []
 
-    def remove_after_flush(self, src: Path, dst_folder: Path) -> None:
+    def remove_after_flush(self, src: Path, dst_folder: Path, expect: Identity | None = None) -> None:
         self._flush.setdefault(dst_folder)
-        self._sources.append(src)
+        self._sources.append((src, expect))
 
-    def finish(self) -> dict[str, OSError]:
-        """Flush, remove the sources; return the sources that could not be removed."""
+    def finish(self) -> dict[str, OSError | SourceChanged]:
+        """Flush, remove the sources (each while it is still the file placed);
+        return the sources that could not be removed."""
         if self.durable:
             for folder in self._flush:
                 fsync_dir(folder)
-        failed: dict[str, OSError] = {}
+        failed: dict[str, OSError | SourceChanged] = {}
         emptied: dict[Path, None] = {}
-        for src in self._sources:
+        for src, expect in self._sources:
             try:
+                check_source(src, expect)
                 os.unlink(src)
-            except OSError as exc:
+            except (OSError, SourceChanged) as exc:
                 failed[os.fspath(src)] = exc
                 continue
             emptied.setdefault(src.parent)
@@ -290,7 +328,7 @@ class SortBatch:
         self.root, self.mode, self.durable = root, mode, durable
         self._folders: set[Path] = set()
         self._copies: list[tuple[str, Path, Path]] = []  # source, temporary file, final
-        self._moved: list[Path] = []
+        self._moved: list[tuple[Path, Identity]] = []
         self._made: dict[Path, None] = {}  # folders that got new entries
         self._tmp: Path | None = None
 
@@ -325,8 +363,14 @@ class SortBatch:
             if exc.errno != errno.EXDEV:
                 raise
             return TAKEN  # another file system: place() copies
+        read = identity(st)
+        if self.mode is not Mode.SYMLINK and identity(os.lstat(final)) != read:
+            # the name now links another file than the one read (a rename over
+            # the source since), or one written to since: not this name's file
+            unlink_quietly(final)
+            raise SourceChanged(f"{src} changed while it was being sorted; left in place, run again")
         if self.mode is Mode.MOVE:
-            self._moved.append(src)
+            self._moved.append((src, read))
         return PLACED
 
     def finish(self) -> dict[str, str | Exception]:
@@ -355,10 +399,11 @@ class SortBatch:
                 for folder in self._made:
                     fsync_dir(folder)
             emptied: dict[Path, None] = {}
-            for src in self._moved:
+            for src, read in self._moved:
                 try:
+                    check_source(src, read)
                     os.unlink(src)
-                except OSError as exc:
+                except (OSError, SourceChanged) as exc:
                     results[os.fspath(src)] = exc
                     continue
                 emptied.setdefault(src.parent)
@@ -438,3 +483,6 @@ def _copy_into(fd: int, out: int, st: os.stat_result) -> None:
                 raise
     os.chmod(out, stat.S_IMODE(st.st_mode))
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.fstat(fd)
+    if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise SourceChanged("the file was written to while it was being copied; left in place, run again")
