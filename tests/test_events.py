@@ -624,3 +624,72 @@ def _env() -> dict[str, str]:
     from conftest import cli_env
 
     return cli_env()
+
+
+# --------------------------------------------------------------------------- sinks that stop taking events
+
+
+def test_an_events_fifo_nobody_reads_holds_up_no_completion_and_no_stop(out: Path, index: SqliteIndex,
+                                                                         tmp_path: Path) -> None:
+    """A reader that opened the FIFO and stopped reading (a stuck log
+    shipper): once the pipe was full, the write blocked under a lock, every
+    later series stayed incomplete, its hook never ran, and the stop hung."""
+    fifo, marks = tmp_path / "events.fifo", tmp_path / "marks"
+    os.mkfifo(fifo)
+    marks.mkdir()
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read
+    try:
+        p = pipeline(out, events=str(fifo), hook_shell=True,
+                     on_series_complete=f'touch "{marks}/$SORTSCP_SERIES_INSTANCE_UID"')
+        try:
+            for i in range(3000):  # far more than a pipe holds (64 KiB)
+                p.stored("MODALITY", f"1.14.{i}", f"a/{i}.dcm", 1)
+            for s in range(4):
+                add_instance(index, out, "1.14", f"1.14.{s}", f"1.14.{s}.1", folder=f"P/S_{s}")
+            wait_until(lambda: p.poll()[0] == 0 and len(list(marks.iterdir())) == 4, timeout=30,
+                       what="every series complete, its hook run")
+        finally:
+            start = time.monotonic()
+            p.stop()
+            took = time.monotonic() - start
+        assert took < 10, f"the stop took {took:.1f} s"
+        assert sorted(m.name for m in marks.iterdir()) == [f"1.14.{s}" for s in range(4)]
+        assert all(s.complete for s in index.series_list())
+    finally:
+        os.close(reader)
+
+
+def test_a_hung_hook_and_a_black_hole_webhook_stop_within_seconds(out: Path, index: SqliteIndex) -> None:
+    """Each stage waited its own 5 s (and a POST under way 6 s more): 16 s in
+    all, past docker stop's 10 s, whose SIGKILL leaves the index unclean."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # accepts, never answers
+    try:
+        p = pipeline(out, on_stored="sleep 600", webhook=f"http://127.0.0.1:{hole.getsockname()[1]}/")
+        for i in range(5):
+            p.stored("MODALITY", f"1.15.{i}", f"a/{i}.dcm", 1)
+        time.sleep(0.5)  # the hooks started, the webhook is posting
+        start = time.monotonic()
+        p.stop()
+        took = time.monotonic() - start
+    finally:
+        hole.close()
+    assert took < 9, f"the stop took {took:.1f} s"
+
+
+def test_events_to_a_fifo_without_a_reader_or_a_closed_stdout_is_a_start_error(tmp_path: Path) -> None:
+    """Opening a FIFO nobody reads blocked the start for ever, deaf to
+    SIGTERM; '--events -' with stdout closed lost every series hook later."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    for events, close_stdout in ((str(fifo), False), ("-", True)):
+        argv = [sys.executable, "-m", "scp", "serve", "--out", str(tmp_path / "out"), "--host", "127.0.0.1",
+                "--port", "0", "--events", events]
+        r = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *argv] if close_stdout else argv,
+                           capture_output=not close_stdout, stderr=subprocess.PIPE if close_stdout else None,
+                           text=True, timeout=30, env=cli_env())
+        assert r.returncode == 2, r.stderr
+        lines_ = [line for line in r.stderr.splitlines() if " INFO " not in line]
+        assert len(lines_) == 1 and "cannot open the events file" in lines_[0], r.stderr
+        assert ("no process reads" if not close_stdout else "standard output is closed") in lines_[0]

@@ -42,6 +42,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,29 +169,36 @@ class Pipeline:
         self._threads.append(t)
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:
-        """Stop watching; deliver what is queued, each stage bounded by `timeout` s.
+        """Stop watching; deliver what is queued, all of it bounded by `timeout`
+        s together (and the few seconds it takes to kill hooks still running),
+        whatever hangs: a hook, the webhook, the events file.
         Once: a server that failed to start stops it again."""
         if self._stop.is_set():
             return
         self._stop.set()
         self._hurry.set()
-        if self._dispatch:
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        if self._dispatch and self._threads:  # (none if the start failed first)
             try:
-                self._queue.put(None, timeout=timeout)
+                self._queue.put(None, timeout=left())
             except queue.Full:
                 pass
         for t in self._threads:
-            t.join(timeout)
+            t.join(left())
         self._drops.flush(log, "stored events", extra={"event": "events_dropped"})
-        left = self._queue.qsize()
-        if left:
-            log.warning("stopping: %d stored event(s) not delivered", left)
+        waiting = self._queue.qsize()
+        if waiting:
+            log.warning("stopping: %d stored event(s) not delivered", waiting)
         if self.hooks is not None:
-            self.hooks.stop(timeout)
+            self.hooks.stop(left())
         if self.webhook is not None:
-            self.webhook.stop(timeout)
+            self.webhook.stop(left())
         if self.events is not None:
-            self.events.close()
+            self.events.close(max(left(), 0.5))
         self.metrics.close()
         with self._index_lock:
             if self._index is not None and self._own_index:
@@ -244,12 +252,16 @@ class Pipeline:
     # ---- emitting
 
     def _emit(self, *records: dict[str, Any]) -> None:
-        """Write `records` to the events file (in one write) and the webhook."""
-        if self.events is not None:
-            self.events.write_many(list(records))
-        if self.webhook is not None:
-            for record in records:
-                self.webhook.send(record)
+        """Write `records` to the events file (in one write) and the webhook;
+        never raises (a series flipped complete must still get its hook)."""
+        try:
+            if self.events is not None:
+                self.events.write_many(list(records))
+            if self.webhook is not None:
+                for record in records:
+                    self.webhook.send(record)
+        except Exception as exc:  # pragma: no cover - the sinks catch what they meet
+            log.error("cannot deliver %d event(s): %s: %s", len(records), type(exc).__name__, exc)
 
     def _run_hook(self, hook: str, record: dict[str, Any], subject: str) -> None:
         argv = self._argv.get(hook)

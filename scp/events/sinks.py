@@ -10,8 +10,10 @@ events (each logged and counted), it never slows receiving.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -33,6 +35,8 @@ WEBHOOK_ATTEMPTS = 3
 WEBHOOK_BACKOFF = 0.5
 #: Events waiting for the webhook; more are dropped.
 WEBHOOK_QUEUE = 10_000
+#: Writes (each of one or more events) waiting for the events file; more are dropped.
+EVENTS_QUEUE = 10_000
 
 
 def event_record(event: str, **facts: Any) -> dict[str, Any]:
@@ -48,30 +52,86 @@ def event_record(event: str, **facts: Any) -> dict[str, Any]:
 
 
 class EventLog:
-    """Appends one JSON line per event to a file (or stdout for ``-``), flushed."""
+    """Appends one JSON line per event to a file (or stdout for ``-``), flushed.
 
-    def __init__(self, target: str) -> None:
+    The writes are made by a thread of its own, from a bounded queue: a pipe
+    or FIFO that nobody reads any more (a stuck log shipper), or a file on a
+    hung disk, only ever drops events (logged, a line a second at most, and
+    counted), never holds up the completion of series or the stop. A FIFO is
+    opened without waiting for its reader: none is an error at the start.
+    """
+
+    def __init__(self, target: str, *, queue_size: int = EVENTS_QUEUE) -> None:
         self.target = target
-        self._lock = threading.Lock()
-        self._file: IO[str] = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")
+        if target == "-":
+            if sys.stdout is None:
+                raise OSError(errno.EBADF, "standard output is closed")
+            self._file: IO[str] = sys.stdout
+        else:
+            self._file = _open_for_append(target)
+        self._drop_log = DropLog()
+        self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue(queue_size)
+        self._thread = threading.Thread(target=self._work, name="sortscp-events-file", daemon=True)
+        self._thread.start()
 
     def write(self, record: dict[str, Any]) -> None:
         self.write_many([record])
 
     def write_many(self, records: list[dict[str, Any]]) -> None:
-        """One line per record, in one write."""
+        """Queue one line per record, written in one write; never blocks."""
         text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-        with self._lock:
+        try:
+            self._queue.put_nowait((text, len(records)))
+        except queue.Full:
+            self._dropped(len(records), f"{self._queue.maxsize} writes already waiting")
+
+    def _dropped(self, count: int, why: str) -> None:
+        self._drop_log.warn(log, "cannot write %d event(s) to %s: %s", count, self.target, why,
+                            extra={"event": "events_dropped", "target": self.target, "reason": why})
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            text, count = item
             try:
                 self._file.write(text)
                 self._file.flush()
-            except (OSError, ValueError) as exc:
-                log.error("cannot write %d event(s) to %s: %s", len(records), self.target, exc)
+            except (OSError, ValueError) as exc:  # a full disk, a closed pipe
+                self._dropped(count, str(exc))
 
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not sys.stdout:
+    def close(self, timeout: float = 1.0) -> None:
+        """Write what is queued for up to `timeout` s; then give up on the rest (one line)."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._drop_log.flush(log, f"events to {self.target}", extra={"event": "events_dropped"})
+        if self._thread.is_alive():  # stuck in a write: leave it (a daemon) and its file
+            left = sum(item[1] for item in list(self._queue.queue) if item is not None)
+            log.warning("stopping: %s does not take events; %d event(s) not written", self.target, left,
+                        extra={"event": "events_dropped", "target": self.target, "count": left})
+            return
+        if self._file is not sys.stdout:
+            try:
                 self._file.close()
+            except OSError as exc:
+                log.warning("closing %s: %s", self.target, exc)
+
+
+def _open_for_append(path: str) -> IO[str]:
+    """`path` opened to append text. A FIFO is opened without waiting for a
+    reader (none: ENXIO, an error at the start), then written to blocking, by
+    the writer thread."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OSError(exc.errno, "it is a FIFO that no process reads") from None
+        raise
+    os.set_blocking(fd, True)
+    return open(fd, "a", encoding="utf-8")
 
 
 class Webhook:
@@ -138,7 +198,8 @@ class Webhook:
         self._drop(record, f"after {attempt + 1} attempt(s): {reason}")
 
     def stop(self, timeout: float) -> None:
-        """Post what is queued for up to `timeout` s, then drop the rest (one line)."""
+        """Post what is queued for up to `timeout` s, then drop the rest (one
+        line); a POST still under way is abandoned (the thread is a daemon)."""
         deadline = time.monotonic() + timeout
         try:
             self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
@@ -160,4 +221,7 @@ class Webhook:
             if self.on_drop:
                 for _ in range(left):
                     self.on_drop("stopping")
-        self._thread.join(self.timeout + 1)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("webhook %s: abandoned the event being posted at the stop", self.url,
+                        extra={"event": "webhook_dropped", "url": self.url, "count": 1})
