@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import threading
@@ -358,15 +360,20 @@ def test_a_disk_that_fills_between_file_and_index_row_never_blocks_the_retry(tmp
         failed: list[pydicom.Dataset] = []
         assoc = associate(server.port)
         assert assoc.is_established, server.log()
+        statuses = set()
         for step in range(40):
             _fill_to(mount, filler, (40 - step) * 4096)
             ds = ct(f"1.2.826.0.1.3680043.10.7.{step + 1}")
-            if getattr(assoc.send_c_store(ds), "Status", None) != SUCCESS:
+            statuses.add(status := getattr(assoc.send_c_store(ds), "Status", None))
+            if status != SUCCESS:
                 failed.append(ds)
             if not assoc.is_established:
                 assoc = associate(server.port)
         assoc.release()
         assert failed, "the disk never filled"
+        # never 0xC211 (the handler failed: a sender does not retry it), which a
+        # settle of the index after the worker's failed commit gave
+        assert statuses <= {SUCCESS, OUT_OF_RESOURCES}, f"{statuses}\n{server.log()}"
         filler.unlink()
         for ds in failed:
             started = time.monotonic()
@@ -651,3 +658,117 @@ def test_seconds_no_wait_can_hold_are_refused_at_start(tmp_path, option, value):
 @pytest.mark.parametrize("value", ["1e10", "nan"])
 def test_echo_timeout_no_wait_can_hold_is_refused(value):
     _cli_error(run_cli("echo", "127.0.0.1", "1", "--timeout", value, timeout=60), "--timeout")
+
+
+def test_a_resend_whose_index_commit_meets_a_full_disk_leaves_one_file_once_space_is_back(tmpfs):
+    """The resend (another patient: another folder) was filed, its index commit
+    failed, and the settle after its worker's replacement failed on the same
+    full disk: the old and the new file of one UID stayed side by side, while
+    the server went on serving, until a restart."""
+    mount = tmpfs("20m")
+    out, filler = mount / "out", mount / "filler"
+    server = ServeProcess(out, "--workers", "1")
+    try:
+        assoc = associate(server.port)
+        size = len(encode(ct("1.2.826.0.1.3680043.10.9.0"), False, True)) + 1000
+        doubled = None
+        for i, slack in enumerate(range(0, 64 << 10, 1024)):
+            uid = f"1.2.826.0.1.3680043.10.9.{i}"
+            filler.unlink(missing_ok=True)
+            first = ct(uid)
+            first.PatientName = "Old^Name"
+            assert assoc.send_c_store(first).Status == SUCCESS, server.log()
+            _fill_to(mount, filler, size + slack)
+            second = ct(uid)
+            second.PatientName = "New^Name"
+            status = getattr(assoc.send_c_store(second), "Status", None)
+            assert status in (SUCCESS, OUT_OF_RESOURCES), f"{status}\n{server.log()}"
+            if not assoc.is_established:
+                assoc = associate(server.port)
+            if status != SUCCESS and len([p for p in layout_files(out) if p.name == f"{uid}.dcm"]) > 1:
+                doubled = uid
+                break
+        if doubled is None:
+            pytest.skip("the disk never filled between a resend's file and its index row")
+        filler.unlink()
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.9.999")) == SUCCESS, server.log()
+        wait_until(lambda: len([p for p in layout_files(out) if p.name == f"{doubled}.dcm"]) == 1,
+                   timeout=15, what="one file for the UID again, without a restart")
+        assoc.release()
+        assert "the instance index is settled again" in server.log()
+        assert "Traceback" not in server.log()
+    finally:
+        server.kill()
+
+
+def test_a_stop_on_a_full_disk_exits_0_without_a_traceback(tmpfs):
+    """The index's clean close at SIGTERM raised sqlite3's 'database or disk
+    is full' through the command line: exit 1, a traceback."""
+    mount = tmpfs("5m")
+    out, filler = mount / "out", mount / "filler"
+    server = ServeProcess(out, "--workers", "1")
+    try:
+        for i in range(3):
+            assert store_one(server.port, ct(f"1.2.826.0.1.3680043.10.10.{i}")) == SUCCESS, server.log()
+        _fill_to(mount, filler, 0)
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.10.9")) == OUT_OF_RESOURCES, server.log()
+        assert server.terminate() == 0, server.log()
+        assert "Traceback" not in server.log()
+        assert server.log().rstrip().endswith("stopped: 3 instances stored, 1 failed"), server.log()
+    finally:
+        server.kill()
+
+
+def test_a_start_on_a_full_disk_is_one_line_and_exit_2(tmpfs):
+    """Opening the index (its journal, the 'running' mark) on a disk that
+    filled while the server was down: a traceback, exit 1."""
+    mount = tmpfs("5m")
+    out, filler = mount / "out", mount / "filler"
+    server = ServeProcess(out, "--workers", "1")
+    try:
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.10.20")) == SUCCESS, server.log()
+        assert server.terminate() == 0, server.log()
+    finally:
+        server.kill()
+    _fill_to(mount, filler, 0)
+    r = run_cli("serve", "--out", out, "--host", "127.0.0.1", "--port", str(free_port()), "--workers", "1",
+                timeout=60)
+    errors = [line for line in r.stderr.splitlines() if " INFO " not in line]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert "cannot open the instance index" in errors[0] and "full" in errors[0], r.stderr
+
+
+def test_a_layout_folder_replaced_by_a_symbolic_link_is_not_written_through(serve_process, tmp_path):
+    """The instance was filed where the link led, outside OUT, and answered
+    Success; its index row named a path in OUT."""
+    server = serve_process("--workers", "1")
+    first = ct("1.2.826.0.1.3680043.10.11.1")
+    assert store_one(server.port, first) == SUCCESS, server.log()
+    (folder,) = {p.relative_to(server.out).parts[0] for p in layout_files(server.out)}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(server.out / folder)
+    (server.out / folder).symlink_to(elsewhere, target_is_directory=True)
+    status = store_one(server.port, ct("1.2.826.0.1.3680043.10.11.2"))
+    assert status == OUT_OF_RESOURCES, server.log()
+    assert list(elsewhere.rglob("*")) == []
+    assert "is a symbolic link" in server.log()
+
+
+def test_a_locked_index_still_gives_an_answer_within_the_job_timeout(serve_process):
+    """Another process holding a write transaction on the index (a backup):
+    the worker was killed at --job-timeout, then the answer waited 30 s more
+    for the index and was 0xC211, after the sender's own timeout."""
+    server = serve_process("--workers", "1", "--job-timeout", "3")
+    assert store_one(server.port, ct("1.2.826.0.1.3680043.10.12.1")) == SUCCESS, server.log()
+    db = sqlite3.connect(server.out / ".sortscp" / "index.sqlite", isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        status = store_one(server.port, ct("1.2.826.0.1.3680043.10.12.2"))
+        took = time.monotonic() - started
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+    assert status == OUT_OF_RESOURCES and took < 3 + 4, f"{status} after {took:.1f} s\n{server.log()}"
+    assert store_one(server.port, ct("1.2.826.0.1.3680043.10.12.2")) == SUCCESS, server.log()

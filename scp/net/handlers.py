@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -38,6 +39,12 @@ from scp.store.instance import settle
 from scp.store.tmp import TMP_DIRNAME, remove_orphans
 
 log = logging.getLogger(__name__)
+
+#: Seconds the settle after a worker died may wait for the index while its
+#: sender waits for the answer; beyond, it is retried in the background.
+SETTLE_WAIT_SECONDS = 1.0
+#: Seconds between those retries.
+SETTLE_RETRY_SECONDS = 1.0
 
 
 
@@ -78,6 +85,9 @@ class StoreHandlers:
         self._lock = threading.Lock()
         self.stored = 0
         self.failed = 0
+        self._settler: threading.Thread | None = None
+        self._settle_error: str | None = None
+        self._closed = threading.Event()
 
     def bindings(self) -> list[tuple]:
         return [
@@ -163,14 +173,46 @@ class StoreHandlers:
 
     def after_worker_death(self) -> None:
         """A worker died: new workers, its temporary files removed, its index
-        intents settled (and the files they superseded removed)."""
+        intents settled (and the files they superseded removed). The sender
+        waits for this answer: the settle waits for the index at most
+        :data:`SETTLE_WAIT_SECONDS` here; one that cannot be made now (a full
+        disk, another process holding the index) is retried in the background
+        until it is, so no second file of a UID stays in the tree."""
         self.pool.recover()
         remove_orphans(self.cfg.out / TMP_DIRNAME)
-        if self.index is not None:
-            try:
-                settle(self.index, self.cfg.out)
-            except (InstanceIndexError, OSError) as exc:
-                log.error("cannot settle the instance index after a worker died: %s", exc)
+        if self.index is not None and not self._settle(SETTLE_WAIT_SECONDS):
+            with self._lock:
+                if self._settler is None or not self._settler.is_alive():
+                    self._settler = threading.Thread(target=self._settle_later, name="sortscp-settle",
+                                                     daemon=True)
+                    self._settler.start()
+
+    def _settle(self, wait: float | None) -> bool:
+        assert self.index is not None
+        try:
+            settle(self.index, self.cfg.out, wait=wait)
+        except (InstanceIndexError, OSError, sqlite3.Error) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason != self._settle_error:  # once per reason, not every retry
+                self._settle_error = reason
+                log.error("cannot settle the instance index after a worker died (%s); trying again every %g s",
+                          safe(reason), SETTLE_RETRY_SECONDS, extra={"event": "index_unsettled", "reason": reason})
+            return False
+        if self._settle_error is not None:
+            self._settle_error = None
+            log.info("the instance index is settled again")
+        return True
+
+    def _settle_later(self) -> None:
+        while not self._closed.wait(SETTLE_RETRY_SECONDS):
+            if self._settle(None):
+                return
+
+    def close(self) -> None:
+        """Stop retrying a settle (before the index closes); the next start settles."""
+        self._closed.set()
+        if self._settler is not None:
+            self._settler.join(SETTLE_WAIT_SECONDS + 1)
 
     def on_established(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -147,7 +148,7 @@ def _open_index(out: Path) -> SqliteIndex:
     """The instance index of `out`, rebuilt if missing or behind, settled."""
     try:
         index, rebuilt, removed = open_for_serving(out, identity_facts)
-    except InstanceIndexError as exc:
+    except (InstanceIndexError, sqlite3.Error, OSError) as exc:  # e.g. "database or disk is full"
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     if rebuilt:
         if rebuilt == "missing":  # a new output folder, or one from before the index
@@ -274,8 +275,14 @@ class Server:
             self.pipeline = None
         if self._sweeper is not None:
             self._sweeper.stopped.set()
+        if self.handlers is not None:
+            self.handlers.close()
         if self.index is not None:
-            self.index.close(clean=True)  # after the workers: they had it open
+            try:
+                self.index.close(clean=True)  # after the workers: they had it open
+            except (InstanceIndexError, sqlite3.Error, OSError) as exc:  # a full disk
+                log.warning("cannot record the clean stop in the instance index (%s): the next start "
+                            "checks it", exc)
             self.index = None
         if self.handlers is not None and self._served:
             log.info(

@@ -52,11 +52,23 @@ FOLDER_ATTEMPTS = 10
 def ensure_parent(root: Path, final: Path, durable: bool) -> None:
     """Create the missing folders above `final` (flushing each new entry with
     `durable`). A folder that another process prunes while we create the next
-    one is made again; a file or link where a folder should be is an error."""
+    one is made again; a file or link where a folder should be is an error
+    (a folder of the layout replaced by a symbolic link would file the
+    instance outside `root`)."""
     for _ in range(FOLDER_ATTEMPTS):
+        _refuse_links(root, final.parent)  # before any folder is made through one
         if final.parent.is_dir() or _make_parents(root, final.parent, durable):
             return
     raise StoreError(f"cannot create folder {final.parent}: it was removed while it was made")
+
+
+def _refuse_links(root: Path, folder: Path) -> None:
+    """Raise :class:`~scp.errors.StoreError` if a folder between `root` (which
+    may itself be a link) and `folder` is a symbolic link."""
+    while folder != root and root in folder.parents:
+        if os.path.islink(folder):
+            raise StoreError(f"{folder} is a symbolic link: nothing is filed through one (it may lead out of {root})")
+        folder = folder.parent
 
 
 def _make_parents(root: Path, parent: Path, durable: bool) -> bool:

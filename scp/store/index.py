@@ -327,7 +327,7 @@ class InstanceIndex(Protocol):
     def commit(self, claim: Claim, *, now: float | None = None) -> str | None: ...
     def abort(self, claim: Claim) -> None: ...
     def obsolete_removed(self, relpath: str) -> None: ...
-    def recover(self) -> list[str]: ...
+    def recover(self, *, wait: float | None = None) -> list[str]: ...
     def record_placed(self, uid: str, relpath: str, facts: Mapping[str, Any], *, now: float | None = None) -> str | None: ...
     def lookup(self, uid: str) -> InstanceRow | None: ...
     def series_state(self, series_uid: str) -> SeriesState | None: ...
@@ -1112,32 +1112,44 @@ class SqliteIndex:
             (relpath, uid, owner or "", time.time()),
         )
 
-    def recover(self) -> list[str]:
+    def recover(self, *, wait: float | None = None) -> list[str]:
         """Settle the intents of dead processes; return the obsolete paths
-        (of dead owners, file still there) the caller must remove and confirm."""
+        (of dead owners, file still there) the caller must remove and confirm.
+        `wait`: seconds to wait for another process's lock on the index
+        (default :data:`BUSY_TIMEOUT`)."""
         with self._lock:
             conn = self._c()
-            pending = [r[0] for r in conn.execute("SELECT sop_instance_uid FROM instances WHERE state <> 'ok'")]
-            for uid in pending:
-                with self._tx() as cur:
-                    found = cur.execute(_SELECT_ROW, (uid,)).fetchone()
-                    if found is None:
-                        continue
-                    row, intent = _row(found)
-                    if row.state == "pending" and not owner_alive(row.owner):
-                        self._settle(cur, row, intent)
-            out = []
+            if wait is None:
+                return self._recover(conn)
+            conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            try:
+                return self._recover(conn)
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+
+    def _recover(self, conn: sqlite3.Connection) -> list[str]:
+        """The body of :meth:`recover` (its lock held)."""
+        pending = [r[0] for r in conn.execute("SELECT sop_instance_uid FROM instances WHERE state <> 'ok'")]
+        for uid in pending:
             with self._tx() as cur:
-                for path, owner in cur.execute("SELECT path, owner FROM obsolete").fetchall():
-                    if owner_alive(owner):
-                        continue  # a live process is removing it (or linking there)
-                    current = cur.execute("SELECT 1 FROM instances WHERE path = ?", (path,)).fetchone()
-                    if current is not None or not (self.root / path).exists():
-                        cur.execute("DELETE FROM obsolete WHERE path = ?", (path,))
-                    else:
-                        cur.execute("UPDATE obsolete SET owner = ? WHERE path = ?", (self._owner(), path))
-                        out.append(path)
-            return sorted(out)
+                found = cur.execute(_SELECT_ROW, (uid,)).fetchone()
+                if found is None:
+                    continue
+                row, intent = _row(found)
+                if row.state == "pending" and not owner_alive(row.owner):
+                    self._settle(cur, row, intent)
+        out = []
+        with self._tx() as cur:
+            for path, owner in cur.execute("SELECT path, owner FROM obsolete").fetchall():
+                if owner_alive(owner):
+                    continue  # a live process is removing it (or linking there)
+                current = cur.execute("SELECT 1 FROM instances WHERE path = ?", (path,)).fetchone()
+                if current is not None or not (self.root / path).exists():
+                    cur.execute("DELETE FROM obsolete WHERE path = ?", (path,))
+                else:
+                    cur.execute("UPDATE obsolete SET owner = ? WHERE path = ?", (self._owner(), path))
+                    out.append(path)
+        return sorted(out)
 
     # ---- run state
 

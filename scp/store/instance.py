@@ -100,11 +100,14 @@ def open_for_serving(root: Path, read_identity) -> tuple[SqliteIndex, str | None
     return index, report.rebuilt, removed
 
 
-def settle(index: SqliteIndex, root: Path, obsolete: list[str] | None = None) -> int:
+def settle(
+    index: SqliteIndex, root: Path, obsolete: list[str] | None = None, *, wait: float | None = None,
+) -> int:
     """Remove the obsolete files the index hands back (all of them after a
-    worker died: ``recover``), confirming each. Returns how many were removed."""
+    worker died: ``recover``, waiting up to `wait` s for the index), confirming
+    each. Returns how many were removed."""
     removed = 0
-    for rel in index.recover() if obsolete is None else obsolete:
+    for rel in index.recover(wait=wait) if obsolete is None else obsolete:
         if remove_obsolete(root, rel):
             removed += 1
         index.obsolete_removed(rel)
