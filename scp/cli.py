@@ -98,9 +98,9 @@ def _seconds(value: float) -> float:
     return value
 
 
-def _positive(value: Optional[int]) -> Optional[int]:
-    if value is not None and value < 1:
-        raise typer.BadParameter("must be at least 1")
+def _workers(value: Optional[int]) -> Optional[int]:
+    if value is not None and not 1 <= value <= config.MAX_WORKERS:
+        raise typer.BadParameter(f"must be from 1 to {config.MAX_WORKERS}")
     return value
 
 
@@ -137,7 +137,7 @@ def _main(
 
 WorkersOpt = Annotated[
     Optional[int],
-    typer.Option("--workers", "-w", callback=_positive, help="Worker processes [default: CPU count]."),
+    typer.Option("--workers", "-w", callback=_workers, help=f"Worker processes, at most {config.MAX_WORKERS} [default: CPU count]."),
 ]
 LogLevelOpt = Annotated[
     str, typer.Option("--log-level", callback=_log_level, help="DEBUG, INFO, WARNING or ERROR.")
@@ -186,7 +186,7 @@ def serve(
     aet: Annotated[str, typer.Option("--aet", envvar=_env("AET"), callback=_ae_title, help="Our AE title.")] = config.DEFAULT_AET,
     port: Annotated[int, typer.Option("--port", "-p", envvar=_env("PORT"), min=0, max=65535, help="TCP port.")] = config.DEFAULT_PORT,
     host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-w", envvar=_env("WORKERS"), callback=_positive, help="Worker processes [default: CPU count].")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", envvar=_env("WORKERS"), callback=_workers, help=f"Worker processes, at most {config.MAX_WORKERS} [default: CPU count].")] = None,
     template: Annotated[str, typer.Option("--template", "-t", envvar=_env("TEMPLATE"), parser=_template, metavar="TEMPLATE", help="Path template (same engine as `sort`).")] = DEFAULT_TEMPLATE,
     on_duplicate: Annotated[str, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), callback=_serve_duplicate, metavar="[replace|keep]", help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE.value,
     max_associations: Annotated[int, typer.Option("--max-associations", envvar=_env("MAX_ASSOCIATIONS"), min=1, help="Concurrent associations; more are rejected (local limit exceeded).")] = config.DEFAULT_MAX_ASSOCIATIONS,

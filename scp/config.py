@@ -43,6 +43,9 @@ DEFAULT_HOOK_TIMEOUT = 60.0
 #: The longest any option in seconds may be (a week): the waits they become
 #: (``poll`` in milliseconds among them) must be able to hold them.
 MAX_SECONDS = 7 * 24 * 3600.0
+#: The most worker processes ``--workers`` may ask for: each costs a process
+#: and its memory, and far more than the cores only adds switching.
+MAX_WORKERS = 256
 #: The signals that stop ``serve`` and ``sort`` cleanly (in flight work finishes;
 #: a second one stops at once). SIGHUP: the terminal or SSH session went away.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

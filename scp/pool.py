@@ -113,8 +113,10 @@ def _exit_with(parent: int) -> None:
         fd = os.pidfd_open(parent)
     except (AttributeError, OSError):  # not Linux >= 5.3, or already gone
         fd = None
-    if fd is not None:
-        select.select([fd], [], [])  # readable once `parent` has exited
+    if fd is not None:  # readable once `parent` has exited (poll: any fd number, unlike select)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll()
     else:
         while pid_alive(parent):
             time.sleep(PARENT_POLL_SECONDS)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -16,6 +18,8 @@ import pytest
 
 from scp._process import pid_alive
 from scp.pool import JobTimeout, WorkerPool
+
+from conftest import cli_env, run_cli
 
 
 def write_after(path: str, seconds: float) -> str:
@@ -223,3 +227,29 @@ def test_a_job_that_asks_for_it_gets_its_worker_replaced_before_the_caller_hears
     dead = int(marker.read_text())
     assert not pid_alive(dead), "the worker was given back to the pool"
     assert dead not in {pool.run(pid_after, 0, timeout=20) for _ in range(6)}
+
+
+def test_the_parent_watch_works_with_descriptor_numbers_past_1024() -> None:
+    """select() refuses a descriptor of 1024 or more: with many workers (each
+    inherits the pipes of those before it) the parent watch of each later
+    worker died with a traceback, and the worker outlived a killed parent."""
+    code = (
+        "import os, resource, subprocess, sys\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))\n"
+        "held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]\n"
+        "from scp.pool import _exit_with\n"
+        "parent = subprocess.Popen(['sleep', '0.5'])\n"
+        "_exit_with(parent.pid)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=cli_env())
+    if "Too many open files" in r.stderr or "not allowed" in r.stderr:
+        pytest.skip("cannot open 1100 files here")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", ["sort", "serve"])
+def test_more_workers_than_allowed_is_a_usage_error(tmp_path: Path, command: str) -> None:
+    args = [tmp_path, tmp_path / "dst"] if command == "sort" else ["--out", tmp_path / "out", "--port", "0"]
+    r = run_cli(command, *args, "--workers", "100000", timeout=30)
+    assert r.returncode == 2 and "--workers" in r.stderr and "256" in r.stderr, r.stderr
