@@ -282,7 +282,7 @@ def sort(
         start_early(SORT_JOBS)  # the forkserver imports while we do
     from rich.console import Console
 
-    from scp.errors import DestinationLockedError, Interrupted
+    from scp.errors import DestinationLockedError, Interrupted, ReportError
     from scp.layout import Template
     from scp.sort import REPORT_FORMATS, shown, sort_tree
 
@@ -329,6 +329,8 @@ def sort(
             )
         except DestinationLockedError as exc:
             stopped = (EXIT_LOCKED, str(exc))
+        except ReportError as exc:  # what is done stays done; the rest waits for a rerun
+            stopped = (1, f"error: {shown(str(exc))}; the run stopped: run the same command again to finish")
         except Interrupted as exc:
             stopped = (128 + exc.signum, _INTERRUPTED)
         except KeyboardInterrupt:

@@ -75,6 +75,10 @@ class DestinationLockedError(SortscpError):
     """Another ``sortscp sort`` holds the lock on the destination folder."""
 
 
+class ReportError(SortscpError):
+    """``sort``'s report cannot be written (a full disk): the run stops."""
+
+
 class Interrupted(SortscpError):
     """A run was stopped by SIGINT or SIGTERM after it had drained and cleaned up."""
 

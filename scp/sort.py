@@ -33,7 +33,7 @@ from typing import IO
 
 from scp.config import STOP_SIGNALS, SortConfig
 from scp.enums import Mode, Result, SkipCategory
-from scp.errors import DestinationLockedError, Interrupted, SortscpError
+from scp.errors import DestinationLockedError, Interrupted, ReportError, SortscpError
 from scp.log import safe
 from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
@@ -563,10 +563,13 @@ class _ReportWriter:
         row = self._row(o)
         self._rows += 1
         assert self._file is not None
-        if self.json:
-            self._file.write(json.dumps(dict(zip(self.FIELDS, row)), ensure_ascii=False) + "\n")
-        else:
-            self._csv.writerow(row)
+        try:
+            if self.json:
+                self._file.write(json.dumps(dict(zip(self.FIELDS, row)), ensure_ascii=False) + "\n")
+            else:
+                self._csv.writerow(row)
+        except OSError as exc:  # a full disk: the run cannot account for its entries any more
+            raise ReportError(f"cannot write the report {self.path}: {exc.strerror or exc}") from None
 
     def amend(self, old_rel: str, new_rel: str) -> None:
         """Rows written so far with the destination `old_rel` get `new_rel`
@@ -586,8 +589,19 @@ class _ReportWriter:
     def __exit__(self, *exc: object) -> None:
         if self._file is None:
             return
-        self._file.close()
-        if self._amend:
+        regular = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+        try:
+            self._file.close()
+        except OSError as exc:  # the last rows did not fit
+            raise ReportError(f"cannot write the report {self.path}: {exc.strerror or exc}") from None
+        if self._amend and not regular:
+            # A pipe or FIFO cannot be rewritten (and reopening one to read it
+            # blocked the run for ever): its rows stay as streamed.
+            log.warning("the report %s is not a regular file: the rows written before %d name(s) got "
+                        "their '~N' after the walk still give the plain name", self.path, len(self._amend))
+            for old, (new, _) in self._amend.items():
+                log.warning("report: %s is now %s", old, new)
+        elif self._amend:
             self._rewrite()
 
     def _rewrite(self) -> None:

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -939,3 +940,49 @@ def test_a_second_instance_under_the_longest_name_gets_a_name_that_fits(tmp_path
     assert sorted(sha(p) for p in placed) == sorted([sha(first), sha(second)]), show(r)
     outcomes = sorted(row["outcome"] for row in read_rows(report))
     assert outcomes == ["kept_as_copy", "new"], show(r)
+
+
+def test_a_report_to_a_fifo_is_not_rewritten_and_the_run_ends(tmp_path: Path) -> None:
+    """A name that got its '~2' after the walk made the report be rewritten:
+    it reopened the FIFO to read it back and waited for ever (and would then
+    have replaced the FIFO by a regular file)."""
+    src, dst, fifo = tmp_path / "src", tmp_path / "dst", tmp_path / "report.csv"
+    uid = f"{UID_ROOT}.66"
+    write(src / "a.dcm", dicom_bytes(CT, uid))
+    write(src / "b.dcm", dicom_bytes(CT, uid, StudyDescription="other bytes"))
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.extend(open(fifo, encoding="utf-8")), daemon=True)
+    reader.start()
+    r = run_cli("sort", src, dst, "--mode", "copy", "--workers", WORKERS, "--report", fifo, timeout=60)
+    reader.join(10)
+    check_ok(r)
+    assert fifo.is_fifo()
+    rows = list(csv.DictReader(io.StringIO("".join(got))))
+    assert sorted(row["source"] for row in rows) == [str(src / "a.dcm"), str(src / "b.dcm")], got
+    assert sorted(p.name for p in layout_files(dst)) == [f"{uid}.dcm", f"{uid}~2.dcm"]
+
+
+def test_a_report_that_fills_its_disk_stops_the_run_with_exit_1_and_loses_nothing(tmp_path: Path) -> None:
+    """It stopped with 'error: [Errno 28] No space left on device' (which
+    file?) and exit 2, the status of a usage error."""
+    src, dst, small = tmp_path / "src", tmp_path / "dst", tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        sources = {}
+        for i in range(300):
+            sources[f"f{i:03}.dcm"] = dicom_bytes(MR, f"{UID_ROOT}.67.{i}")
+            write(src / f"f{i:03}.dcm", sources[f"f{i:03}.dcm"])
+        r = run_cli("sort", src, dst, "--mode", "move", "--workers", WORKERS, "--report", small / "r.csv",
+                    timeout=120)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+    assert r.returncode == 1, show(r)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot write the report" in errors[0] and "r.csv" in errors[0], show(r)
+    assert "Traceback" not in r.stderr
+    present = Counter(sha(p) for p in all_files(src) + layout_files(dst))
+    assert all(present[sha(data)] == 1 for data in sources.values()), show(r)
