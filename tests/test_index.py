@@ -640,3 +640,36 @@ def test_an_index_under_a_folder_with_uri_characters_is_kept(tmp_path, folder):
     index, report = open_index(root, read_identity)
     index.close(clean=True)
     assert report.rebuilt is None
+
+
+def test_an_identical_resend_whose_worker_died_gives_no_new_revision(root, idx):
+    """The dead claim named the committed path with the same bytes: it was
+    settled as a new commit, one more arrival and revision 2 of a complete
+    series, so its completion hook ran again for the same content."""
+    put(root, idx, "1.1", "A/S/1.1.dcm", b"one")
+    [s] = idx.stable_series(0, now=time.time() + 10)
+    assert idx.mark_series_complete(s.series_instance_uid, s.revision, arrivals=s.arrivals)
+    before = idx.series_state(s.series_instance_uid)
+    time.sleep(0.01)  # the claim comes after the file's last change
+    _pending(root, "1.1", "A/S/1.1.dcm", "A/S/1.1.dcm", b"one")  # killed while comparing
+    assert finish_recovery(root, idx) == []
+    after = idx.series_state(s.series_instance_uid)
+    assert (after.revision, after.arrivals, after.complete) == (before.revision, before.arrivals, True)
+    assert_agree(root, idx)
+
+
+def test_a_same_size_resend_that_replaced_the_file_before_its_worker_died_is_a_new_revision(root, idx):
+    """The other side of the same rule: the committed file was replaced (same
+    path, same size, other bytes) by the worker that died: that is new."""
+    put(root, idx, "1.1", "A/S/1.1.dcm", b"one")
+    [s] = idx.stable_series(0, now=time.time() + 10)
+    assert idx.mark_series_complete(s.series_instance_uid, s.revision, arrivals=s.arrivals)
+    time.sleep(0.01)
+    _pending(root, "1.1", "A/S/1.1.dcm", "A/S/1.1.dcm", b"two")
+    tmp = root / "A/S/.new"
+    tmp.write_bytes(b"two")
+    os.replace(tmp, root / "A/S/1.1.dcm")  # as the worker renames its file over the old one
+    assert finish_recovery(root, idx) == []
+    after = idx.series_state(s.series_instance_uid)
+    assert after.revision == 2 and not after.complete
+    assert idx.lookup("1.1").digest == hashlib.sha256(b"two").hexdigest()

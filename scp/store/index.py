@@ -1032,6 +1032,19 @@ class SqliteIndex:
             return counted.path
         return None
 
+    def _untouched_since_claim(self, cur: sqlite3.Cursor, row: InstanceRow) -> bool:
+        """True if the committed file of `row` is the same size and its inode
+        unchanged (ctime) since the pending claim was made: the claim's owner
+        never replaced it."""
+        since = cur.execute("SELECT since FROM instances WHERE sop_instance_uid = ?",
+                            (row.sop_instance_uid,)).fetchone()
+        try:
+            st = (self.root / str(row.path)).lstat()
+        except OSError:
+            return False
+        return bool(since and since[0] is not None and st.st_size == row.size
+                    and st.st_ctime < since[0])
+
     def _file_matches(self, relpath: str | None, facts: Mapping[str, Any]) -> bool:
         if relpath is None:
             return False
@@ -1057,6 +1070,8 @@ class SqliteIndex:
         uid, new = row.sop_instance_uid, row.pending_path
         intent = intent or {}
         old = None if row.path is None else dataclasses.replace(row, state="ok", pending_path=None, owner=None)
+        if new is not None and new == row.path and self._untouched_since_claim(cur, row):
+            new = None  # an identical resend: its file is the committed one; no new arrival, no new revision
         if new is not None and self._file_matches(new, intent):
             try:
                 mtime = (self.root / new).stat().st_mtime
