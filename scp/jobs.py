@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from scp.config import ServeConfig
@@ -145,6 +146,8 @@ def instance_facts(ds: Dataset, size: int, calling_aet: str | None = None) -> di
     def text(keyword: str) -> str | None:
         try:
             value = ds.get(keyword)
+            if isinstance(value, MultiValue):  # as the header holds it ('1.2.3\\1.2.4'), not a Python list
+                value = "\\".join(map(str, value))
             return None if value is None or value == "" else str(value)
         except Exception:  # noqa: BLE001 - a value pydicom cannot convert (IS "inf", FD of 4 bytes):
             return None  # unknown, as the layout renders it; it must not refuse the instance

@@ -8,7 +8,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from scp.config import ServeConfig
 from scp.dicom.header import _parse_meta, read_header
@@ -100,3 +102,14 @@ def test_no_header_without_wanted_tags_or_for_deflated_data(tmp_path) -> None:
     assert all(s.header() is None for s in stored)  # the worker reads these from the file
     sink = _received(FILES[0], tmp_path, (), chunk=4096)
     assert sink is not None and sink.header() is None
+
+
+def test_a_multi_valued_uid_is_a_fact_as_the_header_holds_it() -> None:
+    """A UI with two values gave the index (and the events and the manifest's
+    name) "['1.2.3', '1.2.4']": a UID that appears nowhere in the data."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SeriesInstanceUID = ["1.2.3", "1.2.4"]
+    ds.PatientName = ["Doe^John", "Roe^Jane"]
+    facts = instance_facts(ds, 1, "A")
+    assert facts["series_instance_uid"] == "1.2.3\\1.2.4"
+    assert facts["patient_name"] == "Doe^John\\Roe^Jane"
