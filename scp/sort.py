@@ -231,8 +231,13 @@ def count_entries(src: Path, skip: Path | None = None, follow_symlinks: bool = F
 
 
 def _dst_inside_src(cfg: SortConfig) -> bool:
-    src, dst = os.path.realpath(cfg.src), os.path.realpath(cfg.dst)
-    return dst == src or dst.startswith(src.rstrip(os.sep) + os.sep)
+    return _inside(cfg.dst, cfg.src)
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    """True if `inner` is `outer` or a folder under it (links resolved)."""
+    a, b = os.path.realpath(inner), os.path.realpath(outer)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
 # --- the lock and the signals ---------------------------------------------------------
@@ -329,8 +334,8 @@ def sort_tree(
             removed = remove_orphans(cfg.dst / TMP_DIRNAME)  # left by an interrupted run
             if removed:
                 log.info("removed %d temporary files left by an interrupted run", removed)
-            if in_place:
-                # Our own output appears in the tree being walked: pass over every
+            if _inside(cfg.src, cfg.dst):  # SRC = DST, or a folder of DST
+                # Our own output can appear in the tree being walked: pass over every
                 # file changed after this moment, measured by the file system's clock.
                 changed_before_ns = fs_clock_ns(cfg.dst)
         if writer is not None:

@@ -986,3 +986,22 @@ def test_a_report_that_fills_its_disk_stops_the_run_with_exit_1_and_loses_nothin
     assert "Traceback" not in r.stderr
     present = Counter(sha(p) for p in all_files(src) + layout_files(dst))
     assert all(present[sha(data)] == 1 for data in sources.values()), show(r)
+
+
+def test_src_inside_dst_does_not_sort_its_own_output_again(many, tmp_path: Path) -> None:
+    """DST/P1 sorted into DST with a template that files into DST/P1/zz_MR, a
+    folder the walk enters late: the run's own new files were walked as
+    entries of SRC and counted 'already in place' (3,576 rows for 2,000)."""
+    root, contents, uids = many
+    dst = tmp_path / "out"
+    src = dst / pydicom.dcmread(MR).PatientID  # the layout's first folder
+    clone(root, src)
+    (src / "zz_MR").mkdir()
+    report = tmp_path / "r.csv"
+    r = run_cli("sort", src, dst, "--workers", WORKERS, "--report", report,
+                "-t", "{PatientID}/zz_{Modality}/{SOPInstanceUID}.dcm")
+    check_ok(r)
+    rows = read_rows(report)
+    assert len(rows) == len(contents), f"{len(rows)} rows for {len(contents)} entries\n{show(r)}"
+    assert Counter(row["outcome"] for row in rows) == {"new": len(contents)}, show(r)
+    assert count_near(done_line(r), len(contents), "new"), show(r)
