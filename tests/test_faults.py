@@ -772,3 +772,32 @@ def test_a_locked_index_still_gives_an_answer_within_the_job_timeout(serve_proce
         db.close()
     assert status == OUT_OF_RESOURCES and took < 3 + 4, f"{status} after {took:.1f} s\n{server.log()}"
     assert store_one(server.port, ct("1.2.826.0.1.3680043.10.12.2")) == SUCCESS, server.log()
+
+
+def test_out_of_descriptors_an_association_is_still_answered_without_a_raw_traceback(serve_process):
+    """At EMFILE the wake-up socket pair of a new association could not be
+    made: its thread died with a raw traceback on stderr, and the peer heard
+    nothing until its own timeout."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    server = serve_process("--workers", "1", "--max-associations", "100")
+    nfd = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    subprocess.run([prlimit, f"--pid={server.proc.pid}", f"--nofile={nfd + 4}:"], check=True)  # the soft limit
+    answers = []
+    for _ in range(4):
+        ae = new_ae()
+        ae.acse_timeout = ae.network_timeout = 5
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP")
+        if assoc.is_established:
+            answers.append(getattr(assoc.send_c_echo(), "Status", None))
+            assoc.release()
+        else:
+            answers.append("refused")
+        assert time.monotonic() - started < 8, f"no answer for {time.monotonic() - started:.1f} s\n{server.log()}"
+    subprocess.run([prlimit, f"--pid={server.proc.pid}", f"--nofile={nfd + 256}:"], check=True)
+    assert echo_ok(server.port), server.log()
+    raw = [line for line in server.log().splitlines() if line.startswith(("Exception in thread", "Traceback"))]
+    assert raw == [], server.log()
+    assert SUCCESS in answers, f"{answers}\n{server.log()}"

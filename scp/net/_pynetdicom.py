@@ -664,10 +664,16 @@ def _original(owner: type, name: str) -> Any:
 
 def _assoc_init(self: Any, *args: Any, **kwargs: Any) -> None:
     _original(Association, "__init__")(self, *args, **kwargs)
+    dul = self.dul
+    try:
+        state = _NetState()
+    except OSError as exc:  # out of descriptors (EMFILE): this one is served by
+        # pynetdicom's own polling reactors, which need none (the thread died here)
+        log.warning("%s: serving an association without the event-driven network threads",
+                    exc.strerror or exc, extra={"event": "reactor_fallback"})
+        return
     wake = _Waker()
     self._sortscp_wake = wake
-    dul = self.dul
-    state = _NetState()
     dul._sortscp_net = state
     dul.to_provider_queue = _adopt(dul.to_provider_queue, state.wake)
     dul.event_queue = _adopt(dul.event_queue, state.wake)
@@ -1022,9 +1028,15 @@ def _assoc_kill(self: Any) -> None:
 def _assoc_run_reactor(self: Any) -> None:
     """``Association._run_reactor``, waiting on an Event instead of sleeping 1 ms."""
     wake = getattr(self, "_sortscp_wake", None)
+    if wake is not None:
+        try:
+            wake.open()
+        except OSError as exc:  # out of descriptors: poll, as pynetdicom does
+            log.warning("%s: serving an association without the event-driven reactor",
+                        exc.strerror or exc, extra={"event": "reactor_fallback"})
+            wake = None
     if wake is None:
         return _original(Association, "_run_reactor")(self)  # type: ignore[no-any-return]
-    wake.open()
     try:
         _assoc_reactor_loop(self, wake)
     finally:
