@@ -310,10 +310,15 @@ def test_disk_full_fails_the_instance_and_recovers(tmpfs):
                 pass
         assoc = associate(server.port)
         uid = "1.2.826.0.1.3680043.10.2.98"
+        seen = len(server.log().splitlines())
         assert getattr(assoc.send_c_store(ct(uid, pixels)), "Status", None) == OUT_OF_RESOURCES
         assert echo_ok(server.port) and assoc.is_established, server.log()
         assoc.release()
-        assert "cannot write an incoming dataset" in server.log()
+        # one line for the one instance refused, naming it (there was a second,
+        # naming neither the sender nor the instance)
+        errors = [line for line in server.log().splitlines()[seen:] if " ERROR " in line]
+        assert len(errors) == 1 and uid in errors[0], server.log()
+        assert "cannot write the incoming dataset" in errors[0] and "the disk is full" in errors[0]
         assert f"{uid}.dcm" not in {p.name for p in layout_files(out)}
         wait_until(lambda: tmp_files(out) == [], what="the temporary folder to be empty")
         # free space: the server stores again

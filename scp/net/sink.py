@@ -256,7 +256,7 @@ class IncomingDataset:
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
-        log.error(
+        log.debug(  # the C-STORE's failure line, with its sender and UID, says it (once)
             "cannot write an incoming dataset to %s: %s; it will be refused (out of resources)",
             self._folder, _strerror(exc),
             extra={"event": "receive_failed", "reason": _strerror(exc)},
