@@ -303,7 +303,8 @@ def sort_claims(
     already in DST before the run keeps its name; the distinct contents that
     this run brings to the name (the one this run put at the plain name
     during the walk included) are ordered by SHA-256, and take, in that order,
-    the plain name if this run gave it, then the free ``~2``, ``~3`` ...
+    the plain name if this run gave it or it is free by now (a misnamed file
+    held it during the walk and was moved away), then the free ``~2``, ``~3`` ...
     Identical files share one name. If the walk gave the plain name to a file
     that does not come first, that file is renamed to its ``~N`` (a second
     link first, so its bytes are never without a name) and the first one takes
@@ -347,8 +348,11 @@ def sort_claims(
     order = sorted(set(groups) - set(held) | ({ours_digest} if ours_digest else set()))
     free = (c for c in candidates(final, Duplicate.BOTH) if c != final and c not in taken)
     names: dict[str, Path] = {}
+    # The plain name goes to the first in order if this run gave it, or if it
+    # is free by now (its holder during the walk, misnamed, moved away since).
+    plain_free = not taken
     for i, d in enumerate(order):
-        names[d] = final if (i == 0 and ours_digest is not None) else next(free)
+        names[d] = final if (i == 0 and (ours_digest is not None or plain_free)) else next(free)
     renamed = None
     if ours_digest is not None and names[ours_digest] != final:
         renamed = names[ours_digest]
@@ -363,7 +367,7 @@ def sort_claims(
             continue
         name = names[d]
         first, *rest = group
-        outcomes.append(_claimed(first, name, None, cfg, replace=name == final))
+        outcomes.append(_claimed(first, name, None, cfg, replace=name == final and not plain_free))
         for claim in rest:
             outcomes.append(_claimed(claim, name, Placement.IDENTICAL, cfg))
     return outcomes, (str(renamed.relative_to(root)) if renamed is not None else None)

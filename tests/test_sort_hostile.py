@@ -1005,3 +1005,27 @@ def test_src_inside_dst_does_not_sort_its_own_output_again(many, tmp_path: Path)
     assert len(rows) == len(contents), f"{len(rows)} rows for {len(contents)} entries\n{show(r)}"
     assert Counter(row["outcome"] for row in rows) == {"new": len(contents)}, show(r)
     assert count_near(done_line(r), len(contents), "new"), show(r)
+
+
+def test_a_plain_name_freed_during_the_walk_is_taken_not_passed_for_a_copy(tmp_path: Path) -> None:
+    """In place: the walk meets an instance whose plain name is held by a
+    misnamed file of the old layout (another UID), then moves that file away.
+    The instance got '~2' anyway, with the reason "another file with this
+    SOPInstanceUID and other bytes holds the name" (none did), and a rerun
+    moved it again."""
+    tree = tmp_path / "tree"
+    uid, other = f"{UID_ROOT}.68.1", f"{UID_ROOT}.68.2"
+    template = "{PatientID}/{SOPInstanceUID}.dcm"
+    pid = pydicom.dcmread(MR).PatientID
+    misnamed = write(tree / pid / f"{uid}.dcm", dicom_bytes(MR, other))
+    instance = write(tree / "0_old" / "x.dcm", dicom_bytes(MR, uid))  # walked before PatientID 4MR1
+    data = {uid: instance.read_bytes(), other: misnamed.read_bytes()}
+    r = run_cli("sort", "-t", template, "--mode", "move", "--workers", WORKERS, tree, tree)
+    check_ok(r)
+    assert sorted(p.name for p in layout_files(tree)) == sorted([f"{uid}.dcm", f"{other}.dcm"]), show(r)
+    assert all((tree / pid / f"{u}.dcm").read_bytes() == d for u, d in data.items())
+    before = {p: p.stat().st_mtime_ns for p in layout_files(tree)}
+    again = run_cli("sort", "-t", template, "--mode", "move", "--workers", WORKERS, tree, tree)
+    check_ok(again)
+    assert {p: p.stat().st_mtime_ns for p in layout_files(tree)} == before, show(again)
+    assert count_near(done_line(again), 2, "already in place"), show(again)
