@@ -379,6 +379,10 @@ def test_a_disk_that_fills_between_file_and_index_row_never_blocks_the_retry(tmp
         # never 0xC211 (the handler failed: a sender does not retry it), which a
         # settle of the index after the worker's failed commit gave
         assert statuses <= {SUCCESS, OUT_OF_RESOURCES}, f"{statuses}\n{server.log()}"
+        # each failure in plain words, wherever the disk filled (SQLite's own
+        # 'OperationalError: database or disk is full' was not)
+        lines = [line for line in server.log().splitlines() if "C-STORE failed" in line]
+        assert lines and all("the disk is full" in line for line in lines), "\n".join(lines)
         filler.unlink()
         for ds in failed:
             started = time.monotonic()

@@ -258,6 +258,13 @@ _OS_MEANING = {
     errno.ENFILE: "too many open files",
     errno.EIO: "an input/output error on the disk",
 }
+#: The same for SQLite's words (it gives no errno).
+_SQLITE_MEANING = {
+    "disk is full": "the disk is full",
+    "locked": "another process holds the index",
+    "readonly": "the output file system is read-only",
+    "disk I/O error": "an input/output error on the disk",
+}
 
 
 def _describe(exc: BaseException) -> str:
@@ -265,17 +272,28 @@ def _describe(exc: BaseException) -> str:
 
     >>> _describe(OSError(28, "No space left on device", "/out/x.dcm"))
     'the disk is full (No space left on device): /out/x.dcm'
+    >>> _describe(sqlite3.OperationalError("database or disk is full"))
+    'the instance index cannot be written: the disk is full (database or disk is full)'
     """
     if isinstance(exc, BrokenProcessPool):
         return "a worker process died while storing it"
     if isinstance(exc, OSError):
         return _describe_os(exc)
+    if isinstance(exc, sqlite3.Error):  # from the index, in the worker
+        text = str(exc)
+        meaning = next((m for key, m in _SQLITE_MEANING.items() if key in text), None)
+        return f"the instance index cannot be written: {meaning} ({text})" if meaning \
+            else f"the instance index cannot be written: {text}"
     if isinstance(exc, (StoreError, NotDicomError)):
         text = str(exc)
         cause = exc.__cause__
         if isinstance(cause, OSError) and (meaning := _OS_MEANING.get(cause.errno or 0)) \
                 and meaning not in text:
             text += f" ({meaning})"
+        elif isinstance(exc, InstanceIndexError):  # SQLite's words, from the worker
+            meaning = next((m for key, m in _SQLITE_MEANING.items() if key in text), None)
+            if meaning and meaning not in text:
+                text += f" ({meaning})"
         return text
     return f"{type(exc).__name__}: {exc}"
 
