@@ -56,8 +56,8 @@ class EventLog:
 
     The writes are made by a thread of its own, from a bounded queue: a pipe
     or FIFO that nobody reads any more (a stuck log shipper), or a file on a
-    hung disk, only ever drops events (logged, a line a second at most, and
-    counted), never holds up the completion of series or the stop. A FIFO is
+    hung disk, only ever drops events (logged, a line a second at most, with
+    the count), never holds up the completion of series or the stop. A FIFO is
     opened without waiting for its reader: none is an error at the start.
     """
 
