@@ -70,7 +70,7 @@ _ASCII_UNSAFE = str.maketrans(
     {c: "_" for c in [*map(chr, range(0x21)), "\x7f", *UNSAFE_CHARS]}
 )
 #: Longest extension (in UTF-8 bytes, without its dot) kept at the end of a cut or suffixed name.
-MAX_KEPT_EXTENSION = 16
+_MAX_KEPT_EXTENSION = 16
 
 
 @dataclass(frozen=True)
@@ -323,13 +323,21 @@ def _shorten(name: str) -> str:
     if len(raw) <= MAX_COMPONENT_BYTES:
         return name
     digest = hashlib.sha256(raw).hexdigest()[:_HASH_DIGITS]
+    stem, ext = split_extension(name)
+    return fit_component(stem, f"~{digest}{ext}")
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """``(stem, ".ext")``, or ``(name, "")`` if `name` has no short extension
+    to keep at the end of a cut or suffixed name.
+
+    >>> split_extension("1.2.3.dcm"), split_extension("x." + "e" * 20)
+    (('1.2.3', '.dcm'), ('x.eeeeeeeeeeeeeeeeeeee', ''))
+    """
     stem, dot, ext = name.rpartition(".")
-    if not (dot and stem and 0 < len(ext.encode("utf-8")) <= MAX_KEPT_EXTENSION):
-        stem, ext = name, ""
-    suffix = f"~{digest}" + (f".{ext}" if ext else "")
-    budget = MAX_COMPONENT_BYTES - len(suffix.encode("utf-8"))
-    cut = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
-    return cut + suffix
+    if dot and stem and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION:
+        return stem, dot + ext
+    return name, ""
 
 
 def fit_component(stem: str, tail: str) -> str:

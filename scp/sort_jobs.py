@@ -70,7 +70,8 @@ class Deferred:
     source: str
     rel: str
     via_link: bool = False
-    #: :func:`~scp.store.fsops.identity` of the file read (None in a dry run).
+    #: :func:`~scp.store.fsops.identity` of the file read (None for the
+    #: second of two files a dry run planned at one name).
     expect: Identity | None = None
 
 

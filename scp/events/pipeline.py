@@ -252,16 +252,14 @@ class Pipeline:
     # ---- emitting
 
     def _emit(self, *records: dict[str, Any]) -> None:
-        """Write `records` to the events file (in one write) and the webhook;
-        never raises (a series flipped complete must still get its hook)."""
-        try:
-            if self.events is not None:
-                self.events.write_many(list(records))
-            if self.webhook is not None:
-                for record in records:
-                    self.webhook.send(record)
-        except Exception as exc:  # pragma: no cover - the sinks catch what they meet
-            log.error("cannot deliver %d event(s): %s: %s", len(records), type(exc).__name__, exc)
+        """Write `records` to the events file (in one write) and the webhook.
+        Neither blocks nor raises (both only queue): a series flipped complete
+        always gets its hook."""
+        if self.events is not None:
+            self.events.write_many(list(records))
+        if self.webhook is not None:
+            for record in records:
+                self.webhook.send(record)
 
     def _run_hook(self, hook: str, record: dict[str, Any], subject: str) -> None:
         argv = self._argv.get(hook)

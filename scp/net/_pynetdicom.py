@@ -662,6 +662,11 @@ def _original(owner: type, name: str) -> Any:
     return _ORIGINALS.get((owner, name)) or owner.__dict__[name]
 
 
+def _fallback(exc: OSError) -> None:
+    log.warning("%s: serving an association with pynetdicom's own (polling) reactors",
+                exc.strerror or exc, extra={"event": "reactor_fallback"})
+
+
 def _assoc_init(self: Any, *args: Any, **kwargs: Any) -> None:
     _original(Association, "__init__")(self, *args, **kwargs)
     dul = self.dul
@@ -669,8 +674,7 @@ def _assoc_init(self: Any, *args: Any, **kwargs: Any) -> None:
         state = _NetState()
     except OSError as exc:  # out of descriptors (EMFILE): this one is served by
         # pynetdicom's own polling reactors, which need none (the thread died here)
-        log.warning("%s: serving an association without the event-driven network threads",
-                    exc.strerror or exc, extra={"event": "reactor_fallback"})
+        _fallback(exc)
         return
     wake = _Waker()
     self._sortscp_wake = wake
@@ -1032,8 +1036,7 @@ def _assoc_run_reactor(self: Any) -> None:
         try:
             wake.open()
         except OSError as exc:  # out of descriptors: poll, as pynetdicom does
-            log.warning("%s: serving an association without the event-driven reactor",
-                        exc.strerror or exc, extra={"event": "reactor_fallback"})
+            _fallback(exc)
             wake = None
     if wake is None:
         return _original(Association, "_run_reactor")(self)  # type: ignore[no-any-return]

@@ -281,7 +281,7 @@ def _describe(exc: BaseException) -> str:
         return _describe_os(exc)
     if isinstance(exc, sqlite3.Error):  # from the index, in the worker
         text = str(exc)
-        meaning = next((m for key, m in _SQLITE_MEANING.items() if key in text), None)
+        meaning = _sqlite_meaning(text)
         return f"the instance index cannot be written: {meaning} ({text})" if meaning \
             else f"the instance index cannot be written: {text}"
     if isinstance(exc, (StoreError, NotDicomError)):
@@ -290,12 +290,15 @@ def _describe(exc: BaseException) -> str:
         if isinstance(cause, OSError) and (meaning := _OS_MEANING.get(cause.errno or 0)) \
                 and meaning not in text:
             text += f" ({meaning})"
-        elif isinstance(exc, InstanceIndexError):  # SQLite's words, from the worker
-            meaning = next((m for key, m in _SQLITE_MEANING.items() if key in text), None)
-            if meaning and meaning not in text:
-                text += f" ({meaning})"
+        elif isinstance(exc, InstanceIndexError) and (meaning := _sqlite_meaning(text)) \
+                and meaning not in text:  # SQLite's words, from the worker
+            text += f" ({meaning})"
         return text
     return f"{type(exc).__name__}: {exc}"
+
+
+def _sqlite_meaning(text: str) -> str | None:
+    return next((m for key, m in _SQLITE_MEANING.items() if key in text), None)
 
 
 def _describe_os(exc: OSError) -> str:

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from scp.enums import Duplicate, Placement
 from scp.errors import FolderGone, OutsideRootError, StoreError
-from scp.layout import MAX_KEPT_EXTENSION, fit_component
+from scp.layout import fit_component, split_extension
 from scp.store.fsops import (
     FOLDER_ATTEMPTS,
     NEW_FILE_MODE,
@@ -177,17 +177,11 @@ def replace_with(make: Callable[[Path], None], final: Path) -> None:
 def candidates(final: Path, on_conflict: Duplicate):
     yield final
     if on_conflict is Duplicate.BOTH:
-        stem, ext = _split_ext(final.name)
+        stem, ext = split_extension(final.name)
         n = 2
         while True:
             yield final.with_name(fit_component(stem, f"~{n}{ext}"))
             n += 1
-
-
-def _split_ext(name: str) -> tuple[str, str]:
-    """``("a", ".dcm")`` for ``a.dcm``; a name without a short extension is all stem."""
-    stem, dot, ext = name.rpartition(".")
-    return (stem, dot + ext) if dot and stem and len(ext.encode()) <= MAX_KEPT_EXTENSION else (name, "")
 
 
 def _stored(candidate: Path, final: Path) -> Placement:

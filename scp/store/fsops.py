@@ -30,7 +30,11 @@ def check_source(path: Path, expect: Identity | None) -> None:
     is removed: another process may have replaced it (a rename over it) or
     written to it since its bytes were placed."""
     if expect is not None and identity(os.lstat(path)) != expect:
-        raise SourceChanged(f"{path} changed while it was being sorted; left in place, run again")
+        raise source_changed(path)
+
+
+def source_changed(path: Path) -> SourceChanged:
+    return SourceChanged(f"{path} changed while it was being sorted; left in place, run again")
 
 
 def umask() -> int:

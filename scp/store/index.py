@@ -535,10 +535,13 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     in a folder it cannot write."""
     wal = path.with_name(path.name + "-wal")
     mode = "mode=ro" if wal.exists() else "immutable=1"
-    return sqlite3.connect(
-        f"file:{urllib.parse.quote(str(path))}?{mode}", uri=True, timeout=BUSY_TIMEOUT,
-        isolation_level=None, check_same_thread=False,
-    )
+    return sqlite3.connect(_uri(path, mode), uri=True, timeout=BUSY_TIMEOUT,
+                           isolation_level=None, check_same_thread=False)
+
+
+def _uri(path: Path, query: str) -> str:
+    """SQLite's URI of `path` ('#', '?' and '%' in a folder name quoted)."""
+    return f"file:{urllib.parse.quote(str(path))}?{query}"
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
@@ -577,7 +580,7 @@ def check(root: Path | str) -> str | None:
     if not path.is_file():
         return "missing"
     try:
-        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+        conn = sqlite3.connect(_uri(path, "mode=ro"), uri=True, timeout=BUSY_TIMEOUT)
         try:
             meta = _read_meta(conn)
         finally:
@@ -815,7 +818,6 @@ class SqliteIndex:
         and change nothing there, not even the lock file, so that a read-only
         or another user's folder can be read (see :func:`_connect_read_only`)."""
         self.root = Path(root)
-        self.read_only = read_only
         self.claim_timeout = claim_timeout
         self._pid = os.getpid()
         start = start_time(self._pid)

@@ -21,6 +21,7 @@ from scp.store.fsops import (
     fsync_path,
     identity,
     same_content,
+    source_changed,
     sync_filesystem,
 )
 from scp.store.tmp import new_tmp, tmp_dir, tmp_prefix, unlink_quietly
@@ -194,7 +195,7 @@ def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identit
         try:
             st = os.fstat(fd)
             if expect is not None and identity(st) != expect:
-                raise SourceChanged(f"{src} changed while it was being sorted; left in place, run again")
+                raise source_changed(src)
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _copy_into(fd, out, st)
@@ -207,10 +208,17 @@ def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identit
             os.close(fd)
         return identity(st)
     os.link(src, path)
-    made = identity(os.lstat(path))  # the file the link took: the one read?
+    return _check_link(src, path, expect)
+
+
+def _check_link(src: Path, link: Path, expect: Identity | None) -> Identity:
+    """The identity of the file the new hard link `link` to `src` took. If it
+    is not `expect` (a rename over `src` since it was read, or a write to it),
+    the link is removed and :class:`~scp.errors.SourceChanged` raised."""
+    made = identity(os.lstat(link))
     if expect is not None and made != expect:
-        unlink_quietly(path)
-        raise SourceChanged(f"{src} changed while it was being sorted; left in place, run again")
+        unlink_quietly(link)
+        raise source_changed(src)
     return made
 
 
@@ -364,11 +372,8 @@ class SortBatch:
                 raise
             return TAKEN  # another file system: place() copies
         read = identity(st)
-        if self.mode is not Mode.SYMLINK and identity(os.lstat(final)) != read:
-            # the name now links another file than the one read (a rename over
-            # the source since), or one written to since: not this name's file
-            unlink_quietly(final)
-            raise SourceChanged(f"{src} changed while it was being sorted; left in place, run again")
+        if self.mode is not Mode.SYMLINK:
+            _check_link(src, final, read)
         if self.mode is Mode.MOVE:
             self._moved.append((src, read))
         return PLACED
