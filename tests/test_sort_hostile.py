@@ -437,6 +437,42 @@ def test_an_unreadable_folder_is_a_failure(tmp_path: Path) -> None:
     assert str(src / "locked") in r.stderr, show(r)
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["free-name", "name-held-by-other-bytes"])
+def test_a_copy_refused_by_its_folder_names_the_source_not_a_temporary_file(
+    tmp_path: Path, held: bool,
+) -> None:
+    """A copy is written to a temporary file in DST, then linked to its name.
+    When that link is refused, the reason must name what the user has: the
+    source and the name it was going to; the temporary file is gone by then."""
+    prefix = unprivileged_prefix()
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    source = write(src / "IM0001", CT.read_bytes())
+    check_ok(run_cli("sort", src, dst, "--workers", WORKERS))
+    [final] = layout_files(dst)
+    if held:  # the slow path: another file of this UID holds the name, the copy goes to '~2'
+        final.write_bytes(CT.read_bytes() + b"\0\0")
+    else:  # the batch path
+        final.unlink()
+    before = {p: p.read_bytes() for p in layout_files(dst)}
+    os.chmod(final.parent, 0o555)
+    try:
+        r = subprocess.run(
+            [*prefix, sys.executable, "-m", "scp", "sort", str(src), str(dst),
+             "--workers", WORKERS, "--report", str(report)],
+            check=False, capture_output=True, text=True, timeout=120, env=cli_env())
+    finally:
+        os.chmod(final.parent, 0o755)
+    check_ok(r, 1)
+    [row] = read_rows(report)
+    assert row["outcome"] == "failed", row
+    target = final.with_name(f"{final.stem}~2{final.suffix}") if held else final
+    assert row["reason"] == f"Permission denied: {source} -> {target}", row
+    assert ".sortscp" not in r.stderr, show(r)
+    assert {p: p.read_bytes() for p in layout_files(dst)} == before
+    assert source.read_bytes() == CT.read_bytes()
+    assert not [p for p in dst.rglob("*.part")], list(dst.rglob("*"))
+
+
 def test_a_path_too_long_is_a_failure(tmp_path: Path) -> None:
     src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
     write(src / "ct.dcm", CT.read_bytes())

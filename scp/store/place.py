@@ -159,11 +159,22 @@ def place_at(
                 os.replace(tmp, name)
             else:
                 os.link(tmp, name, follow_symlinks=False)
+        except OSError as exc:
+            raise _as_source(exc, tmp, src) from None
         finally:
             unlink_quietly(tmp)
     if durable and batch is None and mode is not Mode.MOVE:
         fsync_dir(name.parent)
     _finish_move(src, name, mode, batch, identical=False, durable=durable, expect=expect)
+
+
+def _as_source(exc: OSError, tmp: Path, src: Path) -> OSError:
+    """`exc` as the user should read it: a temporary copy is gone by the time
+    its error is reported, so an error that names it names `src` instead
+    ("Operation not permitted: SRC -> DST/P/S/1.2.dcm")."""
+    if exc.filename is not None and os.fspath(exc.filename) == os.fspath(tmp):
+        exc.filename = os.fspath(src)
+    return exc
 
 
 def place_identical(
@@ -353,6 +364,8 @@ class SortBatch:
                     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 except FileExistsError:  # left by a process of the same PID: another name
                     continue
+                except OSError as exc:
+                    raise _as_source(exc, tmp, src) from None
                 try:
                     _copy_into(fd, out, st)
                 except BaseException:
@@ -398,7 +411,9 @@ class SortBatch:
                         results[source] = PLACED
                     except FileExistsError:
                         results[source] = TAKEN
-                    except (OSError, StoreError) as exc:
+                    except OSError as exc:
+                        results[source] = _as_source(exc, tmp, Path(source))
+                    except StoreError as exc:
                         results[source] = exc
             if self.durable and self._made and not sync_filesystem(self.root):
                 for folder in self._made:
