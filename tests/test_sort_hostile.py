@@ -415,6 +415,15 @@ def test_follow_symlinks_sorts_each_target_once_and_survives_loops(tmp_path: Pat
     assert {row["outcome"] for row in rows} <= OUTCOMES, rows
 
 
+def sort_as(prefix: list[str], src: Path, dst: Path, report: Path) -> subprocess.CompletedProcess:
+    """``sortscp sort SRC DST --report REPORT`` run under `prefix` (see
+    :func:`unprivileged_prefix`)."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "scp", "sort", str(src), str(dst),
+         "--workers", WORKERS, "--report", str(report)],
+        check=False, capture_output=True, text=True, timeout=120, env=cli_env())
+
+
 def test_an_unreadable_folder_is_a_failure(tmp_path: Path) -> None:
     prefix = unprivileged_prefix()
     src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
@@ -422,10 +431,7 @@ def test_an_unreadable_folder_is_a_failure(tmp_path: Path) -> None:
     write(src / "locked" / "mr.dcm", MR.read_bytes())
     os.chmod(src / "locked", 0)
     try:
-        r = subprocess.run(
-            [*prefix, sys.executable, "-m", "scp", "sort", str(src), str(dst),
-             "--workers", WORKERS, "--report", str(report)],
-            check=False, capture_output=True, text=True, timeout=120, env=cli_env())
+        r = sort_as(prefix, src, dst, report)
     finally:
         os.chmod(src / "locked", 0o755)
     check_ok(r, 1)
@@ -456,10 +462,7 @@ def test_a_copy_refused_by_its_folder_names_the_source_not_a_temporary_file(
     before = {p: p.read_bytes() for p in layout_files(dst)}
     os.chmod(final.parent, 0o555)
     try:
-        r = subprocess.run(
-            [*prefix, sys.executable, "-m", "scp", "sort", str(src), str(dst),
-             "--workers", WORKERS, "--report", str(report)],
-            check=False, capture_output=True, text=True, timeout=120, env=cli_env())
+        r = sort_as(prefix, src, dst, report)
     finally:
         os.chmod(final.parent, 0o755)
     check_ok(r, 1)
