@@ -89,6 +89,7 @@ def iter_entries(
     *,
     changed_before_ns: int | None = None,
     follow_symlinks: bool = False,
+    changed: list[Item] | None = None,
 ) -> Iterator[Entry]:
     """Every entry under `src`, lazily, in a stable order (names sorted, depth first).
 
@@ -101,7 +102,8 @@ def iter_entries(
     once each: the (st_dev, st_ino) of every folder entered and every file
     yielded is remembered, so loops end and a target is sorted once.
     With `changed_before_ns`, files whose inode changed after that moment (our
-    own output, when sorting a tree in place) are passed over.
+    own output, when sorting a tree in place) are passed over: appended to
+    `changed`, if given, for the caller to sort those that are not its output.
     """
     skip_real = os.path.realpath(skip) if skip is not None else None
     skip_inode = os.stat(skip_real).st_ino if skip_real and os.path.isdir(skip_real) else None
@@ -152,6 +154,8 @@ def iter_entries(
                     if changed_before_ns is not None or follow_symlinks:
                         st = entry.stat(follow_symlinks=False)
                         if changed_before_ns is not None and st.st_ctime_ns >= changed_before_ns:
+                            if changed is not None:
+                                changed.append((entry.path, via_link))
                             continue
                         if follow_symlinks:
                             if (st.st_dev, st.st_ino) in seen_files:
@@ -340,9 +344,16 @@ def sort_tree(
                 changed_before_ns = fs_clock_ns(cfg.dst)
         if writer is not None:
             writer.begin()  # (only now: a run refused at the lock leaves the report alone)
+        # In place: the files the walk passed over as changed during the run, and
+        # (hashed) every name this run made. Those of the first not in the second
+        # (a second hard link of a moved file, a file chmod-ed meanwhile) are
+        # sorted after the walk, so each entry of SRC gets its row.
+        changed: list[Item] = []
+        made: set[int] = set()
+        dst_real = os.path.realpath(cfg.dst)
         entries = iter_entries(
             cfg.src, skip, changed_before_ns=changed_before_ns,
-            follow_symlinks=cfg.follow_symlinks,
+            follow_symlinks=cfg.follow_symlinks, changed=changed,
         )
         pool = WorkerPool(cfg.workers, fork=True, preload=SORT_JOBS)  # before any thread of ours starts
         if on_total is not None:
@@ -356,6 +367,8 @@ def sort_tree(
 
         def emit(outcome: Outcome) -> None:
             report.add(outcome)
+            if changed_before_ns is not None and outcome.result in _MADE:
+                made.add(hash(os.path.join(dst_real, outcome.destination)))
             if writer:
                 writer.write(outcome)
             if debug:  # the line costs more than the rest of emit(): build it only if logged
@@ -415,6 +428,19 @@ def sort_tree(
                     if f.cancel():
                         del pending[f]
             _drain(pending, collect, None)
+            others = [item for item in changed
+                      if hash(os.path.realpath(item[0])) not in made]
+            changed.clear()
+            for start in range(0, len(others), BATCH_SIZE):
+                if stop.signum is not None:
+                    break
+                _submit(pool, pending, others[start:start + BATCH_SIZE], cfg)
+                _drain(pending, collect, stop, keep=limit - 1)
+            if stop.signum is not None:
+                for f in list(pending):
+                    if f.cancel():
+                        del pending[f]
+            _drain(pending, collect, None)
             if stop.signum is None:
                 for rel in sorted(deferred):
                     if stop.signum is not None:
@@ -442,6 +468,10 @@ def sort_tree(
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return report
+
+
+#: The outcomes that give a file a new name in DST.
+_MADE = (Result.NEW, Result.REPLACED, Result.KEPT_AS_COPY)
 
 
 def itertools_chain(entries: Iterator[Entry], stop: _Stop) -> Iterator[Entry]:

@@ -1072,3 +1072,38 @@ def test_a_plain_name_freed_during_the_walk_is_taken_not_passed_for_a_copy(tmp_p
     check_ok(again)
     assert {p: p.stat().st_mtime_ns for p in layout_files(tree)} == before, show(again)
     assert count_near(done_line(again), 2, "already in place"), show(again)
+
+
+@pytest.mark.parametrize("mode", ["move", "hardlink"])
+def test_in_place_a_second_hard_link_of_a_sorted_file_gets_its_row(
+    many, tmp_path: Path, mode: str,
+) -> None:
+    """In place, the walk passes over files changed during the run (its own
+    output). Linking or moving a file changes its inode, so a second hard link
+    of it met later was passed over as well: no report row, left where it was,
+    exit 0."""
+    root, contents, _ = many
+    tree, report = tmp_path / "tree", tmp_path / "r.jsonl"
+    clone(root, tree / "a")  # walked first; its first batches are done before 'zz' is listed
+    firsts = sorted(contents)[:5]
+    links = []
+    for i, rel in enumerate(firsts):
+        links.append(tree / "zz" / f"copy{i}")
+        links[-1].parent.mkdir(exist_ok=True)
+        os.link(tree / "a" / rel, links[-1])
+    r = run_cli("sort", "--mode", mode, "--workers", WORKERS, "--report", report, tree, tree)
+    check_ok(r)
+    rows = by_source(read_rows(report))
+    assert len(rows) == len(contents) + len(links), show(r)
+    # hardlink: the name holds this very file; move: the name was another link
+    # of the source and is now the file itself (its only name).
+    seen = "already" if mode == "hardlink" else "replaced"
+    for link, rel in zip(links, firsts):
+        row = rows[str(link)]
+        assert row["outcome"] == seen, row
+        assert (tree / row["destination"]).read_bytes() == contents[rel]
+        assert link.exists() == (mode == "hardlink"), row
+    placed = [p for p in layout_files(tree) if p.relative_to(tree).parts[0] not in ("a", "zz")]
+    assert Counter(sha(p) for p in placed) == Counter(sha(d) for d in contents.values()), show(r)
+    assert Counter(row["outcome"] for row in rows.values()) == {
+        "new": len(contents), seen: len(links)}, show(r)
