@@ -340,3 +340,27 @@ def test_ls_lists_what_the_server_received(serve_process, tmp_path: Path) -> Non
     assert series["instances"] == 3 and series["series_instance_uid"] == datasets[0].SeriesInstanceUID
     table = run_cli("ls", server.out)
     assert table.returncode == 0 and "Ls^Test" in table.stdout and "yes (rev 1)" in table.stdout
+
+
+@pytest.mark.parametrize("rotation", ["create", "copytruncate"])
+def test_the_events_file_goes_on_after_logrotate(serve_process, tmp_path: Path, rotation: str) -> None:
+    """logrotate renames the file and lets the program write a new one
+    ('create'), or copies it and truncates it in place ('copytruncate'). Both
+    lose no event and leave no hole of NUL bytes at the start of the new file."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process("--events", str(events))
+    first, second = ct_copies(2)
+    assert send_datasets(server.port, [first]) == [SUCCESS]
+    wait_until(lambda: len(events_of(events, "stored")) == 1, what="the first stored event")
+    old = tmp_path / "events.jsonl.1"
+    if rotation == "create":
+        events.rename(old)
+    else:
+        old.write_bytes(events.read_bytes())
+        with open(events, "r+b") as f:
+            f.truncate(0)
+    assert send_datasets(server.port, [second]) == [SUCCESS]
+    wait_until(lambda: len(events_of(events, "stored")) == 1, what="a stored event in the new file")
+    assert [e["sop_instance_uid"] for e in events_of(old, "stored")] == [first.SOPInstanceUID]
+    assert [e["sop_instance_uid"] for e in events_of(events, "stored")] == [second.SOPInstanceUID]
+    assert events.read_bytes().startswith(b"{"), events.read_bytes()[:40]

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -59,6 +60,11 @@ class EventLog:
     hung disk, only ever drops events (logged, a line a second at most, with
     the count), never holds up the completion of series or the stop. A FIFO is
     opened without waiting for its reader: none is an error at the start.
+
+    A regular file that was renamed or removed (logrotate, in its default
+    ``create`` mode) is opened again under its name before the next write, as
+    :class:`logging.handlers.WatchedFileHandler` does; ``copytruncate`` works
+    as well, since the file is written with ``O_APPEND``.
     """
 
     def __init__(self, target: str, *, queue_size: int = EVENTS_QUEUE) -> None:
@@ -69,6 +75,7 @@ class EventLog:
             self._file: IO[str] = sys.stdout
         else:
             self._file = _open_for_append(target)
+        self._watched = self._identity() if self._file is not sys.stdout else None
         self._drop_log = DropLog()
         self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue(queue_size)
         self._thread = threading.Thread(target=self._work, name="sortscp-events-file", daemon=True)
@@ -93,10 +100,35 @@ class EventLog:
         while (item := self._queue.get()) is not None:
             text, count = item
             try:
+                if self._watched is not None:
+                    self._reopen_if_rotated()
                 self._file.write(text)
                 self._file.flush()
             except (OSError, ValueError) as exc:  # a full disk, a closed pipe
                 self._dropped(count, str(exc))
+
+    def _identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the open file if it is a regular file (the one
+        kind that is rotated), else None."""
+        st = os.fstat(self._file.fileno())
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+    def _reopen_if_rotated(self) -> None:
+        try:
+            st = os.stat(self.target)
+            if (st.st_dev, st.st_ino) == self._watched:
+                return
+        except FileNotFoundError:
+            pass
+        new = _open_for_append(self.target)  # an error: these events are dropped, logged
+        old, self._file = self._file, new
+        self._watched = self._identity()
+        try:
+            old.close()
+        except OSError:
+            pass
+        log.info("reopened %s (it was renamed or removed)", self.target,
+                 extra={"event": "events_reopened", "target": self.target})
 
     def close(self, timeout: float = 1.0) -> None:
         """Write what is queued for up to `timeout` s; then give up on the rest (one line)."""
