@@ -18,6 +18,7 @@ import base64
 import csv
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Paths sent to a worker in one round trip.
 BATCH_SIZE = 64
+#: Folders with more entries than this are walked in the file system's order,
+#: not sorted by name (see :class:`_Listing`): about 45 MB of names at most.
+SORTED_FOLDER_LIMIT = 100_000
 #: Batches in flight per worker: enough to keep every worker busy, no more.
 INFLIGHT_PER_WORKER = 4
 #: The lock file, in ``DST/.sortscp/``.
@@ -91,7 +95,8 @@ def iter_entries(
     follow_symlinks: bool = False,
     changed: list[Item] | None = None,
 ) -> Iterator[Entry]:
-    """Every entry under `src`, lazily, in a stable order (names sorted, depth first).
+    """Every entry under `src`, lazily, depth first, in a stable order (names
+    sorted, except in a folder too large to sort: see :class:`_Listing`).
 
     Regular files come as ``(path, via_link)`` items to sort; everything else as
     an :class:`Outcome`: symbolic links not followed, FIFOs, sockets and devices
@@ -116,8 +121,7 @@ def iter_entries(
     while stack:
         folder, via_link = stack.pop()
         try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            entries = _Listing(folder)
         except OSError as exc:
             yield Outcome(Result.FAILED, folder, "", f"cannot read this folder: {exc.strerror}")
             continue
@@ -170,7 +174,43 @@ def iter_entries(
                               "was sorted", category=SkipCategory.GONE.value)
             except OSError as exc:
                 yield Outcome(Result.FAILED, entry.path, "", f"cannot look at it: {exc.strerror}")
+        if entries.error is not None:
+            yield Outcome(Result.FAILED, folder, "",
+                          f"cannot read all of this folder: {entries.error.strerror}")
         stack.extend(reversed(subfolders))
+
+
+class _Listing:
+    """The entries of one folder, sorted by name if there are at most
+    :data:`SORTED_FOLDER_LIMIT`; beyond, in the order the file system lists
+    them, read as they are walked, so the memory of a walk stays flat however
+    many files one folder holds. An error met while reading the rest is kept
+    in :attr:`error`; one met before raises."""
+
+    def __init__(self, folder: str) -> None:
+        self.error: OSError | None = None
+        it = os.scandir(folder)
+        try:
+            self._first = list(itertools.islice(it, SORTED_FOLDER_LIMIT + 1))
+        except BaseException:
+            it.close()
+            raise
+        self._rest: Iterator[os.DirEntry[str]] | None = it
+        if len(self._first) <= SORTED_FOLDER_LIMIT:
+            it.close()
+            self._rest = None
+            self._first.sort(key=lambda e: e.name)
+
+    def __iter__(self) -> Iterator[os.DirEntry[str]]:
+        first, self._first = self._first, []
+        yield from first
+        del first
+        if self._rest is not None:
+            with self._rest:  # type: ignore[attr-defined]
+                try:
+                    yield from self._rest
+                except OSError as exc:
+                    self.error = exc
 
 
 def _link_skipped(path: str) -> Outcome:

@@ -738,3 +738,101 @@ def test_a_source_that_became_a_fifo_is_skipped_without_blocking(tmp_path: Path)
     assert (got[0].result, got[0].category) == (Status.SKIPPED, "special"), got[0]
     assert fifo.is_fifo(), "the FIFO was touched"
     assert not any((tmp_path / "dst").rglob("*.dcm")), "something was filed"
+
+
+def _walk_peak(src: Path, monkeypatch, limit: int) -> tuple[int, int, list[str], int]:
+    """Walk `src` with `limit`: how many files, a sum of their path hashes (no
+    list of them, which would be counted too), the paths under 'sub', and the
+    peak of memory allocated meanwhile."""
+    import tracemalloc
+    import zlib
+
+    monkeypatch.setattr(batch, "SORTED_FOLDER_LIMIT", limit, raising=False)
+    count = digest = 0
+    sub: list[str] = []
+    tracemalloc.start()
+    try:
+        for entry in batch.iter_entries(src):
+            assert not isinstance(entry, batch.Outcome), entry
+            count += 1
+            digest += zlib.crc32(entry[0].encode())
+            if os.sep + "sub" + os.sep in entry[0]:
+                sub.append(entry[0])
+        return count, digest, sub, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_flat_folder_is_walked_in_bounded_memory(tmp_path: Path, monkeypatch) -> None:
+    """An old flat archive can hold a million files in one folder: listing
+    and sorting it whole held every entry in memory (172 MiB at 400,000).
+    Past the limit, the walk reads the folder as it goes; every file still
+    comes once, and a folder under the limit still comes in name order."""
+    import zlib
+
+    src = tmp_path / "flat"
+    src.mkdir()
+    names = [f"IM{i:06d}" for i in range(20_000)]
+    for name in reversed(names):
+        os.close(os.open(src / name, os.O_WRONLY | os.O_CREAT, 0o644))
+    (src / "sub").mkdir()
+    for name in ("b", "a", "c"):
+        (src / "sub" / name).touch()
+    expected = [str(src / n) for n in names] + [str(src / "sub" / n) for n in "abc"]
+    total = sum(zlib.crc32(p.encode()) for p in expected)
+    *whole, whole_peak = _walk_peak(src, monkeypatch, 100_000)
+    *streamed, streamed_peak = _walk_peak(src, monkeypatch, 1_000)
+    assert whole == streamed == [len(expected), total, expected[-3:]]
+    assert streamed_peak * 4 < whole_peak, (streamed_peak, whole_peak)
+
+
+def _bare_implicit(path: Path, uid: str) -> bytes:
+    """The dataset of `path` alone, implicit VR little endian: no preamble, no
+    ``DICM``, no File Meta (as some old archives and CDs hold them)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = uid
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def test_datasets_without_the_part10_prefix_are_sorted_and_other_files_skipped(tmp_path: Path) -> None:
+    """Files without 'DICM' are sorted if they are datasets that identify
+    themselves (implicit and explicit VR, little and big endian); everything
+    else a CD or an old archive holds is skipped as not DICOM, untouched."""
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.csv"
+    bare = {
+        "old/IMG0001": _bare_implicit(TEST_FILES / "CT_small.dcm", "1.2.826.0.1.3680043.8.498.77"),
+        "old/IMG0002": (TEST_FILES / "ExplVR_LitEndNoMeta.dcm").read_bytes(),
+        "old/IMG0003": (TEST_FILES / "ExplVR_BigEndNoMeta.dcm").read_bytes(),
+    }
+    junk = {
+        "viewer/viewer.exe": b"MZ\x90\x00\x03" + bytes(300),
+        "viewer/libview.so": b"\x7fELF\x02\x01\x01" + bytes(300),
+        "viewer/index.html": b"<html><body>CD viewer</body></html>\n",
+        "old/zeros": bytes(300),  # group 0000: read by pydicom, which finds no UIDs
+        "old/looks like group 8": bytes.fromhex("08001800") + b"garbage that is no dataset at all",
+        "AUTORUN.INF": b"[autorun]\r\nopen=viewer.exe\r\n",
+    }
+    for rel, data in {**bare, **junk}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    r = run_cli("sort", src, dst, "--workers", WORKERS, "--report", report)
+    assert r.returncode == 0, r.stderr
+    rows = {row["source"]: row for row in csv.DictReader(report.open(encoding="utf-8"))}
+    assert len(rows) == len(bare) + len(junk)
+    # pydicom's two explicit VR files share one SOPInstanceUID: the second is kept as '~2'
+    assert [rows[str(src / rel)]["outcome"] for rel in sorted(bare)] == ["new", "new", "kept_as_copy"]
+    for rel, data in bare.items():
+        row = rows[str(src / rel)]
+        assert Path(row["destination"]).read_bytes() == data
+        uid = pydicom.dcmread(io.BytesIO(data), force=True).SOPInstanceUID
+        assert Path(row["destination"]).name in (f"{uid}.dcm", f"{uid}~2.dcm"), row
+    for rel, data in junk.items():
+        row = rows[str(src / rel)]
+        assert (row["outcome"], row["category"]) == ("skipped", "not_dicom"), row
+        assert (src / rel).read_bytes() == data
