@@ -144,9 +144,11 @@ def read_header(
                 except Exception:
                     ds = None
             if ds is None:
+                if not has_meta and not _may_be_bare_dataset(head):
+                    raise NotDicomError(_NO_IDENTITY)
                 ds = _read_pydicom(src, start, head, tags, force=not has_meta)
                 if not has_meta and not _looks_like_instance(ds):
-                    raise NotDicomError("not a DICOM file (no DICM prefix and no SOP identity)")
+                    raise NotDicomError(_NO_IDENTITY)
                 if check:
                     check_complete(src, ds)
                 if not identity_from_meta and not ds.get("SOPInstanceUID"):
@@ -159,8 +161,31 @@ def read_header(
     except Exception as exc:  # pydicom raises many kinds on arbitrary bytes
         raise NotDicomError(f"cannot read the DICOM header: {type(exc).__name__}: {exc}") from None
     if not has_meta and not _looks_like_instance(ds):
-        raise NotDicomError("not a DICOM file (no DICM prefix and no SOP identity)")
+        raise NotDicomError(_NO_IDENTITY)
     return ds
+
+
+_NO_IDENTITY = "not a DICOM file (no DICM prefix and no SOP identity)"
+#: The groups a dataset without the Part 10 prefix can begin with and still
+#: hold its SOP Class and Instance UIDs (0008,0016/0018) in tag order: the
+#: command set, the File Meta, a directory, the identifying group.
+_BARE_FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0004, 0x0008})
+
+
+def _may_be_bare_dataset(head: bytes) -> bool:
+    """Whether `head`, the start of a file without the ``DICM`` prefix, can be
+    a dataset (little or big endian) that pydicom should try: most files of a
+    CD or an archive that are not DICOM (text, images, programs) are told
+    apart here, without a parse of about 0.8 ms each.
+
+    >>> _may_be_bare_dataset(bytes.fromhex("080005000a000000") + b"ISO_IR 100")  # (0008,0005) first
+    True
+    >>> _may_be_bare_dataset(b"<html>")
+    False
+    """
+    if len(head) < 8:
+        return False
+    return (head[0] | head[1] << 8) in _BARE_FIRST_GROUPS or (head[0] << 8 | head[1]) in _BARE_FIRST_GROUPS
 
 
 def check_complete(src: BinaryIO, ds: Dataset) -> None:
