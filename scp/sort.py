@@ -105,7 +105,9 @@ def iter_entries(
     destination, when it lies inside `src`) and our own folders are not
     entered. With `follow_symlinks`, links to files and folders are followed
     once each: the (st_dev, st_ino) of every folder entered and every file
-    yielded is remembered, so loops end and a target is sorted once.
+    yielded is remembered, so loops end and a target is sorted once; one
+    that is in `src` itself as well, met there after a link led to it, comes
+    again as itself (so that a move removes it).
     With `changed_before_ns`, files whose inode changed after that moment (our
     own output, when sorting a tree in place) are passed over: appended to
     `changed`, if given, for the caller to sort those that are not its output.
@@ -114,6 +116,9 @@ def iter_entries(
     skip_inode = os.stat(skip_real).st_ino if skip_real and os.path.isdir(skip_real) else None
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
+    # Folders and files seen so far only through links: met as themselves later,
+    # they are walked or sorted again, so that a move removes the files.
+    by_link: set[tuple[int, int]] = set()
     if follow_symlinks:
         st = os.stat(src)
         seen_dirs.add((st.st_dev, st.st_ino))
@@ -132,7 +137,7 @@ def iter_entries(
                     if not follow_symlinks:
                         yield _link_skipped(entry.path)
                         continue
-                    found = _follow(entry.path, seen_dirs, seen_files)
+                    found = _follow(entry.path, seen_dirs, seen_files, by_link)
                     if isinstance(found, Outcome):
                         yield found
                     elif found == "dir":
@@ -150,9 +155,15 @@ def iter_entries(
                         continue
                     if follow_symlinks:
                         st = entry.stat(follow_symlinks=False)
-                        if (st.st_dev, st.st_ino) in seen_dirs:
-                            continue
-                        seen_dirs.add((st.st_dev, st.st_ino))
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen_dirs:
+                            if via_link or key not in by_link:
+                                continue
+                            by_link.discard(key)  # walked through a link: again, as itself
+                        else:
+                            seen_dirs.add(key)
+                            if via_link:
+                                by_link.add(key)
                     subfolders.append((entry.path, via_link))
                 elif entry.is_file(follow_symlinks=False):
                     if changed_before_ns is not None or follow_symlinks:
@@ -162,10 +173,18 @@ def iter_entries(
                                 changed.append((entry.path, via_link))
                             continue
                         if follow_symlinks:
-                            if (st.st_dev, st.st_ino) in seen_files:
-                                yield _seen(entry.path)
-                                continue
-                            seen_files.add((st.st_dev, st.st_ino))
+                            key = (st.st_dev, st.st_ino)
+                            if key in seen_files:
+                                if via_link or key not in by_link:
+                                    yield _seen(entry.path)
+                                    continue
+                                # The file itself, sorted through a link already: it is sorted
+                                # again as itself (in place now), so that a move removes it.
+                                by_link.discard(key)
+                            else:
+                                seen_files.add(key)
+                                if via_link:
+                                    by_link.add(key)
                     yield (entry.path, via_link)
                 else:
                     yield special_file(entry.path, entry.stat(follow_symlinks=False).st_mode)
@@ -231,7 +250,8 @@ def _link_skipped(path: str) -> Outcome:
 
 
 def _follow(
-    path: str, seen_dirs: set[tuple[int, int]], seen_files: set[tuple[int, int]]
+    path: str, seen_dirs: set[tuple[int, int]], seen_files: set[tuple[int, int]],
+    by_link: set[tuple[int, int]],
 ) -> str | Outcome:
     """Where a followed link leads: ``"dir"`` or ``"file"`` to walk or sort, or
     the Outcome that says why not (dangling, a loop, seen already, special)."""
@@ -245,11 +265,13 @@ def _follow(
             return Outcome(Result.SKIPPED, path, "", f"a symbolic link to a folder walked "
                            f"already ({os.readlink(path)})", category=SkipCategory.SYMLINK.value)
         seen_dirs.add(key)
+        by_link.add(key)
         return "dir"
     if stat.S_ISREG(st.st_mode):
         if key in seen_files:
             return _seen(path)
         seen_files.add(key)
+        by_link.add(key)
         return "file"
     return special_file(path, st.st_mode)
 

@@ -415,6 +415,31 @@ def test_follow_symlinks_sorts_each_target_once_and_survives_loops(tmp_path: Pat
     assert {row["outcome"] for row in rows} <= OUTCOMES, rows
 
 
+@pytest.mark.parametrize("linked", ["file", "folder"])
+def test_follow_symlinks_move_removes_a_file_of_src_first_reached_through_a_link(
+    tmp_path: Path, linked: str,
+) -> None:
+    """A link in SRC to a file of SRC, met before the file: the link's target
+    was copied (a file reached through a link is never removed), and the file
+    itself was then passed over as 'the same file as one sorted already', so a
+    move left it in SRC."""
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"
+    real = write(src / "z" / "IM0001", CT.read_bytes())
+    if linked == "file":
+        os.symlink(real, src / "a link")
+    else:
+        os.symlink(real.parent, src / "a link")
+    r = run_cli("sort", "--mode", "move", "--follow-symlinks", "--workers", WORKERS,
+                "--report", report, src, dst)
+    check_ok(r)
+    [stored] = layout_files(dst)
+    assert stored.read_bytes() == CT.read_bytes() and not stored.is_symlink()
+    assert not real.exists(), show(r)
+    rows = by_source(read_rows(report))
+    assert rows[str(real)]["outcome"] == "already", rows
+    via = src / "a link" if linked == "file" else src / "a link" / "IM0001"
+    assert rows[str(via)]["outcome"] == "new", rows
+
 def sort_as(prefix: list[str], src: Path, dst: Path, report: Path) -> subprocess.CompletedProcess:
     """``sortscp sort SRC DST --report REPORT`` run under `prefix` (see
     :func:`unprivileged_prefix`)."""
