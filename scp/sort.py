@@ -470,6 +470,14 @@ def sort_tree(
             for result in results:
                 take(result)
 
+        def finish_batches() -> None:
+            """Wait for the batches in flight (after a stop: only those started)."""
+            if stop.signum is not None:
+                for f in list(pending):
+                    if f.cancel():
+                        del pending[f]
+            _drain(pending, collect, None)
+
         try:
             limit = pool.workers * INFLIGHT_PER_WORKER
             batch: list[Item] = []
@@ -485,11 +493,7 @@ def sort_tree(
                 _drain(pending, collect, stop, keep=limit - 1)
             if batch and stop.signum is None:
                 _submit(pool, pending, batch, cfg)
-            if stop.signum is not None:
-                for f in list(pending):
-                    if f.cancel():
-                        del pending[f]
-            _drain(pending, collect, None)
+            finish_batches()
             others = [item for item in changed
                       if hash(os.path.realpath(item[0])) not in made]
             changed.clear()
@@ -498,11 +502,7 @@ def sort_tree(
                     break
                 _submit(pool, pending, others[start:start + BATCH_SIZE], cfg)
                 _drain(pending, collect, stop, keep=limit - 1)
-            if stop.signum is not None:
-                for f in list(pending):
-                    if f.cancel():
-                        del pending[f]
-            _drain(pending, collect, None)
+            finish_batches()
             if stop.signum is None:
                 for rel in sorted(deferred):
                     if stop.signum is not None:
