@@ -382,6 +382,10 @@ def sort_tree(
     emptied: set[str] = set()
     deferred: dict[str, list[Deferred]] = {}
     planned: dict[str, str] = {}  # dry run: plain name -> the source planned there
+    # A dry run of a move within one tree: the files planned to leave their name
+    # (hashed), whose names are then free for the plan (as in the real run).
+    nested = _inside(cfg.src, cfg.dst) or _dst_inside_src(cfg)
+    leaving: set[int] | None = set() if cfg.dry_run and cfg.mode is Mode.MOVE and nested else None
     stop = _Stop()
 
     with ExitStack() as stack:
@@ -447,6 +451,10 @@ def sort_tree(
                 deferred.setdefault(result.rel, []).append(result)
                 return
             if cfg.dry_run and result.result is Result.PLANNED:
+                if leaving is not None:
+                    here = os.path.realpath(result.source)
+                    if here != os.path.join(dst_real, result.destination):
+                        leaving.add(hash(here))
                 first = planned.setdefault(result.destination, result.source)
                 if first != result.source:  # two files of this run planned at one name
                     if not same_content(Path(first), Path(result.source)):
@@ -509,7 +517,9 @@ def sort_tree(
                         break
                     try:
                         outcomes, renamed = sort_claims(
-                            rel, deferred[rel], cfg, started_ns, planned.get(rel))
+                            rel, deferred[rel], cfg, started_ns, planned.get(rel),
+                            plain_leaving=leaving is not None
+                            and hash(os.path.join(dst_real, rel)) in leaving)
                     except (OSError, SortscpError) as exc:  # that name only: the run goes on
                         why = f"cannot name it at {rel}: {failure_reason(exc)}"
                         outcomes = [Outcome(Result.FAILED, c.source, "", why) for c in deferred[rel]]

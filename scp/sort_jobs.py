@@ -297,6 +297,8 @@ def sort_claims(
     cfg: SortConfig,
     started_ns: int | None,
     planned_at_name: str | None = None,
+    *,
+    plain_leaving: bool = False,
 ) -> tuple[list[Outcome], str | None]:
     """Name the files of one final name that other bytes held during the walk.
 
@@ -313,7 +315,9 @@ def sort_claims(
 
     `started_ns` is the file system's clock when the run began: a plain name
     changed since was given by this run. In a dry run, `planned_at_name` is the
-    source the walk planned at the plain name. Returns the outcomes and, if the
+    source the walk planned at the plain name, and `plain_leaving` says that
+    the file at the plain name is planned to move to its own name (so the plan
+    gives the plain name as the run would). Returns the outcomes and, if the
     plain name's file was renamed, its new name relative to DST.
     """
     root = cfg.dst
@@ -329,7 +333,7 @@ def sort_claims(
             ours_digest = _held_digest(final)
     held: dict[str, Path] = {}
     for name in taken:
-        if name == final and ours_digest is not None:
+        if name == final and (ours_digest is not None or plain_leaving):
             continue
         d = _held_digest(name)
         if d is not None:
@@ -351,7 +355,7 @@ def sort_claims(
     names: dict[str, Path] = {}
     # The plain name goes to the first in order if this run gave it, or if it
     # is free by now (its holder during the walk, misnamed, moved away since).
-    plain_free = not taken
+    plain_free = not taken or plain_leaving
     for i, d in enumerate(order):
         names[d] = final if (i == 0 and (ours_digest is not None or plain_free)) else next(free)
     renamed = None

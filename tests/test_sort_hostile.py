@@ -1088,8 +1088,16 @@ def test_a_plain_name_freed_during_the_walk_is_taken_not_passed_for_a_copy(tmp_p
     misnamed = write(tree / pid / f"{uid}.dcm", dicom_bytes(MR, other))
     instance = write(tree / "0_old" / "x.dcm", dicom_bytes(MR, uid))  # walked before PatientID 4MR1
     data = {uid: instance.read_bytes(), other: misnamed.read_bytes()}
-    r = run_cli("sort", "-t", template, "--mode", "move", "--workers", WORKERS, tree, tree)
+    plan, done = tmp_path / "plan.jsonl", tmp_path / "done.jsonl"
+    dry = run_cli("sort", "-t", template, "--mode", "move", "--workers", WORKERS, "--dry-run",
+                  "--report", plan, tree, tree)
+    check_ok(dry)
+    r = run_cli("sort", "-t", template, "--mode", "move", "--workers", WORKERS, "--report", done,
+                tree, tree)
     check_ok(r)
+    # the dry run plans what the run then does (it planned '~2': the name is held while nothing moves)
+    assert {(row["source"], row["destination"]) for row in read_rows(plan)} == {
+        (row["source"], row["destination"]) for row in read_rows(done)}, (show(dry), show(r))
     assert sorted(p.name for p in layout_files(tree)) == sorted([f"{uid}.dcm", f"{other}.dcm"]), show(r)
     assert all((tree / pid / f"{u}.dcm").read_bytes() == d for u, d in data.items())
     before = {p: p.stat().st_mtime_ns for p in layout_files(tree)}
