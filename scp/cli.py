@@ -260,8 +260,8 @@ def _one_line_usage_error(message: str) -> typer.Exit:
     epilog="\b\nThe default template (--template):\n  " + DEFAULT_TEMPLATE
     + "\n\b\nExit status: 0 every DICOM file is in place (the rest skipped, each with\n"
     "its reason), 1 an entry failed (listed in the report), 2 usage error,\n"
-    "75 another sort is writing into DST, 130 interrupted (SIGINT), 143 SIGTERM,\n"
-    "129 SIGHUP.",
+    "75 another sort is writing into DST or a running server holds its index,\n"
+    "130 interrupted (SIGINT), 143 SIGTERM, 129 SIGHUP.",
 )
 def sort(
     src: Annotated[Path, typer.Argument(parser=_existing_folder, metavar="SRC", help="Folder to read (walked recursively).")],
@@ -346,34 +346,11 @@ def sort(
         f"{'planned' if dry_run else 'done'}: {result.summary()}",
         markup=False, highlight=False, soft_wrap=True,
     )
-    if not dry_run:
-        _refresh_index(dst, err)
+    if result.indexed is not None:
+        err.print(f"instance index of {dst} rebuilt: {result.indexed} instances",
+                  markup=False, highlight=False, soft_wrap=True)
     _done.set()
     raise typer.Exit(result.exit_code)
-
-
-def _refresh_index(dst: Path, err: Console) -> None:
-    """If DST has an instance index (it is, or was, a serve output folder),
-    rebuild it from the files, so that serve keeps one file per SOPInstanceUID
-    with what sort added (the index is never left behind)."""
-    from scp.store.tmp import INDEX_FILENAME, STATE_DIRNAME
-
-    if not (dst / STATE_DIRNAME / INDEX_FILENAME).is_file():
-        return  # not a serve output folder (the index module is not even imported)
-    from scp.jobs import identity_facts
-    from scp.store.index import IndexInUseError, rebuild
-
-    try:
-        summary = rebuild(dst, identity_facts)
-    except IndexInUseError:
-        err.print(
-            f"warning: a running server holds the instance index of {dst}; "
-            f"run 'sortscp reindex {dst}' once it is stopped",
-            markup=False, highlight=False, soft_wrap=True,
-        )
-        return
-    err.print(f"instance index of {dst} rebuilt: {summary.instances} instances",
-              markup=False, highlight=False, soft_wrap=True)
 
 
 _INTERRUPTED = (

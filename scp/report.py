@@ -51,6 +51,8 @@ class Report:
     nbytes: int = 0
     #: Flushes to disk the workers made (``fsync``/``syncfs``; 0 with ``--fsync never``).
     flushes: int = 0
+    #: ``sort`` into a serve output folder: the instances its rebuilt index holds.
+    indexed: int | None = None
 
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome.result] += 1

@@ -392,14 +392,18 @@ def sort_tree(
         # The report file first: a bad --report path fails before DST is touched.
         writer = stack.enter_context(_ReportWriter(cfg.report, cfg.dst)) if cfg.report else None
         changed_before_ns = started_ns = None
+        index_lock = None
         if not cfg.dry_run:
             try:
                 lock = lock_destination(cfg.dst)
+                stack.callback(os.close, lock)
+                index_lock = _lock_served_index(cfg.dst)
             except DestinationLockedError:
                 if writer is not None:
                     writer.discard()
                 raise
-            stack.callback(os.close, lock)
+            if index_lock is not None:
+                stack.callback(os.close, index_lock)
             started_ns = os.fstat(lock).st_ctime_ns  # the file system's clock, now
             removed = remove_orphans(cfg.dst / TMP_DIRNAME)  # left by an interrupted run
             if removed:
@@ -532,6 +536,8 @@ def sort_tree(
             pool.close(wait=True)
             if not cfg.dry_run:
                 remove_orphans(cfg.dst / TMP_DIRNAME)  # those of our workers, if any died
+        if index_lock is not None and stop.signum is None:
+            report.indexed = _rebuild_index(cfg.dst, index_lock)
 
     if cfg.mode is Mode.MOVE and not cfg.dry_run:
         _remove_emptied(emptied, cfg.src, cfg.dst)
@@ -540,6 +546,35 @@ def sort_tree(
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return report
+
+
+def _lock_served_index(dst: Path) -> int | None:
+    """If DST is (or was) a serve output folder, take its instance index for
+    the run (the lock's file descriptor): a server that files into DST while
+    the run adds files beside its index would keep its index without them,
+    and so no longer one file per SOPInstanceUID. A running server holds it:
+    :class:`DestinationLockedError` (the run touches nothing)."""
+    from scp.store.index import IndexInUseError, index_path, lock_index
+
+    if not index_path(dst).is_file():
+        return None  # not a serve output folder
+    try:
+        return lock_index(dst)
+    except IndexInUseError:
+        raise DestinationLockedError(
+            f"a running server (sortscp serve) holds the instance index of {dst}: stop it "
+            f"first, or send these files to it (storescu +sd +r ...)"
+        ) from None
+
+
+def _rebuild_index(dst: Path, locked: int) -> int:
+    """The index of DST (held by this run) rebuilt from the files, so that
+    serve keeps one file per SOPInstanceUID with what the run added: how many
+    instances it holds."""
+    from scp.jobs import identity_facts
+    from scp.store.index import rebuild
+
+    return rebuild(dst, identity_facts, locked=locked).instances
 
 
 #: The outcomes that give a file a new name in DST.

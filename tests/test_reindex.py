@@ -76,3 +76,44 @@ def test_sort_into_a_served_tree_keeps_its_index_current(serve_process, tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     assert index_path(out).is_file()
     assert set(_rows(out)) == {served.SOPInstanceUID, extra.SOPInstanceUID}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes, but the state of the running tools."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.relative_to(root).parts[0].startswith(".sortscp")}
+
+
+def test_sort_into_a_folder_a_server_files_into_is_refused_and_touches_nothing(serve_process, tmp_path):
+    """sort beside a running server left the server's index without the sorted
+    files (a warning only), and nothing repaired it: after a restart, a
+    corrected resend of a sorted UID was filed and the sorted copy stayed (two
+    files for one instance), and `ls` undercounted."""
+    out, src, report = tmp_path / "out", tmp_path / "src", tmp_path / "r.csv"
+    server = serve_process(*FAST, out=out)
+    assert scu_store(server.port, ct_dataset(generate_uid(), PatientName="Served^One")) == 0
+    src.mkdir()
+    uid = generate_uid()
+    ct_dataset(uid, PatientName="Old^Name").save_as(src / "IM1", enforce_file_format=True)
+    before, sources = _tree(out), _tree(src)
+    for mode in ("copy", "move", "hardlink"):
+        refused = run_cli("sort", "--mode", mode, "--report", report, src, out, timeout=120)
+        assert refused.returncode == 75, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "running server" in lines[0] and str(out) in lines[0], lines
+        assert _tree(out) == before and _tree(src) == sources
+        assert not report.exists()
+    refused = run_cli("sort", "--mode", "move", out, out, timeout=120)  # in place, a new layout
+    assert refused.returncode == 75 and _tree(out) == before
+    # Stopped, the same sort runs and the index knows the file: a corrected
+    # resend through the next server replaces it.
+    assert server.terminate() == 0
+    done = run_cli("sort", src, out, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "instance index of" in done.stderr and "rebuilt: 2 instances" in done.stderr
+    server = serve_process(*FAST, out=out)
+    assert scu_store(server.port, ct_dataset(uid, PatientName="New^Name")) == 0
+    assert server.terminate() == 0
+    files = [p for p in layout_files(out) if p.name.startswith(uid)]
+    assert len(files) == 1 and "New^Name" in str(files[0]), files
+    assert len(_rows(out)) == 2 == len(layout_files(out))

@@ -628,6 +628,7 @@ def rebuild(
     *,
     digests: bool = False,
     suffix: str | None = ".dcm",
+    locked: int | None = None,
 ) -> RebuildSummary:
     """Build the index of `root` afresh from the files and put it in place.
 
@@ -641,18 +642,14 @@ def rebuild(
     the others are reported in ``duplicates``. Series/study completion state
     is carried over from the old index when it is readable (a series whose
     count changed gets a new revision). Needs the index closed everywhere
-    (:class:`IndexInUseError` otherwise).
+    (:class:`IndexInUseError` otherwise), or `locked`: the caller holds it
+    with :func:`lock_index` (and keeps holding it).
     """
     root = Path(root)
     sdir = state_dir(root)
-    sdir.mkdir(parents=True, exist_ok=True)
     final = sdir / INDEX_FILENAME
-    lock_fd = os.open(sdir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+    lock_fd = lock_index(root) if locked is None else locked
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexInUseError(f"the index of {root} is open in another process; stop it first") from None
         for leftover in sdir.glob(INDEX_FILENAME + ".rebuild-*"):
             leftover.unlink(missing_ok=True)
         tmp = sdir / f"{INDEX_FILENAME}.rebuild-{os.getpid()}"
@@ -761,7 +758,24 @@ def rebuild(
             os.close(dfd)
         return summary
     finally:
-        os.close(lock_fd)
+        if locked is None:
+            os.close(lock_fd)
+
+
+def lock_index(root: Path | str) -> int:
+    """Take the index of `root` for this process alone (the lock that every
+    process holding the index open shares): the file descriptor of the lock,
+    to close to let go. Raises :class:`IndexInUseError` if another process
+    (a server, a rebuild) holds it."""
+    sdir = state_dir(Path(root))
+    sdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sdir / LOCK_FILENAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IndexInUseError(f"the index of {root} is open in another process; stop it first") from None
+    return fd
 
 
 def _old_meta(final: Path) -> dict[str, str] | None:
