@@ -3,7 +3,12 @@ by other tools, a running server holding the index, sort into a served tree."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pydicom.uid import generate_uid
@@ -11,7 +16,7 @@ from test_serve_hostile import ct_dataset, ct_path, layout_files, scu_store
 
 from scp.store.index import SqliteIndex, index_path
 
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 FAST = ("--workers", "1")
 
@@ -117,3 +122,34 @@ def test_sort_into_a_folder_a_server_files_into_is_refused_and_touches_nothing(s
     files = [p for p in layout_files(out) if p.name.startswith(uid)]
     assert len(files) == 1 and "New^Name" in str(files[0]), files
     assert len(_rows(out)) == 2 == len(layout_files(out))
+
+
+def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_process, tmp_path):
+    """The other way round: a server started while sort holds the index of its
+    folder would file beside it, so it does not start (exit 2, one line)."""
+    out, src = tmp_path / "out", tmp_path / "src"
+    server = serve_process(*FAST, out=out)  # OUT becomes a serve output folder
+    assert server.terminate() == 0
+    src.mkdir()
+    ds = ct_dataset(generate_uid())
+    for i in range(2000):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{i}"
+        ds.save_as(src / f"IM{i}", enforce_file_format=True)
+    sort = subprocess.Popen([sys.executable, "-m", "scp", "sort", "--workers", "1", str(src), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not layout_files(out) and sort.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(sort.pid, signal.SIGSTOP)  # while it places the files
+        assert sort.poll() is None and len(layout_files(out)) < 2000, "stopped too late"
+        refused = run_cli("serve", "--out", out, "--port", "0", timeout=30)
+    finally:
+        os.killpg(sort.pid, signal.SIGCONT)
+    _, err = sort.communicate(timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "held by a sort" in lines[0], lines
+    assert sort.returncode == 0, err
+    assert "rebuilt: 2000 instances" in err and len(_rows(out)) == 2000 == len(layout_files(out))

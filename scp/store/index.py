@@ -847,7 +847,9 @@ class SqliteIndex:
                 if self._lock_fd is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise IndexInUseError(f"the index of {self.root} is being rebuilt") from None
+                raise IndexInUseError(
+                    f"the index of {self.root} is held by a sort into that folder or a reindex of it;"
+                    " try again once it is done") from None
             conn = _connect_read_only(path) if read_only else _connect(path)
             self._conn: sqlite3.Connection | None = conn  # None: closed
             try:
