@@ -40,7 +40,7 @@ from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
 from scp.sort_jobs import Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
 from scp.store.fsops import flush_count, same_content
-from scp.store.tmp import STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
+from scp.store.tmp import INDEX_FILENAME, STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -554,10 +554,10 @@ def _lock_served_index(dst: Path) -> int | None:
     the run adds files beside its index would keep its index without them,
     and so no longer one file per SOPInstanceUID. A running server holds it:
     :class:`DestinationLockedError` (the run touches nothing)."""
-    from scp.store.index import IndexInUseError, index_path, lock_index
+    if not (dst / STATE_DIRNAME / INDEX_FILENAME).is_file():
+        return None  # not a serve output folder (and the index module is not even imported)
+    from scp.store.index import IndexInUseError, lock_index
 
-    if not index_path(dst).is_file():
-        return None  # not a serve output folder
     try:
         return lock_index(dst)
     except IndexInUseError:
