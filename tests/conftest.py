@@ -17,6 +17,14 @@ import pytest
 from localnet import DCMTK_ENV, dcmtk, descendants, free_port, wait_for_port  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests start hundreds of Python processes (servers, sorts, their workers).
+# Where the environment forbids bytecode files (PYTHONDONTWRITEBYTECODE), each
+# of them compiled our modules again: about 0.3 s a process on a slow machine.
+# Their bytecode goes to a cache of its own instead, outside the checkout (as
+# an installed package has it; the benchmarks do the same).
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "sortscp-test-pycache"))
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 TEST_FILES = PYDICOM_DATA / "test_files"
 CHARSET_FILES = PYDICOM_DATA / "charset_files"

@@ -132,7 +132,7 @@ def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_p
     assert server.terminate() == 0
     src.mkdir()
     ds = ct_dataset(generate_uid())
-    for i in range(2000):
+    for i in range(800):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{i}"
         ds.save_as(src / f"IM{i}", enforce_file_format=True)
     sort = subprocess.Popen([sys.executable, "-m", "scp", "sort", "--workers", "1", str(src), str(out)],
@@ -143,7 +143,7 @@ def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_p
         while not layout_files(out) and sort.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         os.killpg(sort.pid, signal.SIGSTOP)  # while it places the files
-        assert sort.poll() is None and len(layout_files(out)) < 2000, "stopped too late"
+        assert sort.poll() is None and len(layout_files(out)) < 800, "stopped too late"
         refused = run_cli("serve", "--out", out, "--port", "0", timeout=30)
     finally:
         os.killpg(sort.pid, signal.SIGCONT)
@@ -152,4 +152,4 @@ def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_p
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "held by a sort" in lines[0], lines
     assert sort.returncode == 0, err
-    assert "rebuilt: 2000 instances" in err and len(_rows(out)) == 2000 == len(layout_files(out))
+    assert "rebuilt: 800 instances" in err and len(_rows(out)) == 800 == len(layout_files(out))
