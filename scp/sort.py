@@ -421,6 +421,10 @@ def sort_tree(
         changed: list[Item] = []
         made: set[int] = set()
         dst_real = os.path.realpath(cfg.dst)
+
+        def name_key(rel: str) -> int:
+            """How `made` and `leaving` hold the name `rel` of DST."""
+            return hash(os.path.join(dst_real, rel))
         entries = iter_entries(
             cfg.src, skip, changed_before_ns=changed_before_ns,
             follow_symlinks=cfg.follow_symlinks, changed=changed,
@@ -438,7 +442,7 @@ def sort_tree(
         def emit(outcome: Outcome) -> None:
             report.add(outcome)
             if changed_before_ns is not None and outcome.result in _MADE:
-                made.add(hash(os.path.join(dst_real, outcome.destination)))
+                made.add(name_key(outcome.destination))
             if writer:
                 writer.write(outcome)
             if debug:  # the line costs more than the rest of emit(): build it only if logged
@@ -456,9 +460,9 @@ def sort_tree(
                 return
             if cfg.dry_run and result.result is Result.PLANNED:
                 if leaving is not None:
-                    here = os.path.realpath(result.source)
-                    if here != os.path.join(dst_real, result.destination):
-                        leaving.add(hash(here))
+                    here = hash(os.path.realpath(result.source))
+                    if here != name_key(result.destination):
+                        leaving.add(here)
                 first = planned.setdefault(result.destination, result.source)
                 if first != result.source:  # two files of this run planned at one name
                     if not same_content(Path(first), Path(result.source)):
@@ -523,7 +527,7 @@ def sort_tree(
                         outcomes, renamed = sort_claims(
                             rel, deferred[rel], cfg, started_ns, planned.get(rel),
                             plain_leaving=leaving is not None
-                            and hash(os.path.join(dst_real, rel)) in leaving)
+                            and name_key(rel) in leaving)
                     except (OSError, SortscpError) as exc:  # that name only: the run goes on
                         why = f"cannot name it at {rel}: {failure_reason(exc)}"
                         outcomes = [Outcome(Result.FAILED, c.source, "", why) for c in deferred[rel]]
