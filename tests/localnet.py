@@ -4,6 +4,7 @@ benchmarks (so this module does not import pytest)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import time
@@ -33,11 +34,33 @@ def dcmtk(tool: str) -> str | None:
     return None
 
 
+#: Ports handed out by :func:`free_port`: below Linux's ephemeral range
+#: (32768-60999 by default), so no client socket of a test, nor a server bound
+#: to port 0, takes one between its choice and the server's bind. Each pytest-xdist
+#: worker draws from a slice of its own, so tests run in parallel never pick the
+#: same port.
+_PORTS = range(10000, 32000)
+_next_port = [0]
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slices = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    size = len(_PORTS) // slices
+    start = _PORTS.start + (int(worker) if worker.isdigit() else 0) % slices * size
+    if not _next_port[0]:
+        _next_port[0] = random.randrange(size)
+    for _ in range(size):
+        port = start + _next_port[0] % size
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + size - 1}")
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0,
