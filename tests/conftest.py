@@ -105,7 +105,8 @@ def cli_env() -> dict[str, str]:
     """Environment for running this checkout's CLI as ``python -m scp``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for key in [k for k in env if k.startswith("SORTSCP_")]:
+    # COLUMNS and LINES: the terminal pytest (or a pytest-xdist worker) runs in is not the CLI's
+    for key in [k for k in env if k.startswith("SORTSCP_") or k in ("COLUMNS", "LINES")]:
         del env[key]
     return env
 
