@@ -10,6 +10,7 @@ hung hook or a dead webhook slows receiving is measured in
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import socket
@@ -20,13 +21,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 
-from scp.events.manifest import series_manifest_path
+from scp.events.manifest import series_manifest_path, study_manifest_path
 from scp.events.sinks import WEBHOOK_TIMEOUT
 from scp.store.index import index_path, sha256_file
 
 from conftest import free_port, run_cli
-from serve_helpers import CALLING_AET, ct_copies, send_datasets, timed_stores, wait_until
+from serve_helpers import CALLING_AET, ct_copies, layout_files, send_datasets, timed_stores, wait_until
 
 SUCCESS = 0x0000
 STABLE = ("--series-stable-seconds", "1", "--study-stable-seconds", "1")
@@ -155,6 +157,50 @@ def test_an_identical_resend_does_not_complete_a_series_again_and_a_new_instance
     wait_until(lambda: len(events_of(events, "series_complete")) == 2, timeout=30, what="revision 2")
     done = events_of(events, "series_complete")
     assert [(e["revision"], e["instance_count"]) for e in done] == [(1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("into", ["series", "study"], ids=["into a new series", "into a new study"])
+def test_instances_all_resent_into_another_series_remove_the_old_manifest(
+        serve_process, tmp_path: Path, into: str) -> None:
+    """A corrected resend: the same SOP instances again, now in a new series
+    (the operator renumbered it at the modality) or a new study (merged into
+    the right patient's). The old series had completed; its manifest named
+    files that the resend replaced. It is removed (so is the old study's when
+    the study is left empty), the old series leaves ``ls``, an event says so,
+    and what the instances now belong to completes with exactly them."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    old = ct_copies(2, patient="Resend^Test")
+    assert send_datasets(server.port, old) == [SUCCESS] * 2
+    wait_until(lambda: events_of(events, "study_complete"), timeout=30, what="the study to complete")
+    old_series, old_study = old[0].SeriesInstanceUID, old[0].StudyInstanceUID
+    old_manifests = [series_manifest_path(server.out, old_series), study_manifest_path(server.out, old_study)]
+    assert all(m.is_file() for m in old_manifests)
+    new = copy.deepcopy(old)
+    new_series, new_study = generate_uid(), generate_uid() if into == "study" else old_study
+    for ds in new:
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.SeriesNumber = new_series, new_study, 2
+    assert send_datasets(server.port, new) == [SUCCESS] * 2
+    wait_until(lambda: len(events_of(events, "study_complete")) == 2, timeout=30, what="the study again")
+    emptied = ["series_emptied"] + (["study_emptied"] if into == "study" else [])
+    wait_until(lambda: [e["event"] for e in events_of(events) if e["event"].endswith("_emptied")] == emptied,
+               timeout=30, what=f"{emptied} events")
+    assert events_of(events, "series_emptied")[0]["series_instance_uid"] == old_series
+    assert events_of(events, "series_emptied")[0]["manifest"] == str(old_manifests[0].resolve())
+    assert not old_manifests[0].exists(), server.log()
+    assert old_manifests[1].exists() == (into == "series")
+    assert [e["series_instance_uid"] for e in events_of(events, "series_complete")] == [old_series, new_series]
+    manifest = json.loads(series_manifest_path(server.out, new_series).read_text())
+    listed = sorted(i["path"] for i in manifest["instances"])
+    assert listed == sorted(str(p.relative_to(server.out)) for p in layout_files(server.out))
+    assert len(listed) == 2 and all("_2/" in p for p in listed)
+    study = json.loads(study_manifest_path(server.out, new_study).read_text())
+    assert [s["series_instance_uid"] for s in study["series"]] == [new_series]
+    assert study["revision"] == (2 if into == "series" else 1)
+    (listed_study,) = json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]
+    assert listed_study["study_instance_uid"] == new_study
+    assert [s["series_instance_uid"] for s in listed_study["series"]] == [new_series]
+    assert "emptied" in server.log() and "Traceback" not in server.log()
 
 
 @pytest.mark.parametrize("uids", [("1.2.3." + "4" * 300,), ("1.2.826.0.1.3680043.8.498.5/7",

@@ -193,7 +193,12 @@ def test_move_to_another_series_moves_the_counts(root, idx):
     assert idx.series_state("9.2").instances == 1
     assert idx.study_state("9").instances == 2 and idx.study_state("9").series == 2
     put(root, idx, "1.2", "A/T/1.2.dcm", b"dos", facts=facts_for(b"dos", series="9.2", study="9"))
-    assert idx.series_state("9.1") is None  # emptied: gone, as a rebuild would have it
+    emptied = idx.series_state("9.1")  # kept at 0 until the completion watcher removed its manifest
+    assert emptied.instances == 0 and [s.series_instance_uid for s in idx.series_list()] == ["9.2"]
+    assert idx.study_state("9").series == 1
+    assert not idx.forget_empty_series("9.1", emptied.revision - 1)  # read before a later change
+    assert idx.forget_empty_series("9.1", emptied.revision)
+    assert idx.series_state("9.1") is None  # gone, as a rebuild would have it
     assert_agree(root, idx)
 
 

@@ -409,7 +409,28 @@ class Pipeline:
         self._failing.pop((what, uid), None)
         return done
 
+    def _emptied(self, index: SqliteIndex, what: str, uid: str, revision: int, manifest: Path,
+                 was_complete: bool, **facts: Any) -> bool:
+        """A series or study left with no instance (each was sent again as part
+        of another series or study): its manifest, which names files that are
+        gone, is removed first, then its row. A pipeline that took up its
+        completion hears of it (``series_emptied``/``study_emptied``); no hook runs."""
+        manifest.unlink(missing_ok=True)
+        forget = index.forget_empty_series if what == "series" else index.forget_empty_study
+        if not forget(uid, revision) or not was_complete:
+            return False  # something arrived meanwhile (it completes again), or it never completed
+        log.info("%s %s emptied: its instances were sent again as part of others; its manifest is removed",
+                 what, safe(uid), extra={"event": f"{what}_emptied", f"{what}_instance_uid": uid})
+        self._deliver_stored()
+        self._emit(event_record(f"{what}_emptied", **{f"{what}_instance_uid": uid}, revision=revision,
+                                manifest=str(manifest.resolve()), out=self._out_abs, **facts))
+        return False
+
     def _complete_series(self, index: SqliteIndex, s: SeriesState) -> bool:
+        if s.instances <= 0:
+            return self._emptied(index, "series", s.series_instance_uid, s.revision,
+                                 series_manifest_path(self.out, s.series_instance_uid), s.completed_revision > 0,
+                                 study_instance_uid=s.study_instance_uid)
         rows = index.instances_of_series(s.series_instance_uid)
         manifest = series_manifest(s, rows, file_digests(self.out, rows))
         path = series_manifest_path(self.out, s.series_instance_uid)
@@ -436,6 +457,9 @@ class Pipeline:
         return True
 
     def _complete_study(self, index: SqliteIndex, t: StudyState) -> bool:
+        if t.instances <= 0:
+            return self._emptied(index, "study", t.study_instance_uid, t.revision,
+                                 study_manifest_path(self.out, t.study_instance_uid), t.completed_revision > 0)
         series = index.series_list(t.study_instance_uid)
         if not series or not all(s.complete for s in series):
             return False  # its series complete first (the next round)

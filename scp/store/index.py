@@ -338,6 +338,8 @@ class InstanceIndex(Protocol):
     def mark_study_complete(self, study_uid: str, revision: int, *, arrivals: int | None = None) -> bool: ...
     def instances_of_series(self, series_uid: str) -> list[InstanceRow]: ...
     def series_list(self, study_uid: str | None = None) -> list[SeriesState]: ...
+    def forget_empty_series(self, series_uid: str, revision: int) -> bool: ...
+    def forget_empty_study(self, study_uid: str, revision: int) -> bool: ...
     def studies(self) -> list[StudyState]: ...
     def mark_running(self) -> None: ...
     def close(self, *, clean: bool = False) -> None: ...
@@ -1025,7 +1027,6 @@ class SqliteIndex:
                     f" revision = {_BUMP} WHERE {key} = ?",
                     (old_uid,),
                 )
-                cur.execute(f"DELETE FROM {table} WHERE {key} = ? AND instances <= 0", (old_uid,))
             if new_uid is None:
                 continue
             delta = 0 if counted is not None and old_uid == new_uid else 1
@@ -1137,7 +1138,6 @@ class SqliteIndex:
                 f" WHERE {key} = ?",
                 (value,),
             )
-            cur.execute(f"DELETE FROM {table} WHERE {key} = ? AND instances <= 0", (value,))
 
     def _add_obsolete(self, cur: sqlite3.Cursor, relpath: str, uid: str, owner: str | None) -> None:
         cur.execute(
@@ -1300,14 +1300,31 @@ class SqliteIndex:
             return self._c().execute(sql, args).rowcount == 1
 
     def series_list(self, study_uid: str | None = None) -> list[SeriesState]:
-        """Every series (of one study), with its study's patient, for ``ls``."""
+        """Every series (of one study) that has instances, with its study's patient, for ``ls``."""
         if study_uid is None:
-            return self._series("ORDER BY t.patient_name, t.patient_id, t.study_date, s.folder", ())
-        return self._series("WHERE s.study_instance_uid = ? ORDER BY s.folder", (study_uid,))
+            return self._series(
+                "WHERE s.instances > 0 ORDER BY t.patient_name, t.patient_id, t.study_date, s.folder", ()
+            )
+        return self._series("WHERE s.study_instance_uid = ? AND s.instances > 0 ORDER BY s.folder", (study_uid,))
 
     def studies(self) -> list[StudyState]:
-        """Every study with its series count, for ``ls``."""
-        return self._studies("ORDER BY patient_name, patient_id, study_date", ())
+        """Every study that has instances, with its series count, for ``ls``."""
+        return self._studies("WHERE instances > 0 ORDER BY patient_name, patient_id, study_date", ())
+
+    def forget_empty_series(self, series_uid: str, revision: int) -> bool:
+        """Remove the row of `series_uid` if it has no instance left (each was
+        sent again as part of another series) and is still at `revision`; True
+        if this call removed it. A series keeps its row at 0 instances until
+        the completion watcher has removed its manifest."""
+        return self._forget("series", "series_instance_uid", series_uid, revision)
+
+    def forget_empty_study(self, study_uid: str, revision: int) -> bool:
+        return self._forget("studies", "study_instance_uid", study_uid, revision)
+
+    def _forget(self, table: str, key: str, uid: str, revision: int) -> bool:
+        sql = f"DELETE FROM {table} WHERE {key} = ? AND instances <= 0 AND revision = ?"
+        with self._lock:
+            return self._c().execute(sql, (uid, revision)).rowcount == 1
 
     def _series(self, where: str, args: tuple) -> list[SeriesState]:
         cols = ", ".join("s." + c.strip() for c in _SERIES_COLS.split(","))
@@ -1321,7 +1338,7 @@ class SqliteIndex:
     def _studies(self, where: str, args: tuple) -> list[StudyState]:
         sql = (
             f"SELECT {_STUDY_COLS}, (SELECT count(*) FROM series AS s"
-            f" WHERE s.study_instance_uid = studies.study_instance_uid) FROM studies {where}"
+            f" WHERE s.study_instance_uid = studies.study_instance_uid AND s.instances > 0) FROM studies {where}"
         )
         with self._lock:
             return [StudyState(*r) for r in self._c().execute(sql, args)]
