@@ -150,6 +150,43 @@ def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_p
     _, err = sort.communicate(timeout=120)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "held by a sort" in lines[0], lines
+    assert len(lines) == 1 and "a sort into it" in lines[0], lines
     assert sort.returncode == 0, err
     assert "rebuilt: 800 instances" in err and len(_rows(out)) == 800 == len(layout_files(out))
+
+
+def test_a_sort_killed_in_a_served_folder_leaves_the_next_server_rebuilding_the_index(serve_process, tmp_path):
+    """A sort into a serve output folder rebuilds the index at its end; one
+    killed before (SIGKILL, a reboot, Ctrl-C) never did, and the next server
+    took an index without the files it had placed: a corrected resend of one
+    of them was filed beside it (two files for one instance)."""
+    out, src = tmp_path / "out", tmp_path / "src"
+    server = serve_process(*FAST, out=out)
+    assert scu_store(server.port, ct_dataset(generate_uid(), PatientName="Served^One")) == 0
+    assert server.terminate() == 0
+    src.mkdir()
+    ds = ct_dataset(generate_uid(), PatientName="Sorted^Before")
+    for i in range(400):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{i}"
+        ds.save_as(src / f"IM{i}", enforce_file_format=True)
+    sort = subprocess.Popen([sys.executable, "-m", "scp", "sort", "--workers", "1", str(src), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(),
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(layout_files(out)) < 3 and sort.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(sort.pid, signal.SIGKILL)
+    sort.wait(30)
+    placed = [p for p in layout_files(out) if "Sorted^Before" in str(p)]
+    assert 0 < len(placed) < 400, "killed too late"
+    server = serve_process(*FAST, out=out)
+    assert "a sort into this folder did not finish" in server.log()
+    uid = placed[0].stem
+    assert scu_store(server.port, ct_dataset(uid, PatientName="Sorted^After")) == 0
+    assert server.terminate() == 0
+    files = [p for p in layout_files(out) if p.name == f"{uid}.dcm"]
+    assert len(files) == 1 and "Sorted^After" in str(files[0]), files
+    assert len(_rows(out)) == len(layout_files(out)) == len(placed) + 1
+    # rebuilt once: the next server takes the index as it is
+    again = serve_process(*FAST, out=out)
+    assert "did not finish" not in again.log()

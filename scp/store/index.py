@@ -105,8 +105,9 @@ boot) needs only :meth:`recover`. A FULL fsync per instance would cost a
 disk flush per commit for no gain.
 
 What :func:`check` reports as needing a rebuild: the file missing, unreadable
-(not SQLite, no ``meta``), another schema version, or not closed cleanly across
-a reboot. What it does *not* detect: files added, removed or moved under the
+(not SQLite, no ``meta``), another schema version, not closed cleanly across
+a reboot, or marked behind by a ``sort`` into the folder that has not rebuilt it
+(:func:`mark_behind`). What it does *not* detect: files added, removed or moved under the
 root by other tools (``cp``, ``rm``, a ``sort`` run without the index) --
 run ``sortscp reindex OUT``; and (by design, cheaply) it never walks the tree.
 
@@ -593,7 +594,27 @@ def check(root: Path | str) -> str | None:
         return f"schema version {meta.get('schema_version')}, expected {SCHEMA_VERSION}"
     if meta.get("clean") != "1" and meta.get("boot_id") != boot_id():
         return "not closed cleanly before a reboot (its last transactions may be lost)"
+    if meta.get(BEHIND_KEY):
+        return meta[BEHIND_KEY]
     return None
+
+
+#: The ``meta`` key of :func:`mark_behind`.
+BEHIND_KEY = "behind"
+
+
+def mark_behind(root: Path | str, why: str) -> None:
+    """Record in the index of `root`, which the caller holds (:func:`lock_index`),
+    that files are about to change under it: :func:`check` answers `why` (so
+    a server rebuilds it at its start) until a rebuild has put a new index in
+    place. ``sort`` into a serve output folder marks it before it places a
+    file: a run that is interrupted (or killed) never rebuilds it."""
+    conn = sqlite3.connect(index_path(root), timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (BEHIND_KEY, why))
+    finally:
+        conn.close()
 
 
 def _walk(root: Path, suffix: str | None) -> Iterator[tuple[str, os.stat_result]]:
@@ -764,6 +785,11 @@ def rebuild(
             os.close(lock_fd)
 
 
+def _in_use(root: Path | str) -> str:
+    return (f"the index of {root} is held by another process (a server on that folder, a sort into it"
+            " or a reindex of it): stop it first, or try again once it is done")
+
+
 def lock_index(root: Path | str) -> int:
     """Take the index of `root` for this process alone (the lock that every
     process holding the index open shares): the file descriptor of the lock,
@@ -776,7 +802,7 @@ def lock_index(root: Path | str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise IndexInUseError(f"the index of {root} is open in another process; stop it first") from None
+        raise IndexInUseError(_in_use(root)) from None
     return fd
 
 
@@ -849,9 +875,7 @@ class SqliteIndex:
                 if self._lock_fd is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise IndexInUseError(
-                    f"the index of {self.root} is held by a sort into that folder or a reindex of it;"
-                    " try again once it is done") from None
+                raise IndexInUseError(_in_use(self.root)) from None
             conn = _connect_read_only(path) if read_only else _connect(path)
             self._conn: sqlite3.Connection | None = conn  # None: closed
             try:
