@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import csv
 import errno
-import fcntl
 import itertools
 import json
 import logging
@@ -40,7 +39,15 @@ from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
 from scp.sort_jobs import Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
 from scp.store.fsops import flush_count, same_content
-from scp.store.tmp import INDEX_FILENAME, STATE_DIRNAME, TMP_DIRNAME, fs_clock_ns, remove_orphans
+from scp.store.tmp import (
+    INDEX_FILENAME,
+    STATE_DIRNAME,
+    TMP_DIRNAME,
+    SortRunning,
+    fs_clock_ns,
+    remove_orphans,
+    take_sort_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,6 @@ BATCH_SIZE = 64
 SORTED_FOLDER_LIMIT = 100_000
 #: Batches in flight per worker: enough to keep every worker busy, no more.
 INFLIGHT_PER_WORKER = 4
-#: The lock file, in ``DST/.sortscp/``.
-LOCK_NAME = "sort.lock"
 #: Report file name endings, and whether each is JSON lines.
 REPORT_FORMATS = {".csv": False, ".json": True, ".jsonl": True, ".ndjson": True}
 #: How often the parent looks at the stop flag while it waits for workers.
@@ -310,26 +315,19 @@ def _inside(inner: Path, outer: Path) -> bool:
 
 
 def lock_destination(dst: Path) -> int:
-    """Take ``DST/.sortscp/sort.lock`` (``flock``, not waiting) and write our PID
-    in it; return its descriptor (the lock lasts while it is open).
+    """Take DST for this run (:func:`~scp.store.tmp.take_sort_lock`); its descriptor.
 
-    Raises :class:`DestinationLockedError` if another sort holds it.
+    Raises :class:`DestinationLockedError` if another sort (or a server
+    starting on DST) holds it.
     """
-    state = dst / STATE_DIRNAME
-    state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
+        return take_sort_lock(dst)
+    except SortRunning as exc:
         raise DestinationLockedError(
-            f"another sortscp sort is writing into {shown(os.fspath(dst))} (pid {pid}); "
+            f"another sortscp sort (or a server starting on it) is writing into {shown(os.fspath(dst))}"
+            f" (pid {exc.pid}); "
             "try again when it has finished"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 class _Stop:

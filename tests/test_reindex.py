@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from pydicom.uid import generate_uid
 from test_serve_hostile import ct_dataset, ct_path, layout_files, scu_store
 
@@ -124,12 +125,16 @@ def test_sort_into_a_folder_a_server_files_into_is_refused_and_touches_nothing(s
     assert len(_rows(out)) == 2 == len(layout_files(out))
 
 
-def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_process, tmp_path):
-    """The other way round: a server started while sort holds the index of its
-    folder would file beside it, so it does not start (exit 2, one line)."""
+@pytest.mark.parametrize("served", [True, False], ids=["a serve output folder", "a new folder"])
+def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_process, tmp_path, served):
+    """The other way round: a server started while a sort fills its folder
+    would build its index before the sort's last files and file beside them,
+    so it does not start (exit 2, one line), even on a new folder, where no
+    index held the sort off."""
     out, src = tmp_path / "out", tmp_path / "src"
-    server = serve_process(*FAST, out=out)  # OUT becomes a serve output folder
-    assert server.terminate() == 0
+    if served:
+        server = serve_process(*FAST, out=out)  # OUT becomes a serve output folder
+        assert server.terminate() == 0
     src.mkdir()
     ds = ct_dataset(generate_uid())
     for i in range(800):
@@ -150,9 +155,16 @@ def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_p
     _, err = sort.communicate(timeout=120)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "a sort into it" in lines[0], lines
+    assert len(lines) == 1 and f"(pid {sort.pid}: a sort into it" in lines[0], lines
     assert sort.returncode == 0, err
-    assert "rebuilt: 800 instances" in err and len(_rows(out)) == 800 == len(layout_files(out))
+    if served:
+        assert "rebuilt: 800 instances" in err
+    else:
+        assert not index_path(out).exists()  # the refused server made none
+        server = serve_process(*FAST, out=out)
+        assert "created the instance index" in server.log()
+        assert server.terminate() == 0
+    assert len(_rows(out)) == 800 == len(layout_files(out))
 
 
 def test_a_sort_killed_in_a_served_folder_leaves_the_next_server_rebuilding_the_index(serve_process, tmp_path):

@@ -580,7 +580,7 @@ def test_two_runs_at_once_lose_nothing(many, tmp_path: Path) -> None:
         assert "Traceback" not in err, both
         if code == 75:
             assert len(err.strip().splitlines()) == 1, both
-            assert "another sortscp sort is writing into" in err, both
+            assert "another sortscp sort (or a server starting on it) is writing into" in err, both
     stored = layout_files(dst)
     names = Counter(p.name for p in stored)
     assert sorted(names) == sorted(f"{u}.dcm" for u in uids.values()), (

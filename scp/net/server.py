@@ -10,6 +10,7 @@ hung one cannot hold the stop), then aborts what is left. A stop takes at most
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sqlite3
 import tempfile
@@ -34,7 +35,7 @@ from scp.net.transport import start_server
 from scp.pool import WorkerPool
 from scp.store.index import SqliteIndex, index_path
 from scp.store.instance import open_for_serving
-from scp.store.tmp import TMP_DIRNAME, remove_orphans
+from scp.store.tmp import TMP_DIRNAME, SortRunning, remove_orphans, take_sort_lock
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +146,25 @@ class _Sweeper(threading.Thread):
 
 
 def _open_index(out: Path) -> SqliteIndex:
-    """The instance index of `out`, rebuilt if missing or behind, settled."""
+    """The instance index of `out`, rebuilt if missing or behind, settled.
+
+    Under sort's lock of `out`: a sort still filling the folder would place
+    files after the index was built from it (even a first one, where no index
+    held the sort off), and a sort started meanwhile sees the index and is
+    refused."""
+    try:
+        sort_lock = take_sort_lock(out)
+    except SortRunning as exc:
+        raise ServeError(f"another sortscp process holds {out} (pid {exc.pid}: a sort into it, or a server "
+                         "starting on it); start the server once it has finished") from None
+    except OSError as exc:
+        raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     try:
         index, rebuilt, removed = open_for_serving(out, identity_facts)
     except (InstanceIndexError, sqlite3.Error, OSError) as exc:  # e.g. "database or disk is full"
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
+    finally:
+        os.close(sort_lock)
     if rebuilt:
         if rebuilt == "missing":  # a new output folder, or one from before the index
             log.info("created the instance index %s from the files there", index_path(out))

@@ -9,6 +9,7 @@ process from those being written right now.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from scp._process import pid_alive
-from scp.errors import StoreError
+from scp.errors import DestinationLockedError, StoreError
 
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
@@ -27,6 +28,36 @@ TMP_DIRNAME = ".sortscp-tmp"
 #: that ``sort`` need not import the index to know them.
 STATE_DIRNAME = ".sortscp"
 INDEX_FILENAME = "index.sqlite"
+#: The lock a sort holds on its DST for its whole run (in the state folder).
+SORT_LOCK_FILENAME = "sort.lock"
+
+
+class SortRunning(DestinationLockedError):
+    """A sort holds the folder (:func:`take_sort_lock`); `pid` as it wrote it."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(f"a sortscp sort is writing into it (pid {pid})")
+        self.pid = pid
+
+
+def take_sort_lock(root: Path) -> int:
+    """Take ``ROOT/.sortscp/sort.lock`` (``flock``, not waiting) and write our
+    PID in it; return its descriptor (the lock lasts while it is open). A sort
+    holds it for its run; a server takes it for its start, so that it never
+    builds its index while a sort still fills the folder. Raises
+    :class:`SortRunning` if another process holds it."""
+    state = root / STATE_DIRNAME
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / SORT_LOCK_FILENAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise SortRunning(pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def tmp_prefix(kind: str) -> str:
