@@ -497,21 +497,33 @@ def reindex(
     newest is indexed and the others are listed.
 
     Exit status: 0 done; 1 OUT is not a folder or files could not be read;
-    75 a running server holds the index (stop it first).
+    75 a running server holds the index (stop it first), or a sort fills OUT.
     """
     from scp.jobs import identity_facts
     from scp.log import safe
     from scp.store.index import IndexInUseError, rebuild
+    from scp.store.tmp import SortRunning, take_sort_lock
 
     setup_logging("WARNING")  # pydicom's warnings about the files go through the escaping log
     if not out.is_dir():
         typer.echo(f"reindex: {out} is not a folder", err=True)
         raise typer.Exit(1)
     try:
+        sort_lock = take_sort_lock(out)  # a sort filling OUT would place files after the walk
+    except SortRunning as exc:
+        typer.echo(f"reindex: another sortscp process holds {out} (pid {exc.pid}: a sort into it, or a server "
+                   "starting on it); try again once it has finished", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
+    except OSError as exc:
+        typer.echo(f"reindex: cannot take {out}: {exc.strerror}: {exc.filename}", err=True)
+        raise typer.Exit(1) from None
+    try:
         summary = rebuild(out, identity_facts, digests=digests)
     except IndexInUseError as exc:
         typer.echo(f"reindex: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
+    finally:
+        os.close(sort_lock)
     for uid, kept, other in summary.duplicates:
         typer.echo(f"reindex: {safe(other)}: another file of SOPInstanceUID {safe(uid)} (indexed: {safe(kept)})",
                    err=True)

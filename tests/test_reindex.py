@@ -150,12 +150,14 @@ def test_a_server_started_while_a_sort_fills_its_folder_refuses_to_start(serve_p
         os.killpg(sort.pid, signal.SIGSTOP)  # while it places the files
         assert sort.poll() is None and len(layout_files(out)) < 800, "stopped too late"
         refused = run_cli("serve", "--out", out, "--port", "0", timeout=30)
+        not_now = run_cli("reindex", out, timeout=30)
     finally:
         os.killpg(sort.pid, signal.SIGCONT)
     _, err = sort.communicate(timeout=120)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"(pid {sort.pid}: a sort into it" in lines[0], lines
+    assert not_now.returncode == 75 and f"(pid {sort.pid}: a sort into it" in not_now.stderr, not_now.stderr
     assert sort.returncode == 0, err
     if served:
         assert "rebuilt: 800 instances" in err
