@@ -203,6 +203,29 @@ def test_instances_all_resent_into_another_series_remove_the_old_manifest(
     assert "emptied" in server.log() and "Traceback" not in server.log()
 
 
+def test_instances_leaving_a_series_one_by_one_complete_it_again_once(serve_process, tmp_path: Path) -> None:
+    """An instance that leaves a series (resent into another) is a change to
+    it like an arrival: it restarts the stable time. Moving three of four,
+    one every half second with a stable time of 2 s, completes the old series
+    again once, with the one left, not once per move on a partial series."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process("--series-stable-seconds", "2", "--study-stable-seconds", "2", "--events", str(events))
+    old = ct_copies(4, patient="Leave^Test")
+    assert send_datasets(server.port, old) == [SUCCESS] * 4
+    wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the series to complete")
+    new_uid = generate_uid()
+    for ds in old[:3]:
+        moved = copy.deepcopy(ds)
+        moved.SeriesInstanceUID, moved.SeriesNumber = new_uid, 2
+        assert send_datasets(server.port, [moved]) == [SUCCESS]
+        time.sleep(0.5)
+    wait_until(lambda: len(events_of(events, "series_complete")) >= 3, timeout=30, what="both series complete")
+    time.sleep(3)  # past the stable time: nothing more completes
+    done = [(e["series_instance_uid"], e["revision"], e["instance_count"]) for e in events_of(events, "series_complete")]
+    old_uid = old[0].SeriesInstanceUID
+    assert sorted(done) == sorted([(old_uid, 1, 4), (old_uid, 2, 1), (new_uid, 1, 3)]), done
+
+
 @pytest.mark.parametrize("uids", [("1.2.3." + "4" * 300,), ("1.2.826.0.1.3680043.8.498.5/7",
                                                             "1.2.826.0.1.3680043.8.498.5_7")],
                          ids=["too long for a file name", "two that make the same file name"])

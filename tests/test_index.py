@@ -198,8 +198,13 @@ def test_move_to_another_series_moves_the_counts(root, idx):
     assert idx.study_state("9").series == 1
     assert not idx.forget_empty_series("9.1", emptied.revision - 1)  # read before a later change
     assert idx.forget_empty_series("9.1", emptied.revision)
-    assert idx.series_state("9.1") is None  # gone, as a rebuild would have it
+    assert not idx.forget_empty_series("9.1", emptied.revision)  # settled once
+    assert idx.series_state("9.1").complete and "9.1" not in {s.series_instance_uid for s in idx.stable_series(0, now=time.time() + 1)}
     assert_agree(root, idx)
+    # an instance that comes back gives the next revision, never one given before
+    put(root, idx, "1.2", "A/S/1.2.dcm", b"tres", facts=facts_for(b"tres", series="9.1", study="9"))
+    back = idx.series_state("9.1")
+    assert (back.instances, back.revision, back.complete) == (1, emptied.revision + 1, False)
 
 
 def test_commit_of_a_lost_claim_raises(root, idx):

@@ -463,6 +463,14 @@ ON CONFLICT(series_instance_uid) DO UPDATE SET
     revision = {_BUMP}
 """
 
+#: An instance leaves a series (study): a change like an arrival, so it
+#: restarts the stable time too (a series whose instances are being resent
+#: into another one, one by one, completes once they are done, not after each).
+_LEAVE = (
+    "UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1,"
+    " last_arrival = max(coalesce(last_arrival, 0), ?), revision = " + _BUMP + " WHERE {key} = ?"
+)
+
 _STUDY_UPSERT = f"""
 INSERT INTO studies(study_instance_uid, patient_name, patient_id, study_date,
                     first_arrival, last_arrival, instances, arrivals)
@@ -1046,11 +1054,7 @@ class SqliteIndex:
             ("study_instance_uid", "studies", counted.study_instance_uid if counted is not None else None, study),
         ):
             if counted is not None and old_uid is not None and old_uid != new_uid:
-                cur.execute(
-                    f"UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1,"
-                    f" revision = {_BUMP} WHERE {key} = ?",
-                    (old_uid,),
-                )
+                cur.execute(_LEAVE.format(table=table, key=key), (now, old_uid))
             if new_uid is None:
                 continue
             delta = 0 if counted is not None and old_uid == new_uid else 1
@@ -1157,11 +1161,7 @@ class SqliteIndex:
         ):
             if value is None:
                 continue
-            cur.execute(
-                f"UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1, revision = {_BUMP}"
-                f" WHERE {key} = ?",
-                (value,),
-            )
+            cur.execute(_LEAVE.format(table=table, key=key), (time.time(), value))
 
     def _add_obsolete(self, cur: sqlite3.Cursor, relpath: str, uid: str, owner: str | None) -> None:
         cur.execute(
@@ -1336,19 +1336,22 @@ class SqliteIndex:
         return self._studies("WHERE instances > 0 ORDER BY patient_name, patient_id, study_date", ())
 
     def forget_empty_series(self, series_uid: str, revision: int) -> bool:
-        """Remove the row of `series_uid` if it has no instance left (each was
-        sent again as part of another series) and is still at `revision`; True
-        if this call removed it. A series keeps its row at 0 instances until
-        the completion watcher has removed its manifest."""
+        """Settle the row of `series_uid` if it has no instance left (each was
+        sent again as part of another series) and is still at `revision`: it
+        is marked done at that revision, left out of listings, and an instance
+        that comes later gives it the next revision (never one given before).
+        True if this call settled it: the completion watcher calls it once it
+        has removed the series' manifest."""
         return self._forget("series", "series_instance_uid", series_uid, revision)
 
     def forget_empty_study(self, study_uid: str, revision: int) -> bool:
         return self._forget("studies", "study_instance_uid", study_uid, revision)
 
     def _forget(self, table: str, key: str, uid: str, revision: int) -> bool:
-        sql = f"DELETE FROM {table} WHERE {key} = ? AND instances <= 0 AND revision = ?"
+        sql = (f"UPDATE {table} SET completed_revision = revision, completed_at = ?"
+               f" WHERE {key} = ? AND instances <= 0 AND revision = ? AND completed_revision < revision")
         with self._lock:
-            return self._c().execute(sql, (uid, revision)).rowcount == 1
+            return self._c().execute(sql, (time.time(), uid, revision)).rowcount == 1
 
     def _series(self, where: str, args: tuple) -> list[SeriesState]:
         cols = ", ".join("s." + c.strip() for c in _SERIES_COLS.split(","))
