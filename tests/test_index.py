@@ -556,6 +556,41 @@ def test_rebuild_carries_completion_state_over(root, idx):
         assert (s2.instances, s2.revision, s2.completed_revision) == (2, 2, 1)  # grew: a new revision
 
 
+@pytest.mark.parametrize("change", ["one file for another", "other bytes", "moved", "none"])
+def test_rebuild_carries_completion_only_over_a_series_whose_files_are_the_same(root, idx, change):
+    """Not its count alone: one file removed and another added by hand (or by
+    a sort), then a rebuild, kept the series complete, and its manifest named
+    a file that was gone and left out one that was there."""
+    for uid, data in (("1.1", b"a"), ("1.2", b"b")):
+        idx.record_placed(uid, f"P/S/{uid}.dcm", facts_for(data, series="3.1", study="3"), now=1.0)
+    for s in idx.stable_series(0):
+        assert idx.mark_series_complete(s.series_instance_uid, s.revision)
+    for t in idx.stable_studies(0):
+        assert idx.mark_study_complete(t.study_instance_uid, t.revision)
+    idx.close()
+    files = {"P/S/1.1.dcm": b"a", "P/S/1.2.dcm": b"b"}
+    if change == "one file for another":
+        del files["P/S/1.2.dcm"]
+        files["P/S/1.4.dcm"] = b"d"
+    elif change == "other bytes":
+        files["P/S/1.2.dcm"] = b"bb"
+    elif change == "moved":
+        files["P/T/1.2.dcm"] = files.pop("P/S/1.2.dcm")
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    summary = rebuild(root, lambda p: {"sop_instance_uid": p.stem, "series_instance_uid": "3.1",
+                                       "study_instance_uid": "3"})
+    assert summary.carried_completion
+    with SqliteIndex(root) as index:
+        series, study = index.series_state("3.1"), index.study_state("3")
+        assert series.instances == study.instances == 2
+        if change == "none":
+            assert (series.revision, series.complete, study.revision, study.complete) == (1, True, 1, True)
+        else:  # a new revision, to complete (and its manifest to be written) again
+            assert (series.revision, series.complete, study.revision, study.complete) == (2, False, 2, False)
+
+
 def test_missing_index_is_rebuilt(root, tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()

@@ -834,13 +834,29 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
         return False
     try:
         for table, key in (("series", "series_instance_uid"), ("studies", "study_instance_uid")):
+            # Changed: one of its instances is new, gone, moved in or out, or has
+            # another path or size than the old index had (a count alone misses
+            # one file removed and another added: its manifest then named both wrong).
+            conn.execute(f"DROP TABLE IF EXISTS temp.changed_{table}")
+            conn.execute(
+                f"CREATE TEMP TABLE changed_{table} AS"
+                f" SELECT n.{key} AS uid FROM main.instances AS n"
+                f"  LEFT JOIN old.instances AS o ON o.sop_instance_uid = n.sop_instance_uid"
+                f"  WHERE o.sop_instance_uid IS NULL OR o.state <> 'ok' OR o.path IS NOT n.path"
+                f"   OR o.size IS NOT n.size OR o.{key} IS NOT n.{key}"
+                f" UNION SELECT o.{key} FROM old.instances AS o"
+                f"  LEFT JOIN main.instances AS n ON n.sop_instance_uid = o.sop_instance_uid"
+                f"  WHERE o.state = 'ok' AND (n.sop_instance_uid IS NULL OR n.{key} IS NOT o.{key})"
+            )
             conn.execute(
                 f"UPDATE main.{table} AS n SET"
-                f" revision = CASE WHEN o.instances = n.instances THEN o.revision"
+                f" revision = CASE WHEN o.instances = n.instances"
+                f"   AND n.{key} NOT IN (SELECT uid FROM temp.changed_{table} WHERE uid IS NOT NULL) THEN o.revision"
                 f"  WHEN o.completed_revision >= o.revision THEN o.revision + 1 ELSE o.revision END,"
                 f" completed_revision = o.completed_revision, completed_at = o.completed_at"
                 f" FROM old.{table} AS o WHERE o.{key} = n.{key}"
             )
+            conn.execute(f"DROP TABLE temp.changed_{table}")
         return True
     except sqlite3.Error:
         return False
