@@ -203,6 +203,35 @@ def test_instances_all_resent_into_another_series_remove_the_old_manifest(
     assert "emptied" in server.log() and "Traceback" not in server.log()
 
 
+def test_a_series_whose_files_were_removed_before_a_rebuild_loses_its_manifest(serve_process, tmp_path: Path) -> None:
+    """The rebuild (``reindex``, or a server's start after a crash) knows only
+    the files: a completed series with none left had no row after it, so its
+    manifest, naming the removed files, stayed for good."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    gone, kept = ct_copies(2, patient="Removed^ByHand"), ct_copies(1, patient="Kept^Here")
+    assert send_datasets(server.port, gone + kept) == [SUCCESS] * 3
+    wait_until(lambda: len(events_of(events, "study_complete")) == 2, timeout=30, what="both studies to complete")
+    assert server.terminate() == 0
+    manifests = [series_manifest_path(server.out, gone[0].SeriesInstanceUID),
+                 study_manifest_path(server.out, gone[0].StudyInstanceUID)]
+    assert all(m.is_file() for m in manifests)
+    for path in layout_files(server.out):
+        if "Removed^ByHand" in str(path):
+            path.unlink()  # a user deletes a patient by hand
+    done = run_cli("reindex", server.out, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    server = serve_process(*STABLE, "--events", str(events))
+    wait_until(lambda: events_of(events, "study_emptied"), timeout=30, what="the emptied study")
+    assert [e["series_instance_uid"] for e in events_of(events, "series_emptied")] == [gone[0].SeriesInstanceUID]
+    assert not any(m.exists() for m in manifests)
+    assert series_manifest_path(server.out, kept[0].SeriesInstanceUID).is_file()
+    listed = json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]
+    assert [t["patient_name"] for t in listed] == ["Kept^Here"]
+    time.sleep(2.5)  # past the stable time: the kept study does not complete again
+    assert len(events_of(events, "series_complete")) == 2 and len(events_of(events, "study_complete")) == 2
+
+
 def test_instances_leaving_a_series_one_by_one_complete_it_again_once(serve_process, tmp_path: Path) -> None:
     """An instance that leaves a series (resent into another) is a change to
     it like an arrival: it restarts the stable time. Moving three of four,

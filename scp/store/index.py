@@ -827,6 +827,15 @@ def _old_meta(final: Path) -> dict[str, str] | None:
         return None
 
 
+_CARRIED_COLUMNS = {
+    "series": ("series_instance_uid", "study_instance_uid", "folder", "series_description", "series_number",
+               "modality", "first_arrival", "last_arrival", "instances", "arrivals", "revision",
+               "completed_revision", "completed_at"),
+    "studies": ("study_instance_uid", "patient_name", "patient_id", "study_date", "first_arrival",
+                "last_arrival", "instances", "arrivals", "revision", "completed_revision", "completed_at"),
+}
+
+
 def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
     try:
         conn.execute("ATTACH DATABASE ? AS old", (str(final),))
@@ -857,6 +866,21 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
                 f" FROM old.{table} AS o WHERE o.{key} = n.{key}"
             )
             conn.execute(f"DROP TABLE temp.changed_{table}")
+            # One that completed and has no file left keeps a row at 0 instances (at
+            # a new revision): the completion watcher then removes its manifest,
+            # which names files that are gone, and says so (series_emptied).
+            cols = _CARRIED_COLUMNS[table]
+            picked = ", ".join(
+                "0" if c == "instances" else
+                "CASE WHEN o.instances > 0 AND o.completed_revision >= o.revision THEN o.revision + 1"
+                " ELSE o.revision END" if c == "revision" else f"o.{c}"
+                for c in cols
+            )
+            conn.execute(
+                f"INSERT INTO main.{table}({', '.join(cols)}) SELECT {picked} FROM old.{table} AS o"
+                f" WHERE o.completed_revision > 0 AND NOT EXISTS"
+                f" (SELECT 1 FROM main.{table} AS n WHERE n.{key} = o.{key})"
+            )
         return True
     except sqlite3.Error:
         return False
