@@ -113,7 +113,9 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
         else:
             note = f"replaced the earlier copy at {done.other} (removed)"
     nbytes = size - offset  # the dataset, as received
-    return Outcome(result, received, str(done.final.relative_to(cfg.out)), note, nbytes)
+    mine = done.placement is not Placement.KEPT_EXISTING  # (kept: the file there is the first copy)
+    return Outcome(result, received, str(done.final.relative_to(cfg.out)), note, nbytes,
+                   facts=facts if mine else None)
 
 
 #: Header values kept in the instance index (besides the template's).

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from scp.enums import Result, SkipCategory
 
@@ -22,6 +24,10 @@ class Outcome:
     reason: str = ""
     nbytes: int = 0
     category: str = ""
+    #: serve: the index facts of the instance filed at `destination` (its
+    #: series and study ...), as its worker committed them; None where the
+    #: file there is another one (``--on-duplicate keep``).
+    facts: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 #: How the summary names each kind of skipped entry, in order.

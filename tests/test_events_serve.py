@@ -232,6 +232,23 @@ def test_a_series_whose_files_were_removed_before_a_rebuild_loses_its_manifest(s
     assert len(events_of(events, "series_complete")) == 2 and len(events_of(events, "study_complete")) == 2
 
 
+def test_each_stored_event_names_the_series_its_version_was_sent_in(serve_process, tmp_path: Path) -> None:
+    """Two versions of one instance back to back at the same path (a corrected
+    SeriesInstanceUID, the same SeriesNumber): the stored event of the first,
+    written up to 50 ms later, read the index row the second had replaced."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process("--events", str(events))
+    sent = []
+    for first in ct_copies(60, patient="Version^Test"):
+        second = copy.deepcopy(first)
+        second.SeriesInstanceUID = generate_uid()
+        sent += [first, second]
+    assert send_datasets(server.port, sent) == [SUCCESS] * len(sent)
+    wait_until(lambda: len(events_of(events, "stored")) == len(sent), timeout=30, what="every stored event")
+    got = [(e["sop_instance_uid"], e["series_instance_uid"]) for e in events_of(events, "stored")]
+    assert got == [(ds.SOPInstanceUID, ds.SeriesInstanceUID) for ds in sent]
+
+
 def test_instances_leaving_a_series_one_by_one_complete_it_again_once(serve_process, tmp_path: Path) -> None:
     """An instance that leaves a series (resent into another) is a change to
     it like an arrival: it restarts the stable time. Moving three of four,

@@ -43,7 +43,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ class _Stored:
     nbytes: int
     sop_class_uid: str | None
     transfer_syntax_uid: str | None
+    facts: Mapping[str, Any] | None = None  #: as its worker committed them (else read from the index)
 
 
 class Pipeline:
@@ -209,14 +210,15 @@ class Pipeline:
 
     def stored(self, calling_aet: str, sop_instance_uid: str, destination: str, nbytes: int, *,
                sop_class_uid: str | None = None, transfer_syntax_uid: str | None = None,
-               seconds: float | None = None) -> None:
-        """An instance was committed at `destination` (relative to OUT) and answered Success."""
+               seconds: float | None = None, facts: Mapping[str, Any] | None = None) -> None:
+        """An instance was committed at `destination` (relative to OUT) and answered Success;
+        `facts`: its index facts as committed (None: the stored event reads them from the index)."""
         self.metrics.stored(calling_aet, nbytes, seconds)
         if not self._dispatch or self._stop.is_set():
             return
         try:
             self._queue.put_nowait(_Stored(calling_aet, sop_instance_uid, destination, nbytes,
-                                           sop_class_uid, transfer_syntax_uid))
+                                           sop_class_uid, transfer_syntax_uid, facts))
         except queue.Full:
             self.metrics.events_dropped.inc()
             self._drops.warn(log, "dropped a stored event: %s", _QUEUE_FULL,
@@ -336,8 +338,10 @@ class Pipeline:
         marker.wait(STOP_SECONDS)
 
     def _stored_record(self, item: _Stored, index: SqliteIndex | None) -> dict[str, Any]:
-        facts: dict[str, Any] = {}
-        if index is not None:
+        # Its own facts, not the index row's: by the time this runs (a batch, up to
+        # 50 ms later), another version of the instance may have replaced the row.
+        facts: Mapping[str, Any] = item.facts or {}
+        if item.facts is None and index is not None:
             try:
                 row = index.lookup(item.sop_instance_uid)
             except InstanceIndexError as exc:
