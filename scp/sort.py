@@ -558,8 +558,6 @@ def _lock_served_index(dst: Path) -> int | None:
     :class:`DestinationLockedError` (the run touches nothing)."""
     if not (dst / STATE_DIRNAME / INDEX_FILENAME).is_file():
         return None  # not a serve output folder (and the index module is not even imported)
-    import sqlite3
-
     from scp.store.index import IndexInUseError, lock_index, mark_behind
 
     try:
@@ -570,10 +568,7 @@ def _lock_served_index(dst: Path) -> int | None:
             f"first, or send these files to it (storescu +sd +r ...)"
         ) from None
     # The run ends with a rebuild; until then (and if it never ends) the next server rebuilds it.
-    try:
-        mark_behind(dst, "a sort into this folder did not finish (the index may not name its files)")
-    except sqlite3.Error:  # unreadable: check() already asks for a rebuild
-        pass
+    mark_behind(dst, "a sort into this folder did not finish (the index may not name its files)")
     return fd
 
 

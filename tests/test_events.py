@@ -310,6 +310,25 @@ def test_a_timed_out_hook_gets_sigterm_before_sigkill(tmp_path: Path) -> None:
     assert r.timed_out and not r.ok and r.returncode == 7 and r.stderr_tail == "got TERM"
 
 
+def test_a_stored_event_names_the_version_it_was_sent_for_not_the_row_that_replaced_it(
+        out: Path, index: SqliteIndex, tmp_path: Path) -> None:
+    """The event is written up to 50 ms after the response; by then another
+    version of the instance (a corrected SeriesInstanceUID, the same path) may
+    have replaced its row. It carries the facts its worker committed."""
+    events = tmp_path / "events.jsonl"
+    rel = add_instance(index, out, "1.11.9", "1.11.9.1", "1.11.9.1.1", ago=0)
+    first = index.lookup("1.11.9.1.1").facts()
+    assert add_instance(index, out, "1.11.9", "1.11.9.2", "1.11.9.1.1", ago=0) == rel  # the second version
+    p = pipeline(out, events=str(events))
+    try:
+        p.stored("MODALITY", "1.11.9.1.1", rel, 10, facts=first)
+        wait_until(lambda: any(e["event"] == "stored" for e in lines(events)), what="the stored event")
+    finally:
+        p.stop()
+    (event,) = [e for e in lines(events) if e["event"] == "stored"]
+    assert event["series_instance_uid"] == "1.11.9.1" and event["study_instance_uid"] == "1.11.9"
+
+
 def test_a_failing_hook_is_logged_in_one_line_with_its_stderr_and_becomes_an_event(
         out: Path, index: SqliteIndex, tmp_path: Path, caplog) -> None:
     events = tmp_path / "events.jsonl"

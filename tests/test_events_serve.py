@@ -168,8 +168,10 @@ def test_instances_all_resent_into_another_series_remove_the_old_manifest(
     files that the resend replaced. It is removed (so is the old study's when
     the study is left empty), the old series leaves ``ls``, an event says so,
     and what the instances now belong to completes with exactly them."""
-    events = tmp_path / "events.jsonl"
-    server = serve_process(*STABLE, "--events", str(events))
+    events, runs = tmp_path / "events.jsonl", tmp_path / "hook-runs"
+    server = serve_process(*STABLE, "--events", str(events), "--hook-shell",
+                           "--on-series-complete", f'echo "$SORTSCP_EVENT" >> "{runs}"',
+                           "--on-study-complete", f'echo "$SORTSCP_EVENT" >> "{runs}"')
     old = ct_copies(2, patient="Resend^Test")
     assert send_datasets(server.port, old) == [SUCCESS] * 2
     wait_until(lambda: events_of(events, "study_complete"), timeout=30, what="the study to complete")
@@ -201,6 +203,9 @@ def test_instances_all_resent_into_another_series_remove_the_old_manifest(
     assert listed_study["study_instance_uid"] == new_study
     assert [s["series_instance_uid"] for s in listed_study["series"]] == [new_series]
     assert "emptied" in server.log() and "Traceback" not in server.log()
+    completions = [e["event"] for e in events_of(events) if e["event"].endswith("_complete")]
+    wait_until(lambda: runs.exists() and len(runs.read_text().split()) >= len(completions), what="the hooks")
+    assert sorted(runs.read_text().split()) == sorted(completions)  # none for the _emptied events
 
 
 def test_a_series_whose_files_were_removed_before_a_rebuild_loses_its_manifest(serve_process, tmp_path: Path) -> None:

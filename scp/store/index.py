@@ -617,12 +617,15 @@ def mark_behind(root: Path | str, why: str) -> None:
     a server rebuilds it at its start) until a rebuild has put a new index in
     place. ``sort`` into a serve output folder marks it before it places a
     file: a run that is interrupted (or killed) never rebuilds it."""
-    conn = sqlite3.connect(index_path(root), timeout=BUSY_TIMEOUT, isolation_level=None)
     try:
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (BEHIND_KEY, why))
-    finally:
-        conn.close()
+        conn = sqlite3.connect(index_path(root), timeout=BUSY_TIMEOUT, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (BEHIND_KEY, why))
+        finally:
+            conn.close()
+    except sqlite3.Error:  # unreadable: check() asks for a rebuild already
+        pass
 
 
 def _walk(root: Path, suffix: str | None) -> Iterator[tuple[str, os.stat_result]]:
@@ -827,15 +830,6 @@ def _old_meta(final: Path) -> dict[str, str] | None:
         return None
 
 
-_CARRIED_COLUMNS = {
-    "series": ("series_instance_uid", "study_instance_uid", "folder", "series_description", "series_number",
-               "modality", "first_arrival", "last_arrival", "instances", "arrivals", "revision",
-               "completed_revision", "completed_at"),
-    "studies": ("study_instance_uid", "patient_name", "patient_id", "study_date", "first_arrival",
-                "last_arrival", "instances", "arrivals", "revision", "completed_revision", "completed_at"),
-}
-
-
 def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
     try:
         conn.execute("ATTACH DATABASE ? AS old", (str(final),))
@@ -846,30 +840,26 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
             # Changed: one of its instances is new, gone, moved in or out, or has
             # another path or size than the old index had (a count alone misses
             # one file removed and another added: its manifest then named both wrong).
-            conn.execute(f"DROP TABLE IF EXISTS temp.changed_{table}")
             conn.execute(
-                f"CREATE TEMP TABLE changed_{table} AS"
-                f" SELECT n.{key} AS uid FROM main.instances AS n"
+                f"WITH changed(uid) AS ("
+                f" SELECT n.{key} FROM main.instances AS n"
                 f"  LEFT JOIN old.instances AS o ON o.sop_instance_uid = n.sop_instance_uid"
                 f"  WHERE o.sop_instance_uid IS NULL OR o.state <> 'ok' OR o.path IS NOT n.path"
                 f"   OR o.size IS NOT n.size OR o.{key} IS NOT n.{key}"
                 f" UNION SELECT o.{key} FROM old.instances AS o"
                 f"  LEFT JOIN main.instances AS n ON n.sop_instance_uid = o.sop_instance_uid"
-                f"  WHERE o.state = 'ok' AND (n.sop_instance_uid IS NULL OR n.{key} IS NOT o.{key})"
-            )
-            conn.execute(
-                f"UPDATE main.{table} AS n SET"
+                f"  WHERE o.state = 'ok' AND (n.sop_instance_uid IS NULL OR n.{key} IS NOT o.{key}))"
+                f" UPDATE main.{table} AS n SET"
                 f" revision = CASE WHEN o.instances = n.instances"
-                f"   AND n.{key} NOT IN (SELECT uid FROM temp.changed_{table} WHERE uid IS NOT NULL) THEN o.revision"
+                f"   AND n.{key} NOT IN (SELECT uid FROM changed WHERE uid IS NOT NULL) THEN o.revision"
                 f"  WHEN o.completed_revision >= o.revision THEN o.revision + 1 ELSE o.revision END,"
                 f" completed_revision = o.completed_revision, completed_at = o.completed_at"
                 f" FROM old.{table} AS o WHERE o.{key} = n.{key}"
             )
-            conn.execute(f"DROP TABLE temp.changed_{table}")
             # One that completed and has no file left keeps a row at 0 instances (at
             # a new revision): the completion watcher then removes its manifest,
             # which names files that are gone, and says so (series_emptied).
-            cols = _CARRIED_COLUMNS[table]
+            cols = [row[1] for row in conn.execute(f"PRAGMA main.table_info({table})")]
             picked = ", ".join(
                 "0" if c == "instances" else
                 "CASE WHEN o.instances > 0 AND o.completed_revision >= o.revision THEN o.revision + 1"
@@ -1351,7 +1341,8 @@ class SqliteIndex:
     def mark_study_complete(self, study_uid: str, revision: int, *, arrivals: int | None = None) -> bool:
         return self._mark("studies", "study_instance_uid", study_uid, revision, arrivals)
 
-    def _mark(self, table: str, key: str, uid: str, revision: int, arrivals: int | None) -> bool:
+    def _mark(self, table: str, key: str, uid: str, revision: int, arrivals: int | None, *,
+              empty: bool = False) -> bool:
         sql = (
             f"UPDATE {table} SET completed_revision = ?, completed_at = ?"
             f" WHERE {key} = ? AND revision = ? AND completed_revision < ?"
@@ -1360,6 +1351,8 @@ class SqliteIndex:
         if arrivals is not None:
             sql += " AND arrivals = ?"
             args += (arrivals,)
+        if empty:
+            sql += " AND instances <= 0"
         with self._lock:
             return self._c().execute(sql, args).rowcount == 1
 
@@ -1382,16 +1375,11 @@ class SqliteIndex:
         that comes later gives it the next revision (never one given before).
         True if this call settled it: the completion watcher calls it once it
         has removed the series' manifest."""
-        return self._forget("series", "series_instance_uid", series_uid, revision)
+        return self._mark("series", "series_instance_uid", series_uid, revision, None, empty=True)
 
     def forget_empty_study(self, study_uid: str, revision: int) -> bool:
-        return self._forget("studies", "study_instance_uid", study_uid, revision)
+        return self._mark("studies", "study_instance_uid", study_uid, revision, None, empty=True)
 
-    def _forget(self, table: str, key: str, uid: str, revision: int) -> bool:
-        sql = (f"UPDATE {table} SET completed_revision = revision, completed_at = ?"
-               f" WHERE {key} = ? AND instances <= 0 AND revision = ? AND completed_revision < revision")
-        with self._lock:
-            return self._c().execute(sql, (time.time(), uid, revision)).rowcount == 1
 
     def _series(self, where: str, args: tuple) -> list[SeriesState]:
         cols = ", ".join("s." + c.strip() for c in _SERIES_COLS.split(","))
