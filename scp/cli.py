@@ -285,6 +285,7 @@ def sort(
     from scp.errors import DestinationLockedError, Interrupted, ReportError
     from scp.layout import Template
     from scp.sort import REPORT_FORMATS, shown, sort_tree
+    from scp.store.tmp import NotOwnFolder
 
     err = _err()
     try:
@@ -329,6 +330,8 @@ def sort(
             )
         except DestinationLockedError as exc:
             stopped = (EXIT_LOCKED, str(exc))
+        except NotOwnFolder as exc:
+            stopped = (2, f"error: {shown(str(exc))}")
         except ReportError as exc:  # what is done stays done; the rest waits for a rerun
             stopped = (1, f"error: {shown(str(exc))}; the run stopped: run the same command again to finish")
         except Interrupted as exc:
@@ -502,7 +505,7 @@ def reindex(
     from scp.jobs import identity_facts
     from scp.log import safe
     from scp.store.index import IndexInUseError, rebuild
-    from scp.store.tmp import SortRunning, take_sort_lock
+    from scp.store.tmp import NotOwnFolder, SortRunning, take_sort_lock
 
     setup_logging("WARNING")  # pydicom's warnings about the files go through the escaping log
     if not out.is_dir():
@@ -514,6 +517,9 @@ def reindex(
         typer.echo(f"reindex: another sortscp process holds {out} (pid {exc.pid}: a sort into it, or a server "
                    "starting on it); try again once it has finished", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
+    except NotOwnFolder as exc:
+        typer.echo(f"reindex: {exc}", err=True)
+        raise typer.Exit(1) from None
     except OSError as exc:
         typer.echo(f"reindex: cannot take {out}: {exc.strerror}: {exc.filename}", err=True)
         raise typer.Exit(1) from None

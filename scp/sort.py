@@ -43,10 +43,12 @@ from scp.store.tmp import (
     INDEX_FILENAME,
     STATE_DIRNAME,
     TMP_DIRNAME,
+    NotOwnFolder,
     SortRunning,
     fs_clock_ns,
     remove_orphans,
     take_sort_lock,
+    tmp_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -395,8 +397,9 @@ def sort_tree(
             try:
                 lock = lock_destination(cfg.dst)
                 stack.callback(os.close, lock)
+                tmp_dir(cfg.dst)  # a real folder of DST's own, not a link out of it
                 index_lock = _lock_served_index(cfg.dst)
-            except DestinationLockedError:
+            except (DestinationLockedError, NotOwnFolder):
                 if writer is not None:
                     writer.discard()
                 raise

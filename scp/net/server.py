@@ -35,7 +35,15 @@ from scp.net.transport import start_server
 from scp.pool import WorkerPool
 from scp.store.index import SqliteIndex, index_path
 from scp.store.instance import open_for_serving
-from scp.store.tmp import TMP_DIRNAME, SortRunning, remove_orphans, take_sort_lock
+from scp.store.tmp import (
+    STATE_DIRNAME,
+    TMP_DIRNAME,
+    NotOwnFolder,
+    SortRunning,
+    own_folder,
+    remove_orphans,
+    take_sort_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +94,13 @@ def prepare_output(out: Path) -> Path:
     Pynetdicom writes each incoming dataset into the temporary folder, on the
     same file system as the layout, so that the final step is a link, not a copy.
     """
-    tmp = out / TMP_DIRNAME
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp = own_folder(out, TMP_DIRNAME)
+        own_folder(out, STATE_DIRNAME)
         with tempfile.NamedTemporaryFile(dir=tmp, prefix="probe-"):
             pass
+    except NotOwnFolder as exc:
+        raise ServeError(str(exc)) from None
     except OSError as exc:
         raise ServeError(f"cannot write to the output folder {out}: {exc.strerror}") from None
     _remove_stale(tmp)

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,37 @@ INDEX_FILENAME = "index.sqlite"
 SORT_LOCK_FILENAME = "sort.lock"
 
 
+class NotOwnFolder(StoreError):
+    """``ROOT/.sortscp-tmp`` or ``ROOT/.sortscp`` is not a folder of ROOT's own
+    (a symbolic link, a file): sortscp writes and removes files there, so
+    following it would write into, and clean, a folder outside ROOT."""
+
+
+def own_folder(root: Path, name: str) -> Path:
+    """``root/name``, one of sortscp's own folders in an output root, made if
+    missing (with `root`). Raises :class:`NotOwnFolder` if that name is taken
+    by anything but a real folder: a symbolic link (even to a folder), a file."""
+    path = root / name
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:
+        root.mkdir(parents=True, exist_ok=True)
+        return own_folder(root, name)
+    except FileExistsError:
+        pass
+    mode = os.lstat(path).st_mode
+    if stat.S_ISDIR(mode):
+        return path
+    if stat.S_ISLNK(mode):
+        what = f"a symbolic link (to {os.readlink(path)!r}), not a folder"
+    else:
+        what = "not a folder"
+    raise NotOwnFolder(
+        f"{path} is {what}; sortscp writes and removes files there, so it will not use it: "
+        "remove it, and sortscp makes the folder again"
+    )
+
+
 class SortRunning(DestinationLockedError):
     """A sort holds the folder (:func:`take_sort_lock`); `pid` as it wrote it."""
 
@@ -46,9 +78,10 @@ def take_sort_lock(root: Path) -> int:
     holds it for its run; a server takes it for its start, so that it never
     builds its index while a sort still fills the folder. Raises
     :class:`SortRunning` if another process holds it."""
-    state = root / STATE_DIRNAME
-    state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state / SORT_LOCK_FILENAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    state = own_folder(root, STATE_DIRNAME)
+    fd = os.open(
+        state / SORT_LOCK_FILENAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -75,33 +108,38 @@ def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
     many seconds (e.g. one without a PID in its name).
 
     Returns how many were removed. Without `older_than`, the files of running
-    processes are never touched.
+    processes are never touched. A `tmp` that is a symbolic link is not
+    followed (nothing is removed): it is not ours to clean.
     """
     cutoff = None if older_than is None else time.time() - older_than
     removed = 0
     try:
-        entries = list(os.scandir(tmp))
+        dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return 0
-    for entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
+    try:
+        with os.scandir(dir_fd) as it:
+            entries = list(it)
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                match = _TMP_OWNER.match(entry.name)
+                orphan = match is not None and not pid_alive(int(match.group(1)))
+                if orphan or (cutoff is not None and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                    os.unlink(entry.name, dir_fd=dir_fd)
+                    removed += 1
+            except OSError:
                 continue
-            match = _TMP_OWNER.match(entry.name)
-            orphan = match is not None and not pid_alive(int(match.group(1)))
-            if orphan or (cutoff is not None and entry.stat().st_mtime < cutoff):
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue
+    finally:
+        os.close(dir_fd)
     return removed
 
 
 def tmp_dir(root: Path) -> Path:
-    """The folder for files being written under `root` (created if needed)."""
-    path = root / TMP_DIRNAME
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The folder for files being written under `root` (created if needed;
+    :class:`NotOwnFolder` if the name is a symbolic link or a file)."""
+    return own_folder(root, TMP_DIRNAME)
 
 
 def open_tmp(folder: str | os.PathLike[str], kind: str, suffix: str) -> tuple[BinaryIO, str]:
