@@ -22,11 +22,17 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from scp.config import ServeConfig
-from scp.dicom.header import IDENTITY_KEYWORDS, dataset_from_elements, read_header, wanted_tags
+from scp.dicom.header import (
+    IDENTITY_KEYWORDS,
+    check_complete,
+    dataset_from_elements,
+    read_header,
+    wanted_tags,
+)
 from scp.dicom.meta import PREAMBLE
-from scp.dicom.walk import SOP_CLASS_UID
+from scp.dicom.walk import SOP_CLASS_UID, encoding_of
 from scp.enums import Duplicate, Fsync, Placement, Result
-from scp.errors import NotDicomError
+from scp.errors import DatasetMismatch, NotDicomError
 from scp.layout import Template, raw_texts, relative_path, relative_path_raw
 from scp.report import Outcome
 from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
@@ -66,6 +72,8 @@ class ReceivedHeader:
     transfer_syntax: str
     #: the command's Affected SOP Class UID (a dataset without its own gets it, as from the File Meta)
     sop_class_uid: str
+    #: the command's Affected SOP Instance UID (the File Meta's)
+    sop_instance_uid: str
     #: where the dataset starts in the file (the length of our File Meta)
     dataset_offset: int
 
@@ -92,14 +100,33 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
         size = os.stat(received).st_size
         offset = header.dataset_offset
         rel, uid, facts = named_from_header(header, cfg.template, size, calling_aet)
+        expected = header.sop_instance_uid
     else:
         with open(received, "rb") as src:
             ds = read_header(src, (*cfg.template.keywords, *FACT_KEYWORDS), identity_from_meta=False)
+            if encoding_of(str(ds.file_meta.get("TransferSyntaxUID", ""))) is None:
+                # a private transfer syntax: the network thread could not walk it;
+                # walked here in the encoding pydicom read its header with
+                check_complete(src, ds)
             size = os.fstat(src.fileno()).st_size
         offset = _dataset_offset(ds)
+        _same_class(ds)
+        uid = str(ds.get("SOPInstanceUID") or "")
+        expected = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
+        if not uid:
+            raise DatasetMismatch(f"the dataset has no SOP Instance UID (the command says {expected})")
         rel = relative_path(ds, cfg.template)
-        uid = str(ds.SOPInstanceUID)
         facts = instance_facts(ds, size, calling_aet)
+    # The name and the index row follow the UID read here. The network thread
+    # checked the dataset against the command with its own reader; pydicom,
+    # which reads what it did not keep, can see another UID in the same bytes
+    # (a VR encoding switched mid-dataset, a private transfer syntax): such a
+    # file would replace another instance's under a Success for this one.
+    if uid.rstrip("\0 ") != expected.rstrip("\0 "):
+        raise DatasetMismatch(
+            f"the dataset's SOP Instance UID {uid!r} (as its header is read to file it) "
+            f"is not the command's {expected!r}"
+        )
     done = commit_instance(
         Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate,
         durable=cfg.fsync is Fsync.ALWAYS,
@@ -229,6 +256,18 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
 
 #: What :func:`named_from_header` reads as text.
 _RAW_KEYWORDS = (*FACT_KEYWORDS, "SOPInstanceUID")
+
+
+def _same_class(ds: Dataset) -> None:
+    """A dataset read by pydicom names the SOP Class of its File Meta (the
+    command's), or none."""
+    try:
+        value = ds.get("SOPClassUID")
+    except Exception:  # noqa: BLE001 - a value pydicom cannot convert
+        value = None
+    expected = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if value is not None and str(value).rstrip("\0 ") and str(value).rstrip("\0 ") != expected.rstrip("\0 "):
+        raise DatasetMismatch(f"the dataset's SOP Class UID {str(value)!r} is not the command's {expected!r}")
 
 
 def _with_sop_class(header: ReceivedHeader) -> dict[int, tuple[str | None, bytes]]:

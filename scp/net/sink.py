@@ -174,7 +174,8 @@ class IncomingDataset:
         return ReceivedHeader(
             elements={t: v for t, v in walker.elements.items() if t < FIRST_PIXEL_TAG},
             implicit=self._encoding[0], little=self._encoding[1], transfer_syntax=self.transfer_syntax,
-            sop_class_uid=self.sop_class_uid, dataset_offset=self.dataset_offset,
+            sop_class_uid=self.sop_class_uid, sop_instance_uid=self.sop_instance_uid,
+            dataset_offset=self.dataset_offset,
         )
 
     def flush(self) -> None:
