@@ -43,7 +43,9 @@ EXPOSE 11112 9112
 USER sortscp
 WORKDIR /data
 
-# A real C-ECHO to ourselves: healthy only if the SCP answers Success.
+# A real C-ECHO to ourselves: healthy only if the SCP answers Success. With
+# SORTSCP_ALLOW_AET, list HEALTHCHECK@127.0.0.1 too; with TLS, run with
+# --no-healthcheck (sortscp echo speaks plain DICOM).
 HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
     CMD sortscp echo 127.0.0.1 "$SORTSCP_PORT" --called-aet "$SORTSCP_AET" --aet HEALTHCHECK --timeout 10
 

@@ -284,7 +284,7 @@ def sort(
 
     from scp.errors import DestinationLockedError, Interrupted, ReportError
     from scp.layout import Template
-    from scp.sort import REPORT_FORMATS, shown, sort_tree
+    from scp.sort import REPORT_FORMATS, report_clobbers, shown, sort_tree
     from scp.store.tmp import NotOwnFolder
 
     err = _err()
@@ -297,6 +297,8 @@ def sort(
             f"--report {report}: unknown extension {report.suffix or '(none)'!r}; "
             f"use one of {', '.join(REPORT_FORMATS)}"
         )
+    if report is not None and (clobbers := report_clobbers(report)):
+        raise _one_line_usage_error(f"--report {shown(str(report))}: {clobbers}")
     setup_logging(log_level)
     cfg = SortConfig(
         src=src, dst=dst, template=parsed, mode=mode,
@@ -427,7 +429,8 @@ def ls(
 ) -> None:
     """List the studies and series received (from the index in OUT/.sortscp).
 
-    Exit status: 0, or 1 when OUT has no index (it is created by `sortscp serve`).
+    Exit status: 0, or 1 when OUT has no index (it is created by `sortscp serve`);
+    2 usage error (OUT is not a folder).
     """
     import json
 
@@ -499,12 +502,14 @@ def reindex(
     was left behind by a crash. Where several files hold one SOPInstanceUID the
     newest is indexed and the others are listed.
 
-    Exit status: 0 done; 1 OUT is not a folder or files could not be read;
-    75 a running server holds the index (stop it first), or a sort fills OUT.
+    Exit status: 0 done; 1 OUT does not exist, files could not be read (a file
+    cut short is not indexed) or the index cannot be put in place; 2 usage
+    error (OUT is a file); 75 a running server holds the index (stop it
+    first), or a sort fills OUT.
     """
     from scp.jobs import identity_facts
     from scp.log import safe
-    from scp.store.index import IndexInUseError, rebuild
+    from scp.store.index import IndexInUseError, InstanceIndexError, rebuild
     from scp.store.tmp import NotOwnFolder, SortRunning, take_sort_lock
 
     setup_logging("WARNING")  # pydicom's warnings about the files go through the escaping log
@@ -528,6 +533,9 @@ def reindex(
     except IndexInUseError as exc:
         typer.echo(f"reindex: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
+    except InstanceIndexError as exc:
+        typer.echo(f"reindex: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         os.close(sort_lock)
     for uid, kept, other in summary.duplicates:

@@ -129,7 +129,7 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
         )
     done = commit_instance(
         Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate,
-        durable=cfg.fsync is Fsync.ALWAYS,
+        durable=cfg.fsync is Fsync.ALWAYS, holds=holds_instance,
     )
     result, note = _STORED[done.placement]
     if done.other is not None:
@@ -210,10 +210,22 @@ def _facts(text: Callable[[str], str | None], size: int, transfer_syntax: str | 
     }
 
 
+def holds_instance(path: Path, uid: str) -> bool:
+    """Whether the file at `path` is (still) an instance `uid`, or is gone:
+    asked before a replaced copy is removed (only then: a header read)."""
+    try:
+        ds = read_header(path, ())
+    except FileNotFoundError:
+        return True
+    except (NotDicomError, OSError):
+        return False
+    return str(ds.get("SOPInstanceUID", "")).rstrip("\0 ") == uid.rstrip("\0 ")
+
+
 def identity_facts(path: Path) -> dict[str, Any] | None:
     """What :func:`scp.store.index.rebuild` needs of a file of the tree."""
-    with open(path, "rb") as f:
-        ds = read_header(f, FACT_KEYWORDS)
+    with open(path, "rb") as f:  # checked complete: a fragment is not the instance
+        ds = read_header(f, FACT_KEYWORDS, check=True)
         size = os.fstat(f.fileno()).st_size
     return {"sop_instance_uid": str(ds.SOPInstanceUID), **instance_facts(ds, size)}
 

@@ -83,6 +83,24 @@ def test_the_stored_hook_writes_a_file_per_instance(serve_process, tmp_path: Pat
     assert env["SORTSCP_PATIENT_ID"] == str(datasets[0].PatientID)
 
 
+def test_a_fact_an_instance_lacks_is_null_in_its_event_and_empty_for_its_hook(
+    serve_process, tmp_path: Path
+) -> None:
+    marks, events = tmp_path / "marks", tmp_path / "events.jsonl"
+    marks.mkdir()
+    server = serve_process(
+        "--events", events, "--hook-shell", "--on-stored",
+        f'set -u; printf "%s" "$SORTSCP_STUDY_DATE" > "{marks}/$SORTSCP_SOP_INSTANCE_UID"')
+    (ds,) = ct_copies(1)
+    del ds.StudyDate
+    assert send_datasets(server.port, [ds]) == [SUCCESS]
+    wait_until(lambda: (marks / ds.SOPInstanceUID).exists() and events_of(events, "stored"), what="hook and event")
+    assert (marks / ds.SOPInstanceUID).read_text() == ""  # set, empty: `set -u` did not stop it
+    (event,) = events_of(events, "stored")
+    assert "study_date" in event and event["study_date"] is None, event
+    assert "hook_failed" not in server.log()
+
+
 def test_a_series_over_two_associations_completes_once_with_exactly_its_instances(
         serve_process, tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"

@@ -400,6 +400,29 @@ def test_json_lines_report(small_tree: Tree, tmp_path: Path) -> None:
     assert any("患者" in row["source"] for row in rows)  # written as text, not escaped
 
 
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_a_report_path_holding_a_file_of_src_is_refused_and_the_file_kept(
+    small_tree: Tree, tmp_path: Path, suffix: str
+) -> None:
+    tree = small_tree.clone(tmp_path / "src")
+    victim = tree.root / f"ct{suffix}"  # a DICOM file that happens to be named like a report
+    shutil.copyfile(tree.dicom[0], victim)
+    before = victim.read_bytes()
+    dst = tmp_path / "dst"
+    for mode in ("copy", "move"):
+        r = run_cli("sort", tree.root, dst, "--report", victim, "--mode", mode, "--workers", WORKERS)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "is not a sortscp report; refusing to overwrite it" in r.stderr and "Traceback" not in r.stderr
+        assert victim.read_bytes() == before
+        assert not dst.exists()  # refused before anything was touched
+    # a report of an earlier run at that path is written over, as always
+    report = tmp_path / f"report{suffix}"
+    for _ in range(2):
+        r = run_cli("sort", tree.root, dst, "--report", report, "--workers", WORKERS)
+        assert r.returncode == 0, r.stderr
+    assert report.stat().st_size > 0
+
+
 # --- failures and usage errors ------------------------------------------------------
 
 def test_a_failure_gives_exit_1_and_the_rest_is_sorted(small_tree: Tree, tmp_path: Path) -> None:

@@ -80,14 +80,15 @@ _NOT_ENV = {"instances", "series", "calling_aets"}
 
 
 def hook_env(record: dict[str, Any]) -> dict[str, str]:
-    """The ``SORTSCP_*`` variables of an event record.
+    """The ``SORTSCP_*`` variables of an event record; an unknown fact is set,
+    empty (a hook under ``set -u`` can test it).
 
-    >>> hook_env({"event": "stored", "path": "a/b.dcm", "size": 12})
-    {'SORTSCP_EVENT': 'stored', 'SORTSCP_PATH': 'a/b.dcm', 'SORTSCP_SIZE': '12'}
+    >>> hook_env({"event": "stored", "path": "a/b.dcm", "size": 12, "study_date": None})
+    {'SORTSCP_EVENT': 'stored', 'SORTSCP_PATH': 'a/b.dcm', 'SORTSCP_SIZE': '12', 'SORTSCP_STUDY_DATE': ''}
     """
     return {
-        f"SORTSCP_{k.upper()}": str(v).replace("\0", "")
-        for k, v in record.items() if v is not None and k not in _NOT_ENV
+        f"SORTSCP_{k.upper()}": "" if v is None else str(v).replace("\0", "")
+        for k, v in record.items() if k not in _NOT_ENV
     }
 
 
@@ -357,7 +358,7 @@ class Pipeline:
             series_instance_uid=facts.get("series_instance_uid"), study_instance_uid=facts.get("study_instance_uid"),
             patient_id=facts.get("patient_id"), patient_name=facts.get("patient_name"),
             study_date=facts.get("study_date"), modality=facts.get("modality"),
-            size=facts.get("size") or item.nbytes, digest=facts.get("digest"),  # None from serve: see manifest
+            size=facts.get("size") or item.nbytes,  # (no digest: the manifest computes it)
         )
 
     def _emit_stored(self, records: list[tuple[str, dict[str, Any]]]) -> None:

@@ -41,14 +41,16 @@ EVENTS_QUEUE = 10_000
 
 
 def event_record(event: str, **facts: Any) -> dict[str, Any]:
-    """An event as its JSON object: ``event``, ``time``, then the facts (None values left out).
+    """An event as its JSON object: ``event``, ``time``, then the facts; one
+    that is unknown (the instance has no StudyDate ...) is null, never left
+    out, so every event of a kind has the same keys.
 
     >>> r = event_record("stored", path="a/b.dcm", size=None)
-    >>> r["event"], r["path"], "size" in r
-    ('stored', 'a/b.dcm', False)
+    >>> r["event"], r["path"], r["size"]
+    ('stored', 'a/b.dcm', None)
     """
     record: dict[str, Any] = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-    record.update((k, v) for k, v in facts.items() if v is not None)
+    record.update(facts)
     return record
 
 

@@ -171,7 +171,14 @@ def replace_with(make: Callable[[Path], None], final: Path) -> None:
     tmp = final.with_name(fit_component(f".{final.name}", f".{os.getpid()}.link"))
     unlink_quietly(tmp)
     make(tmp)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:  # e.g. `final` is a folder: nothing of ours stays beside it
+        unlink_quietly(tmp)
+        raise StoreError(f"cannot replace {final}: {os.strerror(exc.errno or 0)}") from exc
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
 
 
 def candidates(final: Path, on_conflict: Duplicate):

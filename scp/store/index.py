@@ -782,9 +782,16 @@ def rebuild(
         # The old file goes first, then its WAL and shared memory (a stale WAL
         # next to the new file would be replayed into it), then the new one
         # takes the name. A crash in between leaves no index: rebuilt again.
-        for name in (INDEX_FILENAME, INDEX_FILENAME + "-wal", INDEX_FILENAME + "-shm"):
-            (sdir / name).unlink(missing_ok=True)
-        os.rename(tmp, final)
+        try:
+            for name in (INDEX_FILENAME, INDEX_FILENAME + "-wal", INDEX_FILENAME + "-shm"):
+                (sdir / name).unlink(missing_ok=True)
+            os.rename(tmp, final)
+        except OSError as exc:  # e.g. a folder at the index's name: leave nothing of ours
+            tmp.unlink(missing_ok=True)
+            raise InstanceIndexError(
+                f"cannot put the rebuilt index in place at {exc.filename or final}: "
+                f"{exc.strerror or exc}"
+            ) from None
         dfd = os.open(sdir, os.O_RDONLY)
         try:
             os.fsync(dfd)

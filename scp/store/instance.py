@@ -19,13 +19,15 @@ identical / replace / keep / ``~N`` logic.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scp.enums import Duplicate, Placement
 from scp.errors import IndexCommitFailed, InstanceIndexError
+from scp.log import safe
 from scp.store._prune import remove_obsolete
 from scp.store.commit import commit_file
 from scp.store.index import InstanceIndex, SqliteIndex, open_index
@@ -40,6 +42,8 @@ class Committed:
     #: the earlier copy elsewhere in the tree that was removed (replace) or kept (keep/both)
     other: str | None = None
 
+log = logging.getLogger(__name__)
+
 
 def commit_instance(
     src: Path,
@@ -51,9 +55,14 @@ def commit_instance(
     *,
     on_conflict: Duplicate = Duplicate.REPLACE,
     durable: bool = True,
+    holds: Callable[[Path, str], bool] | None = None,
 ) -> Committed:
     """File the complete temporary file `src` as ``root / rel``, keeping one
-    file per SOPInstanceUID `uid` in the tree (see the module docstring)."""
+    file per SOPInstanceUID `uid` in the tree (see the module docstring).
+
+    `holds(path, uid)`, if given, says whether the file at `path` is still an
+    instance `uid`: the earlier copy the index names is removed only then (a
+    file moved there by hand since, another instance, is kept and logged)."""
     claim = index.begin(uid, rel.as_posix(), facts)
     try:
         old = claim.old
@@ -63,7 +72,11 @@ def commit_instance(
             index.abort(claim)
             assert old is not None
             return Committed(root / str(old.path), Placement.KEPT_EXISTING, old.path)
-        final, placement = commit_file(src, root, rel, on_conflict=on_conflict, durable=durable)
+        # "keep" keeps the first copy of this instance, which the index knows;
+        # a file at the name it does not hold for this UID (a fragment another
+        # tool left, which a rebuild found unreadable) is no copy of it
+        policy = Duplicate.REPLACE if on_conflict is Duplicate.KEEP and old is None else on_conflict
+        final, placement = commit_file(src, root, rel, on_conflict=policy, durable=durable)
         unchanged = placement is Placement.IDENTICAL and old is not None and old.path == rel.as_posix()
         if final != root / rel or (placement is Placement.KEPT_EXISTING and old is not None) or unchanged:
             # stored as ~N beside other bytes, the indexed file kept, or the same bytes sent
@@ -83,6 +96,14 @@ def commit_instance(
     if superseded is not None:
         if on_conflict is Duplicate.BOTH:
             index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
+        elif holds is not None and not holds(root / superseded, uid):
+            log.warning(
+                "%s: not removed as the earlier copy of %s: it holds something else now "
+                "(files moved by hand? run sortscp reindex)", safe(superseded), safe(uid),
+                extra={"event": "obsolete_kept", "path": superseded, "sop_instance": uid},
+            )
+            index.obsolete_removed(superseded)  # no longer this instance's: not the index's to remove
+            superseded = None
         else:
             remove_obsolete(root, superseded)
             index.obsolete_removed(superseded)
