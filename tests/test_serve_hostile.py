@@ -964,6 +964,22 @@ def test_huge_pdu_header_is_aborted_without_buffering(serve_process):
     still_serving(server)
 
 
+def test_pdu_headers_alone_reserve_no_memory_with_an_unlimited_max_pdu(serve_process):
+    """With --max-pdu 0 a P-DATA-TF may be 64 MiB long; a peer announcing one and
+    sending nothing more must not make the server hold 64 MiB for it."""
+    server = serve_process(*FAST, "--max-pdu", "0", "--max-associations", "4")
+    peers = [Peer(server.port, timeout=10) for _ in range(4)]
+    with PeakMemory(server.proc.pid) as mem:
+        for peer in peers:
+            peer.associate(CT_CONTEXT)
+            peer.send(struct.pack(">BBI", pdu.P_DATA_TF, 0, (64 << 20) - 10))
+        time.sleep(1.5)
+    for peer in peers:
+        peer.close()
+    assert mem.extra < 32 << 20, f"4 six-byte PDU headers grew the server by {mem.extra >> 20} MiB"
+    still_serving(server)
+
+
 # =================================================================================
 # 8. Hung worker, stop with a stuck worker, second SIGTERM
 # =================================================================================

@@ -422,6 +422,9 @@ PDATA_SLACK = 1024
 UNLIMITED_PDATA_LIMIT = 64 << 20
 #: Bound on every other PDU (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT).
 OTHER_PDU_LIMIT = 1 << 20
+#: The buffer a PDU is first read into; a longer one doubles it as its bytes
+#: arrive (a default 1 MiB P-DATA-TF fits at once).
+FIRST_PDU_BUFFER = (1 << 20) + PDATA_SLACK + 6
 #: A DIMSE message still arriving must average at least this many bytes per second
 #: after its first ``dimse_timeout`` seconds (see :func:`message_allowance`).
 MIN_RATE = 64 << 10
@@ -573,7 +576,7 @@ class _NetState:
     """Per-DUL state of the event-driven reactor."""
 
     __slots__ = ("buf", "dead", "eof", "fallback", "header", "hn", "hview", "msg_bytes", "msg_start",
-                 "n", "pipe", "readable", "stopped", "view")
+                 "n", "pipe", "readable", "stopped", "total", "view")
 
     def __init__(self) -> None:
         self.pipe = _WakePipe()  # the reactor's wake-up, beside the peer's socket
@@ -586,6 +589,7 @@ class _NetState:
         self.buf: bytearray | None = None
         self.view: memoryview | None = None
         self.n = 0
+        self.total = 0  # the current PDU's length, header included (`buf` may be shorter yet)
         self.stopped = False
         self.fallback: bool | None = None  # TLS / timeout socket: pynetdicom's own read
         self.msg_start: float | None = None  # first byte of the message still arriving
@@ -750,16 +754,23 @@ def _read_some(dul: Any, state: _NetState, sock: socket.socket) -> bool:
         if length > limit:
             return _refuse(dul, state, f"it announced a PDU (type 0x{pdu_type:02X}) of {length} bytes, "
                                        f"more than the {limit} we accept", "pdu_too_large")
-        state.buf = bytearray(6 + length)
+        # Memory follows the bytes that came, not the length a header announced
+        # (up to 64 MiB with --max-pdu 0): the buffer doubles as it fills.
+        state.total = 6 + length
+        state.buf = bytearray(min(state.total, FIRST_PDU_BUFFER))
         state.buf[:6] = state.header
         state.view = memoryview(state.buf)
         state.n = 6
     buf, view = state.buf, state.view
     assert view is not None
-    total = len(buf)
+    total = state.total
     while state.n < total:
+        if state.n == len(buf):
+            view.release()
+            buf.extend(bytes(min(total - len(buf), len(buf))))
+            view = state.view = memoryview(buf)
         try:
-            n = sock.recv_into(view[state.n:], total - state.n, flags)
+            n = sock.recv_into(view[state.n:], len(buf) - state.n, flags)
         except (BlockingIOError, InterruptedError):
             state.readable = False
             return got
