@@ -41,11 +41,14 @@ from scp.sort_jobs import Deferred, Item, failure_reason, sort_batch, sort_claim
 from scp.store.fsops import flush_count, same_content
 from scp.store.tmp import (
     INDEX_FILENAME,
+    INDEX_LOCK_FILENAME,
+    SORT_LOCK_FILENAME,
     STATE_DIRNAME,
     TMP_DIRNAME,
     NotOwnFolder,
     SortRunning,
     fs_clock_ns,
+    lock_holder,
     remove_orphans,
     take_sort_lock,
     tmp_dir,
@@ -81,7 +84,7 @@ def report_clobbers(path: Path) -> str | None:
 
 
 #: How a report written by :class:`_ReportWriter` begins (CSV, JSON lines).
-_REPORT_START_CSV = b"source,destination,outcome,"
+_REPORT_START_CSV = b"source,destination,outcome"
 _REPORT_START_JSON = b'{"source": '
 #: How often the parent looks at the stop flag while it waits for workers.
 POLL_SECONDS = 0.2
@@ -346,11 +349,7 @@ def lock_destination(dst: Path) -> int:
     try:
         return take_sort_lock(dst)
     except SortRunning as exc:
-        raise DestinationLockedError(
-            f"another sortscp sort (or a server starting on it) is writing into {shown(os.fspath(dst))}"
-            f" (pid {exc.pid}); "
-            "try again when it has finished"
-        ) from None
+        raise DestinationLockedError(_SORT_RUNNING.format(dst=shown(os.fspath(dst)), pid=exc.pid)) from None
 
 
 class _Stop:
@@ -414,7 +413,9 @@ def sort_tree(
         writer = stack.enter_context(_ReportWriter(cfg.report, cfg.dst)) if cfg.report else None
         changed_before_ns = started_ns = None
         index_lock = None
-        if not cfg.dry_run:
+        if cfg.dry_run:
+            _refused_as_the_run_would_be(cfg.dst)
+        else:
             try:
                 lock = lock_destination(cfg.dst)
                 stack.callback(os.close, lock)
@@ -574,6 +575,23 @@ def sort_tree(
     return report
 
 
+def _refused_as_the_run_would_be(dst: Path) -> None:
+    """A dry run says what the real run would: refused (75) while another sort
+    or a running server holds DST. It only looks (:func:`lock_holder`)."""
+    state = dst / STATE_DIRNAME
+    pid = lock_holder(state / SORT_LOCK_FILENAME)
+    if pid is not None:
+        raise DestinationLockedError(_SORT_RUNNING.format(dst=shown(os.fspath(dst)), pid=pid))
+    if (state / INDEX_FILENAME).is_file() and lock_holder(state / INDEX_LOCK_FILENAME) is not None:
+        raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst))
+
+
+_SORT_RUNNING = ("another sortscp sort (or a server starting on it) is writing into {dst} (pid {pid}); "
+                 "try again when it has finished")
+_SERVER_RUNNING = ("a running server (sortscp serve) holds the instance index of {dst}: stop it "
+                   "first, or send these files to it (storescu +sd +r ...)")
+
+
 def _lock_served_index(dst: Path) -> int | None:
     """If DST is (or was) a serve output folder, take its instance index for
     the run (the lock's file descriptor): a server that files into DST while
@@ -587,10 +605,7 @@ def _lock_served_index(dst: Path) -> int | None:
     try:
         fd = lock_index(dst)
     except IndexInUseError:
-        raise DestinationLockedError(
-            f"a running server (sortscp serve) holds the instance index of {dst}: stop it "
-            f"first, or send these files to it (storescu +sd +r ...)"
-        ) from None
+        raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst)) from None
     # The run ends with a rebuild; until then (and if it never ends) the next server rebuilds it.
     mark_behind(dst, "a sort into this folder did not finish (the index may not name its files)")
     return fd

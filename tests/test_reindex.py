@@ -111,6 +111,9 @@ def test_sort_into_a_folder_a_server_files_into_is_refused_and_touches_nothing(s
         assert not report.exists()
     refused = run_cli("sort", "--mode", "move", out, out, timeout=120)  # in place, a new layout
     assert refused.returncode == 75 and _tree(out) == before
+    planned = run_cli("sort", "--dry-run", src, out, timeout=120)  # as the real run would be
+    assert planned.returncode == 75 and "running server" in planned.stderr, planned.stdout + planned.stderr
+    assert "->" not in planned.stdout
     # Stopped, the same sort runs and the index knows the file: a corrected
     # resend through the next server replaces it.
     assert server.terminate() == 0

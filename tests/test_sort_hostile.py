@@ -970,8 +970,12 @@ def test_a_run_refused_at_the_lock_leaves_the_running_runs_report_alone(tmp_path
         fresh = tmp_path / "fresh.csv"
         check_ok(run_cli("sort", src, dst, "--report", fresh), 75)
         assert not fresh.exists()
+        planned = run_cli("sort", src, dst, "--dry-run")  # says what the real run would: refused
+        check_ok(planned, 75)
+        assert "->" not in planned.stdout, show(planned)
     finally:
         os.close(lock)
+    check_ok(run_cli("sort", src, dst, "--dry-run"))  # the lock let go: planned (and only looked)
     assert layout_files(dst) == []
 
 

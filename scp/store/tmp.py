@@ -29,6 +29,8 @@ TMP_DIRNAME = ".sortscp-tmp"
 #: that ``sort`` need not import the index to know them.
 STATE_DIRNAME = ".sortscp"
 INDEX_FILENAME = "index.sqlite"
+#: The lock every process holding the index open shares (the index module's ``LOCK_FILENAME``).
+INDEX_LOCK_FILENAME = "index.lock"
 #: The lock a sort holds on its DST for its whole run (in the state folder).
 SORT_LOCK_FILENAME = "sort.lock"
 
@@ -91,6 +93,30 @@ def take_sort_lock(root: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_holder(path: Path) -> int | None:
+    """The PID of a process holding a ``flock`` on `path`, read from
+    ``/proc/locks`` (None: no one, or no way to tell). Only looks: a dry run
+    asks it, and must not hold anything a starting server or sort would
+    then find taken."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or "FLOCK" not in fields or key not in fields:
+            continue  # (a "->" line waits for the lock: it holds nothing)
+        at = fields.index(key)
+        try:
+            return int(fields[at - 1])
+        except ValueError:
+            return None
+    return None
 
 
 def tmp_prefix(kind: str) -> str:
