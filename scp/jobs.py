@@ -10,6 +10,7 @@ preloads this module once for all its workers. ``sort``'s jobs live in
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from scp.dicom.walk import SOP_CLASS_UID, encoding_of
 from scp.enums import Duplicate, Fsync, Placement, Result
 from scp.errors import DatasetMismatch, NotDicomError
 from scp.layout import Template, raw_texts, relative_path, relative_path_raw
+from scp.log import safe
 from scp.report import Outcome
 from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
 from scp.store.instance import commit_instance
@@ -42,6 +44,8 @@ __all__ = [
     "ReceivedHeader", "header_tags", "store_received", "FACT_KEYWORDS", "instance_facts",
     "identity_facts", "worker_index",
 ]
+
+log = logging.getLogger(__name__)
 
 _STORED = {
     Placement.STORED: (Result.STORED, ""),
@@ -132,6 +136,12 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
         durable=cfg.fsync is Fsync.ALWAYS, holds=holds_instance,
     )
     result, note = _STORED[done.placement]
+    if done.not_removed is not None:
+        log.warning(
+            "%s: not removed as the earlier copy of %s: it holds something else now "
+            "(files moved by hand? run sortscp reindex)", safe(done.not_removed), safe(uid),
+            extra={"event": "obsolete_kept", "path": done.not_removed, "sop_instance": uid},
+        )
     if done.other is not None:
         if done.placement is Placement.KEPT_EXISTING:
             note = f"kept the first copy received, at {done.other}; this one (for {rel}) dropped"

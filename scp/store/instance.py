@@ -19,7 +19,6 @@ identical / replace / keep / ``~N`` logic.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -27,7 +26,6 @@ from typing import Any
 
 from scp.enums import Duplicate, Placement
 from scp.errors import IndexCommitFailed, InstanceIndexError
-from scp.log import safe
 from scp.store._prune import remove_obsolete
 from scp.store.commit import commit_file
 from scp.store.index import InstanceIndex, SqliteIndex, open_index
@@ -41,8 +39,8 @@ class Committed:
     placement: Placement
     #: the earlier copy elsewhere in the tree that was removed (replace) or kept (keep/both)
     other: str | None = None
-
-log = logging.getLogger(__name__)
+    #: where the index had the earlier copy, now holding something else (kept; see `holds`)
+    not_removed: str | None = None
 
 
 def commit_instance(
@@ -62,7 +60,7 @@ def commit_instance(
 
     `holds(path, uid)`, if given, says whether the file at `path` is still an
     instance `uid`: the earlier copy the index names is removed only then (a
-    file moved there by hand since, another instance, is kept and logged)."""
+    file moved there by hand since, another instance, is kept: ``not_removed``)."""
     claim = index.begin(uid, rel.as_posix(), facts)
     try:
         old = claim.old
@@ -97,13 +95,10 @@ def commit_instance(
         if on_conflict is Duplicate.BOTH:
             index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
         elif holds is not None and not holds(root / superseded, uid):
-            log.warning(
-                "%s: not removed as the earlier copy of %s: it holds something else now "
-                "(files moved by hand? run sortscp reindex)", safe(superseded), safe(uid),
-                extra={"event": "obsolete_kept", "path": superseded, "sop_instance": uid},
-            )
             index.obsolete_removed(superseded)  # no longer this instance's: not the index's to remove
-            superseded = None
+            if elsewhere and placement is Placement.STORED:
+                placement = Placement.REPLACED
+            return Committed(final, placement, None, not_removed=superseded)
         else:
             remove_obsolete(root, superseded)
             index.obsolete_removed(superseded)
