@@ -207,3 +207,24 @@ def test_a_sort_killed_in_a_served_folder_leaves_the_next_server_rebuilding_the_
     # rebuilt once: the next server takes the index as it is
     again = serve_process(*FAST, out=out)
     assert "did not finish" not in again.log()
+
+
+def test_a_file_whose_name_is_not_utf8_is_listed_not_indexed_and_the_server_starts(serve_process, tmp_path):
+    """One such file (copied in from a Latin-1 CD by another tool) made every
+    rebuild fail with a traceback: reindex, a sort's end, and a server's start."""
+    out = tmp_path / "out"
+    odd = ct_dataset(generate_uid(), PatientName="Latin^One")
+    folder = out / "CD"
+    folder.mkdir(parents=True)
+    odd.save_as(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.dcm"), enforce_file_format=True)
+    done = run_cli("reindex", out, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output, output
+    assert "not valid UTF-8" in output and "0 instances indexed from 1 files" in output, output
+    assert not [p for p in (out / ".sortscp").iterdir() if "rebuild" in p.name]
+    (out / ".sortscp" / "index.sqlite").unlink()  # the server builds it again, at its start
+    server = serve_process(*FAST, out=out)
+    fresh = ct_dataset(generate_uid())
+    assert scu_store(server.port, fresh) == 0, server.log()
+    assert ct_path(out, fresh).is_file()
+    assert os.fsencode(folder) + b"/caf\xe9.dcm" in [os.fsencode(p) for p in folder.iterdir()]

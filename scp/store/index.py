@@ -693,6 +693,11 @@ def rebuild(
         for rel, st in _walk(root, suffix):
             summary.files_seen += 1
             try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # a name another tool gave (a Latin-1 CD): the index holds text
+                summary.unreadable.append((rel, "its path is not valid UTF-8; rename it to index it"))
+                continue
+            try:
                 ident = read_identity(root / rel)
             except Exception as exc:  # the reader's problem is the file's: report it
                 summary.unreadable.append((rel, f"{type(exc).__name__}: {exc}"))
