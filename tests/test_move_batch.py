@@ -184,3 +184,21 @@ def test_the_slow_path_keeps_a_source_changed_while_it_is_moved(tmp_path: Path, 
     done = batch.finish()
     assert isinstance(done.get(str(src)), SourceChanged), done
     assert src.read_bytes() == CT.read_bytes() + tail
+
+
+def test_a_source_is_removed_through_a_name_of_its_own_and_a_new_version_put_back(tmp_path: Path) -> None:
+    """The check and the removal act on one file: the name is renamed aside
+    first (a rename over the source between a check by name and an unlink by
+    name lost the new version), and nothing is left under the aside name."""
+    from scp.store.fsops import remove_source
+
+    src = Path(shutil.copy2(CT, tmp_path / "in.dcm"))
+    remove_source(src, identity(os.stat(src)))
+    assert sorted(tmp_path.iterdir()) == []
+    src = Path(shutil.copy2(CT, tmp_path / "in.dcm"))
+    read = identity(os.stat(src))
+    _replace_with(src, MR.read_bytes())  # the new version arrives before the removal
+    with pytest.raises(SourceChanged):
+        remove_source(src, read)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.dcm"]
+    assert src.read_bytes() == MR.read_bytes()

@@ -24,13 +24,41 @@ def identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def check_source(path: Path, expect: Identity | None) -> None:
-    """Raise :class:`~scp.errors.SourceChanged` unless `path` is still the file
-    `expect` describes (None: nothing to check). Called just before a source
-    is removed: another process may have replaced it (a rename over it) or
-    written to it since its bytes were placed."""
-    if expect is not None and identity(os.lstat(path)) != expect:
-        raise source_changed(path)
+def remove_source(path: Path, expect: Identity | None) -> None:
+    """Remove the source `path` of a move, if it is still the file `expect`
+    describes; else :class:`~scp.errors.SourceChanged` and it stays.
+
+    Checking the name and then unlinking it would remove a new version
+    another process renames over `path` in between. So the name is first
+    renamed aside (atomic: what is checked is what is removed); a file found
+    not to be ours there goes back to its name, never over a newer one (it
+    keeps the aside name then, named in the error). A move killed in between
+    leaves the source under ``.sortscp-leaving-*`` beside it: a rerun finds
+    it already in place and removes it."""
+    if expect is None:
+        os.unlink(path)
+        return
+    aside = path.with_name(f".sortscp-leaving-{os.getpid()}-{os.urandom(4).hex()}")
+    os.rename(path, aside)
+    try:
+        ours = identity(os.lstat(aside)) == expect
+    except OSError:
+        ours = False
+    if ours:
+        os.unlink(aside)
+        return
+    try:
+        os.link(aside, path, follow_symlinks=False)
+    except FileExistsError:
+        raise SourceChanged(
+            f"{path} changed while it was being sorted and was taken again since; "
+            f"the version it had is left as {aside.name}, run again"
+        ) from None
+    except OSError:
+        os.rename(aside, path)  # (not a file one can link: put it back as it was)
+    else:
+        os.unlink(aside)
+    raise source_changed(path)
 
 
 def source_changed(path: Path) -> SourceChanged:

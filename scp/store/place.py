@@ -15,11 +15,11 @@ from scp.store.commit import candidates, destination
 from scp.store.fsops import (
     CHUNK,
     Identity,
-    check_source,
     ensure_parent,
     fsync_dir,
     fsync_path,
     identity,
+    remove_source,
     same_content,
     source_changed,
     sync_filesystem,
@@ -249,8 +249,7 @@ def _finish_move(
         return
     if durable:
         fsync_dir(name.parent)
-    check_source(src, expect)
-    os.unlink(src)
+    remove_source(src, expect)
     if durable:
         fsync_dir(src.parent)
 
@@ -292,8 +291,7 @@ class MoveBatch:
         emptied: dict[Path, None] = {}
         for src, expect in self._sources:
             try:
-                check_source(src, expect)
-                os.unlink(src)
+                remove_source(src, expect)
             except (OSError, SourceChanged) as exc:
                 failed[os.fspath(src)] = exc
                 continue
@@ -421,8 +419,7 @@ class SortBatch:
             emptied: dict[Path, None] = {}
             for src, read in self._moved:
                 try:
-                    check_source(src, read)
-                    os.unlink(src)
+                    remove_source(src, read)
                 except (OSError, SourceChanged) as exc:
                     results[os.fspath(src)] = exc
                     continue
