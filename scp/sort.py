@@ -461,9 +461,15 @@ def sort_tree(
         stack.enter_context(_signals(stop))
         pending: dict[Future, list[Item]] = {}
         debug = log.isEnabledFor(logging.DEBUG)
+        # What a name this run made was counted as, when not new (a copy placed
+        # whose source could not be removed is "failed"): a rename of it to ~N
+        # after the walk moves that count, not "new"'s.
+        counted_as: dict[str, Result] = {}
 
         def emit(outcome: Outcome) -> None:
             report.add(outcome)
+            if outcome.destination and outcome.result in (Result.FAILED, Result.REPLACED):
+                counted_as[outcome.destination] = outcome.result  # (rare: not one entry per file)
             if changed_before_ns is not None and outcome.result in _MADE:
                 made.add(name_key(outcome.destination))
             if writer:
@@ -556,7 +562,7 @@ def sort_tree(
                         outcomes = [Outcome(Result.FAILED, c.source, "", why) for c in deferred[rel]]
                         renamed = None
                     if renamed is not None:
-                        _renamed(rel, renamed, report, writer, cfg, on_rename)
+                        _renamed(rel, renamed, report, writer, cfg, on_rename, counted_as.get(rel))
                     for outcome in outcomes:
                         emit(outcome)
         finally:
@@ -655,10 +661,15 @@ def _drain(
 
 def _renamed(
     rel: str, renamed: str, report: Report, writer: _ReportWriter | None, cfg: SortConfig,
-    on_rename: Callable[[str, str], None] | None,
+    on_rename: Callable[[str, str], None] | None, counted: Result | None = None,
 ) -> None:
-    """The file the walk put (or planned) at `rel` now has the name `renamed`."""
-    report.recount(Result.PLANNED if cfg.dry_run else Result.NEW, Result.KEPT_AS_COPY)
+    """The file the walk put (or planned) at `rel` now has the name `renamed`;
+    its entry was counted as `counted` (None: new, or planned)."""
+    if counted is None:
+        report.recount(Result.PLANNED if cfg.dry_run else Result.NEW, Result.KEPT_AS_COPY)
+    elif counted is Result.REPLACED:
+        report.recount(Result.REPLACED, Result.KEPT_AS_COPY)
+    # (a failed entry stays failed: its source is still there, its copy renamed)
     if writer is not None:
         writer.amend(rel, renamed)
     log.debug("renamed %s to %s: a file with a smaller SHA-256 claims the plain name",

@@ -288,7 +288,8 @@ def _named(
 def _unremoved(o: Outcome, exc: OSError | SourceChanged) -> Outcome:
     if isinstance(exc, FileNotFoundError):  # someone else removed it: it is in place
         return o
-    return Outcome(Result.FAILED, o.source, "", failure_reason(exc))
+    # (its copy is in place: the row names it, and a rename of it to ~N after the walk finds it)
+    return Outcome(Result.FAILED, o.source, o.destination, failure_reason(exc))
 
 
 def sort_claims(

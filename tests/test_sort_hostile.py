@@ -449,6 +449,35 @@ def sort_as(prefix: list[str], src: Path, dst: Path, report: Path) -> subprocess
         check=False, capture_output=True, text=True, timeout=120, env=cli_env())
 
 
+def test_a_move_from_a_folder_it_may_not_change_counts_each_entry_once(tmp_path: Path) -> None:
+    """Three files of one SOPInstanceUID with other bytes, in a folder the user
+    may not write: every copy is made, no source can be removed. The summary
+    said "-1 new": the copy renamed to ~N after the walk was taken off "new",
+    where a failed entry was never counted."""
+    prefix = unprivileged_prefix()
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.csv"
+    names = ("MR2_J2KI.dcm", "MR2_J2KR.dcm", "MR2_UNCI.dcm")
+    for name in names:
+        write(src / name, Path(get_testdata_file(name)).read_bytes())
+    before = {name: sha(src / name) for name in names}
+    os.chmod(src, 0o555)
+    try:
+        r = subprocess.run(
+            [*prefix, sys.executable, "-m", "scp", "sort", "--mode", "move", str(src), str(dst),
+             "--workers", WORKERS, "--report", str(report)],
+            check=False, capture_output=True, text=True, timeout=120, env=cli_env())
+    finally:
+        os.chmod(src, 0o755)
+    check_ok(r, 1)
+    assert {name: sha(src / name) for name in names} == before  # every source stays
+    rows = read_rows(report)
+    assert [row["outcome"] for row in rows] == ["failed"] * 3, (rows, show(r))
+    assert "done: 0 new, 0 replaced, 0 already in place, 0 kept as ~N" in r.stdout + r.stderr, show(r)
+    assert "3 failed" in r.stdout + r.stderr, show(r)
+    # every copy is made, byte for byte (only the sources could not be removed)
+    assert sorted(sha(p) for p in layout_files(dst)) == sorted(before.values()), show(r)
+
+
 def test_an_unreadable_folder_is_a_failure(tmp_path: Path) -> None:
     prefix = unprivileged_prefix()
     src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.jsonl"

@@ -39,7 +39,10 @@ def remove_source(path: Path, expect: Identity | None) -> None:
         os.unlink(path)
         return
     aside = path.with_name(f".sortscp-leaving-{os.getpid()}-{os.urandom(4).hex()}")
-    os.rename(path, aside)
+    try:
+        os.rename(path, aside)
+    except OSError as exc:  # (said of the source, as its unlink would)
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
     try:
         ours = identity(os.lstat(aside)) == expect
     except OSError:
