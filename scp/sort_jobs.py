@@ -28,8 +28,9 @@ from scp.enums import Duplicate, Fsync, Mode, Placement, Result, SkipCategory
 from scp.errors import NotDicomError, SortscpError, SourceChanged, TruncatedError
 from scp.layout import relative_path, relative_path_raw
 from scp.report import Outcome
+from scp.store import fsops
 from scp.store.commit import candidates, destination
-from scp.store.fsops import Identity, flush_count, identity
+from scp.store.fsops import Identity, SourceTree, flush_count, identity
 from scp.store.place import (
     PENDING,
     PLACED,
@@ -103,6 +104,9 @@ def sort_file(
         if mode is Mode.MOVE:
             mode = Mode.COPY
         fast = None
+    elif fsops.SOURCES is not None and not fsops.SOURCES.reaches(path, fresh=False):
+        return Outcome(Result.SKIPPED, path, "", "a folder on its path became a symbolic link during the "
+                       "run; not followed (see --follow-symlinks)", category=SkipCategory.SYMLINK.value)
     try:
         # (O_NONBLOCK: a FIFO put in its place since the walk must not block the worker)
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -231,6 +235,9 @@ def sort_files(items: Sequence[Item], cfg: SortConfig) -> list[Outcome | Deferre
     completes on its own, in order, through :func:`~scp.store.place.place`.
     """
     items = [(p, False) if isinstance(p, str) else p for p in items]
+    if fsops.SOURCES is None or fsops.SOURCES.root != os.path.abspath(cfg.src):
+        fsops.SOURCES = SourceTree(cfg.src)
+    fsops.SOURCES.seen.clear()
     durable = cfg.fsync is Fsync.ALWAYS
     if cfg.dry_run or _nested(cfg):
         return [_settled(sort_file(p, cfg, via_link=v)) for p, v in items]

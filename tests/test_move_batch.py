@@ -202,3 +202,47 @@ def test_a_source_is_removed_through_a_name_of_its_own_and_a_new_version_put_bac
         remove_source(src, read)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.dcm"]
     assert src.read_bytes() == MR.read_bytes()
+
+
+def _swap_for_link(folder: Path, outside: Path) -> None:
+    """What a hostile user who can write to SRC does mid-run: the folder goes, a link to `outside` takes its name."""
+    folder.rename(folder.with_name(folder.name + ".real"))
+    folder.symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("mode", [Mode.MOVE, Mode.COPY])
+def test_a_folder_swapped_for_a_link_before_its_files_are_read_is_not_followed(tmp_path: Path, mode: Mode) -> None:
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "d").mkdir(parents=True)
+    outside.mkdir()
+    listed = str(shutil.copy2(CT, src / "d" / "IM1"))  # what the walk listed
+    shutil.copy2(MR, outside / "IM1")  # never part of SRC
+    _swap_for_link(src / "d", outside)
+    cfg = SortConfig(src=src, dst=tmp_path / "dst", mode=mode, workers=1)
+    (outcome,) = sort_files([listed], cfg)
+    assert outcome.result is Status.SKIPPED and outcome.category == "symlink", outcome
+    assert (outside / "IM1").read_bytes() == MR.read_bytes()
+    assert not cfg.dst.exists() or list(cfg.dst.rglob("*.dcm")) == []
+
+
+def test_a_folder_swapped_for_a_link_before_its_sources_are_removed_removes_nothing(tmp_path: Path) -> None:
+    from scp.store import fsops
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "d").mkdir(parents=True)
+    outside.mkdir()
+    source = Path(shutil.copy2(CT, src / "d" / "IM1"))
+    read = identity(os.stat(source))
+    batch = MoveBatch()
+    fsops.SOURCES = fsops.SourceTree(src)
+    try:
+        final, _ = place(source, tmp_path / "dst", PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch,
+                         expect=read)
+        _swap_for_link(src / "d", outside)
+        os.link(src / "d.real" / "IM1", outside / "IM1")  # the same file, now also reached through the link
+        failed = batch.finish()
+    finally:
+        fsops.SOURCES = None
+    assert list(failed) == [str(source)] and isinstance(failed[str(source)], SourceChanged), failed
+    assert (outside / "IM1").read_bytes() == CT.read_bytes()  # nothing removed through the link
+    assert final.read_bytes() == CT.read_bytes()

@@ -24,6 +24,42 @@ def identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+class SourceTree:
+    """The tree a sort reads (SRC): a file of it is read and removed only
+    while no folder between SRC and the file is a symbolic link. A folder
+    swapped for a link during the run (to a folder outside SRC) would
+    otherwise bring outside files into DST, and a move would remove them.
+    The check runs just before a file is opened and just before a source is
+    removed (the name-based syscalls after it leave a window of microseconds)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(root)
+        self.real = os.path.realpath(root)
+        self.seen: dict[str, bool] = {}  #: folders checked for the current batch's reads
+
+    def reaches(self, path: str | os.PathLike[str], *, fresh: bool = True) -> bool:
+        """Whether `path` (a file under SRC) is reached without a link in its
+        folders; not `fresh`: a folder checked earlier in the batch is not
+        checked again (reads: the removal checks again)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        if not fresh and folder in self.seen:
+            return self.seen[folder]
+        rel = os.path.relpath(folder, self.root)
+        if rel == ".":
+            ok = True
+        elif rel.startswith(".." + os.sep) or rel == "..":
+            ok = True  # not under SRC (a link's target, read on purpose): not ours to judge
+        else:
+            ok = os.path.realpath(folder) == os.path.join(self.real, rel)
+        self.seen[folder] = ok
+        return ok
+
+
+#: The tree the sort running in this process reads (set per batch by the sort's
+#: jobs; None elsewhere: ``serve`` removes no sources).
+SOURCES: SourceTree | None = None
+
+
 def remove_source(path: Path, expect: Identity | None) -> None:
     """Remove the source `path` of a move, if it is still the file `expect`
     describes; else :class:`~scp.errors.SourceChanged` and it stays.
@@ -35,6 +71,9 @@ def remove_source(path: Path, expect: Identity | None) -> None:
     keeps the aside name then, named in the error). A move killed in between
     leaves the source under ``.sortscp-leaving-*`` beside it: a rerun finds
     it already in place and removes it."""
+    if SOURCES is not None and not SOURCES.reaches(path):
+        raise SourceChanged(f"{path}: a folder on its path became a symbolic link during the run; "
+                            "nothing is removed through it")
     if expect is None:
         os.unlink(path)
         return
