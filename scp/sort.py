@@ -38,7 +38,8 @@ from scp.log import safe
 from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
 from scp.sort_jobs import Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
-from scp.store.fsops import flush_count, same_content
+from scp.store import fsops
+from scp.store.fsops import SourceTree, flush_count, same_content
 from scp.store.tmp import (
     INDEX_FILENAME,
     INDEX_LOCK_FILENAME,
@@ -409,6 +410,9 @@ def sort_tree(
     stop = _Stop()
 
     with ExitStack() as stack:
+        # The claims decided after the walk read and remove sources here, in the parent.
+        fsops.SOURCES = SourceTree(cfg.src)
+        stack.callback(setattr, fsops, "SOURCES", None)
         # The report file first: a bad --report path fails before DST is touched.
         writer = stack.enter_context(_ReportWriter(cfg.report, cfg.dst)) if cfg.report else None
         changed_before_ns = started_ns = None

@@ -104,9 +104,8 @@ def sort_file(
         if mode is Mode.MOVE:
             mode = Mode.COPY
         fast = None
-    elif fsops.SOURCES is not None and not fsops.SOURCES.reaches(path, fresh=False):
-        return Outcome(Result.SKIPPED, path, "", "a folder on its path became a symbolic link during the "
-                       "run; not followed (see --follow-symlinks)", category=SkipCategory.SYMLINK.value)
+    elif fsops.SOURCES is not None and not fsops.SOURCES.reaches(path):
+        return _through_swapped_link(path)
     try:
         # (O_NONBLOCK: a FIFO put in its place since the walk must not block the worker)
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -154,6 +153,11 @@ def sort_file(
     if cfg.dry_run and result in (Result.NEW, Result.REPLACED):
         result = Result.PLANNED
     return Outcome(result, path, dest, note, size)
+
+
+def _through_swapped_link(path: str) -> Outcome:
+    return Outcome(Result.SKIPPED, path, "", "a folder on its path became a symbolic link during the run; "
+                   "not followed (see --follow-symlinks)", category=SkipCategory.SYMLINK.value)
 
 
 #: The tags a sort reads, by template text.
@@ -395,6 +399,8 @@ def _claimed(
     if claim.via_link:
         target = os.path.realpath(claim.source)
         mode = Mode.COPY if mode is Mode.MOVE else mode
+    elif fsops.SOURCES is not None and not fsops.SOURCES.reaches(claim.source):
+        return _through_swapped_link(claim.source)
     dest = str(name.relative_to(cfg.dst))
     try:
         size = os.path.getsize(target)

@@ -9,6 +9,7 @@ tests check that it does not.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +30,55 @@ class SourceTree:
     while no folder between SRC and the file is a symbolic link. A folder
     swapped for a link during the run (to a folder outside SRC) would
     otherwise bring outside files into DST, and a move would remove them.
-    The check runs just before a file is opened and just before a source is
-    removed (the name-based syscalls after it leave a window of microseconds)."""
+
+    Before a folder's files are read, its real path is checked (once per
+    batch) and its identity noted; before a source is removed, its folder must
+    still be that one (one ``lstat``: a link put in its place, or in place of a
+    folder above it, leads elsewhere). The name-based system calls after a
+    check leave a window of microseconds."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(root)
         self.real = os.path.realpath(root)
-        self.seen: dict[str, bool] = {}  #: folders checked for the current batch's reads
+        #: folder -> its (device, inode) when checked for this batch's reads; None: refused
+        self.seen: dict[str, tuple[int, int] | None] = {}
 
-    def reaches(self, path: str | os.PathLike[str], *, fresh: bool = True) -> bool:
+    def reaches(self, path: str | os.PathLike[str]) -> bool:
         """Whether `path` (a file under SRC) is reached without a link in its
-        folders; not `fresh`: a folder checked earlier in the batch is not
-        checked again (reads: the removal checks again)."""
+        folders (a folder checked earlier in the batch is not checked again)."""
         folder = os.path.dirname(os.path.abspath(path))
-        if not fresh and folder in self.seen:
-            return self.seen[folder]
+        if folder in self.seen:
+            return self.seen[folder] is not None
         rel = os.path.relpath(folder, self.root)
-        if rel == ".":
-            ok = True
-        elif rel.startswith(".." + os.sep) or rel == "..":
-            ok = True  # not under SRC (a link's target, read on purpose): not ours to judge
+        ident: tuple[int, int] | None = None
+        if rel == "." or not (rel.startswith(".." + os.sep) or rel == ".."):
+            try:
+                st = os.lstat(folder)
+                if stat.S_ISDIR(st.st_mode) and (
+                    rel == "." or os.path.realpath(folder) == os.path.join(self.real, rel)
+                ):
+                    ident = (st.st_dev, st.st_ino)
+            except OSError:
+                pass
         else:
-            ok = os.path.realpath(folder) == os.path.join(self.real, rel)
-        self.seen[folder] = ok
-        return ok
+            return True  # not under SRC (a link's target, read on purpose): not ours to judge
+        self.seen[folder] = ident
+        return ident is not None
+
+    def still_reaches(self, path: str | os.PathLike[str]) -> bool:
+        """Whether the folder of `path` is still the one checked before its read
+        (checked now, in full, if it was not)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in self.seen:
+            return self.reaches(path)
+        ident = self.seen[folder]
+        if ident is None:
+            return False
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == ident
 
 
 #: The tree the sort running in this process reads (set per batch by the sort's
@@ -71,7 +97,7 @@ def remove_source(path: Path, expect: Identity | None) -> None:
     keeps the aside name then, named in the error). A move killed in between
     leaves the source under ``.sortscp-leaving-*`` beside it: a rerun finds
     it already in place and removes it."""
-    if SOURCES is not None and not SOURCES.reaches(path):
+    if SOURCES is not None and not SOURCES.still_reaches(path):
         raise SourceChanged(f"{path}: a folder on its path became a symbolic link during the run; "
                             "nothing is removed through it")
     if expect is None:
