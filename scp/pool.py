@@ -219,14 +219,15 @@ class WorkerPool:
             self._idle.append(worker)
             self._cond.notify()
 
-    def _replace(self, worker: _Worker, why: str) -> None:
-        """`worker` is dead or must die: once it is gone, start another."""
+    def _replace(self, worker: _Worker, why: str, level: int = logging.ERROR) -> None:
+        """`worker` is dead or must die: once it is gone, start another.
+        (`level`: DEBUG where the job's own failure is logged, naming it.)"""
         worker.kill()
         with self._cond:
             self._all.discard(worker)
             closed = self._closed
         if not closed:
-            log.error("%s; starting a new worker process", why)
+            log.log(level, "%s; starting a new worker process", why)
             self._add(_Worker(_context(self._fork, self._preload), self._log_setup))
 
     def _take(self, deadline: float | None, timeout: float | None) -> _Worker:
@@ -287,12 +288,15 @@ class WorkerPool:
             break
         # Its running time counts from now: the wait for a free worker was bounded apart.
         try:
+            # The job's failure is the caller's one log line (it says the worker was
+            # replaced); the replacement itself is a DEBUG line here.
             if not worker.conn.poll(timeout):
-                self._replace(worker, f"a job ran past its {timeout:g} s deadline (worker {worker.pid})")
+                self._replace(worker, f"a job ran past its {timeout:g} s deadline (worker {worker.pid})",
+                              logging.DEBUG)
                 raise JobTimeout(f"not finished within {timeout:g} s; its worker was killed and replaced")
             answer = worker.conn.recv()
         except (EOFError, OSError):  # its end of the pipe closed: the worker died
-            self._replace(worker, f"worker process {worker.pid} died")
+            self._replace(worker, f"worker process {worker.pid} died", logging.DEBUG)
             if self._stopping:
                 raise PoolClosed("the server stopped before it was filed") from None
             raise BrokenProcessPool("a worker process died while running a job") from None

@@ -998,6 +998,9 @@ def test_hung_worker_fails_the_instance_and_is_replaced(serve_process):
         assert took < 3 + 7, f"answered after {took:.1f} s"
         assert layout_files(server.out) == []
         assert log_lines(server, re.escape(uid)), "no log line names the failed instance"
+        # one line with the reason (the instance's), not a second one for the worker replaced
+        lines = log_lines(server, r"WARNING|ERROR")
+        assert len(lines) == 1 and "not finished within 3 s" in lines[0], server.log()
         still_serving(server)  # no SIGCONT: a new worker did it
 
 
