@@ -519,8 +519,7 @@ def reindex(
     try:
         sort_lock = take_sort_lock(out)  # a sort filling OUT would place files after the walk
     except SortRunning as exc:
-        typer.echo(f"reindex: another sortscp process holds {out} (pid {exc.pid}: a sort into it, or a server "
-                   "starting on it); try again once it has finished", err=True)
+        typer.echo(f"reindex: {exc}; try again once it has finished", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
     except NotOwnFolder as exc:
         typer.echo(f"reindex: {exc}", err=True)

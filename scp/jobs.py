@@ -287,9 +287,10 @@ def _same_class(ds: Dataset) -> None:
         value = ds.get("SOPClassUID")
     except Exception:  # noqa: BLE001 - a value pydicom cannot convert
         value = None
+    found = str(value or "").rstrip("\0 ")
     expected = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-    if value is not None and str(value).rstrip("\0 ") and str(value).rstrip("\0 ") != expected.rstrip("\0 "):
-        raise DatasetMismatch(f"the dataset's SOP Class UID {str(value)!r} is not the command's {expected!r}")
+    if found and found != expected.rstrip("\0 "):
+        raise DatasetMismatch(f"the dataset's SOP Class UID {found!r} is not the command's {expected!r}")
 
 
 def _with_sop_class(header: ReceivedHeader) -> dict[int, tuple[str | None, bytes]]:

@@ -66,27 +66,6 @@ SORTED_FOLDER_LIMIT = 100_000
 INFLIGHT_PER_WORKER = 4
 #: Report file name endings, and whether each is JSON lines.
 REPORT_FORMATS = {".csv": False, ".json": True, ".jsonl": True, ".ndjson": True}
-
-
-def report_clobbers(path: Path) -> str | None:
-    """Why `--report PATH` must not be written, or None: an existing file
-    that is not empty and not a report of ours (a DICOM file of SRC, say,
-    which the run would empty before it reads it) is never overwritten."""
-    try:
-        if not path.is_file() or path.stat().st_size == 0:
-            return None
-        with open(path, "rb") as f:
-            head = f.read(max(len(_REPORT_START_CSV), len(_REPORT_START_JSON)))
-    except OSError:
-        return None  # opening it for the report says what is wrong
-    if head.startswith(_REPORT_START_CSV) or head.startswith(_REPORT_START_JSON):
-        return None
-    return "the file exists and is not a sortscp report; refusing to overwrite it (choose another path)"
-
-
-#: How a report written by :class:`_ReportWriter` begins (CSV, JSON lines).
-_REPORT_START_CSV = b"source,destination,outcome"
-_REPORT_START_JSON = b'{"source": '
 #: How often the parent looks at the stop flag while it waits for workers.
 POLL_SECONDS = 0.2
 
@@ -834,3 +813,21 @@ class _ReportWriter:
             row["outcome"] = Result.KEPT_AS_COPY.value
             row["reason"] = ("another file with this SOPInstanceUID and other bytes holds the "
                              "name; kept both")
+
+
+def report_clobbers(path: Path) -> str | None:
+    """Why `--report PATH` must not be written, or None: an existing file
+    that is not empty and not a report of ours (a DICOM file of SRC, say,
+    which the run would empty before it reads it) is never overwritten."""
+    fields = _ReportWriter.FIELDS
+    starts = (",".join(fields[:3]).encode(), f'{{"{fields[0]}": '.encode())  # CSV header, JSON line
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return None
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, starts)))
+    except OSError:
+        return None  # opening it for the report says what is wrong
+    if head.startswith(starts):
+        return None
+    return "the file exists and is not a sortscp report; refusing to overwrite it (choose another path)"

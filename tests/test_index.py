@@ -122,6 +122,13 @@ def test_module_imports_only_stdlib_errors_and_process():
     assert isinstance(SqliteIndex.__new__(SqliteIndex), InstanceIndex)
 
 
+def test_the_state_names_sort_uses_without_the_index_are_the_index_s():
+    from scp.store import tmp
+
+    assert (tmp.STATE_DIRNAME, tmp.INDEX_FILENAME, tmp.INDEX_LOCK_FILENAME) == (
+        ix.STATE_DIRNAME, ix.INDEX_FILENAME, ix.LOCK_FILENAME)
+
+
 def test_new_uid_commit(root, idx):
     claim = idx.begin("1.1", "A/S/1.1.dcm", facts_for(b"one"))
     assert claim.old is None

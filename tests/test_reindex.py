@@ -228,3 +228,14 @@ def test_a_file_whose_name_is_not_utf8_is_listed_not_indexed_and_the_server_star
     assert scu_store(server.port, fresh) == 0, server.log()
     assert ct_path(out, fresh).is_file()
     assert os.fsencode(folder) + b"/caf\xe9.dcm" in [os.fsencode(p) for p in folder.iterdir()]
+
+
+@pytest.mark.parametrize("command", ["reindex", "ls"])
+def test_a_file_as_out_is_a_usage_error(tmp_path, command):
+    """README: `reindex` and `ls` exit 2 when OUT is a file, not a folder."""
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a folder")
+    done = run_cli(command, afile, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "is not a folder" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert afile.read_bytes() == b"not a folder"

@@ -136,6 +136,18 @@ def test_allow_aet_from_the_environment_splits_on_commas_and_spaces(serve_proces
     assert scu(server.port, calling="FOURTH").rejected == RJ_CALLING_AET
 
 
+def test_the_docker_health_check_gets_in_with_the_allow_list_the_readme_gives(serve_process):
+    """README "Docker": with an allow list, HEALTHCHECK@127.0.0.1 lets the image's
+    check (the same `sortscp echo` command line) in, and no one else by that title."""
+    env = dict(cli_env(), SORTSCP_ALLOW_AET="MOD1 HEALTHCHECK@127.0.0.1")
+    server = serve_process(env=env)
+    check = ("echo", "127.0.0.1", server.port, "--called-aet", "SORTSCP", "--timeout", "10")
+    ok = run_cli(*check, "--aet", "HEALTHCHECK", timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr + server.log()
+    refused = run_cli(*check, "--aet", "OTHERCHECK", timeout=60)
+    assert refused.returncode == 1 and "rejected" in refused.stderr, refused.stdout + refused.stderr
+
+
 def test_allow_aet_rejects_dcmtk_senders_not_listed(serve_process):
     storescu = dcmtk_tool("storescu")
     echoscu = dcmtk_tool("echoscu")

@@ -400,6 +400,26 @@ def test_json_lines_report(small_tree: Tree, tmp_path: Path) -> None:
     assert any("患者" in row["source"] for row in rows)  # written as text, not escaped
 
 
+def test_a_source_left_aside_by_a_killed_move_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """README: a move killed between renaming a source aside and removing it
+    leaves it as ``.sortscp-leaving-*``; the next run finds it in place and
+    removes it (here its copy is in DST, as that run had made it)."""
+    ct = (TEST_FILES / "CT_small.dcm").read_bytes()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "CD").mkdir(parents=True)
+    (src / "CD" / "IM1").write_bytes(ct)
+    first = run_cli("sort", src, dst, "--mode", "copy", "--workers", WORKERS)
+    assert first.returncode == 0, first.stderr
+    (placed,) = [p for p in dst.rglob("*.dcm")]
+    aside = src / "CD" / ".sortscp-leaving-4000000-0badcafe"
+    os.rename(src / "CD" / "IM1", aside)  # what the kill left
+    again = run_cli("sort", src, dst, "--mode", "move", "--workers", WORKERS)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 already in place" in again.stderr, again.stderr
+    assert not aside.exists()
+    assert [p for p in dst.rglob("*.dcm")] == [placed] and placed.read_bytes() == ct
+
+
 @pytest.mark.parametrize("suffix", [".json", ".csv"])
 def test_a_report_path_holding_a_file_of_src_is_refused_and_the_file_kept(
     small_tree: Tree, tmp_path: Path, suffix: str

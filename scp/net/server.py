@@ -165,8 +165,7 @@ def _open_index(out: Path) -> SqliteIndex:
     try:
         sort_lock = take_sort_lock(out)
     except SortRunning as exc:
-        raise ServeError(f"another sortscp process holds {out} (pid {exc.pid}: a sort into it, or a server "
-                         "starting on it); start the server once it has finished") from None
+        raise ServeError(f"{exc}; start the server once it has finished") from None
     except OSError as exc:
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     try:

@@ -31,54 +31,33 @@ class SourceTree:
     swapped for a link during the run (to a folder outside SRC) would
     otherwise bring outside files into DST, and a move would remove them.
 
-    Before a folder's files are read, its real path is checked (once per
-    batch) and its identity noted; before a source is removed, its folder must
-    still be that one (one ``lstat``: a link put in its place, or in place of a
-    folder above it, leads elsewhere). The name-based system calls after a
-    check leave a window of microseconds."""
+    The first time in a batch a folder is asked about, its real path is
+    checked and its identity noted; after that (a read, a removal), it must
+    still be that folder: one ``lstat``, as a link put in its place, or in
+    place of a folder above it, leads elsewhere. The name-based system call
+    after a check leaves a window of microseconds."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(root)
         self.real = os.path.realpath(root)
-        #: folder -> its (device, inode) when checked for this batch's reads; None: refused
+        #: folder -> its (device, inode) when first checked in this batch; None: refused
         self.seen: dict[str, tuple[int, int] | None] = {}
 
     def reaches(self, path: str | os.PathLike[str]) -> bool:
-        """Whether `path` (a file under SRC) is reached without a link in its
-        folders (a folder checked earlier in the batch is not checked again)."""
+        """Whether `path` (a file under SRC) is reached without a link in its folders."""
         folder = os.path.dirname(os.path.abspath(path))
-        if folder in self.seen:
-            return self.seen[folder] is not None
         rel = os.path.relpath(folder, self.root)
-        ident: tuple[int, int] | None = None
-        if rel == "." or not (rel.startswith(".." + os.sep) or rel == ".."):
-            try:
-                st = os.lstat(folder)
-                if stat.S_ISDIR(st.st_mode) and (
-                    rel == "." or os.path.realpath(folder) == os.path.join(self.real, rel)
-                ):
-                    ident = (st.st_dev, st.st_ino)
-            except OSError:
-                pass
-        else:
+        if rel == ".." or rel.startswith(".." + os.sep):
             return True  # not under SRC (a link's target, read on purpose): not ours to judge
-        self.seen[folder] = ident
-        return ident is not None
-
-    def still_reaches(self, path: str | os.PathLike[str]) -> bool:
-        """Whether the folder of `path` is still the one checked before its read
-        (checked now, in full, if it was not)."""
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in self.seen:
-            return self.reaches(path)
-        ident = self.seen[folder]
-        if ident is None:
-            return False
         try:
             st = os.lstat(folder)
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == ident
+        ident = (st.st_dev, st.st_ino)
+        if folder not in self.seen:
+            real = rel == "." or os.path.realpath(folder) == os.path.join(self.real, rel)
+            self.seen[folder] = ident if real and stat.S_ISDIR(st.st_mode) else None
+        return self.seen[folder] == ident
 
 
 #: The tree the sort running in this process reads (set per batch by the sort's
@@ -97,7 +76,7 @@ def remove_source(path: Path, expect: Identity | None) -> None:
     keeps the aside name then, named in the error). A move killed in between
     leaves the source under ``.sortscp-leaving-*`` beside it: a rerun finds
     it already in place and removes it."""
-    if SOURCES is not None and not SOURCES.still_reaches(path):
+    if SOURCES is not None and not SOURCES.reaches(path):
         raise SourceChanged(f"{path}: a folder on its path became a symbolic link during the run; "
                             "nothing is removed through it")
     if expect is None:

@@ -24,12 +24,12 @@ from scp.errors import DestinationLockedError, StoreError
 #: Folder (inside the output root) that holds files being written.
 TMP_DIRNAME = ".sortscp-tmp"
 #: Folder (inside the output root) that holds sortscp's state: the instance
-#: index, sort's lock; and the index's file in it. The same names as
-#: :mod:`scp.store.index` (which imports only the standard library), here so
-#: that ``sort`` need not import the index to know them.
+#: index, sort's lock; and the index's file and lock in it. The same names as
+#: :mod:`scp.store.index` (which imports no other module of ours but
+#: :mod:`scp.errors` and :mod:`scp._process`), here so that ``sort`` need not
+#: import the index to know them (``tests/test_index.py`` checks they agree).
 STATE_DIRNAME = ".sortscp"
 INDEX_FILENAME = "index.sqlite"
-#: The lock every process holding the index open shares (the index module's ``LOCK_FILENAME``).
 INDEX_LOCK_FILENAME = "index.lock"
 #: The lock a sort holds on its DST for its whole run (in the state folder).
 SORT_LOCK_FILENAME = "sort.lock"
@@ -67,10 +67,12 @@ def own_folder(root: Path, name: str) -> Path:
 
 
 class SortRunning(DestinationLockedError):
-    """A sort holds the folder (:func:`take_sort_lock`); `pid` as it wrote it."""
+    """Another process holds the sort lock of `root` (:func:`take_sort_lock`);
+    `pid` as it wrote it. Its text is what ``serve`` and ``reindex`` say."""
 
-    def __init__(self, pid: str) -> None:
-        super().__init__(f"a sortscp sort is writing into it (pid {pid})")
+    def __init__(self, root: Path, pid: str) -> None:
+        super().__init__(f"another sortscp process holds {root} (pid {pid}: a sort into it, "
+                         "or a server starting on it)")
         self.pid = pid
 
 
@@ -89,7 +91,7 @@ def take_sort_lock(root: Path) -> int:
     except BlockingIOError:
         pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise SortRunning(pid) from None
+        raise SortRunning(root, pid) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
