@@ -51,6 +51,13 @@ MAX_WORKERS = 256
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The :data:`STOP_SIGNALS` this process may take over: not those it was
+    started with ignored (``nohup`` ignores SIGHUP, a shell's background job
+    SIGINT), which stay ignored, as in any Unix program."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
 def check_ae_title(title: str) -> str:
     """Return `title` if it is a valid AE title, else raise ``ValueError``.
 

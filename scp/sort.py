@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
-from scp.config import STOP_SIGNALS, SortConfig
+from scp.config import SortConfig, stop_signals
 from scp.enums import Mode, Result, SkipCategory
 from scp.errors import DestinationLockedError, Interrupted, ReportError, SortscpError
 from scp.log import safe
@@ -348,7 +348,7 @@ def _signals(stop: _Stop) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    old = {s: signal.signal(s, stop) for s in stop_signals()}
     try:
         yield
     finally:

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp.config import STOP_SIGNALS, ServeConfig
+from scp.config import ServeConfig, stop_signals
 from scp.errors import InstanceIndexError, SortscpError
 from scp.events.pipeline import Pipeline
 from scp.jobs import header_tags, identity_facts
@@ -318,7 +318,7 @@ class Server:
         """Start, serve until SIGINT, SIGTERM or SIGHUP, stop. Returns the exit code."""
         # Handlers first: a supervisor may send SIGTERM as soon as the port accepts;
         # they stay through the stop, where a second signal cuts the drain short.
-        previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, self.request_stop) for s in stop_signals()}
         try:
             try:
                 self.start()
