@@ -150,6 +150,16 @@ class Template:
                 "the file name must contain {SOPInstanceUID} whole (no format spec) and apart "
                 f"from other fields (a literal between them), so that two instances never share a name: {text!r}"
             )
+        # ... and where another field shares the file name, the literal between
+        # them holds a character no UID has: with "-", UID 1.2.3 and "4-A", or
+        # UID 1.2.3-4 and "A", would both be "1.2.3-4-A".
+        if not any(_delimited(last, i) for i in uids):
+            raise TemplateError(
+                "where another field shares the file name with {SOPInstanceUID}, the text between "
+                "them must hold a character that no UID holds (not a letter, digit, '.' or '-'; "
+                "e.g. '_'), so that two instances never share a name: "
+                f"{text!r}"
+            )
         return cls(text, tuple(tuple(parts) for parts in components))
 
     @property
@@ -166,6 +176,25 @@ class Template:
         return self.text
 
 
+#: The characters of a UID that names a file (``serve`` refuses any other).
+UID_CHARS = frozenset(string.ascii_letters + string.digits + ".-")
+#: The widest a format spec may pad or cut a value: no path component is longer.
+MAX_SPEC_WIDTH = MAX_COMPONENT_BYTES
+_SPEC_NUMBERS = re.compile(r"[0-9]+")
+
+
+def _delimited(parts: tuple[Part, ...] | list[Part], i: int) -> bool:
+    """Whether the UID at ``parts[i]`` can be told from the fields beside it:
+    on each side that has a field, the literal next to it holds a character
+    that no UID holds."""
+    for side, literal in ((parts[:i], parts[i - 1] if i else ""),
+                          (parts[i + 1:], parts[i + 1] if i + 1 < len(parts) else "")):
+        if any(isinstance(p, Field) for p in side) and (
+                isinstance(literal, Field) or set(literal) <= UID_CHARS):
+            return False
+    return True
+
+
 def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Field:
     if conversion:
         raise TemplateError(f"conversions like '!{conversion}' are not supported: {text!r}")
@@ -180,6 +209,11 @@ def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Fie
     if spec:
         if "{" in spec:
             raise TemplateError(f"nested fields are not supported: {text!r}")
+        if any(int(n) > MAX_SPEC_WIDTH for n in _SPEC_NUMBERS.findall(spec)):
+            raise TemplateError(
+                f"format spec {spec!r} for {name} in {text!r}: a width or precision above "
+                f"{MAX_SPEC_WIDTH} (no file or folder name can be longer)"
+            )
         for sample in (1, 1.5, "x"):
             try:
                 format(sample, spec)
@@ -329,13 +363,15 @@ def _shorten(name: str) -> str:
 
 def split_extension(name: str) -> tuple[str, str]:
     """``(stem, ".ext")``, or ``(name, "")`` if `name` has no short extension
-    to keep at the end of a cut or suffixed name.
+    to keep at the end of a cut or suffixed name. Digits alone are no
+    extension: they are the last part of a UID (a template without one ends
+    with ``{SOPInstanceUID}``, and its ``~2`` goes after the whole UID).
 
-    >>> split_extension("1.2.3.dcm"), split_extension("x." + "e" * 20)
-    (('1.2.3', '.dcm'), ('x.eeeeeeeeeeeeeeeeeeee', ''))
+    >>> split_extension("1.2.3.dcm"), split_extension("x." + "e" * 20), split_extension("1.2.3")
+    (('1.2.3', '.dcm'), ('x.eeeeeeeeeeeeeeeeeeee', ''), ('1.2.3', ''))
     """
     stem, dot, ext = name.rpartition(".")
-    if dot and stem and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION:
+    if dot and stem and not ext.isdigit() and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION:
         return stem, dot + ext
     return name, ""
 

@@ -22,11 +22,13 @@ from scp.layout import (
     DEFAULT_TEMPLATE,
     MAX_COMPONENT_BYTES,
     PLACEHOLDER,
+    UID_CHARS,
     UNSAFE_CHARS,
     Template,
     relative_path,
     render_value,
     sanitize_component,
+    split_extension,
 )
 
 from conftest import CHARSET_FILES, run_cli
@@ -362,3 +364,72 @@ def test_a_file_name_that_could_give_two_instances_one_name_is_refused(text):
 def test_a_file_name_with_the_uid_whole_beside_a_literal_is_accepted():
     assert Template.parse("{PatientID}/{InstanceNumber:04}_{SOPInstanceUID}.dcm").keywords == (
         "PatientID", "InstanceNumber", "SOPInstanceUID")
+
+
+@pytest.mark.parametrize("text", [
+    "{PatientID}/{SOPInstanceUID}-{AccessionNumber}.dcm",
+    "{PatientID}/{SOPInstanceUID}.{AccessionNumber}.dcm",
+    "{PatientID}/{AccessionNumber}-{SOPInstanceUID}.dcm",
+    "{PatientID}/{SOPInstanceUID}1{InstanceNumber}",
+    "{PatientID}/{AccessionNumber}_{SOPInstanceUID}-{InstanceNumber}.dcm",
+])
+def test_a_file_name_whose_uid_a_neighbour_could_run_into_is_refused(text):
+    """Found by an independent attack: with ``{SOPInstanceUID}-{AccessionNumber}.dcm``,
+    UID 1.2.3 with accession 4-A and UID 1.2.3-4 with accession A were both
+    1.2.3-4-A.dcm; serve answered Success to both, and the second replaced the
+    first. A UID holds letters, digits, '.' and '-' (serve refuses any other)."""
+    with pytest.raises(TemplateError, match="no UID holds"):
+        Template.parse(text)
+
+
+@pytest.mark.parametrize("text", [
+    "{PatientID}/{SOPInstanceUID}_{AccessionNumber}.dcm",
+    "{PatientID}/{AccessionNumber} {SOPInstanceUID}.dcm",
+    "{PatientID}/IM-{SOPInstanceUID}.dcm",  # literals alone around it: nothing can run into it
+    "{PatientID}/{SOPInstanceUID}",
+])
+def test_a_file_name_whose_uid_is_delimited_is_accepted(text):
+    assert "SOPInstanceUID" in Template.parse(text).keywords
+
+
+def test_two_instances_never_share_a_name_under_any_accepted_delimiter():
+    """The rule's promise, checked on values built to collide: UID 1.2.3 with
+    accession 4-A and UID 1.2.3-4 with accession A, whatever delimiter the
+    template accepts."""
+    for sep in "_ ~+#,@=":
+        template = Template.parse(f"{{SOPInstanceUID}}{sep}{{AccessionNumber}}.dcm")
+        names = set()
+        for uid, accession in (("1.2.3", f"4{sep}A"), (f"1.2.3{sep}4", "A"), ("1.2.3-4", "A"),
+                               ("1.2.3", "4-A")):
+            if not set(uid) <= UID_CHARS:
+                continue  # not a UID serve files
+            ds = Dataset()
+            ds.SOPInstanceUID, ds.AccessionNumber = uid, accession
+            names.add((uid, accession, str(relative_path(ds, template))))
+        assert len({n for *_, n in names}) == len(names) == 3, (sep, names)
+
+
+@pytest.mark.parametrize("spec", ["0>99999999999", "0>256", ".1000", "_<100000000"])
+def test_a_format_spec_wider_than_a_name_is_refused_with_one_line(tmp_path: Path, spec: str) -> None:
+    """Found by an independent attack: ``{SeriesNumber:0>99999999999}`` ended
+    sort and serve with a MemoryError traceback (exit 1); a width of 10**7 was
+    taken and formatted a 10 MB string for every file."""
+    text = f"{{SeriesNumber:{spec}}}/{{SOPInstanceUID}}.dcm"
+    with pytest.raises(TemplateError, match="above 255"):
+        Template.parse(text)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a.dcm").write_bytes((CHARSET_FILES / "chrFren.dcm").read_bytes())
+    r = run_cli("sort", src, dst, "--template", text)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "above 255" in " ".join(r.stderr.split()), r.stderr
+    assert not dst.exists()
+    assert Template.parse("{SeriesNumber:0>255}/{SOPInstanceUID}.dcm")  # the widest name there is
+
+
+def test_the_copy_suffix_of_a_name_without_extension_goes_after_the_uid() -> None:
+    """Found by an independent attack: with ``{PatientID}/{SOPInstanceUID}``, the
+    second copy of 1.2.840.99.7 was 1.2.840.99~2.7, a name that no longer
+    starts with its UID."""
+    assert split_extension("1.2.840.99.7") == ("1.2.840.99.7", "")
+    assert split_extension("1.2.840.99.7.dcm") == ("1.2.840.99.7", ".dcm")
