@@ -22,7 +22,7 @@ from scp import DEFAULT_TEMPLATE, __version__, config
 from scp.config import ServeConfig, SortConfig, check_ae_title
 from scp.enums import Duplicate, Fsync, LogFormat, Mode, Result
 from scp.errors import SortscpError, TemplateError
-from scp.log import setup_logging
+from scp.log import safe, setup_logging
 from scp.report import Outcome, Report
 
 if TYPE_CHECKING:
@@ -352,7 +352,13 @@ def sort(
         markup=False, highlight=False, soft_wrap=True,
     )
     if result.indexed is not None:
-        err.print(f"instance index of {dst} rebuilt: {result.indexed} instances",
+        for uid, kept, other in result.index_duplicates:
+            err.print(f"sort: {_duplicate_line(uid, kept, other)}", markup=False, highlight=False,
+                      soft_wrap=True)
+        err.print(f"instance index of {dst} rebuilt: {result.indexed} instances"
+                  + (f", {len(result.index_duplicates)} duplicates (another file of the same "
+                     "SOPInstanceUID: the server replaces or keeps only the indexed one)"
+                     if result.index_duplicates else ""),
                   markup=False, highlight=False, soft_wrap=True)
     _done.set()
     raise typer.Exit(result.exit_code)
@@ -508,7 +514,6 @@ def reindex(
     first), or a sort fills OUT.
     """
     from scp.jobs import identity_facts
-    from scp.log import safe
     from scp.store.index import IndexInUseError, InstanceIndexError, rebuild
     from scp.store.tmp import NotOwnFolder, SortRunning, take_sort_lock
 
@@ -538,8 +543,7 @@ def reindex(
     finally:
         os.close(sort_lock)
     for uid, kept, other in summary.duplicates:
-        typer.echo(f"reindex: {safe(other)}: another file of SOPInstanceUID {safe(uid)} (indexed: {safe(kept)})",
-                   err=True)
+        typer.echo(f"reindex: {_duplicate_line(uid, kept, other)}", err=True)
     for rel, reason in summary.unreadable:
         typer.echo(f"reindex: {safe(rel)}: not indexed: {safe(reason)}", err=True)
     typer.echo(
@@ -547,6 +551,11 @@ def reindex(
         f"{len(summary.duplicates)} duplicates, {len(summary.unreadable)} unreadable"
     )
     raise typer.Exit(1 if summary.unreadable else 0)
+
+
+def _duplicate_line(uid: str, kept: str, other: str) -> str:
+    """A file of the tree that holds an instance the index has in another file."""
+    return f"{safe(other)}: another file of SOPInstanceUID {safe(uid)} (indexed: {safe(kept)})"
 
 
 #: Set by ``sort`` once its work is done (workers joined, report and lock

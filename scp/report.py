@@ -59,6 +59,10 @@ class Report:
     flushes: int = 0
     #: ``sort`` into a serve output folder: the instances its rebuilt index holds.
     indexed: int | None = None
+    #: ... and the files of DST that hold an instance another file holds
+    #: (SOPInstanceUID, the file indexed, the other file): the rebuild's
+    #: ``duplicates``, as ``reindex`` lists them.
+    index_duplicates: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome.result] += 1

@@ -553,7 +553,7 @@ def sort_tree(
             if not cfg.dry_run:
                 remove_orphans(cfg.dst / TMP_DIRNAME)  # those of our workers, if any died
         if index_lock is not None and stop.signum is None:
-            report.indexed = _rebuild_index(cfg.dst, index_lock)
+            report.indexed, report.index_duplicates = _rebuild_index(cfg.dst, index_lock)
 
     if cfg.mode is Mode.MOVE and not cfg.dry_run:
         _remove_emptied(emptied, cfg.src, cfg.dst)
@@ -600,14 +600,16 @@ def _lock_served_index(dst: Path) -> int | None:
     return fd
 
 
-def _rebuild_index(dst: Path, locked: int) -> int:
+def _rebuild_index(dst: Path, locked: int) -> tuple[int, list[tuple[str, str, str]]]:
     """The index of DST (held by this run) rebuilt from the files, so that
     serve keeps one file per SOPInstanceUID with what the run added: how many
-    instances it holds."""
+    instances it holds, and the files that hold an instance another file
+    holds (the run may have put a copy beside one of another folder)."""
     from scp.jobs import identity_facts
     from scp.store.index import rebuild
 
-    return rebuild(dst, identity_facts, locked=locked).instances
+    summary = rebuild(dst, identity_facts, locked=locked)
+    return summary.instances, summary.duplicates
 
 
 #: The outcomes that give a file a new name in DST.

@@ -239,3 +239,26 @@ def test_a_file_as_out_is_a_usage_error(tmp_path, command):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "is not a folder" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert afile.read_bytes() == b"not a folder"
+
+
+def test_sort_into_a_served_tree_names_the_files_it_put_beside_another_copy(serve_process, tmp_path):
+    """Found by an independent attack: a sort into a serve output folder filed
+    a copy of an instance the tree held under another patient as `new`, and
+    its rebuild of the index said nothing (`reindex` lists such files)."""
+    out, src = tmp_path / "out", tmp_path / "src"
+    server = serve_process(*FAST, out=out)
+    uid = generate_uid()
+    served = ct_dataset(uid, PatientName="Alpha^Served")
+    assert scu_store(server.port, served) == 0
+    assert server.terminate() == 0
+    src.mkdir()
+    ct_dataset(uid, PatientName="Beta^Sorted").save_as(src / "IM1", enforce_file_format=True)
+    done = run_cli("sort", src, out, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(str(p.relative_to(out)) for p in layout_files(out))
+    assert len(files) == 2 and all(f.endswith(f"{uid}.dcm") for f in files), files
+    indexed = _rows(out)[uid]
+    other = next(f for f in files if f != indexed)
+    assert f"sort: {other}: another file of SOPInstanceUID {uid} (indexed: {indexed})" in done.stderr, \
+        done.stderr
+    assert "rebuilt: 1 instances, 1 duplicates" in done.stderr, done.stderr
