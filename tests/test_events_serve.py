@@ -502,3 +502,38 @@ def test_the_events_file_goes_on_after_logrotate(serve_process, tmp_path: Path, 
     assert [e["sop_instance_uid"] for e in events_of(old, "stored")] == [first.SOPInstanceUID]
     assert [e["sop_instance_uid"] for e in events_of(events, "stored")] == [second.SOPInstanceUID]
     assert events.read_bytes().startswith(b"{"), events.read_bytes()[:40]
+
+
+def test_a_series_left_by_its_latest_instance_names_the_folder_and_header_of_those_left(
+        serve_process, tmp_path: Path) -> None:
+    """Found by an independent attack: a series whose instances went to two
+    folders (two descriptions), whose latest was then resent into another
+    series, went on naming in ``ls``, its manifest and ``SORTSCP_SERIES_FOLDER``
+    the folder of the one that left, which had been pruned, and its description."""
+    runs = tmp_path / "series-folders"
+    server = serve_process(*STABLE, "--hook-shell", "--on-series-complete",
+                           f'echo "$SORTSCP_SERIES_INSTANCE_UID $SORTSCP_SERIES_FOLDER" >> "{runs}"')
+    first, latest = ct_copies(2, patient="Left^Series")
+    first.SeriesDescription, latest.SeriesDescription = "Axial", "Axial MPR"
+    assert send_datasets(server.port, [first, latest]) == [SUCCESS] * 2
+    series = first.SeriesInstanceUID
+    moved = copy.deepcopy(latest)
+    moved.SeriesInstanceUID, moved.SeriesNumber = generate_uid(), 9
+    assert send_datasets(server.port, [moved]) == [SUCCESS]
+    (only,) = [p for p in layout_files(server.out) if p.name == f"{first.SOPInstanceUID}.dcm"]
+    folder = str(only.parent.relative_to(server.out))
+    assert folder.endswith("/Axial_1")
+
+    def hooked() -> dict[str, str]:  # each series' latest completion
+        return dict(line.split(" ", 1) for line in runs.read_text().splitlines()) if runs.exists() else {}
+
+    # (the series may have completed once before the resend, with both folders)
+    wait_until(lambda: hooked().get(series) == folder and moved.SeriesInstanceUID in hooked(),
+               timeout=30, what=f"the series to complete with {folder}")
+    (study,) = json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]
+    listed = {s["series_instance_uid"]: s for s in study["series"]}
+    assert listed[series]["folder"] == folder and listed[series]["series_description"] == "Axial"
+    assert listed[series]["instances"] == 1
+    manifest = json.loads(series_manifest_path(server.out, series).read_text())
+    assert manifest["folder"] == folder, manifest
+    assert (server.out / folder).is_dir()

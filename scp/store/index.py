@@ -400,6 +400,19 @@ def _folder(relpath: str) -> str:
     return "" if parent == "." else parent
 
 
+def _leave(cur: sqlite3.Cursor, table: str, key: str, value: str, now: float) -> None:
+    """An instance (its row already gone or moved on) leaves series or study
+    `value`: one change more, one instance less, the row showing the latest
+    of those left (:data:`_LATEST_LEFT`)."""
+    cur.execute(_LEAVE.format(table=table, key=key), (now, value))
+    latest = cur.execute(_LATEST_LEFT[table], {"uid": value}).fetchone()
+    if latest is None:
+        return  # none left: the row keeps what it showed (ls lists a series of 0)
+    if table == "series":
+        latest = (_folder(latest[0]), *latest[1:])
+    cur.execute(_SHOW_LATEST[table], (*latest, value))
+
+
 def _check_facts(facts: Mapping[str, Any]) -> None:
     unknown = set(facts) - _FACTS
     if unknown:
@@ -470,6 +483,28 @@ _LEAVE = (
     "UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1,"
     " last_arrival = max(coalesce(last_arrival, 0), ?), revision = " + _BUMP + " WHERE {key} = ?"
 )
+
+#: ... and what the series (study) row shows is then taken from the instance
+#: of it that arrived last among those left, not kept from the one that left:
+#: its folder may have been pruned since (an instance resent into another
+#: series), its description was the old header's.
+_LATEST_LEFT = {
+    "series": ("SELECT path, series_description, series_number, modality FROM instances"
+               " WHERE series_instance_uid = :uid AND state = 'ok' AND path IS NOT NULL"
+               " ORDER BY received DESC LIMIT 1"),
+    # (through its series: instances has no index by study)
+    "studies": ("SELECT patient_name, patient_id, study_date FROM instances"
+                " WHERE series_instance_uid IN"
+                " (SELECT series_instance_uid FROM series WHERE study_instance_uid = :uid)"
+                " AND study_instance_uid = :uid AND state = 'ok' AND path IS NOT NULL"
+                " ORDER BY received DESC LIMIT 1"),
+}
+_SHOW_LATEST = {
+    "series": "UPDATE series SET folder = ?, series_description = ?, series_number = ?, modality = ?"
+              " WHERE series_instance_uid = ?",
+    "studies": "UPDATE studies SET patient_name = ?, patient_id = ?, study_date = ?"
+               " WHERE study_instance_uid = ?",
+}
 
 _STUDY_UPSERT = f"""
 INSERT INTO studies(study_instance_uid, patient_name, patient_id, study_date,
@@ -1096,7 +1131,7 @@ class SqliteIndex:
             ("study_instance_uid", "studies", counted.study_instance_uid if counted is not None else None, study),
         ):
             if counted is not None and old_uid is not None and old_uid != new_uid:
-                cur.execute(_LEAVE.format(table=table, key=key), (now, old_uid))
+                _leave(cur, table, key, old_uid, now)
             if new_uid is None:
                 continue
             delta = 0 if counted is not None and old_uid == new_uid else 1
@@ -1203,7 +1238,7 @@ class SqliteIndex:
         ):
             if value is None:
                 continue
-            cur.execute(_LEAVE.format(table=table, key=key), (time.time(), value))
+            _leave(cur, table, key, value, time.time())
 
     def _add_obsolete(self, cur: sqlite3.Cursor, relpath: str, uid: str, owner: str | None) -> None:
         cur.execute(
