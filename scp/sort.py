@@ -37,7 +37,7 @@ from scp.errors import DestinationLockedError, Interrupted, ReportError, Sortscp
 from scp.log import safe
 from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
-from scp.sort_jobs import Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
+from scp.sort_jobs import COPY_REASON, Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
 from scp.store import fsops
 from scp.store.fsops import SourceTree, flush_count, same_content
 from scp.store.tmp import (
@@ -813,8 +813,7 @@ class _ReportWriter:
         row["destination"] = new
         if row["outcome"] in (Result.NEW.value, Result.PLANNED.value, Result.REPLACED.value):
             row["outcome"] = Result.KEPT_AS_COPY.value
-            row["reason"] = ("another file with this SOPInstanceUID and other bytes holds the "
-                             "name; kept both")
+            row["reason"] = COPY_REASON
 
 
 def report_clobbers(path: Path) -> str | None:

@@ -46,13 +46,16 @@ from scp.store.place import (
 if TYPE_CHECKING:
     from scp.layout import Template
 
+#: Why a file is kept as ``~N``. The name may be held by another instance
+#: whose UID, made safe for a path, is the same text ("1.2/3" and "1.2_3"): a
+#: sort never overwrites either.
+COPY_REASON = ("other bytes hold the name (a file of this SOPInstanceUID, or of one that is the "
+               "same once made safe for a path); kept both")
+
 #: What each placement of a sort is called in the report, and why (by mode).
 _SORTED = {
     Placement.STORED: (Result.NEW, ""),
-    Placement.STORED_AS_COPY: (
-        Result.KEPT_AS_COPY,
-        "another file with this SOPInstanceUID and other bytes holds the name; kept both",
-    ),
+    Placement.STORED_AS_COPY: (Result.KEPT_AS_COPY, COPY_REASON),
     Placement.IDENTICAL: (Result.ALREADY, ""),
 }
 _REPLACED_WHY = {

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from scp import sort as batch
 from scp.config import SortConfig
@@ -879,3 +880,25 @@ def test_datasets_without_the_part10_prefix_are_sorted_and_other_files_skipped(t
         row = rows[str(src / rel)]
         assert (row["outcome"], row["category"]) == ("skipped", "not_dicom"), row
         assert (src / rel).read_bytes() == data
+
+
+def test_two_uids_made_safe_to_one_name_are_both_kept_and_not_called_one_instance(tmp_path: Path) -> None:
+    """Found by an independent attack: "1.2/3" and "1.2_3" are one name once
+    made safe for a path; the second was reported as "another file with this
+    SOPInstanceUID", which someone cleaning up copies would believe."""
+    src, dst, report = tmp_path / "src", tmp_path / "dst", tmp_path / "r.csv"
+    src.mkdir()
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    with pytest.warns(UserWarning):  # pydicom: not a valid UI value
+        for name, uid in (("a.dcm", "1.2/3"), ("b.dcm", "1.2_3")):
+            base.SOPInstanceUID = base.file_meta.MediaStorageSOPInstanceUID = uid
+            base.save_as(src / name, enforce_file_format=True)
+    r = run_cli("sort", src, dst, "--report", report)
+    assert r.returncode == 0, r.stderr
+    rows = {row["source"]: row for row in csv.DictReader(open(report, newline="", encoding="utf-8"))}
+    outcomes = sorted((row["outcome"], row["destination"].rsplit("/", 1)[-1]) for row in rows.values())
+    assert outcomes == [("kept_as_copy", "1.2_3~2.dcm"), ("new", "1.2_3.dcm")], rows
+    (copy,) = [row for row in rows.values() if row["outcome"] == "kept_as_copy"]
+    assert "made safe for a path" in copy["reason"]
+    uids = {pydicom.dcmread(dst / row["destination"]).SOPInstanceUID for row in rows.values()}
+    assert uids == {"1.2/3", "1.2_3"}
