@@ -94,6 +94,13 @@ _SHORT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
 )
 _SEQUENCE_VRS = frozenset((b"SQ", b"UN"))
+#: The VRs as the numbers their two bytes read as (little endian, big endian):
+#: (short VRs, long VRs but SQ), for the walk's lean loop.
+_VR_NUMBERS = {
+    little: (frozenset(int.from_bytes(vr, "little" if little else "big") for vr in _SHORT_VRS),
+             frozenset(int.from_bytes(vr, "little" if little else "big") for vr in _LONG_VRS - {b"SQ"}))
+    for little in (True, False)
+}
 
 # Frame kinds and fields. A frame is a list: [kind, end, limit, implicit, tag, undecided].
 _TOP, _ITEM_FRAME, _SEQ, _FRAGS = 0, 1, 2, 3
@@ -169,7 +176,7 @@ class DatasetWalker:
         "elements", "value_offsets", "past_wanted", "leading_meta_end", "position",
         "irregular", "irregular_in_header", "_implicit", "_little", "_wanted", "_max_wanted",
         "_frames", "_skip", "_cur", "_collect", "_tail", "_count", "_leading", "_last_tag",
-        "_z", "_max_inflate", "_closed", "_impl", "_expl", "_ul",
+        "_z", "_max_inflate", "_closed", "_impl", "_expl", "_ul", "_expl_n", "_short_n", "_long_n",
     )
 
     def __init__(
@@ -213,6 +220,8 @@ class DatasetWalker:
         self._impl = Struct(e + "HHL").unpack_from
         self._expl = Struct(e + "HH2sH").unpack_from
         self._ul = Struct(e + "L").unpack_from
+        self._expl_n = Struct(e + "HHHH").unpack_from
+        self._short_n, self._long_n = _VR_NUMBERS[self._little]
 
     # --- driving -------------------------------------------------------------
 
@@ -481,26 +490,45 @@ class DatasetWalker:
                                 prev = tag
                                 i = j
                         else:
+                            # (the VR read as a number: no bytes object per element)
                             n12 = n - 12
-                            while i <= n8:
-                                g, e, vr, length = expl(buf, i)
-                                if vr in short_vrs:
-                                    v = i + 8
-                                elif vr in long_vrs and vr != b"SQ" and i <= n12:
-                                    v = i + 12
-                                    length = ul(buf, i + 8)[0]
-                                else:
-                                    break
-                                tag = g << 16 | e
-                                j = v + length
-                                if not prev < tag <= stop or j > lim:
-                                    break
-                                if tag in want:
-                                    elements[tag] = (vr.decode("latin-1"), bytes(buf[v:j]))
-                                    offsets[tag] = base + v
-                                count += 1
-                                prev = tag
-                                i = j
+                            expl_n, short_n, long_n = self._expl_n, self._short_n, self._long_n
+                            if want and stop != _LAST_PLAIN_TAG:
+                                while i <= n8:
+                                    g, e, vr_n, length = expl_n(buf, i)
+                                    if vr_n in short_n:
+                                        v = i + 8
+                                    elif vr_n in long_n and i <= n12:
+                                        v = i + 12
+                                        length = ul(buf, i + 8)[0]
+                                    else:
+                                        break
+                                    tag = g << 16 | e
+                                    j = v + length
+                                    if not prev < tag <= stop or j > lim:
+                                        break
+                                    if tag in want:
+                                        elements[tag] = (bytes(buf[i + 4 : i + 6]).decode("latin-1"),
+                                                         bytes(buf[v:j]))
+                                        offsets[tag] = base + v
+                                    count += 1
+                                    prev = tag
+                                    i = j
+                            else:  # past the wanted tags, or in an item: nothing to keep
+                                while i <= n8:
+                                    g, e, vr_n, length = expl_n(buf, i)
+                                    if vr_n in short_n:
+                                        j = i + 8 + length
+                                    elif vr_n in long_n and i <= n12:
+                                        j = i + 12 + ul(buf, i + 8)[0]
+                                    else:
+                                        break
+                                    tag = g << 16 | e
+                                    if not prev < tag <= stop or j > lim:
+                                        break
+                                    count += 1
+                                    prev = tag
+                                    i = j
                     pos = base + i
                     if top:
                         last_tag = prev
