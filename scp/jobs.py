@@ -152,7 +152,7 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
     nbytes = size - offset  # the dataset, as received
     mine = done.placement is not Placement.KEPT_EXISTING  # (kept: the file there is the first copy)
     return Outcome(result, received, str(done.final.relative_to(cfg.out)), note, nbytes,
-                   facts=facts if mine else None)
+                   facts=facts if mine else None, placement=done.placement.value)
 
 
 #: Header values kept in the instance index (besides the template's).

@@ -28,6 +28,8 @@ class Outcome:
     #: series and study ...), as its worker committed them; None where the
     #: file there is another one (``--on-duplicate keep``).
     facts: Mapping[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+    #: serve: what the store did at `destination` (a :class:`~scp.enums.Placement` value).
+    placement: str = ""
 
 
 #: How the summary names each kind of skipped entry, in order.

@@ -537,3 +537,28 @@ def test_a_series_left_by_its_latest_instance_names_the_folder_and_header_of_tho
     manifest = json.loads(series_manifest_path(server.out, series).read_text())
     assert manifest["folder"] == folder, manifest
     assert (server.out / folder).is_dir()
+
+
+@pytest.mark.parametrize(("policy", "third"), [("replace", "replaced"), ("keep", "kept_existing")])
+def test_each_stored_event_says_what_the_store_did(serve_process, tmp_path: Path, policy: str,
+                                                   third: str) -> None:
+    """A resend of the same bytes is Success and a `stored` event, as every
+    C-STORE answered Success is (a resend asks a pipeline to run again); its
+    ``placement`` (``SORTSCP_PLACEMENT`` for a hook) tells it from a new file,
+    so a hook that must not work twice can skip it."""
+    events, runs = tmp_path / "events.jsonl", tmp_path / "runs"
+    server = serve_process("--events", str(events), "--on-duplicate", policy, "--hook-shell",
+                           "--on-stored", f'echo "$SORTSCP_PLACEMENT" >> "{runs}"')
+    (ds,) = ct_copies(1, patient="Placement^Test")
+    changed = copy.deepcopy(ds)
+    changed.SeriesNumber = 7  # another version of the instance: another folder
+    assert send_datasets(server.port, [ds]) == [SUCCESS]
+    assert send_datasets(server.port, [ds]) == [SUCCESS]
+    assert send_datasets(server.port, [changed]) == [SUCCESS]
+    expected = ["stored", "identical", third]
+    wait_until(lambda: len(events_of(events, "stored")) == 3 and runs.exists()
+               and len(runs.read_text().split()) == 3, what="3 stored events and hook runs")
+    assert [e["placement"] for e in events_of(events, "stored")] == expected
+    assert sorted(runs.read_text().split()) == sorted(expected)  # (hooks may run at once)
+    (only,) = layout_files(server.out)
+    assert ("_7/" in str(only)) == (policy == "replace")

@@ -101,6 +101,7 @@ class _Stored:
     sop_class_uid: str | None
     transfer_syntax_uid: str | None
     facts: Mapping[str, Any] | None = None  #: as its worker committed them (else read from the index)
+    placement: str | None = None  #: what the store did (a Placement value)
 
 
 class Pipeline:
@@ -211,15 +212,17 @@ class Pipeline:
 
     def stored(self, calling_aet: str, sop_instance_uid: str, destination: str, nbytes: int, *,
                sop_class_uid: str | None = None, transfer_syntax_uid: str | None = None,
-               seconds: float | None = None, facts: Mapping[str, Any] | None = None) -> None:
+               seconds: float | None = None, facts: Mapping[str, Any] | None = None,
+               placement: str | None = None) -> None:
         """An instance was committed at `destination` (relative to OUT) and answered Success;
-        `facts`: its index facts as committed (None: the stored event reads them from the index)."""
+        `facts`: its index facts as committed (None: the stored event reads them from the index);
+        `placement`: what the store did there (a new file, a replacement, the same bytes again ...)."""
         self.metrics.stored(calling_aet, nbytes, seconds)
         if not self._dispatch or self._stop.is_set():
             return
         try:
             self._queue.put_nowait(_Stored(calling_aet, sop_instance_uid, destination, nbytes,
-                                           sop_class_uid, transfer_syntax_uid, facts))
+                                           sop_class_uid, transfer_syntax_uid, facts, placement or None))
         except queue.Full:
             self.metrics.events_dropped.inc()
             self._drops.warn(log, "dropped a stored event: %s", _QUEUE_FULL,
@@ -352,6 +355,7 @@ class Pipeline:
                 facts = row.facts()
         return event_record(
             "stored", path=item.destination, abspath=os.path.join(self._out_abs, item.destination),
+            placement=item.placement,
             out=self._out_abs, calling_aet=item.calling_aet, sop_instance_uid=item.sop_instance_uid,
             sop_class_uid=facts.get("sop_class_uid") or item.sop_class_uid,
             transfer_syntax_uid=facts.get("transfer_syntax_uid") or item.transfer_syntax_uid,

@@ -167,7 +167,7 @@ class StoreHandlers:
                 calling, sop_uid, outcome.destination, outcome.nbytes,
                 sop_class_uid=str(event.request.AffectedSOPClassUID),  # type: ignore[union-attr]
                 transfer_syntax_uid=str(event.context.transfer_syntax),
-                seconds=time.perf_counter() - started, facts=outcome.facts,
+                seconds=time.perf_counter() - started, facts=outcome.facts, placement=outcome.placement,
             )
         return SUCCESS
 
