@@ -490,13 +490,32 @@ def sort_tree(
             try:
                 results, flushes = future.result()
                 report.flushes += flushes
-            except Exception as exc:  # a worker died: every file of the batch failed
-                results = [
-                    Outcome(Result.FAILED, p, "", f"worker failed: {exc!r}")
-                    for p, _ in pending[future]
-                ]
+            except Exception as exc:  # a worker died: its batch again, file by file
+                results = again(pending[future], exc)
             for result in results:
                 take(result)
+
+        def again(items: list[Item], exc: BaseException) -> list[Outcome | Deferred]:
+            """The files of a batch whose worker died (killed, out of memory),
+            each sorted again on its own: the dead worker may have placed some
+            (a move links each file at its name before it removes the
+            sources), which the new run finds there; a file that kills its
+            worker fails alone."""
+            log.warning("a worker died during a batch of %d files (%r): sorting them again one by one",
+                        len(items), exc)
+            results: list[Outcome | Deferred] = []
+            for item in items:
+                if stop.signum is not None:
+                    results.append(Outcome(Result.FAILED, item[0], "", "its worker died, and the run was "
+                                           "stopped before it was sorted again"))
+                    continue
+                try:
+                    one, flushes = pool.submit(sort_batch, [item], cfg).result()
+                    report.flushes += flushes
+                    results.extend(one)
+                except Exception as exc:
+                    results.append(Outcome(Result.FAILED, item[0], "", f"worker failed: {exc!r}"))
+            return results
 
         def finish_batches() -> None:
             """Wait for the batches in flight (after a stop: only those started)."""

@@ -32,6 +32,7 @@ from conftest import (
     CHARSET_FILES,
     TEST_FILES,
     cli_env,
+    descendants,
     readable_dicom_files,
     run_cli,
 )
@@ -610,6 +611,44 @@ def test_resume_after_interruption(many: Tree, tmp_path: Path, how: str, mode: s
     assert leftovers == [], f"the re-run left the killed run's temporary files: {leftovers}"
     if mode == "move":
         assert [p for p in tree.all_files() if p.name != "notes.txt"] == []
+
+
+@pytest.mark.parametrize("mode", ["move", "copy"])
+def test_a_worker_killed_mid_batch_loses_no_entry_of_the_report(many: Tree, tmp_path: Path, mode: str) -> None:
+    """Found by an independent attack: with a worker killed (the OOM killer, a
+    user), every file of its batch was reported `failed`, "never touched",
+    while a move had already linked many of them at their names in DST (the
+    sources are removed at the batch's end). The batch is sorted again, file
+    by file, in a new worker: the run ends as if nothing had happened."""
+    tree = many.clone(tmp_path / "src")
+    by_uid = {f"1.2.826.0.1.3680043.8.498.77.{i}": p.read_bytes() for i, p in enumerate(many.dicom)}
+    dst, report = tmp_path / "dst", tmp_path / "r.csv"
+    proc = start_sort(tree.root, dst, "--mode", mode, "--workers", "1", "--report", report)
+    try:
+        wait_for_files(dst, 20, proc)
+        assert proc.poll() is None, "finished before a worker could be killed"
+        workers = descendants(proc.pid)
+        assert workers, "no worker process"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert proc.returncode == 0, err
+    assert "a worker died during a batch" in err and "Traceback" not in err, err
+    rows = list(csv.DictReader(open(report, newline="", encoding="utf-8")))
+    outcomes = Counter(r["outcome"] for r in rows)
+    assert outcomes["failed"] == 0, [r for r in rows if r["outcome"] == "failed"][:3]
+    assert outcomes["new"] + outcomes["replaced"] == N_INSTANCES, outcomes
+    final = layout_files(dst)
+    assert sorted(p.name for p in final) == sorted(f"{uid}.dcm" for uid in by_uid)
+    check_no_partial_final_files(dst, by_uid)
+    left = [p for p in tree.all_files() if p.name != "notes.txt"]
+    assert len(left) == (0 if mode == "move" else N_INSTANCES)
+    sources = {os.stat(p).st_ino for p in left}
+    assert not [p for p in final if os.stat(p).st_ino in sources]  # copies, not links to a source
 
 
 # --- sorting in place ------------------------------------------------------------------
