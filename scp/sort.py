@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import errno
 import itertools
 import json
@@ -512,7 +513,7 @@ def sort_tree(
                 try:
                     one, flushes = pool.submit(sort_batch, [item], cfg).result()
                     report.flushes += flushes
-                    results.extend(one)
+                    results.extend(_after_death(o, cfg) for o in one)
                 except Exception as exc:
                     results.append(Outcome(Result.FAILED, item[0], "", f"worker failed: {exc!r}"))
             return results
@@ -581,6 +582,16 @@ def sort_tree(
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return report
+
+
+def _after_death(o: Outcome | Deferred, cfg: SortConfig) -> Outcome | Deferred:
+    """A file sorted again after its worker died: a move's source that is
+    gone was, most likely, moved by the dead worker (it removes a source only
+    once its copy is in place, flushed)."""
+    if cfg.mode is Mode.MOVE and isinstance(o, Outcome) and o.category == SkipCategory.GONE.value:
+        return dataclasses.replace(o, reason="its worker died just after it moved the file (its copy is "
+                                            "in DST), or someone else removed it")
+    return o
 
 
 def _refused_as_the_run_would_be(dst: Path) -> None:
