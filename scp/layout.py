@@ -178,8 +178,9 @@ class Template:
 
 #: The characters of a UID that names a file (``serve`` refuses any other).
 UID_CHARS = frozenset(string.ascii_letters + string.digits + ".-")
-#: The widest a format spec may pad or cut a value: no path component is longer.
-MAX_SPEC_WIDTH = MAX_COMPONENT_BYTES
+#: The widest a format spec may pad or cut a value: no path is longer (a
+#: longer name is shortened to :data:`MAX_COMPONENT_BYTES` with a digest).
+MAX_SPEC_WIDTH = 4096
 _SPEC_NUMBERS = re.compile(r"[0-9]+")
 
 
@@ -212,7 +213,7 @@ def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Fie
         if any(int(n) > MAX_SPEC_WIDTH for n in _SPEC_NUMBERS.findall(spec)):
             raise TemplateError(
                 f"format spec {spec!r} for {name} in {text!r}: a width or precision above "
-                f"{MAX_SPEC_WIDTH} (no file or folder name can be longer)"
+                f"{MAX_SPEC_WIDTH} (no path can be longer)"
             )
         for sample in (1, 1.5, "x"):
             try:

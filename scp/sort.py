@@ -40,7 +40,7 @@ from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
 from scp.sort_jobs import COPY_REASON, Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
 from scp.store import fsops
-from scp.store.fsops import SourceTree, flush_count, same_content
+from scp.store.fsops import LEAVING_PREFIX, SourceTree, flush_count, same_content
 from scp.store.tmp import (
     INDEX_FILENAME,
     INDEX_LOCK_FILENAME,
@@ -505,6 +505,8 @@ def sort_tree(
             log.warning("a worker died during a batch of %d files (%r): sorting them again one by one",
                         len(items), exc)
             results: list[Outcome | Deferred] = []
+            if cfg.mode is Mode.MOVE and not cfg.dry_run:
+                items = items + _left_aside(items)
             for item in items:
                 if stop.signum is not None:
                     results.append(Outcome(Result.FAILED, item[0], "", "its worker died, and the run was "
@@ -582,6 +584,35 @@ def sort_tree(
     if stop.signum is not None:
         raise Interrupted(stop.signum)
     return report
+
+
+def _left_aside(items: list[Item]) -> list[Item]:
+    """The sources a dead worker left renamed aside in the folders of its
+    batch (``.sortscp-leaving-PID-*``, :func:`~scp.store.fsops.remove_source`):
+    sorted again, they are found in place and removed, as the next run would."""
+    found: list[Item] = []
+    for folder in sorted({os.path.dirname(p) for p, _ in items}):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(LEAVING_PREFIX):
+                continue
+            pid = name[len(LEAVING_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                found.append((os.path.join(folder, name), False))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _after_death(o: Outcome | Deferred, cfg: SortConfig) -> Outcome | Deferred:

@@ -65,6 +65,10 @@ class SourceTree:
 SOURCES: SourceTree | None = None
 
 
+#: The name a move's source has while it is removed (then its worker's pid).
+LEAVING_PREFIX = ".sortscp-leaving-"
+
+
 def remove_source(path: Path, expect: Identity | None) -> None:
     """Remove the source `path` of a move, if it is still the file `expect`
     describes; else :class:`~scp.errors.SourceChanged` and it stays.
@@ -82,7 +86,7 @@ def remove_source(path: Path, expect: Identity | None) -> None:
     if expect is None:
         os.unlink(path)
         return
-    aside = path.with_name(f".sortscp-leaving-{os.getpid()}-{os.urandom(4).hex()}")
+    aside = path.with_name(f"{LEAVING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
     try:
         os.rename(path, aside)
     except OSError as exc:  # (said of the source, as its unlink would)
