@@ -51,7 +51,9 @@ from scp.store.tmp import (
     SortRunning,
     fs_clock_ns,
     lock_holder,
+    lock_taker,
     remove_orphans,
+    running,
     take_sort_lock,
     tmp_dir,
 )
@@ -330,7 +332,7 @@ def lock_destination(dst: Path) -> int:
     try:
         return take_sort_lock(dst)
     except SortRunning as exc:
-        raise DestinationLockedError(_SORT_RUNNING.format(dst=shown(os.fspath(dst)), pid=exc.pid)) from None
+        raise DestinationLockedError(_sort_running(dst, exc.pid)) from None
 
 
 class _Stop:
@@ -600,19 +602,9 @@ def _left_aside(items: list[Item]) -> list[Item]:
             if not name.startswith(LEAVING_PREFIX):
                 continue
             pid = name[len(LEAVING_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not running(int(pid)):
                 found.append((os.path.join(folder, name), False))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _after_death(o: Outcome | Deferred, cfg: SortConfig) -> Outcome | Deferred:
@@ -631,13 +623,14 @@ def _refused_as_the_run_would_be(dst: Path) -> None:
     state = dst / STATE_DIRNAME
     pid = lock_holder(state / SORT_LOCK_FILENAME)
     if pid is not None:
-        raise DestinationLockedError(_SORT_RUNNING.format(dst=shown(os.fspath(dst)), pid=pid))
+        raise DestinationLockedError(_sort_running(dst, str(pid)))
     if (state / INDEX_FILENAME).is_file() and lock_holder(state / INDEX_LOCK_FILENAME) is not None:
         raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst))
 
 
-_SORT_RUNNING = ("another sortscp sort (or a server starting on it) is writing into {dst} (pid {pid}); "
-                 "try again when it has finished")
+def _sort_running(dst: Path, pid: str) -> str:
+    return (f"another sortscp sort (or a server starting on it) is writing into {shown(os.fspath(dst))} "
+            f"({lock_taker(dst, pid)}); try again when it has finished")
 _SERVER_RUNNING = ("a running server (sortscp serve) holds the instance index of {dst}: stop it "
                    "first, or send these files to it (storescu +sd +r ...)")
 

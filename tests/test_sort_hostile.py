@@ -1008,6 +1008,31 @@ def test_a_run_refused_at_the_lock_leaves_the_running_runs_report_alone(tmp_path
     assert layout_files(dst) == []
 
 
+def test_a_lock_held_by_the_workers_of_a_sort_that_died_says_so(tmp_path: Path) -> None:
+    """Found by an independent attack: a sort killed while its workers were
+    stopped (SIGSTOP) left them holding its lock (they inherited it); the next
+    run named the dead sort's pid as the one running. It says now that the
+    pid has exited and how to find what holds the lock."""
+    import fcntl
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "ct.dcm", CT.read_bytes())
+    (dst / STATE_PREFIX).mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = os.open(dst / STATE_PREFIX / "sort.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, as a worker still holds it
+        os.pwrite(lock, str(gone.pid).encode(), 0)  # written by the sort that took it
+        r = run_cli("sort", src, dst)
+        check_ok(r, 75)
+        assert f"pid {gone.pid} took it and has exited" in r.stderr, show(r)
+        assert "fuser -v" in r.stderr and "sort.lock" in r.stderr, show(r)
+    finally:
+        os.close(lock)
+    check_ok(run_cli("sort", src, dst))
+
+
 def test_control_characters_in_a_name_never_reach_the_terminal(tmp_path: Path) -> None:
     """A file name with a newline and an escape sequence, in the lines a dry run
     prints: escaped, so it can neither forge a line nor clear the screen."""
