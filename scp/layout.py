@@ -155,9 +155,9 @@ class Template:
         # UID 1.2.3-4 and "A", would both be "1.2.3-4-A".
         if not any(_delimited(last, i) for i in uids):
             raise TemplateError(
-                "where another field shares the file name with {SOPInstanceUID}, the text between "
-                "them must hold a character that no UID holds (not a letter, digit, '.' or '-'; "
-                "e.g. '_'), so that two instances never share a name: "
+                "where other fields share the file name with {SOPInstanceUID}, they must all be on "
+                "one side of it, and the text between must hold a character that no UID holds (not a "
+                "letter, digit, '.' or '-'; e.g. '_'), so that two instances never share a name: "
                 f"{text!r}"
             )
         return cls(text, tuple(tuple(parts) for parts in components))
@@ -186,14 +186,16 @@ _SPEC_NUMBERS = re.compile(r"[0-9]+")
 
 def _delimited(parts: tuple[Part, ...] | list[Part], i: int) -> bool:
     """Whether the UID at ``parts[i]`` can be told from the fields beside it:
-    on each side that has a field, the literal next to it holds a character
-    that no UID holds."""
-    for side, literal in ((parts[:i], parts[i - 1] if i else ""),
-                          (parts[i + 1:], parts[i + 1] if i + 1 < len(parts) else "")):
-        if any(isinstance(p, Field) for p in side) and (
-                isinstance(literal, Field) or set(literal) <= UID_CHARS):
-            return False
-    return True
+    fields on one side of it only (values may hold any character, the
+    delimiter too), and the literal between holds a character that no UID
+    holds, as it is in the file name (normalized: the Kelvin sign is K)."""
+    sides = [(parts[:i], parts[i - 1] if i else ""),
+             (parts[i + 1:], parts[i + 1] if i + 1 < len(parts) else "")]
+    with_fields = [(side, literal) for side, literal in sides if any(isinstance(p, Field) for p in side)]
+    if len(with_fields) > 1:
+        return False
+    return all(not isinstance(literal, Field) and not set(unicodedata.normalize("NFC", literal)) <= UID_CHARS
+               for _, literal in with_fields)
 
 
 def _parse_field(text: str, name: str, spec: str, conversion: str | None) -> Field:
@@ -364,15 +366,17 @@ def _shorten(name: str) -> str:
 
 def split_extension(name: str) -> tuple[str, str]:
     """``(stem, ".ext")``, or ``(name, "")`` if `name` has no short extension
-    to keep at the end of a cut or suffixed name. Digits alone are no
-    extension: they are the last part of a UID (a template without one ends
-    with ``{SOPInstanceUID}``, and its ``~2`` goes after the whole UID).
+    to keep at the end of a cut or suffixed name: letters and digits, not
+    digits alone (the last part of a UID, in a template without extension:
+    its ``~2`` goes after the whole name, never inside the UID).
 
     >>> split_extension("1.2.3.dcm"), split_extension("x." + "e" * 20), split_extension("1.2.3")
     (('1.2.3', '.dcm'), ('x.eeeeeeeeeeeeeeeeeeee', ''), ('1.2.3', ''))
+    >>> split_extension("1.2.3_5")
+    ('1.2.3_5', '')
     """
     stem, dot, ext = name.rpartition(".")
-    if dot and stem and not ext.isdigit() and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION:
+    if dot and stem and ext.isalnum() and not ext.isdigit() and 0 < len(ext.encode("utf-8")) <= _MAX_KEPT_EXTENSION:
         return stem, dot + ext
     return name, ""
 

@@ -40,7 +40,7 @@ from scp.pool import SORT_JOBS, WorkerPool
 from scp.report import Outcome, Report
 from scp.sort_jobs import COPY_REASON, Deferred, Item, failure_reason, sort_batch, sort_claims, special_file
 from scp.store import fsops
-from scp.store.fsops import LEAVING_PREFIX, SourceTree, flush_count, same_content
+from scp.store.fsops import SourceTree, flush_count, same_content
 from scp.store.tmp import (
     INDEX_FILENAME,
     INDEX_LOCK_FILENAME,
@@ -53,7 +53,6 @@ from scp.store.tmp import (
     lock_holder,
     lock_taker,
     remove_orphans,
-    running,
     take_sort_lock,
     tmp_dir,
 )
@@ -507,13 +506,7 @@ def sort_tree(
             log.warning("a worker died during a batch of %d files (%r): sorting them again one by one",
                         len(items), exc)
             results: list[Outcome | Deferred] = []
-            if cfg.mode is Mode.MOVE and not cfg.dry_run:
-                items = items + _left_aside(items)
-            for item in items:
-                if stop.signum is not None:
-                    results.append(Outcome(Result.FAILED, item[0], "", "its worker died, and the run was "
-                                           "stopped before it was sorted again"))
-                    continue
+            for item in items:  # (after a stop too: they were in flight, and a batch is short)
                 try:
                     one, flushes = pool.submit(sort_batch, [item], cfg).result()
                     report.flushes += flushes
@@ -588,32 +581,14 @@ def sort_tree(
     return report
 
 
-def _left_aside(items: list[Item]) -> list[Item]:
-    """The sources a dead worker left renamed aside in the folders of its
-    batch (``.sortscp-leaving-PID-*``, :func:`~scp.store.fsops.remove_source`):
-    sorted again, they are found in place and removed, as the next run would."""
-    found: list[Item] = []
-    for folder in sorted({os.path.dirname(p) for p, _ in items}):
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            if not name.startswith(LEAVING_PREFIX):
-                continue
-            pid = name[len(LEAVING_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not running(int(pid)):
-                found.append((os.path.join(folder, name), False))
-    return found
-
-
 def _after_death(o: Outcome | Deferred, cfg: SortConfig) -> Outcome | Deferred:
     """A file sorted again after its worker died: a move's source that is
     gone was, most likely, moved by the dead worker (it removes a source only
     once its copy is in place, flushed)."""
     if cfg.mode is Mode.MOVE and isinstance(o, Outcome) and o.category == SkipCategory.GONE.value:
         return dataclasses.replace(o, reason="its worker died just after it moved the file (its copy is "
-                                            "in DST), or someone else removed it")
+                                            "in DST; a .sortscp-leaving-* name left beside it is removed "
+                                            "by the next run), or someone else removed it")
     return o
 
 

@@ -26,7 +26,7 @@ import pytest
 import scp.__main__
 from scp.config import STOP_SIGNALS
 
-from conftest import cli_env, free_port, wait_for_port
+from conftest import cli_env, free_port, run_cli, wait_for_port
 
 
 def _catches(pid: int, signum: int) -> bool | None:
@@ -124,3 +124,66 @@ def test_a_server_started_with_sighup_ignored_keeps_running_on_sighup(tmp_path: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _run_with(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` with this checkout's CLI: CODE raises the
+    signal itself, at one chosen moment (a real signal, sent to itself)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=cli_env(), timeout=120)
+
+
+def test_reindex_stopped_while_it_writes_the_new_index_leaves_nothing(tmp_path: Path) -> None:
+    """Found by an independent attack: a SIGTERM while ``reindex`` wrote its
+    new index left ``.sortscp/index.sqlite.rebuild-PID`` behind."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    out = tmp_path / "out"
+    (out / "P" / "S").mkdir(parents=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.save_as(out / "P" / "S" / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    code = """
+import os, signal, sqlite3, sys
+real = sqlite3.connect
+def connect(path, *a, **k):
+    conn = real(path, *a, **k)
+    if ".rebuild-" in os.fspath(path):
+        os.kill(os.getpid(), signal.SIGTERM)  # a service manager stops it now
+    return conn
+sqlite3.connect = connect
+sys.argv = ["sortscp", "reindex", sys.argv[1]]
+from scp.__main__ import main
+main()
+"""
+    r = _run_with(code, str(out))
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "sortscp reindex: stopped by SIGTERM", r.stderr
+    assert not [p.name for p in (out / ".sortscp").iterdir() if ".rebuild-" in p.name]
+    assert run_cli("reindex", out).returncode == 0  # and the next one builds it
+
+
+def test_a_stop_signal_that_lands_in_a_finalizer_still_stops_the_command(tmp_path: Path) -> None:
+    """Found by an independent attack: Python runs a signal handler at the next
+    bytecode, which may be a finalizer's; an exception raised there is printed
+    and dropped, so the command went on (``echo`` exited 1, not 130, after a
+    traceback)."""
+    code = f"""
+import os, signal, sys
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while a finalizer runs
+        for _ in range(1000): pass  # (the handler runs here)
+sys.argv = ["sortscp", "echo", "127.0.0.1", "{free_port()}", "--timeout", "2"]
+import scp.__main__ as m
+import scp.cli
+real = scp.cli.main
+def main():
+    Finalized()  # freed at once: its __del__ runs now
+    real()
+scp.cli.main = main
+m.main()
+"""
+    r = _run_with(code)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "sortscp echo: stopped by SIGINT" in r.stderr, r.stderr

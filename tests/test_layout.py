@@ -372,6 +372,10 @@ def test_a_file_name_with_the_uid_whole_beside_a_literal_is_accepted():
     "{PatientID}/{AccessionNumber}-{SOPInstanceUID}.dcm",
     "{PatientID}/{SOPInstanceUID}1{InstanceNumber}",
     "{PatientID}/{AccessionNumber}_{SOPInstanceUID}-{InstanceNumber}.dcm",
+    # fields on both sides: a value may hold the delimiter ("A B" is "A_B")
+    "{AccessionNumber}_{SOPInstanceUID}_{StudyID}.dcm",
+    # the Kelvin sign is K once the name is normalized (NFC): a letter of a UID
+    "{PatientID}/{SOPInstanceUID}\u212a{AccessionNumber}.dcm",
 ])
 def test_a_file_name_whose_uid_a_neighbour_could_run_into_is_refused(text):
     """Found by an independent attack: with ``{SOPInstanceUID}-{AccessionNumber}.dcm``,
@@ -432,4 +436,5 @@ def test_the_copy_suffix_of_a_name_without_extension_goes_after_the_uid() -> Non
     second copy of 1.2.840.99.7 was 1.2.840.99~2.7, a name that no longer
     starts with its UID."""
     assert split_extension("1.2.840.99.7") == ("1.2.840.99.7", "")
+    assert split_extension("1.2.826.0.3_5") == ("1.2.826.0.3_5", "")  # {SOPInstanceUID}_{InstanceNumber}
     assert split_extension("1.2.840.99.7.dcm") == ("1.2.840.99.7", ".dcm")
