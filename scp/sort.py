@@ -606,6 +606,8 @@ def _refused_as_the_run_would_be(dst: Path) -> None:
 def _sort_running(dst: Path, pid: str) -> str:
     return (f"another sortscp sort (or a server starting on it) is writing into {shown(os.fspath(dst))} "
             f"({lock_taker(dst, pid)}); try again when it has finished")
+
+
 _SERVER_RUNNING = ("a running server (sortscp serve) holds the instance index of {dst}: stop it "
                    "first, or send these files to it (storescu +sd +r ...)")
 
