@@ -613,6 +613,29 @@ def test_resume_after_interruption(many: Tree, tmp_path: Path, how: str, mode: s
         assert [p for p in tree.all_files() if p.name != "notes.txt"] == []
 
 
+def _kill_the_worker(tree: Tree, dst: Path, mode: str, stop: bool = False) -> tuple[int, str, list[dict]]:
+    """``sort --workers 1`` of `tree` into `dst`, its worker killed (and, with
+    `stop`, the run stopped with SIGTERM at that moment) once 20 files are in
+    place: exit status, standard error, report rows."""
+    report = dst.parent / "r.csv"
+    proc = start_sort(tree.root, dst, "--mode", mode, "--workers", "1", "--report", report)
+    try:
+        wait_for_files(dst, 20, proc)
+        assert proc.poll() is None, "finished before a worker could be killed"
+        workers = descendants(proc.pid)
+        assert workers, "no worker process"
+        if stop:
+            os.kill(proc.pid, signal.SIGTERM)  # the user stops the run as its worker dies
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    return proc.returncode, err, list(csv.DictReader(open(report, newline="", encoding="utf-8")))
+
+
 @pytest.mark.parametrize("mode", ["move", "copy"])
 def test_a_worker_killed_mid_batch_loses_no_entry_of_the_report(many: Tree, tmp_path: Path, mode: str) -> None:
     """Found by an independent attack: with a worker killed (the OOM killer, a
@@ -622,23 +645,10 @@ def test_a_worker_killed_mid_batch_loses_no_entry_of_the_report(many: Tree, tmp_
     by file, in a new worker: the run ends as if nothing had happened."""
     tree = many.clone(tmp_path / "src")
     by_uid = {f"1.2.826.0.1.3680043.8.498.77.{i}": p.read_bytes() for i, p in enumerate(many.dicom)}
-    dst, report = tmp_path / "dst", tmp_path / "r.csv"
-    proc = start_sort(tree.root, dst, "--mode", mode, "--workers", "1", "--report", report)
-    try:
-        wait_for_files(dst, 20, proc)
-        assert proc.poll() is None, "finished before a worker could be killed"
-        workers = descendants(proc.pid)
-        assert workers, "no worker process"
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    assert proc.returncode == 0, err
+    dst = tmp_path / "dst"
+    code, err, rows = _kill_the_worker(tree, dst, mode)
+    assert code == 0, err
     assert "a worker died during a batch" in err and "Traceback" not in err, err
-    rows = list(csv.DictReader(open(report, newline="", encoding="utf-8")))
     outcomes = Counter(r["outcome"] for r in rows)
     assert outcomes["failed"] == 0, [r for r in rows if r["outcome"] == "failed"][:3]
     # (a move killed while it removed its batch's sources: those are gone, their copies in place)
@@ -657,6 +667,23 @@ def test_a_worker_killed_mid_batch_loses_no_entry_of_the_report(many: Tree, tmp_
     assert len(aside) <= len(moved_by_the_dead)
     sources = {os.stat(p).st_ino for p in left}
     assert not [p for p in final if os.stat(p).st_ino in sources]  # copies, not links to a source
+
+
+def test_a_worker_killed_as_the_run_is_stopped_leaves_no_failed_row(many: Tree, tmp_path: Path) -> None:
+    """Found by an independent attack: a worker that died as the user stopped
+    the run left every file of its batch `failed`, most of them already in
+    DST. Its batch was in flight, so it is sorted again before the run stops."""
+    tree = many.clone(tmp_path / "src")
+    by_uid = {f"1.2.826.0.1.3680043.8.498.77.{i}": p.read_bytes() for i, p in enumerate(many.dicom)}
+    dst = tmp_path / "dst"
+    code, err, rows = _kill_the_worker(tree, dst, "move", stop=True)
+    assert code == 143, err
+    assert not [r for r in rows if r["outcome"] == "failed"], [r for r in rows if r["outcome"] == "failed"][:3]
+    check_no_partial_final_files(dst, by_uid)
+    in_dst = {p.name.removesuffix(".dcm") for p in layout_files(dst)}
+    left = [p for p in tree.all_files() if p.name != "notes.txt" and not p.name.startswith(".sortscp-leaving-")]
+    assert len(in_dst) + len(left) >= N_INSTANCES  # nothing lost (a source may be in both until the rerun)
+    assert all(r["destination"] for r in rows if r["outcome"] in ("new", "replaced", "already"))
 
 
 # --- sorting in place ------------------------------------------------------------------
@@ -949,33 +976,3 @@ def test_two_uids_made_safe_to_one_name_are_both_kept_and_not_called_one_instanc
     assert "made safe for a path" in copy["reason"]
     uids = {pydicom.dcmread(dst / row["destination"]).SOPInstanceUID for row in rows.values()}
     assert uids == {"1.2/3", "1.2_3"}
-
-
-def test_a_worker_killed_as_the_run_is_stopped_leaves_no_failed_row(many: Tree, tmp_path: Path) -> None:
-    """Found by an independent attack: a worker that died as the user stopped
-    the run left every file of its batch `failed`, most of them already in
-    DST. Its batch was in flight, so it is sorted again before the run stops."""
-    tree = many.clone(tmp_path / "src")
-    by_uid = {f"1.2.826.0.1.3680043.8.498.77.{i}": p.read_bytes() for i, p in enumerate(many.dicom)}
-    dst, report = tmp_path / "dst", tmp_path / "r.csv"
-    proc = start_sort(tree.root, dst, "--mode", "move", "--workers", "1", "--report", report)
-    try:
-        wait_for_files(dst, 20, proc)
-        assert proc.poll() is None, "finished before a worker could be killed"
-        workers = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGTERM)  # the user stops the run ...
-        for pid in workers:  # ... as its worker dies
-            os.kill(pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    assert proc.returncode == 143, err
-    rows = list(csv.DictReader(open(report, newline="", encoding="utf-8")))
-    assert not [r for r in rows if r["outcome"] == "failed"], [r for r in rows if r["outcome"] == "failed"][:3]
-    check_no_partial_final_files(dst, by_uid)
-    in_dst = {p.name.removesuffix(".dcm") for p in layout_files(dst)}
-    left = [p for p in tree.all_files() if p.name != "notes.txt" and not p.name.startswith(".sortscp-leaving-")]
-    assert len(in_dst) + len(left) >= N_INSTANCES  # nothing lost (a source may be in both until the rerun)
-    assert all(r["destination"] for r in rows if r["outcome"] in ("new", "replaced", "already"))

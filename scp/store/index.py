@@ -691,6 +691,80 @@ def _walk(root: Path, suffix: str | None) -> Iterator[tuple[str, os.stat_result]
         stack.extend(reversed(subdirs))
 
 
+def _write_rebuilt(
+    tmp: Path, final: Path, best: Mapping[str, tuple[float, str, Mapping[str, Any], int]], root: Path,
+    digests: bool, summary: RebuildSummary,
+) -> None:
+    """Write the index :func:`rebuild` found (`best`: each UID's file) to
+    `tmp`, flushed, its completion state carried over from `final`."""
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.executescript(_SCHEMA)
+        conn.execute("BEGIN")
+        rows = []
+        for uid, (mtime, rel, ident, size) in best.items():
+            facts = {k: ident.get(k) for k in FACT_FIELDS}
+            facts["size"] = size
+            if digests:
+                try:
+                    facts["digest"] = sha256_file(root / rel)
+                except OSError:
+                    facts["digest"] = None
+            rows.append((uid, rel, *(facts[k] for k in FACT_FIELDS), mtime))
+        conn.executemany(
+            "INSERT INTO instances(sop_instance_uid, path, state, " + ", ".join(FACT_FIELDS) + ", received) "
+            "VALUES (?, ?, 'ok', " + ", ".join("?" * len(FACT_FIELDS)) + ", ?)",
+            rows,
+        )
+        summary.instances = len(rows)
+        # the descriptive columns come from the latest instance of each series/study
+        latest = (
+            "SELECT *, rtrim(rtrim(path, replace(path, '/', '')), '/') AS folder,"
+            " min(received) OVER w AS first, max(received) OVER w AS last, count(*) OVER w AS n,"
+            " row_number() OVER (PARTITION BY {k} ORDER BY received DESC, path DESC) AS rn"
+            " FROM instances WHERE {k} IS NOT NULL WINDOW w AS (PARTITION BY {k})"
+        )
+        conn.execute(
+            "INSERT INTO series(series_instance_uid, study_instance_uid, folder, series_description,"
+            " series_number, modality, first_arrival, last_arrival, instances, arrivals)"
+            " SELECT series_instance_uid, study_instance_uid, folder, series_description, series_number,"
+            " modality, first, last, n, n FROM (" + latest.format(k="series_instance_uid") + ") WHERE rn = 1"
+        )
+        conn.execute(
+            "INSERT INTO studies(study_instance_uid, patient_name, patient_id, study_date,"
+            " first_arrival, last_arrival, instances, arrivals)"
+            " SELECT study_instance_uid, patient_name, patient_id, study_date, first, last, n, n"
+            " FROM (" + latest.format(k="study_instance_uid") + ") WHERE rn = 1"
+        )
+        conn.execute("COMMIT")  # ATTACH cannot run inside a transaction
+        generation = 1
+        old_meta = _old_meta(final)
+        if old_meta is not None:
+            try:
+                generation = int(old_meta.get("generation", "0")) + 1
+            except ValueError:
+                pass
+            summary.carried_completion = _carry_completion(conn, final)
+        summary.generation = generation
+        meta = {
+            "schema_version": str(SCHEMA_VERSION),
+            "generation": str(generation),
+            "built_at": repr(time.time()),
+            "clean": "1",
+            "boot_id": boot_id(),
+        }
+        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
+    finally:
+        conn.close()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def rebuild(
     root: Path | str,
     read_identity: Callable[[Path], Mapping[str, Any] | None],
@@ -754,72 +828,7 @@ def rebuild(
         )
 
         try:
-            conn = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=OFF")
-                conn.execute("PRAGMA synchronous=OFF")
-                conn.executescript(_SCHEMA)
-                conn.execute("BEGIN")
-                rows = []
-                for uid, (mtime, rel, ident, size) in best.items():
-                    facts = {k: ident.get(k) for k in FACT_FIELDS}
-                    facts["size"] = size
-                    if digests:
-                        try:
-                            facts["digest"] = sha256_file(root / rel)
-                        except OSError:
-                            facts["digest"] = None
-                    rows.append((uid, rel, *(facts[k] for k in FACT_FIELDS), mtime))
-                conn.executemany(
-                    "INSERT INTO instances(sop_instance_uid, path, state, " + ", ".join(FACT_FIELDS) + ", received) "
-                    "VALUES (?, ?, 'ok', " + ", ".join("?" * len(FACT_FIELDS)) + ", ?)",
-                    rows,
-                )
-                summary.instances = len(rows)
-                # the descriptive columns come from the latest instance of each series/study
-                latest = (
-                    "SELECT *, rtrim(rtrim(path, replace(path, '/', '')), '/') AS folder,"
-                    " min(received) OVER w AS first, max(received) OVER w AS last, count(*) OVER w AS n,"
-                    " row_number() OVER (PARTITION BY {k} ORDER BY received DESC, path DESC) AS rn"
-                    " FROM instances WHERE {k} IS NOT NULL WINDOW w AS (PARTITION BY {k})"
-                )
-                conn.execute(
-                    "INSERT INTO series(series_instance_uid, study_instance_uid, folder, series_description,"
-                    " series_number, modality, first_arrival, last_arrival, instances, arrivals)"
-                    " SELECT series_instance_uid, study_instance_uid, folder, series_description, series_number,"
-                    " modality, first, last, n, n FROM (" + latest.format(k="series_instance_uid") + ") WHERE rn = 1"
-                )
-                conn.execute(
-                    "INSERT INTO studies(study_instance_uid, patient_name, patient_id, study_date,"
-                    " first_arrival, last_arrival, instances, arrivals)"
-                    " SELECT study_instance_uid, patient_name, patient_id, study_date, first, last, n, n"
-                    " FROM (" + latest.format(k="study_instance_uid") + ") WHERE rn = 1"
-                )
-                conn.execute("COMMIT")  # ATTACH cannot run inside a transaction
-                generation = 1
-                old_meta = _old_meta(final)
-                if old_meta is not None:
-                    try:
-                        generation = int(old_meta.get("generation", "0")) + 1
-                    except ValueError:
-                        pass
-                    summary.carried_completion = _carry_completion(conn, final)
-                summary.generation = generation
-                meta = {
-                    "schema_version": str(SCHEMA_VERSION),
-                    "generation": str(generation),
-                    "built_at": repr(time.time()),
-                    "clean": "1",
-                    "boot_id": boot_id(),
-                }
-                conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
-            finally:
-                conn.close()
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_rebuilt(tmp, final, best, root, digests, summary)
         except BaseException:  # a stop signal too: leave nothing of ours
             tmp.unlink(missing_ok=True)
             raise

@@ -91,19 +91,17 @@ def commit_instance(
         raise
     except Exception as exc:  # its file is in place, its claim still ours: see IndexCommitFailed
         raise IndexCommitFailed(f"filed at {rel}, but the index cannot record it: {exc}") from exc
+    if elsewhere and placement is Placement.STORED:
+        placement = Placement.REPLACED
     if superseded is not None:
         if on_conflict is Duplicate.BOTH:
             index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
         elif holds is not None and not holds(root / superseded, uid):
             index.obsolete_removed(superseded)  # no longer this instance's: not the index's to remove
-            if elsewhere and placement is Placement.STORED:
-                placement = Placement.REPLACED
             return Committed(final, placement, None, not_removed=superseded)
         else:
             remove_obsolete(root, superseded)
             index.obsolete_removed(superseded)
-    if elsewhere and placement is Placement.STORED:
-        placement = Placement.REPLACED
     return Committed(final, placement, superseded)
 
 

@@ -71,32 +71,19 @@ class SortRunning(DestinationLockedError):
     `pid` as it wrote it. Its text is what ``serve`` and ``reindex`` say."""
 
     def __init__(self, root: Path, pid: str) -> None:
-        taker = lock_taker(root, pid)
-        if taker == f"pid {pid}":
-            taker += ": a sort into it, or a server starting on it"
-        super().__init__(f"another sortscp process holds {root} ({taker})")
+        super().__init__(f"another sortscp process holds {root} "
+                         f"({lock_taker(root, pid, 'a sort into it, or a server starting on it')})")
         self.pid = pid
 
 
-def lock_taker(root: Path, pid: str) -> str:
-    """``pid N``, the process that took the sort lock of `root`, or, if it
-    has exited, what holds the lock then (a process it started: the lock
-    outlives its taker in them, e.g. a stopped worker)."""
-    if pid.isdigit() and not running(int(pid)):
+def lock_taker(root: Path, pid: str, what: str = "") -> str:
+    """``pid N`` (``: what`` it is), the process that took the sort lock of
+    `root`; or, if it has exited, what holds the lock then (a process it
+    started: the lock outlives its taker in them, e.g. a stopped worker)."""
+    if pid.isdigit() and not pid_alive(int(pid)):
         return (f"pid {pid} took it and has exited; a process it started still holds it, a "
                 f"stopped or stuck worker: `fuser -v {root / STATE_DIRNAME / SORT_LOCK_FILENAME}` names it")
-    return f"pid {pid}"
-
-
-def running(pid: int) -> bool:
-    """Whether process `pid` exists (ours or another user's)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's: it runs
-        return True
-    return True
+    return f"pid {pid}: {what}" if what else f"pid {pid}"
 
 
 def take_sort_lock(root: Path) -> int:
