@@ -42,10 +42,11 @@ def _unraisable(info: "sys.UnraisableHookArgs") -> None:
 
 def main() -> None:
     sys.unraisablehook = _unraisable
-    for s in EARLY_STOP_SIGNALS:
-        if signal.getsignal(s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(s, _stop_early)
     try:
+        # (inside: a signal may come while the next one is being taken)
+        for s in EARLY_STOP_SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                signal.signal(s, _stop_early)
         from scp.cli import main as cli_main
 
         cli_main()
