@@ -282,7 +282,10 @@ def _value_text(value: Any, spec: str) -> str:
         value = value.decode("utf-8", "replace").strip("\x00 ")
     if spec:
         return _format(value, spec).strip()
-    return str(value).strip()
+    # pydicom's IS of an integer too long for a float's digits (ISfloat) prints
+    # as 1e+20; the text it was read from is the header's value
+    original = getattr(value, "original_string", None)
+    return (original if isinstance(original, str) else str(value)).strip()
 
 
 def _multi_text(values: Any, spec: str) -> str:

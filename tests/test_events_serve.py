@@ -20,6 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
@@ -155,11 +156,14 @@ def test_a_restart_mid_series_completes_it_once_and_a_late_instance_gives_revisi
     assert manifest["revision"] == 2 and manifest["instance_count"] == 4
 
 
+@pytest.mark.parametrize("resender", [CALLING_AET, "ROUTER"], ids=["same sender", "a router"])
 def test_an_identical_resend_does_not_complete_a_series_again_and_a_new_instance_does(
-        serve_process, tmp_path: Path) -> None:
+        serve_process, tmp_path: Path, resender: str) -> None:
     """The same bytes sent again change nothing in the tree, so no new
-    revision (it gave one, with the same instances, hook and manifest again);
-    a new instance still gives revision 2."""
+    revision (it gave one, with the same instances, hook and manifest again),
+    also when another AE sends them (a router forwarding a study: our File
+    Meta names the sender, the instance is the same); a new instance still
+    gives revision 2."""
     events = tmp_path / "events.jsonl"
     server = serve_process(*STABLE, "--events", str(events))
     datasets = ct_copies(3)
@@ -167,10 +171,14 @@ def test_an_identical_resend_does_not_complete_a_series_again_and_a_new_instance
     wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the series to complete")
     manifest = series_manifest_path(server.out, datasets[0].SeriesInstanceUID)
     before = manifest.read_bytes()
-    assert send_datasets(server.port, datasets[:2]) == [SUCCESS] * 2  # identical bytes again
+    files = {f: f.stat().st_ino for f in layout_files(server.out)}
+    assert send_datasets(server.port, datasets[:2], calling=resender) == [SUCCESS] * 2  # identical bytes again
     time.sleep(3.5)  # past the stable time, several polls
     assert [e["revision"] for e in events_of(events, "series_complete")] == [1], server.log()
     assert manifest.read_bytes() == before
+    assert [e["placement"] for e in events_of(events, "stored")] == ["stored"] * 2 + ["identical"] * 2
+    assert {f: f.stat().st_ino for f in layout_files(server.out)} == files  # not rewritten
+    assert {pydicom.dcmread(f).file_meta.SourceApplicationEntityTitle for f in files} == {CALLING_AET}
     assert send_datasets(server.port, datasets[2:]) == [SUCCESS]
     wait_until(lambda: len(events_of(events, "series_complete")) == 2, timeout=30, what="revision 2")
     done = events_of(events, "series_complete")

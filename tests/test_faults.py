@@ -197,10 +197,15 @@ def test_extra_association_is_rejected_with_local_limit_exceeded(serve_process):
         assert not extra.is_established and extra.is_rejected, server.log()
         rj = extra.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == RJ_LOCAL_LIMIT
+        # the one line an admin chasing a modality's failed sends looks for
+        wait_until(lambda: "rejected association from" in server.log(), timeout=10, what="the line")
+        (line,) = [x for x in server.log().splitlines() if "rejected association from" in x]
+        assert "WARNING" in line and "2 associations are open" in line and "--max-associations" in line, line
     finally:
         for a in held:
             a.release()
     wait_until(lambda: echo_ok(server.port), what="a free association slot")
+    assert "Traceback" not in server.log()
 
 
 def test_max_pdu_is_what_the_server_announces(serve_process):

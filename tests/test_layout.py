@@ -438,3 +438,15 @@ def test_the_copy_suffix_of_a_name_without_extension_goes_after_the_uid() -> Non
     assert split_extension("1.2.840.99.7") == ("1.2.840.99.7", "")
     assert split_extension("1.2.826.0.3_5") == ("1.2.826.0.3_5", "")  # {SOPInstanceUID}_{InstanceNumber}
     assert split_extension("1.2.840.99.7.dcm") == ("1.2.840.99.7", ".dcm")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("text", ["99999999999999999999", "100000000000000000000 ", "007", "+7", "1e3"])
+def test_a_number_is_named_by_its_text_as_in_the_header(text: str) -> None:
+    """An over-long IS (pydicom keeps it as a float, printed 1e+20) names its
+    folder with the digits the header has, in both readers (``sort``'s lean one
+    hands such a value to pydicom)."""
+    ds = raw_dataset({"PatientName": "A", "PatientID": "1", "SeriesDescription": "S",
+                      "SeriesNumber": text, "SOPInstanceUID": "1.2.3"})
+    rel = relative_path(ds, DEFAULT)
+    assert rel.parts[1] == f"S_{text.strip()}", rel

@@ -201,6 +201,66 @@ def test_private_and_retired_sop_classes_are_stored(tmp_path: Path, sop_class: s
     assert_stored(out, tmp_path / "private.dcm")
 
 
+#: Storage classes that pynetdicom's own unrestricted storage refuses (named in
+#: ``pynetdicom.sop_class``, missing from its list of storage classes).
+OTHER_STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.38.1": "Hanging Protocol Storage",
+    "1.2.840.10008.5.1.4.39.1": "Color Palette Storage",
+    "1.2.840.10008.5.1.4.43.1": "Generic Implant Template Storage",
+    "1.2.840.10008.5.1.4.1.1.200.1": "CT Defined Procedure Protocol Storage",
+    "1.2.840.10008.5.1.4.1.1.201.1": "Inventory Storage",
+}
+#: Services sortscp does not provide: pynetdicom's unrestricted storage accepted
+#: the first four (its keyword differs from pydicom's), then failed their C-FIND.
+NOT_STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.31": "Modality Worklist FIND",
+    "1.2.840.10008.5.1.4.32.1": "General Purpose Worklist FIND",
+    "1.2.840.10008.5.1.4.39.2": "Color Palette FIND",
+    "1.2.840.10008.5.1.4.2": "Storage Management",
+    "1.2.840.10008.5.1.4.1.2.2.1": "Study Root FIND",
+    "1.2.840.10008.5.1.4.1.2.2.2": "Study Root MOVE",
+    "1.2.840.10008.5.1.4.1.2.2.3": "Study Root GET",
+    "1.2.840.10008.3.1.2.3.3": "Modality Performed Procedure Step",
+    "1.2.840.10008.1.20.1": "Storage Commitment Push Model",
+    "1.2.840.10008.1.3.10": "Media Storage Directory Storage (DICOMDIR)",
+    "1.2.840.10008.1.2.1": "a transfer syntax, not a SOP class",
+}
+
+
+def test_only_storage_and_verification_contexts_are_accepted(tmp_path: Path, caplog) -> None:
+    """A modality that asks one node for worklist, storage and commitment at once
+    is told which it gets: every storage class (those pynetdicom's unrestricted
+    storage misses too), Verification, nothing else; an instance of such a class
+    is then stored."""
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+    proposed = [CTImageStorage, Verification, PRIVATE_SOP_CLASS, *OTHER_STORAGE_CLASSES, *NOT_STORAGE_CLASSES]
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    src.SOPClassUID = src.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.38.1"
+    out = tmp_path / "out"
+    with running_server(out) as server:
+        ae = AE(ae_title=CALLING_AET)
+        for uid in proposed:
+            ae.add_requested_context(uid, src.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", server.address[1], ae_title="SORTSCP")
+        assert assoc.is_established
+        try:
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
+            status = assoc.send_c_store(src).Status
+        finally:
+            assoc.release()
+    assert accepted == {CTImageStorage, Verification, PRIVATE_SOP_CLASS, *OTHER_STORAGE_CLASSES}
+    assert rejected == dict.fromkeys(NOT_STORAGE_CLASSES, 0x03)  # abstract syntax not supported
+    assert status == SUCCESS
+    stored = layout_files(out)
+    assert len(stored) == 1 and stored[0].name == f"{src.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(stored[0]).SOPClassUID == "1.2.840.10008.5.1.4.38.1"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
 # --- failures ------------------------------------------------------------------
 
 

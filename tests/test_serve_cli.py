@@ -145,6 +145,21 @@ def test_deep_output_folder(tmp_path: Path) -> None:
     assert (out / expected_path(CT)).is_file()
 
 
+def test_the_stop_line_counts_resends_as_already_there_as_each_association_does(tmp_path: Path) -> None:
+    """One instance sent three times is one stored, two already there: in the
+    line of each association and in the line of the stop, which an audit reads."""
+    server = ServeProcess(tmp_path / "out")
+    try:
+        for _ in range(3):
+            assert send_files(server.port, [CT]) == {CT: SUCCESS}
+    finally:
+        assert server.terminate() == 0, _log(server)
+    lines = _log(server).rstrip().splitlines()
+    assert sum("released: 1 stored, 0 failed" in line for line in lines) == 1, lines
+    assert sum("released: 0 stored, 1 already there, 0 failed" in line for line in lines) == 2, lines
+    assert lines[-1].endswith("stopped: 1 instances stored, 2 already there, 0 failed"), lines
+
+
 def test_sigterm_is_not_held_up_by_a_connection_that_never_associated(tmp_path: Path) -> None:
     # ServeProcess waits for the port with a bare connect/close, like a health check
     server = ServeProcess(tmp_path / "out", "--drain-timeout", "600", "--acse-timeout", "600")

@@ -39,3 +39,32 @@ def test_large_instance_is_received_in_chunks(tmp_path: Path) -> None:
     target = tmp_path / "out" / expected_path(src)
     assert target.stat().st_size > INSTANCE_BYTES
     assert dataset_bytes(target) == dataset_bytes(src)
+
+
+def test_max_pdu_0_announces_the_largest_pdu_it_reads_and_receives_a_large_instance(tmp_path: Path) -> None:
+    """``--max-pdu 0`` is "no limit" to a sender, which then puts a whole instance
+    in one PDU; we read at most 64 MiB, so that is what is announced, and a
+    larger instance arrives in PDUs of that size."""
+    from pynetdicom import AE
+
+    from scp.net._pynetdicom import UNLIMITED_PDATA_LIMIT
+
+    from serve_helpers import CALLING_AET, file_identity, running_server
+
+    src = big_instance(tmp_path / "big.dcm", 80 << 20)
+    out = tmp_path / "out"
+    with running_server(out, max_pdu=0) as server:
+        ae = AE(ae_title=CALLING_AET)
+        sop_class, _, ts = file_identity(src)
+        ae.add_requested_context(sop_class, ts)
+        assoc = ae.associate("127.0.0.1", server.address[1], ae_title="SORTSCP")
+        assert assoc.is_established
+        try:
+            announced = assoc.acceptor.maximum_length
+            status = assoc.send_c_store(src).Status
+        finally:
+            assoc.release()
+    assert announced == UNLIMITED_PDATA_LIMIT == 64 << 20
+    assert status == SUCCESS
+    target = out / expected_path(src)
+    assert dataset_bytes(target) == dataset_bytes(src)

@@ -282,3 +282,29 @@ def test_replacing_a_file_under_the_longest_name_works(tmp_path: Path) -> None:
         out / rel, Placement.REPLACED)
     assert (out / rel).read_bytes() == b"second"
     assert sorted(p.name for p in (out / "p").iterdir()) == [rel.name]
+
+
+def test_same_instance_is_the_dataset_and_what_the_meta_says_it_is_not_who_sent_it(tmp_path: Path) -> None:
+    from scp.dicom.meta import file_meta_bytes
+    from scp.store.commit import same_instance
+
+    ct, uid, explicit, implicit = "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    dataset = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + os.urandom(5000)
+
+    def part10(name: str, *meta: str, data: bytes = dataset) -> Path:
+        path = tmp_path / name
+        path.write_bytes(file_meta_bytes(*meta) + data)
+        return path
+
+    first = part10("modality", ct, uid, explicit, "CT1")
+    assert same_instance(first, part10("router", ct, uid, explicit, "A_LONGER_ROUTER"))
+    assert same_instance(first, part10("no-aet", ct, uid, explicit, ""))
+    assert not same_instance(first, part10("other-ts", ct, uid, implicit, "CT1"))
+    assert not same_instance(first, part10("other-uid", ct, "1.2.4", explicit, "CT1"))
+    assert not same_instance(first, part10("other-bytes", ct, uid, explicit, "CT1", data=dataset[:-1] + b"!"))
+    assert not same_instance(first, part10("longer", ct, uid, explicit, "CT1", data=dataset + b"\0\0"))
+    bare = tmp_path / "bare"  # no File Meta: compared whole
+    bare.write_bytes(dataset)
+    twin = tmp_path / "twin"
+    twin.write_bytes(dataset)
+    assert same_instance(bare, twin) and not same_instance(bare, first)

@@ -4,7 +4,15 @@ pynetdicom's public API cannot yet do a few things a receiver needs; each is
 wrapped here, with the upstream change that would remove it:
 
 * :func:`configure_storage`: ``_config.UNRESTRICTED_STORAGE_SERVICE`` (every
-  storage SOP class, private ones included),
+  storage SOP class, private ones included), with ``acse.negotiate_unrestricted``
+  replaced by :func:`_negotiate_storage`: pynetdicom takes for storage every
+  standard UID whose pydicom keyword is not a name in ``pynetdicom.sop_class``,
+  which the two spell differently for Modality Worklist FIND and a few others
+  (accepted, then a C-FIND failed with 0xC311), and its ``_STORAGE_CLASSES``
+  lacks some storage classes that are names there (Hanging Protocol, Color
+  Palette, Implant Template, Defined Procedure Protocol, Inventory Storage:
+  refused). Upstream: decide by the UID dictionary's name, as
+  :func:`is_storage_class` does,
   ``_config.STORE_RECV_CHUNKED_DATASET`` (datasets streamed to a file, never
   held in memory) and ``_config.LOG_HANDLER_LEVEL`` (pynetdicom's per-message
   log handlers only when their lines are shown). Documented, but a private,
@@ -122,6 +130,7 @@ import inspect
 import logging
 import os
 import queue
+import re
 import select
 import socket
 import struct
@@ -134,8 +143,12 @@ from typing import Any
 import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages, evt, fsm
 from pynetdicom import _handlers as _pyn_handlers
+from pynetdicom import acse as _acse
+from pynetdicom import presentation as _presentation
+from pynetdicom import sop_class as _sop_class
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -144,7 +157,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import P_DATA, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.timer import Timer
 
 from scp.errors import SortscpError
@@ -185,6 +198,11 @@ _INTERNALS: list[tuple[str, Callable[[], bool]]] = [
     ),
     ("DULServiceProvider.assoc", lambda: isinstance(getattr(DULServiceProvider, "assoc", None), property)),
     ("ACSE.send_reject", lambda: callable(getattr(ACSE, "send_reject", None))),
+    ("acse.negotiate_unrestricted", lambda: callable(getattr(_acse, "negotiate_unrestricted", None))),
+    ("presentation.negotiate_as_acceptor",
+     lambda: callable(getattr(_presentation, "negotiate_as_acceptor", None))),
+    ("presentation.SCP_SCU_ROLES", lambda: isinstance(getattr(_presentation, "SCP_SCU_ROLES", None), dict)),
+    ("sop_class._STORAGE_CLASSES", lambda: isinstance(getattr(_sop_class, "_STORAGE_CLASSES", None), dict)),
     ("Association.kill", lambda: callable(getattr(Association, "kill", None))),
     ("AE._servers", lambda: _source_mentions(AE.__init__, "_servers")),
     ("AE.make_server(server_class=)", lambda: "server_class" in inspect.signature(AE.make_server).parameters),
@@ -219,9 +237,81 @@ def configure_storage() -> None:
     logger shows INFO (``--log-level DEBUG``), else nothing they write is seen.
     """
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _acse.negotiate_unrestricted = _negotiate_storage  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = True
     shown = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
     _config.LOG_HANDLER_LEVEL = "standard" if shown else "none"
+
+
+#: The standard UID root: a UID outside it is private (a vendor's own SOP class).
+_DICOM_ROOT = "1.2.840.10008."
+#: A storage SOP class's name in the UID dictionary: "... Storage", "... Storage
+#: - For Presentation", "... Storage - Trial", "Stored Print Storage SOP Class".
+_STORAGE_NAME = re.compile(r".*\bStorage( - For \w+)?( - Trial)?( SOP Class)?")
+#: Not storage though named so (DICOMDIR's class, in File Meta only) or newer
+#: than pydicom's dictionary (Storage Management, an N-ACTION service).
+_NOT_STORAGE = frozenset({"1.2.840.10008.1.3.10", "1.2.840.10008.5.1.4.2"})
+_STORAGE_UIDS = frozenset(_sop_class._STORAGE_CLASSES.values())
+
+
+def is_storage_class(uid: str) -> bool:
+    """Whether sortscp accepts presentation contexts of abstract syntax `uid`
+    to receive C-STOREs: a private UID (a vendor's class), a storage SOP class
+    pynetdicom or pydicom knows, or a standard UID neither knows (one newer than
+    them). Not: Verification (accepted on its own), query/retrieve, worklist,
+    MPPS, commitment, print and the other non-storage services.
+
+    >>> is_storage_class("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+    True
+    >>> is_storage_class("1.2.840.10008.5.1.4.38.1")  # Hanging Protocol Storage
+    True
+    >>> is_storage_class("1.2.840.10008.5.1.4.31")  # Modality Worklist FIND
+    False
+    >>> is_storage_class("1.2.840.113619.4.27")  # a vendor's private class
+    True
+    """
+    uid = str(uid).rstrip("\0 ")
+    if uid in _NOT_STORAGE:
+        return False
+    if not uid.startswith(_DICOM_ROOT) or uid in _STORAGE_UIDS:
+        return True
+    known = UID(uid)
+    if not known.name or known.name == uid:  # unknown, or a retired class pydicom has no name for
+        return True
+    return known.type == "SOP Class" and _STORAGE_NAME.fullmatch(known.name) is not None
+
+
+def _negotiate_storage(rq_contexts: list, ac_contexts: list, roles: dict | None = None) -> tuple[list, list]:
+    """What ``negotiate_unrestricted`` does, with :func:`is_storage_class` as
+    its rule: each context of a storage class is accepted with the transfer
+    syntax proposed first (the dataset is stored as received), its SCP/SCU
+    role selection answered; the others are negotiated against the AE's
+    supported contexts (Verification), so they are refused: abstract syntax
+    not supported."""
+    roles = roles or {}
+    other = [cx for cx in rq_contexts if not is_storage_class(cx.abstract_syntax)]
+    result, _ = _presentation.negotiate_as_acceptor(other, ac_contexts, roles)
+    reply_roles = {}
+    for rcx in rq_contexts:
+        if not is_storage_class(rcx.abstract_syntax):
+            continue
+        cx = _presentation.PresentationContext()
+        cx.context_id = rcx.context_id
+        cx.abstract_syntax = rcx.abstract_syntax
+        cx.transfer_syntax = [rcx.transfer_syntax[0]]
+        cx.result = 0x00
+        cx._as_scu = cx._as_scp = True
+        asked = roles.get(rcx.abstract_syntax)
+        if asked is not None:
+            role = SCP_SCU_RoleSelectionNegotiation()
+            role.sop_class_uid = rcx.abstract_syntax
+            outcome = _presentation.SCP_SCU_ROLES[asked][(True, True)]
+            cx._as_scu, cx._as_scp = outcome[2], outcome[3]
+            role.scu_role, role.scp_role = bool(asked[0]), bool(asked[1])  # (never 1 where 0 was asked)
+            reply_roles[rcx.abstract_syntax] = role
+        result.append(cx)
+    # the roles of the refused (non-storage) contexts: none, they are refused
+    return sorted(result, key=lambda cx: cx.context_id), sorted(reply_roles.values(), key=lambda r: r.sop_class_uid)
 
 
 # --- receiving DIMSE messages ---------------------------------------------------
@@ -418,7 +508,10 @@ def dataset_sink(request: Any) -> Any | None:
 SAFETY_TIMEOUT = 0.05
 #: Bytes a P-DATA-TF may exceed our maximum PDU length by (a peer's rounding).
 PDATA_SLACK = 1024
-#: Bound on a P-DATA-TF when our maximum PDU length is 0 ("unlimited").
+#: Our maximum PDU length for ``--max-pdu 0`` ("unlimited"): announced as such
+#: (a sender told 0 puts a whole 100 MB instance in one PDU, which would then be
+#: held in memory or aborted), and the bound on a P-DATA-TF should a maximum
+#: of 0 be in force all the same.
 UNLIMITED_PDATA_LIMIT = 64 << 20
 #: Bound on every other PDU (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT).
 OTHER_PDU_LIMIT = 1 << 20

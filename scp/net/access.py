@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -101,7 +102,9 @@ class AccessControl:
     """An ``EVT_REQUESTED`` handler that rejects malformed requests
     (:func:`request_problem`), calling AE titles not on the list and, with
     `called_aet`, associations addressed to another AE title: every rejection
-    gets the same WARNING line (calling and called AE title, address, reason).
+    gets the same WARNING line (calling and called AE title, address, reason),
+    also the one pynetdicom makes itself when ``--max-associations`` are
+    already open (``EVT_REJECTED``).
 
     An empty list allows everyone (as DCMTK and Orthanc do by default).
     """
@@ -109,12 +112,13 @@ class AccessControl:
     def __init__(self, rules: Sequence[AllowRule], called_aet: str | None = None) -> None:
         self.rules = tuple(rules)
         self.called_aet = called_aet
+        self._ours: weakref.WeakSet = weakref.WeakSet()  #: rejected (and logged) by on_requested
 
     def allows(self, calling_aet: str, address: str) -> bool:
         return not self.rules or any(r.allows(calling_aet, address) for r in self.rules)
 
     def bindings(self) -> list[tuple]:
-        return [(evt.EVT_REQUESTED, self.on_requested)]
+        return [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_REJECTED, self.on_rejected)]
 
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -139,7 +143,30 @@ class AccessControl:
             extra={"event": "association_rejected", "calling_aet": calling, "called_aet": called,
                    "peer": address, "reason": reason},
         )
+        self._ours.add(assoc)
         _pynetdicom.reject(assoc, *rsd)
+
+    def on_rejected(self, event: evt.Event) -> None:
+        """A rejection pynetdicom made after ``on_requested`` let the request
+        through: the association limit (the only one left to it here)."""
+        assoc = event.assoc
+        if assoc in self._ours:
+            return
+        primitive = assoc.requestor.primitive
+        calling = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        limit = assoc.ae.maximum_associations
+        others = sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not assoc)
+        if others >= limit:
+            reason = "association limit reached"
+            detail = (f"{others} associations are open, the most --max-associations allows; "
+                      "the sender may try again later")
+        else:  # (pynetdicom has no other reason to reject with sortscp's settings)
+            reason = detail = "rejected by pynetdicom's negotiation"
+        log.warning(
+            "rejected association from '%s' (%s): %s", safe(calling), assoc.requestor.address, detail,
+            extra={"event": "association_rejected", "calling_aet": calling, "peer": str(assoc.requestor.address),
+                   "reason": reason},
+        )
 
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given.

@@ -84,6 +84,7 @@ class StoreHandlers:
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self.stored = 0
+        self.already = 0  #: Success for an instance already there (a resend; --on-duplicate keep)
         self.failed = 0
         self._settler: threading.Thread | None = None
         self._settle_error: str | None = None
@@ -144,13 +145,17 @@ class StoreHandlers:
             if self.pipeline is not None:
                 self.pipeline.failed(calling, status, time.perf_counter() - started)
             return status
-        if outcome.result is Result.ALREADY:
+        already = outcome.result is Result.ALREADY
+        if already:
             stats.already += 1
         else:
             stats.stored += 1
         stats.nbytes += outcome.nbytes
         with self._lock:
-            self.stored += 1
+            if already:
+                self.already += 1
+            else:
+                self.stored += 1
         if outcome.reason:
             log.info(
                 "%s: %s", safe(outcome.destination), outcome.reason,

@@ -127,7 +127,8 @@ def build_ae(cfg: ServeConfig) -> AE:
     ae = AE(ae_title=cfg.aet)
     ae.add_supported_context(Verification)
     ae.maximum_associations = cfg.max_associations
-    ae.maximum_pdu_size = cfg.max_pdu
+    # 0 means no limit to the peer, but what we read has one: announce that
+    ae.maximum_pdu_size = cfg.max_pdu or _pynetdicom.UNLIMITED_PDATA_LIMIT
     ae.acse_timeout = cfg.acse_timeout
     ae.dimse_timeout = cfg.dimse_timeout
     ae.network_timeout = cfg.network_timeout
@@ -309,10 +310,9 @@ class Server:
                             "checks it", exc)
             self.index = None
         if self.handlers is not None and self._served:
-            log.info(
-                "stopped: %d instances stored, %d failed",
-                self.handlers.stored, self.handlers.failed,
-            )
+            h = self.handlers
+            already = f", {h.already} already there" if h.already else ""  # (as each association's line)
+            log.info("stopped: %d instances stored%s, %d failed", h.stored, already, h.failed)
 
     def run(self, on_ready: Callable[[Server], None] | None = None) -> int:
         """Start, serve until SIGINT, SIGTERM or SIGHUP, stop. Returns the exit code."""

@@ -8,7 +8,11 @@ happens to the process.
 
 When the final name is already taken:
 
-* identical bytes: nothing to do (``Placement.IDENTICAL``);
+* the same instance: nothing to do (``Placement.IDENTICAL``). The same
+  dataset bytes with the same SOP Class, SOP Instance and transfer syntax in
+  the File Meta (:func:`same_instance`): a study a modality sent and a router
+  forwarded again carries another Source AE Title there, but it is the same
+  instance;
 * different bytes: the :class:`~scp.enums.Duplicate` policy decides (replace it
   atomically, keep the existing file, or keep both, the newcomer as
   ``<stem>~2<ext>``, ``<stem>~3<ext>`` ...).
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from scp.dicom.meta import meta_end, meta_values
 from scp.enums import Duplicate, Placement
 from scp.errors import FolderGone, OutsideRootError, StoreError
 from scp.layout import fit_component, split_extension
@@ -32,6 +37,7 @@ from scp.store.fsops import (
     fsync_fd,
     fsync_path,
     same_content,
+    same_rest,
 )
 from scp.store.tmp import TMP_DIRNAME, new_tmp, unlink_quietly
 
@@ -128,9 +134,41 @@ def commit(
     return claim(
         final, on_conflict, durable,
         create=lambda path: os.link(src, path),
-        identical=lambda path: same_content(src, path),
+        identical=lambda path: same_instance(src, path),
         replace=replace,
     )
+
+
+#: The File Meta elements that say what the dataset is (SOP Class, SOP
+#: Instance, transfer syntax); the others say who wrote or sent the file.
+_WHAT_IT_IS = (0x0002, 0x0003, 0x0010)
+#: Bytes read to find a File Meta group (ours are a few hundred).
+_META_READ = 1 << 16
+
+
+def same_instance(a: Path, b: Path) -> bool:
+    """Whether the Part 10 files `a` and `b` hold the same instance: the same
+    dataset bytes, and the same SOP Class, SOP Instance and transfer syntax in
+    their File Meta, whatever else it says (the sender's AE title, the writer's
+    implementation). Files without a File Meta group length are compared whole."""
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            ha, hb = fa.read(_META_READ), fb.read(_META_READ)
+            ea, eb = meta_end(ha), meta_end(hb)
+            if ea is None or eb is None:
+                return same_content(a, b)
+            va, vb = meta_values(ha[:ea]), meta_values(hb[:eb])
+            if any(va.get(k) != vb.get(k) for k in _WHAT_IT_IS):
+                return False
+            if os.fstat(fa.fileno()).st_size - ea != os.fstat(fb.fileno()).st_size - eb:
+                return False
+            fa.seek(ea)
+            fb.seek(eb)
+            return same_rest(fa, fb)
+    except ValueError:  # not a Part 10 header
+        return same_content(a, b)
+    except OSError:
+        return False
 
 
 def claim(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from scp.errors import SourceChanged, StoreError
 
@@ -189,14 +189,19 @@ def same_content(a: Path, b: Path) -> bool:
         if os.path.getsize(a) != os.path.getsize(b):
             return False
         with open(a, "rb") as fa, open(b, "rb") as fb:
-            while True:
-                ca, cb = fa.read(CHUNK), fb.read(CHUNK)
-                if ca != cb:
-                    return False
-                if not ca:
-                    return True
+            return same_rest(fa, fb)
     except OSError:
         return False
+
+
+def same_rest(fa: BinaryIO, fb: BinaryIO) -> bool:
+    """Whether two open files hold the same bytes from where each is now to its end."""
+    while True:
+        ca, cb = fa.read(CHUNK), fb.read(CHUNK)
+        if ca != cb:
+            return False
+        if not ca:
+            return True
 
 
 _flushes = 0
