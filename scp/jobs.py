@@ -10,6 +10,7 @@ preloads this module once for all its workers. ``sort``'s jobs live in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -37,7 +38,15 @@ from scp.errors import DatasetMismatch, NotDicomError
 from scp.layout import Template, raw_texts, relative_path, relative_path_raw
 from scp.log import safe
 from scp.report import Outcome
-from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, index_path, rebuild
+from scp.store.index import (
+    IndexInUseError,
+    IndexStaleError,
+    SqliteIndex,
+    damaged,
+    rebuild,
+    repair_from,
+    repair_in_use,
+)
 from scp.store.instance import commit_instance
 
 __all__ = [
@@ -249,8 +258,11 @@ def worker_index(root: Path) -> SqliteIndex:
     the server's main process created and recovered it before any worker ran)."""
     key = (os.getpid(), Path(root))
     index = _INDEXES.get(key)
-    if index is not None and not index_path(root).is_file():
-        index.close()  # the output folder (or its state) was removed while we ran
+    if index is not None and index.moved_away():  # removed while we ran (by hand, with the folder), or rebuilt since
+        if damaged(root):  # rebuild it now, with what our connection still reads of it
+            with contextlib.suppress(IndexInUseError):  # (another process is at it: waited for below)
+                repair_from(index, identity_facts)
+        index.close()
         index = None
     if index is None:
         for stale in [k for k in _INDEXES if k[0] != key[0]]:
@@ -260,17 +272,22 @@ def worker_index(root: Path) -> SqliteIndex:
 
 
 def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
-    """Open the index of `root`; if it is gone (the folder was removed while the
-    server ran), rebuild it from what the tree holds now. Another worker may be
-    doing the same: then wait for its rebuild."""
+    """Open the index of `root`; if it is gone or damaged (the folder, or the
+    index alone, was removed while the server ran), rebuild it from what the
+    tree holds now: under its own lock if no one holds it (the whole folder was
+    removed), else as :func:`~scp.store.index.repair_in_use` does. Another
+    worker may be doing the same: then wait for its rebuild."""
     for _ in range(attempts):
         try:
             return SqliteIndex(root)
         except IndexStaleError:
             try:
                 rebuild(root, identity_facts)
-            except IndexInUseError:
-                time.sleep(0.1)
+            except IndexInUseError:  # the server's processes hold it shared, on a file none of them reaches
+                try:
+                    repair_in_use(root, identity_facts)
+                except IndexInUseError:
+                    time.sleep(0.1)
         except IndexInUseError:
             time.sleep(0.1)
     return SqliteIndex(root)

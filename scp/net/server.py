@@ -33,7 +33,7 @@ from scp.net.handlers import StoreHandlers
 from scp.net.tls import server_tls_context
 from scp.net.transport import start_server
 from scp.pool import WorkerPool
-from scp.store.index import SqliteIndex, index_path
+from scp.store.index import SqliteIndex, damaged, index_path, repair_from
 from scp.store.instance import open_for_serving
 from scp.store.tmp import (
     STATE_DIRNAME,
@@ -156,6 +156,54 @@ class _Sweeper(threading.Thread):
                 log.warning("sweeping %s failed: %s", self.tmp, exc)
 
 
+#: Seconds between two checks that the server's index is still the file at its name.
+INDEX_WATCH_SECONDS = 1.0
+
+
+class _IndexWatch(threading.Thread):
+    """Every `interval` seconds, whether the index the server's own connection
+    reaches (its events, its settles after a worker died, its clean stop) is
+    still the one at its name, readable. Removed or damaged while serving
+    (by hand; with ``.sortscp``): rebuilt from the files unless a worker has
+    done it (:func:`~scp.store.index.repair_in_use`), then opened again, with
+    one WARNING line. The workers check the same before each instance."""
+
+    def __init__(self, index: SqliteIndex, out: Path, interval: float = INDEX_WATCH_SECONDS) -> None:
+        super().__init__(name="sortscp-index-watch", daemon=True)
+        self.index = index
+        self.out = out
+        self.interval = interval
+        self.stopped = threading.Event()
+        self._error: str | None = None
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.check()
+            except Exception as exc:  # (a full disk, a folder that cannot be made): next round
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != self._error:
+                    self._error = reason
+                    log.error("the instance index of %s cannot be rebuilt or opened again (%s); "
+                              "trying again every %g s", self.out, reason, self.interval)
+
+    def check(self) -> str | None:
+        """One round; what was done (None: nothing was needed)."""
+        moved = self.index.moved_away()
+        why = damaged(self.out) if moved != "replaced" else None
+        if moved is None and why is None:
+            return None
+        summary = repair_from(self.index, identity_facts) if why is not None else None
+        self.index.reopen()
+        self.index.mark_running()
+        self._error = None
+        done = (f"rebuilt from the files ({summary.instances} instances)" if summary is not None
+                else "rebuilt by a worker, opened again")
+        log.warning("the instance index %s was %s while serving: %s", index_path(self.out),
+                    why or moved, done, extra={"event": "index_rebuilt", "reason": why or moved})
+        return done
+
+
 def _open_index(out: Path) -> SqliteIndex:
     """The instance index of `out`, rebuilt if missing or behind, settled.
 
@@ -196,6 +244,7 @@ class Server:
         self.handlers: StoreHandlers | None = None
         self.index: SqliteIndex | None = None
         self._sweeper: _Sweeper | None = None
+        self._index_watch: _IndexWatch | None = None
         self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
@@ -219,6 +268,8 @@ class Server:
         self.index = _open_index(cfg.out)
         self._sweeper = _Sweeper(cfg.out / TMP_DIRNAME)
         self._sweeper.start()
+        self._index_watch = _IndexWatch(self.index, cfg.out)
+        self._index_watch.start()
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
         self.handlers = StoreHandlers(self.pool, cfg, self.index)
@@ -300,6 +351,9 @@ class Server:
             self.pipeline = None
         if self._sweeper is not None:
             self._sweeper.stopped.set()
+        if self._index_watch is not None:
+            self._index_watch.stopped.set()
+            self._index_watch.join(INDEX_WATCH_SECONDS + 5)
         if self.handlers is not None:
             self.handlers.close()
         if self.index is not None:

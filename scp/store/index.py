@@ -149,6 +149,14 @@ worker process died (the pool is rebuilt), call :meth:`SqliteIndex.recover`
 again: a claimer that met the dead worker's intent settled it on the spot, and
 the obsolete file that may leave is only removed by a recover. At shutdown,
 after the workers exited, ``close(clean=True)``.
+
+An index removed or damaged while a server runs (by hand) cannot be rebuilt
+under the exclusive lock, which the server's own processes hold shared for
+good. No connection reaches such a file, so :func:`repair_in_use` (its own
+lock) puts a new one at its name (:func:`repair_from`: completion state
+carried over from the old connection); every process then reopens:
+the workers when :meth:`SqliteIndex.moved_away` says so before an instance,
+the server's main process from a watch thread once a second.
 """
 
 from __future__ import annotations
@@ -772,6 +780,7 @@ def rebuild(
     digests: bool = False,
     suffix: str | None = ".dcm",
     locked: int | None = None,
+    carry_from: Path | None = None,
 ) -> RebuildSummary:
     """Build the index of `root` afresh from the files and put it in place.
 
@@ -786,7 +795,9 @@ def rebuild(
     is carried over from the old index when it is readable (a series whose
     count changed gets a new revision). Needs the index closed everywhere
     (:class:`IndexInUseError` otherwise), or `locked`: the caller holds it
-    with :func:`lock_index` (and keeps holding it).
+    with :func:`lock_index` (and keeps holding it). `carry_from`: the old
+    index to carry the completion state from, if not the file at its name
+    (a copy :meth:`SqliteIndex.snapshot` made of one removed by hand).
     """
     root = Path(root)
     sdir = state_dir(root)
@@ -828,7 +839,7 @@ def rebuild(
         )
 
         try:
-            _write_rebuilt(tmp, final, best, root, digests, summary)
+            _write_rebuilt(tmp, carry_from or final, best, root, digests, summary)
         except BaseException:  # a stop signal too: leave nothing of ours
             tmp.unlink(missing_ok=True)
             raise
@@ -938,6 +949,71 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
         conn.execute("DETACH DATABASE old")
 
 
+#: Taken by :func:`repair_in_use` (the index's own lock is shared by a server's processes then).
+REPAIR_LOCK_FILENAME = "repair.lock"
+#: What SQLite says of a file that is not, or no longer, an index (not of one that is busy).
+_DAMAGED = ("not a database", "malformed", "no such table")
+
+
+def damaged(root: Path | str) -> str | None:
+    """Why the index of `root` is gone or cannot be read as one (removed, or
+    its file damaged), None if it is there and readable (a busy one is)."""
+    why = check(root)
+    if why == "missing":
+        return "removed"
+    if why is not None and why.startswith("unreadable") and any(d in why for d in _DAMAGED):
+        return f"damaged: {why}"
+    return None
+
+
+def repair_in_use(
+    root: Path | str, read_identity: Callable[[Path], Mapping[str, Any] | None], *, wait: float = 30.0,
+    carry_from: Path | None = None,
+) -> RebuildSummary | None:
+    """Rebuild the index of `root` from the files when it was removed or
+    damaged (:func:`damaged`) while a server's processes hold it shared, which
+    keeps :func:`rebuild`'s exclusive lock from them for good. None of them can
+    reach a removed or damaged file, so a new one at its name takes nothing
+    from them; each opens it again once it sees the change
+    (:meth:`SqliteIndex.moved_away`). One process at a time, under a lock of
+    its own; None if the index was usable again once it had that lock (another
+    process repaired it). Series and study completion state is carried over
+    from `carry_from` (see :func:`rebuild`); without it, it goes with a removed
+    file."""
+    sdir = state_dir(Path(root))
+    sdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sdir / REPAIR_LOCK_FILENAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise IndexInUseError(f"the index of {root} is being rebuilt by another process") from None
+                time.sleep(0.05)
+        if damaged(root) is None:
+            return None
+        return rebuild(root, read_identity, locked=fd, carry_from=carry_from)
+    finally:
+        os.close(fd)
+
+
+def repair_from(index: SqliteIndex, read_identity: Callable[[Path], Mapping[str, Any] | None]) -> RebuildSummary | None:
+    """:func:`repair_in_use` of `index`'s root, carrying the completion state
+    over from what `index`'s own connection still reads: a file removed by hand
+    stays readable to a connection that had it open, so its series and
+    studies do not all complete again (their hooks run again)."""
+    sdir = state_dir(index.root)
+    sdir.mkdir(parents=True, exist_ok=True)
+    copy = sdir / f"{INDEX_FILENAME}.carry-{os.getpid()}"
+    try:
+        return repair_in_use(index.root, read_identity, carry_from=copy if index.snapshot(copy) else None)
+    finally:
+        copy.unlink(missing_ok=True)
+
+
 def create_empty(root: Path | str) -> None:
     """A fresh empty index for an empty (or new) tree: a rebuild of nothing."""
     rebuild(root, lambda path: None, suffix="\0never")
@@ -963,8 +1039,13 @@ class SqliteIndex:
         start = start_time(self._pid)
         self._start = UNKNOWN_START if start is None else start
         self._lock = threading.Lock()
+        self._read_only = read_only
+        self._open()
+
+    def _open(self) -> None:
         sdir = state_dir(self.root)
         path = sdir / INDEX_FILENAME
+        read_only = self._read_only
         if not path.is_file():
             raise IndexStaleError(f"no index at {path}: rebuild it")
         self._lock_fd: int | None = _open_lock(sdir / LOCK_FILENAME, read_only)
@@ -978,7 +1059,8 @@ class SqliteIndex:
             self._conn: sqlite3.Connection | None = conn  # None: closed
             try:
                 meta = _read_meta(conn)
-            except sqlite3.Error as exc:
+                st = os.stat(path)
+            except (sqlite3.Error, OSError) as exc:
                 conn.close()
                 raise IndexStaleError(f"unreadable index {path}: {exc}") from exc
             if meta.get("schema_version") != str(SCHEMA_VERSION):
@@ -988,7 +1070,46 @@ class SqliteIndex:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
             raise
+        self._ident = (st.st_dev, st.st_ino)
         self.generation = int(meta.get("generation", "1"))
+
+    def moved_away(self) -> str | None:
+        """Why this connection no longer reaches the index at its path: the
+        file was ``"removed"`` (by hand, or with its folder) or another took
+        its name (``"replaced"``: :func:`repair_in_use` put a new one there);
+        None if it still does (one ``stat``)."""
+        try:
+            st = os.stat(index_path(self.root))
+        except OSError:
+            return "removed"
+        return None if (st.st_dev, st.st_ino) == self._ident else "replaced"
+
+    def snapshot(self, dest: Path) -> bool:
+        """Copy what this connection reaches into a new SQLite file `dest`
+        (its file may have been removed from under it: the copy is read
+        through the connection, WAL included). False if it cannot be read."""
+        with self._lock:
+            try:
+                target = sqlite3.connect(dest)
+                try:
+                    self._c().backup(target)
+                finally:
+                    target.close()
+                return True
+            except (sqlite3.Error, OSError, InstanceIndexError):
+                Path(dest).unlink(missing_ok=True)
+                return False
+
+    def reopen(self) -> None:
+        """Let go of this connection and its shared lock and open the index at
+        its path again (no clean close is recorded: other processes use it)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+            self._open()
 
     # ---- plumbing
 
@@ -1264,7 +1385,10 @@ class SqliteIndex:
         (of dead owners, file still there) the caller must remove and confirm.
         `wait`: seconds to wait for another process's lock on the index
         (default :data:`BUSY_TIMEOUT`)."""
-        with self._lock:
+        # (bounded too while another thread of this process waits for the index)
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            raise InstanceIndexError("the index is busy: another thread of this process waits for it")
+        try:
             conn = self._c()
             if wait is None:
                 return self._recover(conn)
@@ -1273,6 +1397,8 @@ class SqliteIndex:
                 return self._recover(conn)
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        finally:
+            self._lock.release()
 
     def _recover(self, conn: sqlite3.Connection) -> list[str]:
         """The body of :meth:`recover` (its lock held)."""
