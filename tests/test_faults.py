@@ -868,13 +868,16 @@ def test_out_of_descriptors_an_association_is_still_answered_without_a_raw_trace
     nfd = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
     subprocess.run([prlimit, f"--pid={server.proc.pid}", f"--nofile={nfd + 4}:"], check=True)  # the soft limit
     answers = []
-    for _ in range(4):
+    for n in range(4):
         ae = new_ae()
-        ae.acse_timeout = ae.network_timeout = 5
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
         started = time.monotonic()
         assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP")
         if assoc.is_established:
             answers.append(getattr(assoc.send_c_echo(), "Status", None))
+            # a C-STORE too: the polling fallback knew no C-STORE of ours (a traceback, no answer)
+            stored = getattr(assoc.send_c_store(ct(f"1.2.826.0.1.3680043.10.15.{n}")), "Status", None)
+            assert stored in (SUCCESS, OUT_OF_RESOURCES), f"{stored}\n{server.log()}"
             assoc.release()
         else:
             answers.append("refused")

@@ -740,6 +740,33 @@ class _Waker:
             self.pipe.close()
 
 
+class _PollingWaker:
+    """A :class:`_Waker` without descriptors, for an association started when
+    there are none left (EMFILE): it polls every millisecond, as pynetdicom's
+    own reactor does."""
+
+    __slots__ = ("flag",)
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    def open(self) -> None:
+        pass
+
+    def set(self) -> None:
+        self.flag = True
+
+    def wait(self, timeout: float) -> None:
+        if not self.flag:
+            time.sleep(min(timeout, 0.001))
+
+    def clear(self) -> None:
+        self.flag = False
+
+    def close(self) -> None:
+        pass
+
+
 def _wake_dul(dul: Any) -> None:
     state = getattr(dul, "_sortscp_net", None)
     if state is not None:
@@ -760,7 +787,7 @@ def _original(owner: type, name: str) -> Any:
 
 
 def _fallback(exc: OSError) -> None:
-    log.warning("%s: serving an association with pynetdicom's own (polling) reactors",
+    log.warning("%s: serving an association with polling reactors",
                 exc.strerror or exc, extra={"event": "reactor_fallback"})
 
 
@@ -769,8 +796,8 @@ def _assoc_init(self: Any, *args: Any, **kwargs: Any) -> None:
     dul = self.dul
     try:
         state = _NetState()
-    except OSError as exc:  # out of descriptors (EMFILE): this one is served by
-        # pynetdicom's own polling reactors, which need none (the thread died here)
+    except OSError as exc:  # out of descriptors (EMFILE): this one's network thread is
+        # pynetdicom's own polling reactor and its association's polls (the thread died here)
         _fallback(exc)
         return
     wake = _Waker()
@@ -1135,22 +1162,22 @@ def _assoc_kill(self: Any) -> None:
 
 def _assoc_run_reactor(self: Any) -> None:
     """``Association._run_reactor``, waiting on an Event instead of sleeping 1 ms."""
-    wake = getattr(self, "_sortscp_wake", None)
+    wake: _Waker | _PollingWaker | None = getattr(self, "_sortscp_wake", None)
     if wake is not None:
         try:
             wake.open()
-        except OSError as exc:  # out of descriptors: poll, as pynetdicom does
+        except OSError as exc:  # out of descriptors
             _fallback(exc)
             wake = None
-    if wake is None:
-        return _original(Association, "_run_reactor")(self)  # type: ignore[no-any-return]
+    if wake is None:  # our loop all the same (pynetdicom's knows no StoreRequest), polling
+        wake = _PollingWaker()
     try:
         _assoc_reactor_loop(self, wake)
     finally:
         wake.close()
 
 
-def _assoc_reactor_loop(self: Any, wake: _Waker) -> None:
+def _assoc_reactor_loop(self: Any, wake: _Waker | _PollingWaker) -> None:
     dul = self.dul
     idle = dul._idle_timer
     self._is_paused = False

@@ -227,7 +227,10 @@ class StoreHandlers:
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
         _discard_partial_dataset(assoc)
-        remove_orphans(self.cfg.out / TMP_DIRNAME)  # left by processes that died (cheap: a scandir)
+        try:
+            remove_orphans(self.cfg.out / TMP_DIRNAME)  # left by processes that died (cheap: a scandir)
+        except OSError:  # e.g. out of descriptors: the sweeper and the next close do it
+            pass
         stats = self._stats.pop(id(assoc), None)
         if stats is None:  # rejected, or closed before association
             return
