@@ -712,3 +712,38 @@ def test_events_to_a_fifo_without_a_reader_or_a_closed_stdout_is_a_start_error(t
         lines_ = [line for line in r.stderr.splitlines() if " INFO " not in line]
         assert len(lines_) == 1 and "cannot open the events file" in lines_[0], r.stderr
         assert ("no process reads" if not close_stdout else "standard output is closed") in lines_[0]
+
+
+def test_the_events_file_on_a_full_disk_holds_whole_lines_only(tmpfs) -> None:
+    """A write cut short by a full file system left half a JSON line, to which
+    the next write was glued once space came back."""
+    from scp.events.sinks import EventLog
+
+    mount = tmpfs("64k")
+    filler, target = mount / "filler", mount / "events.jsonl"
+    events = EventLog(str(target))
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # the whole space, then all but ~3 events' worth
+        try:
+            while True:
+                os.write(fd, b"\0" * 512)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 4096)  # one page: 4 lines fit, the 5th only in part
+        for n in range(20):
+            events.write(event_record("stored", path=f"a/{n}.dcm", note="x" * 900))
+            time.sleep(0.01)
+    finally:
+        events.close(timeout=5)  # (stopped while the disk is still full)
+    text = target.read_text()
+    assert text.endswith("\n"), text[-200:]
+    records = [json.loads(line) for line in text.splitlines()]  # each line whole
+    assert 1 <= len(records) < 20, [r["path"] for r in records]
+    filler.unlink()  # space again, a new run appends
+    events = EventLog(str(target))
+    events.write(event_record("stored", path="after.dcm"))
+    events.close(timeout=5)
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert records[-1]["path"] == "after.dcm", [r["path"] for r in records]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import socket
 import threading
@@ -570,3 +571,49 @@ def test_each_stored_event_says_what_the_store_did(serve_process, tmp_path: Path
     assert sorted(runs.read_text().split()) == sorted(expected)  # (hooks may run at once)
     (only,) = layout_files(server.out)
     assert ("_7/" in str(only)) == (policy == "replace")
+
+
+def test_a_file_dated_in_the_future_does_not_hold_its_series_from_completing(serve_process, tmp_path: Path) -> None:
+    """A file whose mtime is a year ahead (a sender's clock; ``sort`` keeps
+    timestamps) was taken as the series' last arrival by the index built from
+    the files, and kept as its maximum: the series never completed, whatever
+    arrived later."""
+    datasets = ct_copies(2, patient="Future^Clock")
+    src = tmp_path / "src"
+    src.mkdir()
+    datasets[0].save_as(src / "a.dcm", enforce_file_format=True)
+    ahead = time.time() + 365 * 86400
+    os.utime(src / "a.dcm", (ahead, ahead))
+    r = run_cli("sort", src, tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    assert send_datasets(server.port, datasets[1:]) == [SUCCESS]
+    wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the series to complete")
+    (done,) = events_of(events, "series_complete")
+    assert done["instance_count"] == 2, done
+
+
+def test_a_last_arrival_ahead_of_the_clock_is_corrected_by_the_next_arrival(serve_process, tmp_path: Path) -> None:
+    """An index that holds a last arrival a year ahead (built by an older
+    version from such a file, or the clock set back since) is corrected by the
+    next instance of the series: it completes after the stable time."""
+    import sqlite3
+
+    events = tmp_path / "events.jsonl"
+    datasets = ct_copies(2, patient="Clock^Back")
+    server = serve_process(*STABLE, "--events", str(events))
+    assert send_datasets(server.port, datasets[:1]) == [SUCCESS]
+    wait_until(lambda: events_of(events, "series_complete"), timeout=30, what="the series to complete")
+    assert server.terminate() == 0, server.log()
+    db = sqlite3.connect(index_path(server.out))
+    with db:
+        db.execute("UPDATE series SET last_arrival = last_arrival + 365 * 86400")
+    db.close()
+    server = serve_process(*STABLE, "--events", str(events))
+    assert send_datasets(server.port, datasets[1:]) == [SUCCESS]
+    try:
+        wait_until(lambda: len(events_of(events, "series_complete")) >= 2, timeout=30, what="revision 2")
+    except TimeoutError:
+        raise AssertionError(f"{events.read_text()}\n{server.log()}") from None
+    assert [e["revision"] for e in events_of(events, "series_complete")] == [1, 2]

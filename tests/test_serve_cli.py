@@ -160,6 +160,21 @@ def test_the_stop_line_counts_resends_as_already_there_as_each_association_does(
     assert lines[-1].endswith("stopped: 1 instances stored, 2 already there, 0 failed"), lines
 
 
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["SIGUSR1", "SIGUSR2"])
+def test_a_reopen_logs_signal_is_one_line_not_a_death(tmp_path: Path, signum: int) -> None:
+    """logrotate's ``postrotate`` often sends SIGUSR1: it killed the server the
+    default way (no log line, the index not closed cleanly)."""
+    server = ServeProcess(tmp_path / "out")
+    try:
+        os.kill(server.proc.pid, signum)
+        wait_until(lambda: "received: nothing to do" in _log(server), timeout=10, what="the line")
+        assert server.proc.poll() is None, _log(server)
+        assert send_files(server.port, [CT]) == {CT: SUCCESS}
+    finally:
+        assert server.terminate() == 0, _log(server)
+    assert _log(server).rstrip().splitlines()[-1].endswith("stopped: 1 instances stored, 0 failed")
+
+
 def test_sigterm_is_not_held_up_by_a_connection_that_never_associated(tmp_path: Path) -> None:
     # ServeProcess waits for the port with a bare connect/close, like a health check
     server = ServeProcess(tmp_path / "out", "--drain-timeout", "600", "--acse-timeout", "600")

@@ -11,6 +11,7 @@ events (each logged and counted), it never slows receiving.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -74,7 +75,7 @@ class EventLog:
         if target == "-":
             if sys.stdout is None:
                 raise OSError(errno.EBADF, "standard output is closed")
-            self._file: IO[str] = sys.stdout
+            self._file: IO[str] | io.FileIO = sys.stdout
         else:
             self._file = _open_for_append(target)
         self._watched = self._identity() if self._file is not sys.stdout else None
@@ -104,8 +105,11 @@ class EventLog:
             try:
                 if self._watched is not None:
                     self._reopen_if_rotated()
-                self._file.write(text)
-                self._file.flush()
+                if isinstance(self._file, io.FileIO):
+                    _append_whole(self._file, text.encode("utf-8"))
+                else:
+                    self._file.write(text)
+                    self._file.flush()
             except (OSError, ValueError) as exc:  # a full disk, a closed pipe
                 self._dropped(count, str(exc))
 
@@ -153,10 +157,34 @@ class EventLog:
                 log.warning("closing %s: %s", self.target, exc)
 
 
-def _open_for_append(path: str) -> IO[str]:
-    """`path` opened to append text. A FIFO is opened without waiting for a
-    reader (none: ENXIO, an error at the start), then written to blocking, by
-    the writer thread."""
+def _append_whole(f: io.FileIO, data: bytes) -> None:
+    """Append `data` (whole lines) to `f`, or nothing: a write that fails part
+    way (the disk filled up) is cut back off a regular file, so no torn line
+    is left for a reader's JSON parser, nor glued to the next one."""
+    fd = f.fileno()
+    st = os.fstat(fd)
+    start = st.st_size if stat.S_ISREG(st.st_mode) else None
+    view = memoryview(data)
+    try:
+        while view:
+            n = f.write(view)
+            if not n:  # (a blocking file never takes nothing; never spin on it)
+                raise OSError(errno.EIO, "the file took no bytes")
+            view = view[n:]
+    except OSError:
+        if start is not None:
+            try:
+                if os.fstat(fd).st_size > start:
+                    os.ftruncate(fd, start)
+            except OSError:
+                pass
+        raise
+
+
+def _open_for_append(path: str) -> io.FileIO:
+    """`path` opened to append bytes, unbuffered. A FIFO is opened without
+    waiting for a reader (none: ENXIO, an error at the start), then written to
+    blocking, by the writer thread."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o644)
@@ -165,7 +193,7 @@ def _open_for_append(path: str) -> IO[str]:
             raise OSError(exc.errno, "it is a FIFO that no process reads") from None
         raise
     os.set_blocking(fd, True)
-    return open(fd, "a", encoding="utf-8")
+    return io.FileIO(fd, "a")
 
 
 class Webhook:

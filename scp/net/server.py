@@ -233,6 +233,17 @@ def _open_index(out: Path) -> SqliteIndex:
     return index
 
 
+#: Signals that logrotate's ``postrotate`` and other habits send to ask a daemon to
+#: reopen its log files: there is nothing to reopen (the log is stderr, the
+#: events file is reopened when it was rotated), so each is one line, not a death.
+NOTED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _noted(signum: int, _frame: object) -> None:
+    log.info("%s received: nothing to do (the log goes to stderr; the events file is reopened once it "
+             "is rotated); SIGTERM stops the server", signal.Signals(signum).name)
+
+
 class Server:
     """A running Storage SCP: ``start()``, then ``stop()`` (or ``run()`` for both)."""
 
@@ -373,6 +384,9 @@ class Server:
         # Handlers first: a supervisor may send SIGTERM as soon as the port accepts;
         # they stay through the stop, where a second signal cuts the drain short.
         previous = {s: signal.signal(s, self.request_stop) for s in stop_signals()}
+        for s in NOTED_SIGNALS:  # (default: the process dies without a word)
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, _noted)
         try:
             try:
                 self.start()

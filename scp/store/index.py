@@ -412,7 +412,7 @@ def _leave(cur: sqlite3.Cursor, table: str, key: str, value: str, now: float) ->
     """An instance (its row already gone or moved on) leaves series or study
     `value`: one change more, one instance less, the row showing the latest
     of those left (:data:`_LATEST_LEFT`)."""
-    cur.execute(_LEAVE.format(table=table, key=key), (now, value))
+    cur.execute(_LEAVE.format(table=table, key=key), {"now": now, "uid": value})
     latest = cur.execute(_LATEST_LEFT[table], {"uid": value}).fetchone()
     if latest is None:
         return  # none left: the row keeps what it showed (ls lists a series of 0)
@@ -470,6 +470,13 @@ CREATE TABLE obsolete(
 
 _BUMP = "CASE WHEN completed_revision >= revision THEN revision + 1 ELSE revision END"
 
+#: An arrival's time is the latest one's, but for a latest one more than a
+#: minute ahead of it: that one was wrong (a file dated in the future, from a
+#: sender's clock, taken as its arrival by a rebuild; the clock set back), and
+#: kept as the maximum it held the series from completing for as long.
+_LATEST = ("CASE WHEN last_arrival > excluded.last_arrival + 60 THEN excluded.last_arrival"
+           " ELSE max(last_arrival, excluded.last_arrival) END")
+
 _SERIES_UPSERT = f"""
 INSERT INTO series(series_instance_uid, study_instance_uid, folder, series_description,
                    series_number, modality, first_arrival, last_arrival, instances, arrivals)
@@ -479,7 +486,7 @@ ON CONFLICT(series_instance_uid) DO UPDATE SET
     series_description = excluded.series_description, series_number = excluded.series_number,
     modality = excluded.modality,
     first_arrival = min(first_arrival, excluded.first_arrival),
-    last_arrival = max(last_arrival, excluded.last_arrival),
+    last_arrival = {_LATEST},
     instances = instances + excluded.instances, arrivals = arrivals + 1,
     revision = {_BUMP}
 """
@@ -489,7 +496,8 @@ ON CONFLICT(series_instance_uid) DO UPDATE SET
 #: into another one, one by one, completes once they are done, not after each).
 _LEAVE = (
     "UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1,"
-    " last_arrival = max(coalesce(last_arrival, 0), ?), revision = " + _BUMP + " WHERE {key} = ?"
+    " last_arrival = CASE WHEN last_arrival > :now + 60 THEN :now ELSE max(coalesce(last_arrival, 0), :now) END,"
+    " revision = " + _BUMP + " WHERE {key} = :uid"
 )
 
 #: ... and what the series (study) row shows is then taken from the instance
@@ -522,7 +530,7 @@ ON CONFLICT(study_instance_uid) DO UPDATE SET
     patient_name = excluded.patient_name, patient_id = excluded.patient_id,
     study_date = excluded.study_date,
     first_arrival = min(first_arrival, excluded.first_arrival),
-    last_arrival = max(last_arrival, excluded.last_arrival),
+    last_arrival = {_LATEST},
     instances = instances + excluded.instances, arrivals = arrivals + 1,
     revision = {_BUMP}
 """
@@ -712,6 +720,7 @@ def _write_rebuilt(
         conn.executescript(_SCHEMA)
         conn.execute("BEGIN")
         rows = []
+        now = time.time()
         for uid, (mtime, rel, ident, size) in best.items():
             facts = {k: ident.get(k) for k in FACT_FIELDS}
             facts["size"] = size
@@ -720,7 +729,8 @@ def _write_rebuilt(
                     facts["digest"] = sha256_file(root / rel)
                 except OSError:
                     facts["digest"] = None
-            rows.append((uid, rel, *(facts[k] for k in FACT_FIELDS), mtime))
+            # (a file dated in the future did not arrive then: its series would wait for that date)
+            rows.append((uid, rel, *(facts[k] for k in FACT_FIELDS), min(mtime, now)))
         conn.executemany(
             "INSERT INTO instances(sop_instance_uid, path, state, " + ", ".join(FACT_FIELDS) + ", received) "
             "VALUES (?, ?, 'ok', " + ", ".join("?" * len(FACT_FIELDS)) + ", ?)",
@@ -788,7 +798,7 @@ def rebuild(
     file ending in `suffix` (None: every file) calls ``read_identity(path)``,
     which returns a mapping with ``sop_instance_uid`` and any of
     :data:`FACT_FIELDS` (or None / raises: the file is reported unreadable).
-    ``received`` is the file's mtime; with `digests` the sha256 of each file
+    ``received`` is the file's mtime (now, for one dated in the future); with `digests` the sha256 of each file
     is computed (else it is taken from read_identity, or left unknown). When
     several files claim one UID the newest (mtime, then path) is indexed and
     the others are reported in ``duplicates``. Series/study completion state
