@@ -151,6 +151,13 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
             "(files moved by hand? run sortscp reindex)", safe(done.not_removed), safe(uid),
             extra={"event": "obsolete_kept", "path": done.not_removed, "sop_instance": uid},
         )
+    if done.missing is not None:
+        log.warning(
+            "the index had %s at %s, which holds no file any more (moved or removed by hand?); "
+            "filed at %s: run sortscp reindex to find any copy of it elsewhere", safe(uid),
+            safe(done.missing), safe(str(rel)),
+            extra={"event": "indexed_file_missing", "path": done.missing, "sop_instance": uid},
+        )
     if done.other is not None:
         if done.placement is Placement.KEPT_EXISTING:
             note = f"kept the first copy received, at {done.other}; this one (for {rel}) dropped"

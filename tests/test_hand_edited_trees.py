@@ -109,3 +109,26 @@ def test_reindex_with_a_folder_at_the_index_name_is_one_line(tmp_path: Path) -> 
     assert proc.returncode == 1, output
     assert "Traceback" not in output and "cannot put the rebuilt index in place" in output, output
     assert sorted(p.name for p in (out / STATE_DIRNAME).iterdir() if "rebuild" in p.name) == []
+
+
+def test_a_resend_of_an_instance_moved_by_hand_says_the_index_lost_it(serve_process, tmp_path: Path) -> None:
+    """Moved to another folder by hand while the server was stopped, then sent
+    again: the new file is filed, the moved copy stays (the index cannot know
+    where it went), and one line says so, with the command that finds it."""
+    out = tmp_path / "out"
+    x = ct_dataset(PatientName="X^X", PatientID="X1")
+    server = serve_process("--workers", "1", out=out)
+    assert scu_store(server.port, x) == SUCCESS
+    assert server.terminate() == 0
+    where = ct_path(out, x)
+    moved = out / "Moved^ByHand" / where.name
+    moved.parent.mkdir()
+    shutil.move(where, moved)
+    server = serve_process("--workers", "1", out=out)
+    assert scu_store(server.port, x) == SUCCESS, server.log()
+    assert where.is_file() and moved.is_file()
+    (line,) = log_lines(server, r"which holds no file any more")
+    assert "WARNING" in line and where.relative_to(out).as_posix() in line and "reindex" in line, line
+    assert server.terminate() == 0
+    r = run_cli("reindex", out)
+    assert "another file" in r.stdout + r.stderr, r.stdout + r.stderr  # where reindex finds the copy

@@ -41,6 +41,9 @@ class Committed:
     other: str | None = None
     #: where the index had the earlier copy, now holding something else (kept; see `holds`)
     not_removed: str | None = None
+    #: where the index had the earlier copy, which holds no file any more (moved or
+    #: removed by hand: a copy moved elsewhere stays, unknown to the index)
+    missing: str | None = None
 
 
 def commit_instance(
@@ -66,6 +69,8 @@ def commit_instance(
         old = claim.old
         elsewhere = old is not None and old.path is not None and old.path != rel.as_posix() \
             and (root / old.path).is_file()
+        gone = old.path if old is not None and old.path is not None and old.path != rel.as_posix() \
+            and not elsewhere else None
         if elsewhere and on_conflict is Duplicate.KEEP:
             index.abort(claim)
             assert old is not None
@@ -93,16 +98,18 @@ def commit_instance(
         raise IndexCommitFailed(f"filed at {rel}, but the index cannot record it: {exc}") from exc
     if elsewhere and placement is Placement.STORED:
         placement = Placement.REPLACED
+    if old is not None and old.path == rel.as_posix() and placement is Placement.STORED:
+        gone = old.path  # (a new file where the index had one)
     if superseded is not None:
         if on_conflict is Duplicate.BOTH:
             index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
         elif holds is not None and not holds(root / superseded, uid):
             index.obsolete_removed(superseded)  # no longer this instance's: not the index's to remove
-            return Committed(final, placement, None, not_removed=superseded)
+            return Committed(final, placement, None, not_removed=superseded, missing=gone)
         else:
             remove_obsolete(root, superseded)
             index.obsolete_removed(superseded)
-    return Committed(final, placement, superseded)
+    return Committed(final, placement, superseded, missing=gone)
 
 
 def open_for_serving(root: Path, read_identity) -> tuple[SqliteIndex, str | None, int]:
