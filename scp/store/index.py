@@ -161,6 +161,7 @@ the server's main process from a watch thread once a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -1003,8 +1004,17 @@ def repair_in_use(
                 if time.monotonic() > deadline:
                     raise IndexInUseError(f"the index of {root} is being rebuilt by another process") from None
                 time.sleep(0.05)
-        if damaged(root) is None:
+        why = damaged(root)
+        if why is None:
             return None
+        if why != "removed":
+            # Out of the way first: a process whose connection still reads it (the
+            # WAL holds the pages) would commit there while the files are walked,
+            # and those rows would not be in the new index; it sees it "removed"
+            # now, and waits for this lock.
+            final = sdir / INDEX_FILENAME
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(final, final.with_name(INDEX_FILENAME + ".damaged"))
         return rebuild(root, read_identity, locked=fd, carry_from=carry_from)
     finally:
         os.close(fd)
