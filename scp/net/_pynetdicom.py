@@ -251,7 +251,7 @@ _STORAGE_NAME = re.compile(r".*\bStorage( - For \w+)?( - Trial)?( SOP Class)?")
 #: Not storage though named so (DICOMDIR's class, in File Meta only) or newer
 #: than pydicom's dictionary (Storage Management, an N-ACTION service).
 _NOT_STORAGE = frozenset({"1.2.840.10008.1.3.10", "1.2.840.10008.5.1.4.2"})
-_STORAGE_UIDS = frozenset(_sop_class._STORAGE_CLASSES.values())
+_STORAGE_UIDS = frozenset(getattr(_sop_class, "_STORAGE_CLASSES", {}).values())  # (checked by check())
 
 
 def is_storage_class(uid: str) -> bool:

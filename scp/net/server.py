@@ -198,7 +198,7 @@ class _IndexWatch(threading.Thread):
         self.index.mark_running()
         self._error = None
         done = (f"rebuilt from the files ({summary.instances} instances)" if summary is not None
-                else "rebuilt by a worker, opened again")
+                else "opened again (a worker rebuilt it, or another file took its name)")
         log.warning("the instance index %s was %s while serving: %s", index_path(self.out),
                     why or moved, done, extra={"event": "index_rebuilt", "reason": why or moved})
         return done
