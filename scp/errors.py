@@ -48,6 +48,10 @@ class NoDataset(NotDicomError):
     """A C-STORE request that carries no dataset: it can never succeed."""
 
 
+class NotStorageContext(SortscpError):
+    """A C-STORE on a presentation context whose abstract syntax is no storage class."""
+
+
 class ReceiveFailed(StoreError):
     """An incoming dataset could not be written to the temporary area."""
 

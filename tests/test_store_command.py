@@ -387,3 +387,26 @@ def test_a_value_pydicom_cannot_convert_still_files_the_instance(serve_process, 
     files = layout_files(server.out)
     assert [f.relative_to(server.out).as_posix() for f in files] == [f"Doe^John_12345/UNKNOWN_UNKNOWN/{uid}.dcm"]
     assert "Traceback" not in server.log()
+
+
+def test_a_c_store_on_the_verification_context_is_refused_and_files_nothing(serve_process):
+    """Verification is the one accepted context of no storage class: a C-STORE
+    sent on it was filed like any other. It is refused (0x0122, SOP Class not
+    supported) with one line, and the association goes on."""
+    server = serve_process(*FAST)
+    uid, data, ds = ct_bytes(generate_uid())
+    with Peer(server.port, timeout=10) as peer:
+        cid = peer.associate([(1, pdu.VERIFICATION, [pdu.EXPLICIT_LE]), (3, pdu.CT_IMAGE_STORAGE, [pdu.EXPLICIT_LE])]
+                             ).accepted_ids()
+        assert cid == [1, 3]
+        peer.send_command(1, store_rq(uid=uid))
+        peer.send_dataset(1, data)
+        assert peer.status(10) == 0x0122
+        peer.send_command(3, store_rq(uid=uid))  # the same instance on its own context: filed
+        peer.send_dataset(3, data)
+        assert peer.status(10) == SUCCESS
+        peer.release()
+    assert layout_files(server.out) == [ct_path(server.out, ds)]
+    (line,) = log_lines(server, r"no storage class")
+    assert "0x0122" in line, line
+    still_serving(server)

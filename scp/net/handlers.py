@@ -25,6 +25,7 @@ from scp.errors import (
     InstanceIndexError,
     NoDataset,
     NotDicomError,
+    NotStorageContext,
     ReceiveFailed,
     StoreError,
 )
@@ -32,7 +33,13 @@ from scp.events.pipeline import Pipeline
 from scp.jobs import store_received
 from scp.log import safe
 from scp.net import _pynetdicom
-from scp.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
+from scp.net.status import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_MISMATCH,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+)
 from scp.pool import JobTimeout, WorkerPool
 from scp.store.index import SqliteIndex
 from scp.store.instance import settle
@@ -57,6 +64,8 @@ def status_for(exc: BaseException) -> int:
     """
     if isinstance(exc, DatasetMismatch):
         return DATA_SET_MISMATCH
+    if isinstance(exc, NotStorageContext):
+        return SOP_CLASS_NOT_SUPPORTED
     if isinstance(exc, NotDicomError):  # includes NoDataset and truncated datasets
         return CANNOT_UNDERSTAND
     return OUT_OF_RESOURCES  # StoreError, OSError, a dead worker, anything else
@@ -111,6 +120,10 @@ class StoreHandlers:
         sop_uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
         log.debug("received %s from %s; filing it", safe(sop_uid), safe(calling))
         try:
+            context = str(event.context.abstract_syntax)
+            if not _pynetdicom.is_storage_class(context):
+                raise NotStorageContext(f"a C-STORE on presentation context {event.context.context_id}, "
+                                        f"whose abstract syntax {context} is no storage class")
             sink = _pynetdicom.dataset_sink(event.request)
             if sink is None:
                 raise NoDataset("the C-STORE request carries no dataset")

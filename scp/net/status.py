@@ -7,6 +7,9 @@ OUT_OF_RESOURCES = 0xA700
 #: Error: Data Set does not match SOP Class (0xA900): the dataset's SOP Class or
 #: Instance UID is not the command's (what DCMTK's storescp answers too).
 DATA_SET_MISMATCH = 0xA900
+#: Refused: SOP Class not supported (PS3.7 C.5.2): a C-STORE on a presentation
+#: context of no storage class (Verification, the only other one accepted).
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: Error: Cannot Understand (0xC000-0xCFFF). The dataset header cannot be read.
 CANNOT_UNDERSTAND = 0xC000
 #: Error: Cannot Understand, what pynetdicom answers for a C-STORE whose
