@@ -10,7 +10,6 @@ preloads this module once for all its workers. ``sort``'s jobs live in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -38,15 +37,7 @@ from scp.errors import DatasetMismatch, NotDicomError
 from scp.layout import Template, raw_texts, relative_path, relative_path_raw
 from scp.log import safe
 from scp.report import Outcome
-from scp.store.index import (
-    IndexInUseError,
-    IndexStaleError,
-    SqliteIndex,
-    damaged,
-    rebuild,
-    repair_from,
-    repair_in_use,
-)
+from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, damaged, rebuild, repair_in_use
 from scp.store.instance import commit_instance
 
 __all__ = [
@@ -266,9 +257,6 @@ def worker_index(root: Path) -> SqliteIndex:
     key = (os.getpid(), Path(root))
     index = _INDEXES.get(key)
     if index is not None and index.moved_away():  # removed while we ran (by hand, with the folder), or rebuilt since
-        if damaged(root):  # rebuild it now, with what our connection still reads of it
-            with contextlib.suppress(IndexInUseError):  # (another process is at it: waited for below)
-                repair_from(index, identity_facts)
         index.close()
         index = None
     if index is None:
@@ -278,16 +266,28 @@ def worker_index(root: Path) -> SqliteIndex:
     return index
 
 
+#: Seconds a worker that finds the index gone waits for the server's main
+#: process to rebuild it (its watch looks once a second) before it does.
+MAIN_REPAIR_WAIT = 5.0
+
+
 def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
-    """Open the index of `root`; if it is gone or damaged (the folder, or the
-    index alone, was removed while the server ran), rebuild it from what the
-    tree holds now: under its own lock if no one holds it (the whole folder was
-    removed), else as :func:`~scp.store.index.repair_in_use` does. Another
-    worker may be doing the same: then wait for its rebuild."""
+    """Open the index of `root`. If it is gone or damaged (the folder, or the
+    index alone, was removed while the server ran), the server's main process
+    rebuilds it (:meth:`~scp.store.index.SqliteIndex.repair`, which keeps its
+    series' completion state): wait for that, up to :data:`MAIN_REPAIR_WAIT`;
+    then rebuild it from what the tree holds now, under its own lock if no one
+    holds it, else as :func:`~scp.store.index.repair_in_use` does. Another
+    process may be doing the same: then wait for its rebuild."""
+    patience = time.monotonic() + MAIN_REPAIR_WAIT
     for _ in range(attempts):
         try:
             return SqliteIndex(root)
         except IndexStaleError:
+            if time.monotonic() < patience:
+                while time.monotonic() < patience and damaged(root):
+                    time.sleep(0.05)
+                continue
             try:
                 rebuild(root, identity_facts)
             except IndexInUseError:  # the server's processes hold it shared, on a file none of them reaches

@@ -33,7 +33,7 @@ from scp.net.handlers import StoreHandlers
 from scp.net.tls import server_tls_context
 from scp.net.transport import start_server
 from scp.pool import WorkerPool
-from scp.store.index import SqliteIndex, damaged, index_path, repair_from
+from scp.store.index import SqliteIndex, damaged, index_path
 from scp.store.instance import open_for_serving
 from scp.store.tmp import (
     STATE_DIRNAME,
@@ -164,9 +164,9 @@ class _IndexWatch(threading.Thread):
     """Every `interval` seconds, whether the index the server's own connection
     reaches (its events, its settles after a worker died, its clean stop) is
     still the one at its name, readable. Removed or damaged while serving
-    (by hand; with ``.sortscp``): rebuilt from the files unless a worker has
-    done it (:func:`~scp.store.index.repair_in_use`), then opened again, with
-    one WARNING line. The workers check the same before each instance."""
+    (by hand; with ``.sortscp``): rebuilt from the files and opened again
+    (:meth:`~scp.store.index.SqliteIndex.repair`), with one WARNING line. The
+    workers check before each instance, and wait for this."""
 
     def __init__(self, index: SqliteIndex, out: Path, interval: float = INDEX_WATCH_SECONDS) -> None:
         super().__init__(name="sortscp-index-watch", daemon=True)
@@ -193,8 +193,11 @@ class _IndexWatch(threading.Thread):
         why = damaged(self.out) if moved != "replaced" else None
         if moved is None and why is None:
             return None
-        summary = repair_from(self.index, identity_facts) if why is not None else None
-        self.index.reopen()
+        if why is not None:
+            summary = self.index.repair(identity_facts)
+        else:
+            summary = None
+            self.index.reopen()
         self.index.mark_running()
         self._error = None
         done = (f"rebuilt from the files ({summary.instances} instances)" if summary is not None

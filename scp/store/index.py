@@ -153,10 +153,12 @@ after the workers exited, ``close(clean=True)``.
 An index removed or damaged while a server runs (by hand) cannot be rebuilt
 under the exclusive lock, which the server's own processes hold shared for
 good. No connection reaches such a file, so :func:`repair_in_use` (its own
-lock) puts a new one at its name (:func:`repair_from`: completion state
-carried over from the old connection); every process then reopens:
-the workers when :meth:`SqliteIndex.moved_away` says so before an instance,
-the server's main process from a watch thread once a second.
+lock) puts a new one at its name. The server's main process does it
+(:meth:`SqliteIndex.repair`, from a watch thread once a second: completion
+state carried over from its old connection, none recorded there meanwhile);
+a worker that finds the index gone before an instance
+(:meth:`SqliteIndex.moved_away`) waits for that, and rebuilds itself only if
+it does not come.
 """
 
 from __future__ import annotations
@@ -988,7 +990,7 @@ def repair_in_use(
     from them; each opens it again once it sees the change
     (:meth:`SqliteIndex.moved_away`). One process at a time, under a lock of
     its own; None if the index was usable again once it had that lock (another
-    process repaired it). Series and study completion state is carried over
+    process repaired it). See :meth:`SqliteIndex.repair`. Series and study completion state is carried over
     from `carry_from` (see :func:`rebuild`); without it, it goes with a removed
     file."""
     sdir = state_dir(Path(root))
@@ -1018,20 +1020,6 @@ def repair_in_use(
         return rebuild(root, read_identity, locked=fd, carry_from=carry_from)
     finally:
         os.close(fd)
-
-
-def repair_from(index: SqliteIndex, read_identity: Callable[[Path], Mapping[str, Any] | None]) -> RebuildSummary | None:
-    """:func:`repair_in_use` of `index`'s root, carrying the completion state
-    over from what `index`'s own connection still reads: a file removed by hand
-    stays readable to a connection that had it open, so its series and
-    studies do not all complete again (their hooks run again)."""
-    sdir = state_dir(index.root)
-    sdir.mkdir(parents=True, exist_ok=True)
-    copy = sdir / f"{INDEX_FILENAME}.carry-{os.getpid()}"
-    try:
-        return repair_in_use(index.root, read_identity, carry_from=copy if index.snapshot(copy) else None)
-    finally:
-        copy.unlink(missing_ok=True)
 
 
 def create_empty(root: Path | str) -> None:
@@ -1096,7 +1084,7 @@ class SqliteIndex:
     def moved_away(self) -> str | None:
         """Why this connection no longer reaches the index at its path: the
         file was ``"removed"`` (by hand, or with its folder) or another took
-        its name (``"replaced"``: :func:`repair_in_use` put a new one there);
+        its name (``"replaced"``: :meth:`repair` put a new one there);
         None if it still does (one ``stat``)."""
         try:
             st = os.stat(index_path(self.root))
@@ -1104,32 +1092,53 @@ class SqliteIndex:
             return "removed"
         return None if (st.st_dev, st.st_ino) == self._ident else "replaced"
 
-    def snapshot(self, dest: Path) -> bool:
+    def _snapshot(self, dest: Path) -> bool:
         """Copy what this connection reaches into a new SQLite file `dest`
         (its file may have been removed from under it: the copy is read
         through the connection, WAL included). False if it cannot be read."""
-        with self._lock:
+        try:
+            target = sqlite3.connect(dest)
             try:
-                target = sqlite3.connect(dest)
-                try:
-                    self._c().backup(target)
-                finally:
-                    target.close()
-                return True
-            except (sqlite3.Error, OSError, InstanceIndexError):
-                Path(dest).unlink(missing_ok=True)
-                return False
+                self._c().backup(target)
+            finally:
+                target.close()
+            return True
+        except (sqlite3.Error, OSError, InstanceIndexError):
+            Path(dest).unlink(missing_ok=True)
+            return False
+
+    def _reopen(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+        self._open()
 
     def reopen(self) -> None:
         """Let go of this connection and its shared lock and open the index at
         its path again (no clean close is recorded: other processes use it)."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-                if self._lock_fd is not None:
-                    os.close(self._lock_fd)
-            self._open()
+            self._reopen()
+
+    def repair(self, read_identity: Callable[[Path], Mapping[str, Any] | None]) -> RebuildSummary | None:
+        """:func:`repair_in_use` of this root, then :meth:`reopen`, as one step
+        for this object's users (it holds their lock throughout): the completion
+        state is carried over from what this connection still reads (a file
+        removed by hand stays readable to a connection that had it open), and
+        no completion is recorded in the old file meanwhile, to be lost with it.
+        Made by the server's main process, whose events record completions."""
+        with self._lock:
+            sdir = state_dir(self.root)
+            sdir.mkdir(parents=True, exist_ok=True)
+            copy = sdir / f"{INDEX_FILENAME}.carry-{os.getpid()}"
+            try:
+                summary = repair_in_use(self.root, read_identity,
+                                        carry_from=copy if self._snapshot(copy) else None)
+            finally:
+                copy.unlink(missing_ok=True)
+            self._reopen()
+            return summary
 
     # ---- plumbing
 
