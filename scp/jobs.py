@@ -10,6 +10,7 @@ preloads this module once for all its workers. ``sort``'s jobs live in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -37,7 +38,15 @@ from scp.errors import DatasetMismatch, NotDicomError
 from scp.layout import Template, raw_texts, relative_path, relative_path_raw
 from scp.log import safe
 from scp.report import Outcome
-from scp.store.index import IndexInUseError, IndexStaleError, SqliteIndex, damaged, rebuild, repair_in_use
+from scp.store.index import (
+    IndexInUseError,
+    IndexStaleError,
+    SqliteIndex,
+    damaged,
+    is_damage,
+    rebuild,
+    repair_in_use,
+)
 from scp.store.instance import commit_instance
 
 __all__ = [
@@ -131,10 +140,15 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
             f"the dataset's SOP Instance UID {uid!r} (as its header is read to file it) "
             f"is not the command's {expected!r}"
         )
-    done = commit_instance(
-        Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate,
-        durable=cfg.fsync is Fsync.ALWAYS, holds=holds_instance,
-    )
+    try:
+        done = commit_instance(
+            Path(received), cfg.out, rel, uid, facts, worker_index(cfg.out), on_conflict=cfg.on_duplicate,
+            durable=cfg.fsync is Fsync.ALWAYS, holds=holds_instance,
+        )
+    except Exception as exc:
+        if is_damage(exc):  # the next instance opens it again: waits for its rebuild, not this failure
+            forget_index(cfg.out)
+        raise
     result, note = _STORED[done.placement]
     if done.not_removed is not None:
         log.warning(
@@ -266,6 +280,20 @@ def worker_index(root: Path) -> SqliteIndex:
     return index
 
 
+#: Output roots whose index this process found damaged: opened again only once it is not.
+_DAMAGED_SEEN: set[Path] = set()
+
+
+def forget_index(root: Path) -> None:
+    """Close this process's connection to the index of `root`, found damaged:
+    the next instance waits for its rebuild (:func:`_open_or_rebuild`)."""
+    _DAMAGED_SEEN.add(Path(root))
+    index = _INDEXES.pop((os.getpid(), Path(root)), None)
+    if index is not None:
+        with contextlib.suppress(Exception):
+            index.close()
+
+
 #: Seconds a worker that finds the index gone waits for the server's main
 #: process to rebuild it (its watch looks once a second) before it does.
 MAIN_REPAIR_WAIT = 5.0
@@ -280,6 +308,10 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
     holds it, else as :func:`~scp.store.index.repair_in_use` does. Another
     process may be doing the same: then wait for its rebuild."""
     patience = time.monotonic() + MAIN_REPAIR_WAIT
+    if root in _DAMAGED_SEEN:  # (a connection may open it and fail only at the first write)
+        _DAMAGED_SEEN.discard(root)
+        while time.monotonic() < patience and damaged(root):
+            time.sleep(0.05)
     for _ in range(attempts):
         try:
             return SqliteIndex(root)

@@ -599,7 +599,7 @@ def _refused_as_the_run_would_be(dst: Path) -> None:
     pid = lock_holder(state / SORT_LOCK_FILENAME)
     if pid is not None:
         raise DestinationLockedError(_sort_running(dst, str(pid)))
-    if (state / INDEX_FILENAME).is_file() and lock_holder(state / INDEX_LOCK_FILENAME) is not None:
+    if lock_holder(state / INDEX_LOCK_FILENAME) is not None:  # (held by a server, with or without its index)
         raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst))
 
 
@@ -618,8 +618,11 @@ def _lock_served_index(dst: Path) -> int | None:
     the run adds files beside its index would keep its index without them,
     and so no longer one file per SOPInstanceUID. A running server holds it:
     :class:`DestinationLockedError` (the run touches nothing)."""
-    if not (dst / STATE_DIRNAME / INDEX_FILENAME).is_file():
-        return None  # not a serve output folder (and the index module is not even imported)
+    state = dst / STATE_DIRNAME
+    if not ((state / INDEX_FILENAME).is_file() or (state / INDEX_LOCK_FILENAME).is_file()):
+        # not a serve output folder (and the index module is not even imported); the
+        # lock alone: a server whose index was removed by hand, which it rebuilds
+        return None
     from scp.store.index import IndexInUseError, lock_index, mark_behind
 
     try:

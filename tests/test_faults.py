@@ -816,6 +816,39 @@ def test_an_index_removed_while_serving_is_rebuilt_and_keeps_one_file_per_uid(se
     assert r.returncode == 0 and "another file" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+def test_a_sort_into_a_served_folder_whose_index_was_removed_is_still_refused(serve_process, tmp_path):
+    """With its index removed by hand, a running server's folder looked like a
+    plain one to ``sort``, which filed into it unknown to the index."""
+    server = serve_process("--workers", "1")
+    assert store_one(server.port, ct("1.2.826.0.1.3680043.10.16.1")) == SUCCESS, server.log()
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (server.out / ".sortscp" / name).unlink(missing_ok=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    ct("1.2.826.0.1.3680043.10.16.2").save_as(src / "a.dcm", enforce_file_format=True)
+    for args in (("sort", "--dry-run", src, server.out), ("sort", src, server.out)):
+        r = run_cli(*args)
+        assert r.returncode == 75, f"{args}: {r.returncode}\n{r.stdout}{r.stderr}"
+    assert len(layout_files(server.out)) == 1
+
+
+def test_sigusr1_to_the_whole_service_kills_no_worker(tmp_path):
+    """``systemctl kill -s USR1`` signals every process of the service: the
+    workers (and the forkserver) died of it, only the main process took it."""
+    server = ServeProcess(tmp_path / "out", "--workers", "2", new_session=True)
+    try:
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.17.1")) == SUCCESS, server.log()
+        before = descendants(server.proc.pid)
+        os.killpg(server.proc.pid, signal.SIGUSR1)
+        wait_until(lambda: "received: nothing to do" in server.log(), timeout=10, what="the line")
+        time.sleep(1)
+        assert all(_running(pid) for pid in before), server.log()
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.17.2")) == SUCCESS, server.log()
+        assert "died" not in server.log(), server.log()
+    finally:
+        assert server.terminate() == 0, server.log()
+
+
 def test_an_index_damaged_while_serving_is_rebuilt_once_a_worker_needs_it(serve_process):
     """Its first bytes overwritten while serving: once a worker was replaced
     (a crash, the OOM killer), every instance was answered 0xA700 until a restart."""

@@ -575,7 +575,8 @@ class HookProcess:
 
 
 #: Signals a hook starts with at their default action (the helper ignores them; Python ignores SIGPIPE, SIGXFSZ).
-_DEFAULT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE", "SIGXFSZ")
+_DEFAULT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE", "SIGXFSZ",
+                                                           "SIGHUP", "SIGUSR1", "SIGUSR2")
                          if hasattr(signal, name))
 #: Seconds a result may wait in the helper for others while hooks still run (one
 #: write, one wake-up of the server's reader, for several); none run: at once.

@@ -387,12 +387,16 @@ class Server:
         # Handlers first: a supervisor may send SIGTERM as soon as the port accepts;
         # they stay through the stop, where a second signal cuts the drain short.
         previous = {s: signal.signal(s, self.request_stop) for s in stop_signals()}
-        for s in NOTED_SIGNALS:  # (default: the process dies without a word)
-            if signal.getsignal(s) is not signal.SIG_IGN:
-                previous[s] = signal.signal(s, _noted)
+        # Ignored while the processes are started, which keep that (the forkserver and its
+        # workers, the resource tracker, the hook helper: ``systemctl kill -s USR1`` signals
+        # them all); then one line in this process. (Hooks get the default back.)
+        noted = [s for s in NOTED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        previous.update((s, signal.signal(s, signal.SIG_IGN)) for s in noted)
         try:
             try:
                 self.start()
+                for s in noted:
+                    signal.signal(s, _noted)
                 if on_ready:
                     on_ready(self)
                 self.wait()

@@ -968,6 +968,16 @@ REPAIR_LOCK_FILENAME = "repair.lock"
 _DAMAGED = ("not a database", "malformed", "no such table")
 
 
+def is_damage(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is SQLite saying the index
+    file is no index any more, not that it is busy."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.DatabaseError) and any(d in str(exc) for d in _DAMAGED):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
 def damaged(root: Path | str) -> str | None:
     """Why the index of `root` is gone or cannot be read as one (removed, or
     its file damaged), None if it is there and readable (a busy one is)."""
@@ -1132,12 +1142,21 @@ class SqliteIndex:
             sdir = state_dir(self.root)
             sdir.mkdir(parents=True, exist_ok=True)
             copy = sdir / f"{INDEX_FILENAME}.carry-{os.getpid()}"
+            # The lock at its name held shared meanwhile (ours is on a lock file that
+            # went with .sortscp, if it did): a sort or reindex is refused as before.
+            guard = _open_lock(sdir / LOCK_FILENAME, False)
+            assert guard is not None  # (None only read-only)
             try:
-                summary = repair_in_use(self.root, read_identity,
-                                        carry_from=copy if self._snapshot(copy) else None)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(guard, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                try:
+                    summary = repair_in_use(self.root, read_identity,
+                                            carry_from=copy if self._snapshot(copy) else None)
+                finally:
+                    copy.unlink(missing_ok=True)
+                self._reopen()
             finally:
-                copy.unlink(missing_ok=True)
-            self._reopen()
+                os.close(guard)
             return summary
 
     # ---- plumbing
