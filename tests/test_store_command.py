@@ -410,3 +410,37 @@ def test_a_c_store_on_the_verification_context_is_refused_and_files_nothing(serv
     (line,) = log_lines(server, r"no storage class")
     assert "0x0122" in line, line
     still_serving(server)
+
+
+def test_a_dataset_in_tiny_fragments_aborts_and_files_nothing_while_a_full_one_is_filed(serve_process):
+    """A peer that sends its dataset a few bytes per PDV makes the network
+    thread work per fragment: eight of them slowed a normal sender tenfold.
+    Past 1,024 fragments averaging under 256 bytes, the association is aborted
+    with one line; the same dataset in PDVs of 256 bytes (a fifth of DCMTK's
+    smallest PDU) is filed."""
+    server = serve_process(*FAST)
+    uid, data, ds = ct_bytes(generate_uid())
+    assert len(data) > 1024 * 16
+    with Peer(server.port, timeout=10) as peer:
+        cid = peer.associate(CT_CONTEXT).accepted_ids()[0]
+        peer.send_command(cid, store_rq(uid=uid))
+        started = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017 - aborted: the send or the status read fails
+            peer.send_dataset(cid, data, fragment=16)
+            peer.status(10)
+        assert peer.closed_within(10) is not None
+        assert time.monotonic() - started < 20
+    assert layout_files(server.out) == []
+    (line,) = log_lines(server, r"aborting the association.*fragments of \d+ bytes on average")
+    assert "WARNING" in line, line
+    assert no_temp_files_within(server.out) == []
+    assert _store_with(server.port, store_rq(uid=uid), data) == SUCCESS, server.log()  # (PDVs of 8000)
+    with Peer(server.port, timeout=10) as peer:  # small but real PDVs
+        cid = peer.associate(CT_CONTEXT).accepted_ids()[0]
+        uid2, data2, ds2 = ct_bytes(generate_uid())
+        peer.send_command(cid, store_rq(uid=uid2))
+        peer.send_dataset(cid, data2, fragment=256)
+        assert peer.status(10) == SUCCESS
+        peer.release()
+    assert sorted(layout_files(server.out)) == sorted([ct_path(server.out, ds), ct_path(server.out, ds2)])
+    still_serving(server)

@@ -322,6 +322,13 @@ MAX_COMMAND_BYTES = 64 * 1024
 #: none; sortscp serves nothing else).
 MAX_OTHER_DATASET_BYTES = 1 << 20
 
+#: A C-STORE dataset may come in this many fragments before they must average
+#: :data:`MIN_FRAGMENT_AVERAGE` bytes: a peer that sends a few bytes per PDV makes
+#: the network thread work per fragment, not per byte (eight such peers slowed
+#: a normal sender tenfold); real senders fill their PDUs (DCMTK's smallest: 4 KiB).
+SMALL_FRAGMENTS_ALLOWED = 1024
+MIN_FRAGMENT_AVERAGE = 256
+
 #: Called as ``open_dataset(command_set, transfer_syntax, calling_aet)`` from
 #: the network thread once a C-STORE-RQ command set is complete; returns the
 #: sink (``write``/``finish``/``abandon``/``close``/``name``) of its dataset.
@@ -433,6 +440,13 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
                 sink = self._data_set_file
                 if sink is not None:
                     sink.write(memoryview(data)[1:])
+                    pieces = getattr(sink, "fragments", 0)
+                    if pieces > SMALL_FRAGMENTS_ALLOWED and sink.received < pieces * MIN_FRAGMENT_AVERAGE:
+                        return _protocol_error(
+                            self, assoc, f"a dataset sent in {pieces} fragments of "
+                            f"{sink.received // pieces} bytes on average (each costs as much to take as a "
+                            f"full one; at least {MIN_FRAGMENT_AVERAGE} are expected)",
+                        )
                 else:
                     buffer = self.data_set
                     assert buffer is not None

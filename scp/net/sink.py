@@ -84,6 +84,7 @@ class IncomingDataset:
         self._folder = folder
         self._file: Any = None
         self._received = 0
+        self.fragments = 0  #: how many pieces the dataset came in so far
         self._first = b""
         self._keep = tuple(t for t in keep if t < FIRST_PIXEL_TAG)
         encoding = encoding_of(transfer_syntax)
@@ -116,6 +117,11 @@ class IncomingDataset:
             self.name = getattr(self, "name", os.path.join(folder, f".unwritable-{uuid.uuid4().hex}.dcm"))
             self._fail(exc)
 
+    @property
+    def received(self) -> int:
+        """Dataset bytes received so far."""
+        return self._received
+
     # pynetdicom calls ``.file.flush()`` and ``.close()`` on the dataset file
     @property
     def file(self) -> IncomingDataset:
@@ -124,6 +130,7 @@ class IncomingDataset:
     def write(self, data: bytes | memoryview) -> int:
         """The next fragment of the dataset."""
         n = len(data)
+        self.fragments += 1
         if self._received < 6:
             self._first += bytes(data[: 6 - self._received])
         self._received += n
