@@ -416,6 +416,35 @@ def test_the_metrics_endpoint_counts_what_was_sent(serve_process) -> None:
     assert m["sortscp_output_free_bytes"] > 0
 
 
+def test_idle_connections_to_the_metrics_port_hold_no_thread_nor_the_dicom_side(serve_process) -> None:
+    """Each connection to the metrics port held a thread and a descriptor for as
+    long as the client kept it open: a thousand idle ones stopped every
+    association. Now they are served 16 at a time and dropped when idle."""
+    connections, timeout = 16, 10.0  # (scp.events.metrics: METRICS_CONNECTIONS, METRICS_TIMEOUT)
+    port = free_port()
+    server = serve_process("--metrics-port", str(port))
+    threads_before = len(os.listdir(f"/proc/{server.proc.pid}/task"))
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+    try:
+        time.sleep(1)
+        threads = len(os.listdir(f"/proc/{server.proc.pid}/task"))
+        assert threads <= threads_before + connections + 2, (threads_before, threads)
+        assert send_datasets(server.port, ct_copies(1)) == [SUCCESS]  # the DICOM side goes on
+        # the idle ones are dropped: the endpoint answers again, without their closing
+        wait_until(lambda: _scrapes(port), timeout=timeout + 10, what="a scrape")
+    finally:
+        for s in idle:
+            s.close()
+    assert "Traceback" not in server.log()
+
+
+def _scrapes(port: int) -> bool:
+    try:
+        return b"sortscp_" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return False
+
+
 def test_events_to_stdout_and_to_a_file_one_json_line_each(serve_process, tmp_path: Path) -> None:
     to_stdout = serve_process("--events", "-", out=tmp_path / "a")
     assert send_datasets(to_stdout.port, ct_copies(2)) == [SUCCESS] * 2

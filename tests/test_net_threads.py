@@ -10,6 +10,7 @@ message progress rule are checked here too.
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import struct
@@ -815,3 +816,31 @@ def test_a_requestors_reactor_never_takes_the_response_its_user_waits_for(server
         sys.setswitchinterval(old[0])
         quiet.disabled = old[1]
     assert unanswered == []
+
+
+def test_waiting_on_sockets_works_for_descriptors_past_1024() -> None:
+    """``select.select`` refuses descriptors of 1024 and over, which a busy
+    server reaches: every new association's thread died with a traceback."""
+    import resource
+    import socket
+
+    from scp.net._pynetdicom import wait_readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1600:
+        pytest.skip(f"the descriptor limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1600), hard))
+    a, b = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(a.fileno(), 1500))
+        try:
+            assert wait_readable([high], 0.05) == []
+            b.send(b"x")
+            assert wait_readable([high], 1.0) == [high]
+        finally:
+            high.detach()
+            os.close(1500)
+    finally:
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -14,12 +14,58 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+#: Seconds a connection to the metrics endpoint may be idle or slow before it is closed.
+METRICS_TIMEOUT = 10.0
+#: Connections to the metrics endpoint served at once; more are closed at once.
+METRICS_CONNECTIONS = 16
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT  # (the socket's: a client that sends nothing is dropped)
+
+    def log_message(self, *args: Any) -> None:  # a scrape is not worth a line
+        pass
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """``prometheus_client``'s threaded server, bounded: its own
+    ``start_http_server`` gives every connection a thread for as long as the
+    client keeps it open, so idle connections took the descriptors the DICOM
+    side needs (a thousand of them stopped all associations)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: the scraper tries again
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +148,10 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve ``/metrics`` on `host`:`port` (0: any free port); returns the address."""
-        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_Server", (_MetricsServer,), {"address_family": family})
+        httpd: Any = make_server(host, port, make_wsgi_app(self.registry), server_class, _MetricsHandler)
+        threading.Thread(target=httpd.serve_forever, name="sortscp-metrics", daemon=True).start()
         self._http = httpd
         return str(httpd.server_address[0]), int(httpd.server_address[1])
 

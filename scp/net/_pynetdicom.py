@@ -709,6 +709,19 @@ class _NetState:
         self.pipe.close()
 
 
+def wait_readable(objs: list[Any], timeout: float) -> list[Any]:
+    """Those of `objs` (sockets) readable within `timeout` seconds (or closed,
+    or in error: a read finds out): ``select.select``, for descriptors of any
+    number (``select`` refuses 1024 and over, which a busy server reaches)."""
+    poller = select.poll()
+    by_fd = {}
+    for obj in objs:
+        fd = obj.fileno()
+        by_fd[fd] = obj
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
+
+
 class _Waker:
     """What the association's reactor waits on: an Event whose ``set`` wakes the
     waiter through a socket pair. The write releases the GIL, so a woken
@@ -741,7 +754,7 @@ class _Waker:
         pipe.waiting = True  # (waiting, then flag: a set() in between is seen by one of us)
         try:
             if not self.flag:
-                select.select([pipe.rsock], [], [], timeout)
+                wait_readable([pipe.rsock], timeout)
         finally:
             pipe.waiting = False
         pipe.drain()
@@ -987,7 +1000,7 @@ def _dul_wait(dul: Any, state: _NetState) -> None:
         if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
             return
         try:
-            ready, _, _ = select.select(rlist, [], [], timeout)
+            ready = wait_readable(rlist, timeout)
         except (OSError, ValueError):
             # The socket was closed under us: let the next read find out.
             ready = []
