@@ -308,17 +308,20 @@ def _open_or_rebuild(root: Path, attempts: int = 50) -> SqliteIndex:
     holds it, else as :func:`~scp.store.index.repair_in_use` does. Another
     process may be doing the same: then wait for its rebuild."""
     patience = time.monotonic() + MAIN_REPAIR_WAIT
-    if root in _DAMAGED_SEEN:  # (a connection may open it and fail only at the first write)
-        _DAMAGED_SEEN.discard(root)
+
+    def wait_for_repair() -> None:
         while time.monotonic() < patience and damaged(root):
             time.sleep(0.05)
+
+    if root in _DAMAGED_SEEN:  # (a connection may open it and fail only at the first write)
+        _DAMAGED_SEEN.discard(root)
+        wait_for_repair()
     for _ in range(attempts):
         try:
             return SqliteIndex(root)
         except IndexStaleError:
             if time.monotonic() < patience:
-                while time.monotonic() < patience and damaged(root):
-                    time.sleep(0.05)
+                wait_for_repair()
                 continue
             try:
                 rebuild(root, identity_facts)

@@ -863,6 +863,7 @@ def test_an_index_damaged_while_serving_is_rebuilt_once_a_worker_needs_it(serve_
             assert status == OUT_OF_RESOURCES and time.monotonic() < deadline, f"{status}\n{server.log()}"
             time.sleep(0.5)
     assert "damaged" in server.log(), server.log()
+    assert (server.out / ".sortscp" / "index.sqlite.damaged").is_file()  # kept, as the README says
     assert server.terminate() == 0, server.log()
     r = run_cli("ls", server.out, "--json")
     listed = [s for study in json.loads(r.stdout)["studies"] for s in study["series"]]

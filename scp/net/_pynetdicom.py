@@ -289,12 +289,11 @@ def _negotiate_storage(rq_contexts: list, ac_contexts: list, roles: dict | None 
     supported contexts (Verification), so they are refused: abstract syntax
     not supported."""
     roles = roles or {}
-    other = [cx for cx in rq_contexts if not is_storage_class(cx.abstract_syntax)]
+    storage = [is_storage_class(cx.abstract_syntax) for cx in rq_contexts]
+    other = [cx for cx, ok in zip(rq_contexts, storage) if not ok]
     result, _ = _presentation.negotiate_as_acceptor(other, ac_contexts, roles)
     reply_roles = {}
-    for rcx in rq_contexts:
-        if not is_storage_class(rcx.abstract_syntax):
-            continue
+    for rcx in (cx for cx, ok in zip(rq_contexts, storage) if ok):
         cx = _presentation.PresentationContext()
         cx.context_id = rcx.context_id
         cx.abstract_syntax = rcx.abstract_syntax

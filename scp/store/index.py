@@ -477,8 +477,13 @@ _BUMP = "CASE WHEN completed_revision >= revision THEN revision + 1 ELSE revisio
 #: minute ahead of it: that one was wrong (a file dated in the future, from a
 #: sender's clock, taken as its arrival by a rebuild; the clock set back), and
 #: kept as the maximum it held the series from completing for as long.
-_LATEST = ("CASE WHEN last_arrival > excluded.last_arrival + 60 THEN excluded.last_arrival"
-           " ELSE max(last_arrival, excluded.last_arrival) END")
+def _latest(arrival: str) -> str:
+    """The SQL of the new ``last_arrival`` once `arrival` (an expression) arrived."""
+    return (f"CASE WHEN last_arrival > {arrival} + 60 THEN {arrival}"
+            f" ELSE max(coalesce(last_arrival, 0), {arrival}) END")
+
+
+_LATEST = _latest("excluded.last_arrival")
 
 _SERIES_UPSERT = f"""
 INSERT INTO series(series_instance_uid, study_instance_uid, folder, series_description,
@@ -499,7 +504,7 @@ ON CONFLICT(series_instance_uid) DO UPDATE SET
 #: into another one, one by one, completes once they are done, not after each).
 _LEAVE = (
     "UPDATE {table} SET instances = instances - 1, arrivals = arrivals + 1,"
-    " last_arrival = CASE WHEN last_arrival > :now + 60 THEN :now ELSE max(coalesce(last_arrival, 0), :now) END,"
+    " last_arrival = " + _latest(":now") + ","
     " revision = " + _BUMP + " WHERE {key} = :uid"
 )
 
