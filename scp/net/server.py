@@ -190,6 +190,8 @@ class _IndexWatch(threading.Thread):
     def check(self) -> str | None:
         """One round; what was done (None: nothing was needed)."""
         moved = self.index.moved_away()
+        if moved is None and self.index.readable():
+            return None  # (through its own connection: no file opened each second)
         why = damaged(self.out) if moved != "replaced" else None
         if moved is None and why is None:
             return None

@@ -1130,6 +1130,18 @@ class SqliteIndex:
                 os.close(self._lock_fd)
         self._open()
 
+    def readable(self) -> bool:
+        """Whether this connection still reads the index as one (False: SQLite
+        says it is damaged; a busy index is readable)."""
+        with self._lock:
+            try:
+                _read_meta(self._c())
+            except sqlite3.Error as exc:
+                return not is_damage(exc)
+            except InstanceIndexError:
+                return True  # closed: nothing to watch
+            return True
+
     def reopen(self) -> None:
         """Let go of this connection and its shared lock and open the index at
         its path again (no clean close is recorded: other processes use it)."""
