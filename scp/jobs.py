@@ -171,6 +171,8 @@ def store_received(received: str, calling_aet: str, cfg: ServeConfig,
         else:
             note = f"replaced the earlier copy at {done.other} (removed)"
     nbytes = size - offset  # the dataset, as received
+    if done.size is not None:  # the file there is an earlier copy: its size
+        facts = {**facts, "size": done.size}
     mine = done.placement is not Placement.KEPT_EXISTING  # (kept: the file there is the first copy)
     return Outcome(result, received, str(done.final.relative_to(cfg.out)), note, nbytes,
                    facts=facts if mine else None, placement=done.placement.value)

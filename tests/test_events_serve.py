@@ -177,7 +177,10 @@ def test_an_identical_resend_does_not_complete_a_series_again_and_a_new_instance
     time.sleep(3.5)  # past the stable time, several polls
     assert [e["revision"] for e in events_of(events, "series_complete")] == [1], server.log()
     assert manifest.read_bytes() == before
-    assert [e["placement"] for e in events_of(events, "stored")] == ["stored"] * 2 + ["identical"] * 2
+    stored = events_of(events, "stored")
+    assert [e["placement"] for e in stored] == ["stored"] * 2 + ["identical"] * 2
+    # the size of the file at the path (the first copy: its File Meta names the first sender)
+    assert [e["size"] for e in stored] == [(server.out / e["path"]).stat().st_size for e in stored]
     assert {f: f.stat().st_ino for f in layout_files(server.out)} == files  # not rewritten
     assert {pydicom.dcmread(f).file_meta.SourceApplicationEntityTitle for f in files} == {CALLING_AET}
     assert send_datasets(server.port, datasets[2:]) == [SUCCESS]
@@ -357,6 +360,8 @@ HOOK_TIMEOUT = 5
 @pytest.mark.parametrize("command, logged", [
     ("sleep 1000", f"still running past --hook-timeout (stopped after {HOOK_TIMEOUT}."),
     ("sh -c 'echo no luck >&2; exit 3'", "exited 3"),
+    # (the program named: a typo in the command is found from the line alone)
+    ("/nonexistent/sortscp-hook --flag", "could not start /nonexistent/sortscp-hook: No such file or directory"),
 ])
 def test_a_hung_or_failing_hook_changes_no_status_and_holds_no_response(serve_process, command: str,
                                                                         logged: str) -> None:
@@ -490,6 +495,48 @@ def test_the_webhook_receives_posts(serve_process) -> None:
         httpd.server_close()
     assert sorted(e["sop_instance_uid"] for e in _Collector.received) == sorted(d.SOPInstanceUID for d in datasets)
     assert {e["event"] for e in _Collector.received} == {"stored"}
+
+
+class _Redirector(BaseHTTPRequestHandler):
+    """Answers every POST with a redirect; counts what it gets."""
+
+    requests: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).requests.append(f"POST {self.path}")
+        self.send_response(302)
+        self.send_header("Location", "/elsewhere")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).requests.append(f"GET {self.path}")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_redirecting_webhook_is_not_followed_and_the_line_names_the_redirect(serve_process) -> None:
+    """A POST that is redirected would be followed as a GET, without the
+    event (urllib's habit): the event is dropped once, with a line that names
+    the redirect, not retried."""
+    _Redirector.requests = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = serve_process("--webhook", f"http://127.0.0.1:{httpd.server_address[1]}/dicom")
+        assert send_datasets(server.port, ct_copies(1)) == [SUCCESS]
+        wait_until(lambda: "dropped the stored event" in server.log(), timeout=30, what="a drop log line")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert _Redirector.requests == ["POST /dicom"]
+    line = next(x for x in server.log().splitlines() if "dropped the stored event" in x)
+    assert "after 1 attempt(s): HTTP 302" in line and "/elsewhere" in line and "not followed" in line, line
 
 
 def test_a_dead_webhook_drops_with_a_log_line_and_holds_no_response(serve_process) -> None:

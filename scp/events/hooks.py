@@ -87,8 +87,9 @@ class HookResult:
         return self.returncode == 0 and not self.timed_out and not self.error
 
     def describe(self) -> str:
-        if self.error:
-            return f"could not start: {self.error}"
+        if self.error:  # (the program named: "No such file or directory" alone says not which)
+            program = shlex.quote(self.argv[0]) if self.argv else "the hook"
+            return f"could not start {program}: {self.error}"
         if self.timed_out:
             return f"killed: still running past --hook-timeout (stopped after {self.seconds:.1f} s)"
         if self.returncode is not None and self.returncode < 0:

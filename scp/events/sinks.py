@@ -196,6 +196,19 @@ def _open_for_append(path: str) -> io.FileIO:
     return io.FileIO(fd, "a")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would follow a 301-303 with a GET,
+    without the event, and then report what that GET got."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None  # the 3xx is then raised as an HTTPError
+
+
+#: What posts the webhook's events: urllib's default handlers (proxies from
+#: the environment included), redirects not followed.
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class Webhook:
     """POSTs each event to `url` from one thread, with retries and backoff."""
 
@@ -246,13 +259,17 @@ class Webhook:
                 headers={"Content-Type": "application/json", "User-Agent": "sortscp"},
             )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     response.read()
                 if self.on_post:
                     self.on_post()
                 return
             except urllib.error.HTTPError as exc:
                 reason = f"HTTP {exc.code}"
+                if 300 <= exc.code < 400:
+                    where = exc.headers.get("Location") if exc.headers is not None else None
+                    reason += f" (a redirect to {where}, not followed: give --webhook the final URL)"
+                    break  # the same answer again
                 if 400 <= exc.code < 500 and exc.code not in (408, 429):
                     break  # the receiver refuses this event: retrying changes nothing
             except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections

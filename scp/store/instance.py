@@ -19,6 +19,7 @@ identical / replace / keep / ``~N`` logic.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -44,6 +45,9 @@ class Committed:
     #: where the index had the earlier copy, which holds no file any more (moved or
     #: removed by hand: a copy moved elsewhere stays, unknown to the index)
     missing: str | None = None
+    #: the size of the file at `final` when it is an earlier copy (``IDENTICAL``:
+    #: its File Meta may name another sender), else None (the file received)
+    size: int | None = None
 
 
 def commit_instance(
@@ -80,13 +84,19 @@ def commit_instance(
         # tool left, which a rebuild found unreadable) is no copy of it
         policy = Duplicate.REPLACE if on_conflict is Duplicate.KEEP and old is None else on_conflict
         final, placement = commit_file(src, root, rel, on_conflict=policy, durable=durable)
+        there = None
+        if placement is Placement.IDENTICAL:
+            # the file there is the first copy: its File Meta (the sender's title) may
+            # differ in length from this one's, and the row and the events tell its size
+            there = final.stat().st_size
+            claim = dataclasses.replace(claim, facts={**claim.facts, "size": there})
         unchanged = placement is Placement.IDENTICAL and old is not None and old.path == rel.as_posix()
         if final != root / rel or (placement is Placement.KEPT_EXISTING and old is not None) or unchanged:
             # stored as ~N beside other bytes, the indexed file kept, or the same bytes sent
             # again where the index has them: the row stays as it was (its series too:
             # nothing new arrived, so a completed series does not complete again)
             index.abort(claim)
-            return Committed(final, placement)
+            return Committed(final, placement, size=there)
     except BaseException:
         index.abort(claim)
         raise
@@ -105,11 +115,11 @@ def commit_instance(
             index.obsolete_removed(superseded)  # kept on purpose: no longer the index's concern
         elif holds is not None and not holds(root / superseded, uid):
             index.obsolete_removed(superseded)  # no longer this instance's: not the index's to remove
-            return Committed(final, placement, None, not_removed=superseded, missing=gone)
+            return Committed(final, placement, None, not_removed=superseded, missing=gone, size=there)
         else:
             remove_obsolete(root, superseded)
             index.obsolete_removed(superseded)
-    return Committed(final, placement, superseded, missing=gone)
+    return Committed(final, placement, superseded, missing=gone, size=there)
 
 
 def open_for_serving(root: Path, read_identity) -> tuple[SqliteIndex, str | None, int]:
