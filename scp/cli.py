@@ -515,7 +515,7 @@ def reindex(
     """
     from scp.jobs import identity_facts
     from scp.store.index import IndexInUseError, InstanceIndexError, rebuild
-    from scp.store.tmp import NotOwnFolder, SortRunning, take_sort_lock
+    from scp.store.tmp import NotOwnFolder, ServerRunning, SortRunning, take_sort_lock, take_unserved
 
     setup_logging("WARNING")  # pydicom's warnings about the files go through the escaping log
     if not out.is_dir():
@@ -533,6 +533,12 @@ def reindex(
         typer.echo(f"reindex: cannot take {out}: {exc.strerror}: {exc.filename}", err=True)
         raise typer.Exit(1) from None
     try:
+        held = take_unserved(out)  # (also while its .sortscp is gone)
+    except ServerRunning as exc:
+        os.close(sort_lock)
+        typer.echo(f"reindex: {exc}", err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
+    try:
         summary = rebuild(out, identity_facts, digests=digests)
     except IndexInUseError as exc:
         typer.echo(f"reindex: {exc}", err=True)
@@ -542,6 +548,8 @@ def reindex(
         raise typer.Exit(1) from None
     finally:
         os.close(sort_lock)
+        if held is not None:
+            os.close(held)
     for uid, kept, other in summary.duplicates:
         typer.echo(f"reindex: {_duplicate_line(uid, kept, other)}", err=True)
     for rel, reason in summary.unreadable:

@@ -48,12 +48,14 @@ from scp.store.tmp import (
     STATE_DIRNAME,
     TMP_DIRNAME,
     NotOwnFolder,
+    ServerRunning,
     SortRunning,
     fs_clock_ns,
     lock_holder,
     lock_taker,
     remove_orphans,
     take_sort_lock,
+    take_unserved,
     tmp_dir,
 )
 
@@ -405,6 +407,9 @@ def sort_tree(
                 lock = lock_destination(cfg.dst)
                 stack.callback(os.close, lock)
                 tmp_dir(cfg.dst)  # a real folder of DST's own, not a link out of it
+                held = _take_unserved(cfg.dst)
+                if held is not None:
+                    stack.callback(os.close, held)
                 index_lock = _lock_served_index(cfg.dst)
             except (DestinationLockedError, NotOwnFolder):
                 if writer is not None:
@@ -599,7 +604,8 @@ def _refused_as_the_run_would_be(dst: Path) -> None:
     pid = lock_holder(state / SORT_LOCK_FILENAME)
     if pid is not None:
         raise DestinationLockedError(_sort_running(dst, str(pid)))
-    if lock_holder(state / INDEX_LOCK_FILENAME) is not None:  # (held by a server, with or without its index)
+    if lock_holder(state / INDEX_LOCK_FILENAME) is not None or lock_holder(dst) is not None:
+        # (a server holds both: the index's lock, and DST itself even while its state folder is gone)
         raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst))
 
 
@@ -610,6 +616,15 @@ def _sort_running(dst: Path, pid: str) -> str:
 
 _SERVER_RUNNING = ("a running server (sortscp serve) holds the instance index of {dst}: stop it "
                    "first, or send these files to it (storescu +sd +r ...)")
+
+
+def _take_unserved(dst: Path) -> int | None:
+    """DST's folder lock for the run (:func:`~scp.store.tmp.take_unserved`):
+    a running server holds it, even while its ``.sortscp`` folder is gone."""
+    try:
+        return take_unserved(dst)
+    except ServerRunning:
+        raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst)) from None
 
 
 def _lock_served_index(dst: Path) -> int | None:

@@ -832,6 +832,30 @@ def test_a_sort_into_a_served_folder_whose_index_was_removed_is_still_refused(se
     assert len(layout_files(server.out)) == 1
 
 
+def test_sort_and_reindex_are_refused_while_the_servers_state_folder_is_gone(serve_process, tmp_path):
+    """``rm -rf OUT/.sortscp`` took the server's locks with it: until the server
+    made them again (its watch, within a second), a sort or a reindex ran
+    beside it. The server's main process is stopped here (SIGSTOP), so that
+    moment lasts: the folder itself is held, and both are still refused."""
+    server = serve_process("--workers", "1")
+    assert store_one(server.port, ct("1.2.826.0.1.3680043.10.16.3")) == SUCCESS, server.log()
+    src = tmp_path / "src"
+    src.mkdir()
+    ct("1.2.826.0.1.3680043.10.16.4").save_as(src / "a.dcm", enforce_file_format=True)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        shutil.rmtree(server.out / ".sortscp")
+        for args in (("reindex", server.out), ("sort", "--dry-run", src, server.out), ("sort", src, server.out)):
+            r = run_cli(*args)
+            assert r.returncode == 75, f"{args}: {r.returncode}\n{r.stdout}{r.stderr}"
+            assert "running server" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert len(layout_files(server.out)) == 1
+    assert (src / "a.dcm").is_file()  # the source is where it was
+    assert store_one(server.port, ct("1.2.826.0.1.3680043.10.16.5")) == SUCCESS, server.log()
+
+
 def test_sigusr1_to_the_whole_service_kills_no_worker(tmp_path):
     """``systemctl kill -s USR1`` signals every process of the service: the
     workers (and the forkserver) died of it, only the main process took it."""

@@ -40,6 +40,7 @@ from scp.store.tmp import (
     TMP_DIRNAME,
     NotOwnFolder,
     SortRunning,
+    hold_served,
     own_folder,
     remove_orphans,
     take_sort_lock,
@@ -209,8 +210,10 @@ class _IndexWatch(threading.Thread):
         return done
 
 
-def _open_index(out: Path) -> SqliteIndex:
-    """The instance index of `out`, rebuilt if missing or behind, settled.
+def _open_index(out: Path) -> tuple[SqliteIndex, int | None]:
+    """The instance index of `out`, rebuilt if missing or behind, settled;
+    and the server's hold on `out` (:func:`~scp.store.tmp.hold_served`, to
+    keep open while serving).
 
     Under sort's lock of `out`: a sort still filling the folder would place
     files after the index was built from it (even a first one, where no index
@@ -223,7 +226,10 @@ def _open_index(out: Path) -> SqliteIndex:
     except OSError as exc:
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     try:
+        held = hold_served(out)
         index, rebuilt, removed = open_for_serving(out, identity_facts)
+    except SortRunning as exc:
+        raise ServeError(f"{exc}; start the server once it has finished") from None
     except (InstanceIndexError, sqlite3.Error, OSError) as exc:  # e.g. "database or disk is full"
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     finally:
@@ -235,7 +241,7 @@ def _open_index(out: Path) -> SqliteIndex:
             log.info("instance index of %s rebuilt from the files (%s)", out, rebuilt)
     if removed:
         log.info("removed %d superseded files left by a process that died", removed)
-    return index
+    return index, held
 
 
 #: Signals that logrotate's ``postrotate`` and other habits send to ask a daemon to
@@ -261,6 +267,7 @@ class Server:
         self.index: SqliteIndex | None = None
         self._sweeper: _Sweeper | None = None
         self._index_watch: _IndexWatch | None = None
+        self._held: int | None = None  #: the hold on the output folder (hold_served)
         self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
@@ -281,7 +288,7 @@ class Server:
         )
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
-        self.index = _open_index(cfg.out)
+        self.index, self._held = _open_index(cfg.out)
         self._sweeper = _Sweeper(cfg.out / TMP_DIRNAME)
         self._sweeper.start()
         self._index_watch = _IndexWatch(self.index, cfg.out)
@@ -379,6 +386,9 @@ class Server:
                 log.warning("cannot record the clean stop in the instance index (%s): the next start "
                             "checks it", exc)
             self.index = None
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
         if self.handlers is not None and self._served:
             h = self.handlers
             already = f", {h.already} already there" if h.already else ""  # (as each association's line)

@@ -107,6 +107,57 @@ def take_sort_lock(root: Path) -> int:
     return fd
 
 
+class ServerRunning(DestinationLockedError):
+    """A running server holds `root` (:func:`hold_served`)."""
+
+
+def _folder_lock(root: Path, how: int) -> int | None:
+    """``flock`` `how` (not waiting) on the folder `root` itself; its
+    descriptor, or None where the file system takes no lock on a folder (the
+    other locks, in ``.sortscp``, still apply). Raises BlockingIOError if it is held."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # (a network file system without locks on folders)
+        os.close(fd)
+        return None
+    return fd
+
+
+def hold_served(root: Path) -> int | None:
+    """A server's hold on its output folder for its whole run: a shared
+    ``flock`` on the folder itself (its descriptor, to keep open; None where
+    the file system takes none). The index's own lock lives in ``.sortscp``,
+    which an operator can remove; this one cannot be removed while the
+    folder exists, so :func:`take_unserved` refuses a sort or a reindex even
+    in the moment before the server makes its state folder again."""
+    try:
+        return _folder_lock(root, fcntl.LOCK_SH)
+    except BlockingIOError:  # a sort or a reindex holds it (refused first by the sort lock)
+        raise SortRunning(root, "unknown") from None
+
+
+def take_unserved(root: Path) -> int | None:
+    """For a sort into `root` or a reindex of it, under its sort lock:
+    the folder's ``flock`` taken exclusively for the run (None where the file
+    system takes none). Raises :class:`ServerRunning` if a server holds it
+    (:func:`hold_served`)."""
+    try:
+        return _folder_lock(root, fcntl.LOCK_EX)
+    except BlockingIOError:
+        pid = lock_holder(root)
+        raise ServerRunning(
+            f"a running server (sortscp serve{f', pid {pid}' if pid else ''}) files into {root}: "
+            "stop it first"
+        ) from None
+
+
 def lock_holder(path: Path) -> int | None:
     """The PID of a process holding a ``flock`` on `path`, read from
     ``/proc/locks`` (None: no one, or no way to tell). Only looks: a dry run
