@@ -21,8 +21,11 @@ RUN python -m pip install /src \
     && sortscp --version
 
 # An unprivileged user owns the output folder; the mounted folder must be
-# writable by uid 10001 (or run with --user of the folder's owner).
-RUN useradd --system --uid 10001 --user-group --no-create-home \
+# writable by uid 10001 (or run with --user of the folder's owner). Its group is
+# 10001 too, as the README's `chown 10001:10001` says (a system group's id would
+# give the host's files to whatever group has it there).
+RUN groupadd --system --gid 10001 sortscp \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /data --shell /usr/sbin/nologin sortscp \
     && mkdir -p /data \
     && chown sortscp:sortscp /data
@@ -43,9 +46,10 @@ EXPOSE 11112 9112
 USER sortscp
 WORKDIR /data
 
-# A real C-ECHO to ourselves: healthy only if the SCP answers Success. With
-# SORTSCP_ALLOW_AET, list HEALTHCHECK@127.0.0.1 too; with TLS, run with
-# --no-healthcheck (sortscp echo speaks plain DICOM).
+# A real C-ECHO to ourselves: healthy only if the SCP answers Success (a C-ECHO
+# alone is let in past SORTSCP_MAX_ASSOCIATIONS, so a server full of senders
+# stays healthy). With SORTSCP_ALLOW_AET, list HEALTHCHECK@127.0.0.1 too; with
+# TLS, run with --no-healthcheck (sortscp echo speaks plain DICOM).
 HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
     CMD sortscp echo 127.0.0.1 "$SORTSCP_PORT" --called-aet "$SORTSCP_AET" --aet HEALTHCHECK --timeout 10
 

@@ -104,6 +104,12 @@ def _workers(value: Optional[int]) -> Optional[int]:
     return value
 
 
+def _max_pdu(value: int) -> int:
+    if value != 0 and not config.MIN_MAX_PDU <= value <= config.MAX_MAX_PDU:
+        raise typer.BadParameter(f"must be 0 or from {config.MIN_MAX_PDU} to {config.MAX_MAX_PDU} bytes")
+    return value
+
+
 def _allow_list(values: Optional[list[str]]) -> list[str]:
     from scp.net.access import SecurityConfigError, split_allow_list
 
@@ -182,7 +188,7 @@ def _env(name: str) -> str:
 
 @app.command()
 def serve(
-    out: Annotated[Path, typer.Option("--out", "-o", envvar=_env("OUT"), parser=_folder, metavar="<folder>", help="Output folder.")] = config.DEFAULT_OUT,
+    out: Annotated[Path, typer.Option("--out", "-o", envvar=_env("OUT"), parser=_folder, metavar="<folder>", help="Output folder (one server per folder: a second one is refused).")] = config.DEFAULT_OUT,
     aet: Annotated[str, typer.Option("--aet", envvar=_env("AET"), callback=_ae_title, help="Our AE title.")] = config.DEFAULT_AET,
     port: Annotated[int, typer.Option("--port", "-p", envvar=_env("PORT"), min=0, max=65535, help="TCP port.")] = config.DEFAULT_PORT,
     host: Annotated[str, typer.Option("--host", envvar=_env("HOST"), help="Address to listen on.")] = config.DEFAULT_HOST,
@@ -190,7 +196,7 @@ def serve(
     template: Annotated[str, typer.Option("--template", "-t", envvar=_env("TEMPLATE"), parser=_template, metavar="TEMPLATE", help="Path template (same engine as `sort`).")] = DEFAULT_TEMPLATE,
     on_duplicate: Annotated[str, typer.Option("--on-duplicate", envvar=_env("ON_DUPLICATE"), callback=_serve_duplicate, metavar="[replace|keep]", help="Same SOPInstanceUID with other bytes: replace the stored file atomically, or keep the first. Identical bytes are always a no-op.")] = Duplicate.REPLACE.value,
     max_associations: Annotated[int, typer.Option("--max-associations", envvar=_env("MAX_ASSOCIATIONS"), min=1, help="Concurrent associations; more are rejected (local limit exceeded).")] = config.DEFAULT_MAX_ASSOCIATIONS,
-    max_pdu: Annotated[int, typer.Option("--max-pdu", envvar=_env("MAX_PDU"), min=0, help="Maximum PDU size we receive (0 = the largest, 64 MiB, which is what we then announce); a longer P-DATA PDU aborts the association.")] = config.DEFAULT_MAX_PDU,
+    max_pdu: Annotated[int, typer.Option("--max-pdu", envvar=_env("MAX_PDU"), callback=_max_pdu, help="Maximum PDU size we receive, 4096 to 67108864 (0 = the largest, 64 MiB, which is what we then announce); a longer P-DATA PDU aborts the association.")] = config.DEFAULT_MAX_PDU,
     acse_timeout: Annotated[float, typer.Option("--acse-timeout", envvar=_env("ACSE_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds a peer has, in total from its connection, to send its whole A-ASSOCIATE-RQ (and to answer ours).")] = config.DEFAULT_ACSE_TIMEOUT,
     dimse_timeout: Annotated[float, typer.Option("--dimse-timeout", envvar=_env("DIMSE_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Seconds to wait for DIMSE messages. A message still arriving must be complete within this plus 1 s per 64 KiB received (at least 64 KiB/s after this grace), or the association is aborted.")] = config.DEFAULT_DIMSE_TIMEOUT,
     network_timeout: Annotated[float, typer.Option("--network-timeout", envvar=_env("NETWORK_TIMEOUT"), min=0.1, max=config.MAX_SECONDS, callback=_seconds, help="Idle timeout: seconds without network activity before a connection is dropped.")] = config.DEFAULT_NETWORK_TIMEOUT,

@@ -23,6 +23,10 @@ DEFAULT_HOST = "0.0.0.0"
 DEFAULT_MAX_ASSOCIATIONS = 16
 #: Largest P-DATA PDU we accept. Bigger PDUs mean fewer round trips per instance.
 DEFAULT_MAX_PDU = 1 << 20
+#: The range of ``--max-pdu`` (besides 0): DCMTK's (4 KiB; fewer bytes a PDU give every
+#: instance hundreds of fragments, which the receiver takes for a hostile peer's), up to the
+#: largest PDU we read (64 MiB: what 0 announces).
+MIN_MAX_PDU, MAX_MAX_PDU = 4096, 64 << 20
 DEFAULT_ACSE_TIMEOUT = 30.0
 DEFAULT_DIMSE_TIMEOUT = 60.0
 DEFAULT_NETWORK_TIMEOUT = 60.0

@@ -180,11 +180,32 @@ def test_extra_association_is_rejected_with_local_limit_exceeded(serve_process):
         wait_until(lambda: "rejected association from" in server.log(), timeout=10, what="the line")
         (line,) = [x for x in server.log().splitlines() if "rejected association from" in x]
         assert "WARNING" in line and "2 associations are open" in line and "--max-associations" in line, line
+        # A health check (a C-ECHO alone: the image's HEALTHCHECK) is still answered by a
+        # server full of senders, which it would report as down; a restarter would kill it.
+        check = run_cli("echo", "127.0.0.1", server.port, "--called-aet", "SORTSCP", "--aet", "HEALTHCHECK",
+                        "--timeout", "10", timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr + server.log()
+        # ... up to a few of them at once: beyond that, a C-ECHO alone is turned away too
+        echoes = [_echo_only_ae().associate("127.0.0.1", server.port, ae_title="SORTSCP") for _ in range(2)]
+        held += echoes
+        assert all(a.is_established for a in echoes), server.log()
+        assert echoes[0].send_c_echo().Status == SUCCESS
+        another = _echo_only_ae().associate("127.0.0.1", server.port, ae_title="SORTSCP")
+        assert another.is_rejected, server.log()
+        rj = another.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == RJ_LOCAL_LIMIT
     finally:
         for a in held:
             a.release()
     wait_until(lambda: echo_ok(server.port), what="a free association slot")
     assert "Traceback" not in server.log()
+
+
+def _echo_only_ae() -> AE:
+    ae = AE(ae_title="MONITOR")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = STEP
+    return ae
 
 
 def test_max_pdu_is_what_the_server_announces(serve_process):
@@ -617,9 +638,37 @@ def test_port_in_use(tmp_path, events):
     assert "stopped:" not in proc.stdout + proc.stderr, proc.stderr  # it never started
 
 
+def test_a_second_server_on_one_output_folder_is_refused(tmp_path):
+    """Two servers on one folder (the image started twice on one volume):
+    from two containers, each took the other's live processes for dead ones
+    (process IDs are per namespace) and settled their instances' claims, so
+    senders got 0xA700. The second one is refused, whichever namespace it is
+    in (the lock is the folder's), and the first serves on."""
+    first = ServeProcess(tmp_path / "out")
+    try:
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.6")) == SUCCESS, first.log()
+        proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", "--port", free_port(),
+                       timeout=60)
+        _cli_error(proc, f"another server (pid {first.proc.pid}) files into {tmp_path / 'out'}",
+                   "one server per output folder")
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.7")) == SUCCESS, first.log()
+    finally:
+        assert first.terminate() == 0, first.log()
+    again = ServeProcess(tmp_path / "out")  # the folder is free again once the first has stopped
+    try:
+        assert store_one(again.port, ct("1.2.826.0.1.3680043.10.16.8")) == SUCCESS, again.log()
+    finally:
+        assert again.terminate() == 0, again.log()
+    assert len(layout_files(tmp_path / "out")) == 3
+
+
 @pytest.mark.parametrize("name,value", [("SORTSCP_PORT", "abc"), ("SORTSCP_MAX_ASSOCIATIONS", "0"),
                                         ("SORTSCP_NETWORK_TIMEOUT", "soon"), ("SORTSCP_ON_DUPLICATE", "merge"),
-                                        ("SORTSCP_WEBHOOK", "http://"), ("SORTSCP_WEBHOOK", "http://h:port/")])
+                                        ("SORTSCP_WEBHOOK", "http://"), ("SORTSCP_WEBHOOK", "http://h:port/"),
+                                        # (12: every real instance would then be refused as a drip of
+                                        # fragments; more than 64 MiB: more than we read)
+                                        ("SORTSCP_MAX_PDU", "12"), ("SORTSCP_MAX_PDU", "67108865")])
 def test_bad_environment_values(tmp_path, name, value):
     env = dict(cli_env(), **{name: value})
     proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", env=env, timeout=60)

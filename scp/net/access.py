@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, called AE title not recognized.
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)
+#: A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), local limit
+#: exceeded: what pynetdicom sends at its own limit.
+REJECT_LIMIT = (0x02, 0x03, 0x02)
+#: Associations beyond ``--max-associations`` for a C-ECHO alone (a request that proposes
+#: nothing but Verification): a health check (the image's, a monitor's) still gets its answer
+#: from a server busy with as many senders as it takes, which it would otherwise report as down.
+ECHO_RESERVE = 2
+VERIFICATION_UID = "1.2.840.10008.1.1"
 
 
 class SecurityConfigError(SortscpError):
@@ -107,11 +115,18 @@ class AccessControl:
     already open (``EVT_REJECTED``).
 
     An empty list allows everyone (as DCMTK and Orthanc do by default).
+
+    With `limit` (``--max-associations``), a request beyond it is rejected
+    here, unless it proposes Verification alone: pynetdicom's own limit is
+    :data:`ECHO_RESERVE` higher (:func:`scp.net.server.build_ae`), so that a
+    health check is answered by a server that is full of senders.
     """
 
-    def __init__(self, rules: Sequence[AllowRule], called_aet: str | None = None) -> None:
+    def __init__(self, rules: Sequence[AllowRule], called_aet: str | None = None,
+                 limit: int | None = None) -> None:
         self.rules = tuple(rules)
         self.called_aet = called_aet
+        self.limit = limit
         self._ours: weakref.WeakSet = weakref.WeakSet()  #: rejected (and logged) by on_requested
 
     def allows(self, calling_aet: str, address: str) -> bool:
@@ -136,6 +151,10 @@ class AccessControl:
         elif self.called_aet is not None and called != self.called_aet:
             reason, rsd = "called AE title not ours", REJECT_CALLED_AET
             detail = f"called AE title '{safe(called)}' is not {self.called_aet}"
+        elif self.limit is not None and (others := _others(assoc)) >= self.limit \
+                and not _echo_only(primitive):
+            reason, rsd = "association limit reached", REJECT_LIMIT
+            detail = _limit_detail(others)
         else:
             return
         log.warning(
@@ -154,12 +173,10 @@ class AccessControl:
             return
         primitive = assoc.requestor.primitive
         calling = str(getattr(primitive, "calling_ae_title", "") or "").strip()
-        limit = assoc.ae.maximum_associations
-        others = sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not assoc)
-        if others >= limit:
+        others = _others(assoc)
+        if others >= assoc.ae.maximum_associations:
             reason = "association limit reached"
-            detail = (f"{others} associations are open, the most --max-associations allows; "
-                      "the sender may try again later")
+            detail = _limit_detail(others, echo=self.limit is not None)
         else:  # (pynetdicom has no other reason to reject with sortscp's settings)
             reason = detail = "rejected by pynetdicom's negotiation"
         log.warning(
@@ -167,6 +184,25 @@ class AccessControl:
             extra={"event": "association_rejected", "calling_aet": calling, "peer": str(assoc.requestor.address),
                    "reason": reason},
         )
+
+
+
+def _others(assoc) -> int:  # type: ignore[no-untyped-def]
+    """Associations we accepted, open beside `assoc`."""
+    return sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not assoc)
+
+
+def _echo_only(primitive) -> bool:  # type: ignore[no-untyped-def]
+    contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+    return bool(contexts) and all(str(cx.abstract_syntax) == VERIFICATION_UID for cx in contexts)
+
+
+def _limit_detail(others: int, echo: bool = False) -> str:
+    if echo:
+        return (f"{others} associations are open, the most --max-associations allows and "
+                f"{ECHO_RESERVE} more for a C-ECHO alone; the sender may try again later")
+    return (f"{others} associations are open, the most --max-associations allows; "
+            "the sender may try again later")
 
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, no reason given.

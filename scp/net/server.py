@@ -28,7 +28,7 @@ from scp.errors import InstanceIndexError, SortscpError
 from scp.events.pipeline import Pipeline
 from scp.jobs import header_tags, identity_facts
 from scp.net import _pynetdicom, sink
-from scp.net.access import AccessControl, AllowRule
+from scp.net.access import ECHO_RESERVE, AccessControl, AllowRule
 from scp.net.handlers import StoreHandlers
 from scp.net.tls import server_tls_context
 from scp.net.transport import start_server
@@ -39,6 +39,7 @@ from scp.store.tmp import (
     STATE_DIRNAME,
     TMP_DIRNAME,
     NotOwnFolder,
+    ServerRunning,
     SortRunning,
     hold_served,
     own_folder,
@@ -127,7 +128,8 @@ def build_ae(cfg: ServeConfig) -> AE:
     sink.install(cfg.out, header_tags(cfg))  # a full disk fails the instance, not the association
     ae = AE(ae_title=cfg.aet)
     ae.add_supported_context(Verification)
-    ae.maximum_associations = cfg.max_associations
+    # (the limit for senders is AccessControl's; beyond it, a few for a C-ECHO alone)
+    ae.maximum_associations = cfg.max_associations + ECHO_RESERVE
     # 0 means no limit to the peer, but what we read has one: announce that
     ae.maximum_pdu_size = cfg.max_pdu or _pynetdicom.UNLIMITED_PDATA_LIMIT
     ae.acse_timeout = cfg.acse_timeout
@@ -225,12 +227,15 @@ def _open_index(out: Path) -> tuple[SqliteIndex, int | None]:
         raise ServeError(f"{exc}; start the server once it has finished") from None
     except OSError as exc:
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
+    held = None
     try:
         held = hold_served(out)
         index, rebuilt, removed = open_for_serving(out, identity_facts)
-    except SortRunning as exc:
-        raise ServeError(f"{exc}; start the server once it has finished") from None
+    except ServerRunning as exc:
+        raise ServeError(str(exc)) from None
     except (InstanceIndexError, sqlite3.Error, OSError) as exc:  # e.g. "database or disk is full"
+        if held is not None:
+            os.close(held)
         raise ServeError(f"cannot open the instance index of {out}: {exc}") from None
     finally:
         os.close(sort_lock)
@@ -284,7 +289,7 @@ class Server:
         _pynetdicom.install_network_threads()
         access = AccessControl(
             [AllowRule.parse(rule) for rule in cfg.allow_aet],
-            called_aet=cfg.aet if cfg.require_called_aet else None,
+            called_aet=cfg.aet if cfg.require_called_aet else None, limit=cfg.max_associations,
         )
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from scp._process import pid_alive
+from scp._process import UNKNOWN_START, pid_alive, start_time
 from scp.errors import DestinationLockedError, StoreError
 
 #: Folder (inside the output root) that holds files being written.
@@ -108,7 +108,7 @@ def take_sort_lock(root: Path) -> int:
 
 
 class ServerRunning(DestinationLockedError):
-    """A running server holds `root` (:func:`hold_served`)."""
+    """A running server holds the output folder (:func:`hold_served`)."""
 
 
 def _folder_lock(root: Path, how: int) -> int | None:
@@ -131,16 +131,28 @@ def _folder_lock(root: Path, how: int) -> int | None:
 
 
 def hold_served(root: Path) -> int | None:
-    """A server's hold on its output folder for its whole run: a shared
-    ``flock`` on the folder itself (its descriptor, to keep open; None where
-    the file system takes none). The index's own lock lives in ``.sortscp``,
-    which an operator can remove; this one cannot be removed while the
-    folder exists, so :func:`take_unserved` refuses a sort or a reindex even
-    in the moment before the server makes its state folder again."""
+    """A server's hold on its output folder for its whole run, taken under
+    the sort lock: an exclusive ``flock`` on the folder itself (its
+    descriptor, to keep open; None where the file system takes none).
+
+    One server per output folder: a second one, from another container
+    above all, cannot tell the first one's processes from dead ones (process
+    IDs are per PID namespace), and would settle their instances' claims as
+    a dead process's. And the index's own lock lives in ``.sortscp``, which
+    an operator can remove; this one cannot be removed while the folder
+    exists, so :func:`take_unserved` refuses a sort or a reindex even in the
+    moment before the server makes its state folder again. Raises
+    :class:`ServerRunning` if another server holds it."""
     try:
-        return _folder_lock(root, fcntl.LOCK_SH)
-    except BlockingIOError:  # a sort or a reindex holds it (refused first by the sort lock)
-        raise SortRunning(root, "unknown") from None
+        return _folder_lock(root, fcntl.LOCK_EX)
+    except BlockingIOError:  # (not a sort nor a reindex: they hold the sort lock, which we have)
+        raise ServerRunning(f"another server{_holder(root)} files into {root}: one server per output "
+                            "folder (stop it, or give this one another --out)") from None
+
+
+def _holder(root: Path) -> str:
+    pid = lock_holder(root)  # (0 or None: in another PID namespace, a container)
+    return f" (pid {pid})" if pid else ""
 
 
 def take_unserved(root: Path) -> int | None:
@@ -151,11 +163,8 @@ def take_unserved(root: Path) -> int | None:
     try:
         return _folder_lock(root, fcntl.LOCK_EX)
     except BlockingIOError:
-        pid = lock_holder(root)
-        raise ServerRunning(
-            f"a running server (sortscp serve{f', pid {pid}' if pid else ''}) files into {root}: "
-            "stop it first"
-        ) from None
+        raise ServerRunning(f"a running server (sortscp serve){_holder(root)} files into {root}: "
+                            "stop it first") from None
 
 
 def lock_holder(path: Path) -> int | None:
@@ -183,12 +192,30 @@ def lock_holder(path: Path) -> int | None:
 
 
 def tmp_prefix(kind: str) -> str:
-    """Start of a temporary file name: its kind and the PID of the process writing it,
-    so that the files of a process that died can be recognised (:func:`remove_orphans`)."""
-    return f"{kind}-{os.getpid()}-"
+    """Start of a temporary file name: its kind, and the PID and start time of
+    the process writing it, so that the files of a process that died can be
+    recognised (:func:`remove_orphans`): also when another process has its
+    PID since (in a container, the server is PID 1 every time)."""
+    pid = os.getpid()
+    owner = _OWNER.get(pid)
+    if owner is None:
+        started = start_time(pid)
+        owner = _OWNER[pid] = f"{pid}.{started}" if started not in (None, UNKNOWN_START) else str(pid)
+    return f"{kind}-{owner}-"
 
 
-_TMP_OWNER = re.compile(r"^[a-z]-(\d+)-")
+#: "pid.start" of this process (by PID: a forked child has its own).
+_OWNER: dict[int, str] = {}
+#: The writer in a temporary file's name: its PID and, if known, its start time
+#: (names written before the start time was added have the PID alone).
+_TMP_OWNER = re.compile(r"^[a-z]-(\d+)(?:\.(\d+))?-")
+
+
+def _writer_gone(match: re.Match[str]) -> bool:
+    started = start_time(int(match.group(1)))
+    if started is None:
+        return True
+    return match.group(2) is not None and started != UNKNOWN_START and started != int(match.group(2))
 
 
 def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
@@ -214,7 +241,7 @@ def remove_orphans(tmp: Path, older_than: float | None = None) -> int:
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 match = _TMP_OWNER.match(entry.name)
-                orphan = match is not None and not pid_alive(int(match.group(1)))
+                orphan = match is not None and _writer_gone(match)
                 if orphan or (cutoff is not None and entry.stat(follow_symlinks=False).st_mtime < cutoff):
                     os.unlink(entry.name, dir_fd=dir_fd)
                     removed += 1
@@ -233,7 +260,7 @@ def tmp_dir(root: Path) -> Path:
 
 def open_tmp(folder: str | os.PathLike[str], kind: str, suffix: str) -> tuple[BinaryIO, str]:
     """A new file in `folder` (a temporary area, made again if it was removed),
-    open for writing, and its name: ``<kind>-<pid>-<random><suffix>``.
+    open for writing, and its name: ``<kind>-<pid>.<start>-<random><suffix>``.
 
     Cheaper than :func:`tempfile.NamedTemporaryFile` (one ``open``, no wrapper):
     the network thread opens one per instance received."""
