@@ -189,6 +189,42 @@ def test_an_identical_resend_does_not_complete_a_series_again_and_a_new_instance
     assert [(e["revision"], e["instance_count"]) for e in done] == [(1, 2), (2, 3)]
 
 
+def test_an_index_rebuilt_from_the_files_keeps_what_the_manifests_say_completed(
+        serve_process, tmp_path: Path) -> None:
+    """The completion state lives in the index. One rebuilt from the files
+    alone (removed while the server was stopped, or by a server killed as it
+    repaired it) made every series complete again at revision 1, hooks and
+    all, and a series that had reached revision 2 went back to 1. The
+    manifests say what completed: a series they list exactly stays complete,
+    one changed since completes again at the next revision."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    kept, changed = ct_copies(2), ct_copies(2)
+    assert send_datasets(server.port, kept + changed) == [SUCCESS] * 4
+    wait_until(lambda: len(events_of(events, "study_complete")) == 2, timeout=30, what="both studies")
+    assert server.terminate() == 0, server.log()
+    for f in (server.out / ".sortscp").glob("index.sqlite*"):
+        f.unlink()
+    lost = next(f for f in layout_files(server.out) if f.name == f"{changed[1].SOPInstanceUID}.dcm")
+    lost.unlink()  # by hand, while it was stopped
+    again = serve_process(*STABLE, "--events", str(events), out=server.out)
+    wait_until(lambda: len(events_of(events, "study_complete")) == 3, timeout=30, what="the changed study")
+    time.sleep(3.5)  # past the stable time, several polls: nothing else completes
+    series = [(e["series_instance_uid"], e["revision"], e["instance_count"])
+              for e in events_of(events, "series_complete")]
+    a, b = kept[0].SeriesInstanceUID, changed[0].SeriesInstanceUID
+    assert sorted(series) == sorted([(a, 1, 2), (b, 1, 2), (b, 2, 1)]), again.log()
+    manifest = json.loads(series_manifest_path(server.out, b).read_text())
+    assert manifest["revision"] == 2 and [i["sop_instance_uid"] for i in manifest["instances"]] == \
+        [changed[0].SOPInstanceUID]
+    # and the kept series, given one more instance, goes on at revision 2
+    more = copy.deepcopy(kept[0])
+    more.SOPInstanceUID = more.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    assert send_datasets(again.port, [more]) == [SUCCESS]
+    wait_until(lambda: len(events_of(events, "series_complete")) == 4, timeout=30, what="revision 2")
+    assert events_of(events, "series_complete")[-1]["revision"] == 2
+
+
 @pytest.mark.parametrize("into", ["series", "study"], ids=["into a new series", "into a new study"])
 def test_instances_all_resent_into_another_series_remove_the_old_manifest(
         serve_process, tmp_path: Path, into: str) -> None:

@@ -13,11 +13,12 @@ import re
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from scp.config import ServeConfig, SortConfig
 from scp.dicom.meta import PREAMBLE
-from scp.enums import Fsync, Mode, Result
+from scp.enums import Duplicate, Fsync, Mode, Result
 from scp.jobs import store_received
 from scp.sort import sort_tree
 from scp.sort_jobs import sort_files
@@ -132,6 +133,30 @@ def test_serve_stores_and_flushes_only_with_always(tmp_path: Path, fsync: Fsync)
         assert flushes == 0
     else:
         assert flushes >= 2  # the file, and the folder that holds its new name
+
+
+@pytest.mark.parametrize("policy", ["replace", "keep"])
+def test_a_resend_answered_by_the_file_already_there_flushes_that_file(tmp_path: Path, policy: str) -> None:
+    """The same instance again (or, with ``keep``, any copy of it) gets
+    Success for the file already in place, which it does not write. That
+    file's writer may have died between its link and its flushes (a worker
+    killed at its deadline; its sender got 0xA700 and sends again), so the
+    resend's Success flushes it and its folder, as a new file's does: the
+    received file, then the one there and its folder."""
+    out = tmp_path / "out"
+    cfg = ServeConfig(out=out, workers=1, fsync=Fsync.ALWAYS, on_duplicate=Duplicate(policy))
+    first = store_received(str(_received(out, FILES[0])), "SENDER", cfg)
+    again = _received(out, FILES[0])
+    if policy == "keep":  # other bytes of the same instance at the same path: the first copy is kept
+        ds = pydicom.dcmread(FILES[0])
+        ds.StudyDate = "19990101"
+        ds.save_as(again, enforce_file_format=True)
+    before = flush_count()
+    outcome = store_received(str(again), "SENDER", cfg)
+    flushes = flush_count() - before
+    assert outcome.destination == first.destination
+    assert (out / outcome.destination).read_bytes() == FILES[0].read_bytes()
+    assert flushes >= 3, flushes
 
 
 def test_serve_config_defaults_to_always() -> None:

@@ -12,7 +12,7 @@ from scp.enums import Duplicate, Mode, Placement
 from scp.errors import OutsideRootError, StoreError
 from scp.store.commit import commit_file, write_atomic
 from scp.store.place import place
-from scp.store.tmp import TMP_DIRNAME, fs_clock_ns
+from scp.store.tmp import TMP_DIRNAME, fs_clock_ns, remove_orphans
 
 from conftest import TEST_FILES
 
@@ -308,3 +308,38 @@ def test_same_instance_is_the_dataset_and_what_the_meta_says_it_is_not_who_sent_
     twin = tmp_path / "twin"
     twin.write_bytes(dataset)
     assert same_instance(bare, twin) and not same_instance(bare, first)
+
+
+def test_a_replace_cut_off_by_a_dying_process_leaves_nothing_in_the_layout(tmp_path: Path) -> None:
+    """A replace names the new file with a second link, then renames that over
+    the old one. A process killed in between (a worker at its deadline, the
+    OOM killer) left that link, a hidden full copy, in the layout for ever:
+    no sweep, rebuild or reindex looks for it there. It is made in the
+    temporary area, whose sweep removes a dead process's files."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "out"
+    rel = PurePosixPath("P/S/1.2.3.dcm")
+    child = (
+        "import os, sys\n"
+        "from pathlib import Path, PurePosixPath\n"
+        "from scp.enums import Duplicate\n"
+        "from scp.store.commit import commit_file\n"
+        "from scp.store.tmp import new_tmp\n"
+        "root, rel = Path(sys.argv[1]), PurePosixPath(sys.argv[2])\n"
+        "for content in (b'first', b'second'):\n"
+        "    src = new_tmp(root)\n"
+        "    src.write_bytes(content)\n"
+        "    if content == b'second':  # the process dies just before the rename\n"
+        "        os.replace = lambda a, b: os._exit(9)\n"
+        "    commit_file(src, root, rel, on_conflict=Duplicate.REPLACE)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(root), str(rel)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 9, done.stderr
+    assert (root / rel).read_bytes() == b"first"  # the old file, whole
+    layout = [p for p in root.rglob("*") if TMP_DIRNAME not in p.parts and ".sortscp" not in p.parts]
+    assert sorted(p.relative_to(root).as_posix() for p in layout if p.is_file()) == [rel.as_posix()]
+    assert remove_orphans(root / TMP_DIRNAME) >= 1  # the dead process's, as the next start sweeps them
+    assert os.listdir(root / TMP_DIRNAME) == []

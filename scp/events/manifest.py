@@ -25,11 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from scp.store.index import InstanceRow, SeriesState, StudyState, sha256_file, state_dir
+from scp.store.index import MANIFEST_FOLDERS, InstanceRow, SeriesState, StudyState, sha256_file, state_dir
 
 MANIFEST_VERSION = 1
-SERIES_DIRNAME = "series"
-STUDIES_DIRNAME = "studies"
+SERIES_DIRNAME = MANIFEST_FOLDERS["series"]
+STUDIES_DIRNAME = MANIFEST_FOLDERS["studies"]
 
 
 def _iso(t: float | None) -> str | None:

@@ -39,7 +39,7 @@ from scp.store.fsops import (
     same_content,
     same_rest,
 )
-from scp.store.tmp import TMP_DIRNAME, new_tmp, unlink_quietly
+from scp.store.tmp import TMP_DIRNAME, new_tmp, tmp_prefix, unlink_quietly
 
 
 def destination(root: Path, rel: PurePosixPath) -> Path:
@@ -128,7 +128,8 @@ def commit(
     """Give the complete file `src` the name `final` (a hard link); with
     `keep_source` false, `src` may be renamed onto a name it replaces."""
     if keep_source:
-        replace = lambda path: replace_with(lambda tmp: os.link(src, tmp), path)  # noqa: E731
+        # (the second name in the temporary area: one a killed process leaves is swept there)
+        replace = lambda path: replace_with(lambda tmp: os.link(src, tmp), path, beside=src.parent)  # noqa: E731
     else:
         replace = lambda path: os.replace(src, path)  # noqa: E731
     return claim(
@@ -189,9 +190,9 @@ def claim(
             create(candidate)
         except FileExistsError:
             if identical(candidate):
-                return candidate, Placement.IDENTICAL
+                return candidate, _kept(candidate, Placement.IDENTICAL, durable)
             if on_conflict is Duplicate.KEEP:
-                return candidate, Placement.KEPT_EXISTING
+                return candidate, _kept(candidate, Placement.KEPT_EXISTING, durable)
             if on_conflict is Duplicate.REPLACE:
                 replace(candidate)
                 return candidate, _done(candidate, Placement.REPLACED, durable)
@@ -204,9 +205,15 @@ def claim(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def replace_with(make: Callable[[Path], None], final: Path) -> None:
-    """Atomically replace `final` by what `make` creates at a temporary name beside it."""
-    tmp = final.with_name(fit_component(f".{final.name}", f".{os.getpid()}.link"))
+def replace_with(make: Callable[[Path], None], final: Path, beside: Path | None = None) -> None:
+    """Atomically replace `final` by what `make` creates at a temporary name
+    beside it, or in the temporary area `beside` (on the same file system),
+    where :func:`~scp.store.tmp.remove_orphans` finds it if the process dies
+    before the rename (beside `final`, it would stay in the layout)."""
+    if beside is not None:
+        tmp = beside / f"{tmp_prefix('l')}{os.urandom(6).hex()}.link"
+    else:
+        tmp = final.with_name(fit_component(f".{final.name}", f".{os.getpid()}.link"))
     unlink_quietly(tmp)
     make(tmp)
     try:
@@ -231,6 +238,18 @@ def candidates(final: Path, on_conflict: Duplicate):
 
 def _stored(candidate: Path, final: Path) -> Placement:
     return Placement.STORED if candidate == final else Placement.STORED_AS_COPY
+
+
+def _kept(path: Path, placement: Placement, durable: bool) -> Placement:
+    """The file already at `path` stands for the one being committed: with
+    `durable`, it and its folder are flushed first, as a new file is. Its
+    writer may have died between its link and its flushes (a worker killed
+    at its deadline: its sender got a failure and sends again), and the
+    Success for this one promises that file."""
+    if durable:
+        fsync_path(path)
+        fsync_dir(path.parent)
+    return placement
 
 
 def _done(path: Path, placement: Placement, durable: bool) -> Placement:

@@ -773,6 +773,7 @@ def _write_rebuilt(
             except ValueError:
                 pass
             summary.carried_completion = _carry_completion(conn, final)
+        _carry_manifests(conn, state_dir(root))
         summary.generation = generation
         meta = {
             "schema_version": str(SCHEMA_VERSION),
@@ -822,8 +823,12 @@ def rebuild(
     final = sdir / INDEX_FILENAME
     lock_fd = lock_index(root) if locked is None else locked
     try:
-        for leftover in sdir.glob(INDEX_FILENAME + ".rebuild-*"):
-            leftover.unlink(missing_ok=True)
+        # (and the copy a repair carries the completion state from, of one killed
+        # meanwhile: the manifests hold that state too, see _carry_manifests)
+        keep = carry_from.name if carry_from is not None else None
+        for leftover in [*sdir.glob(INDEX_FILENAME + ".rebuild-*"), *sdir.glob(INDEX_FILENAME + ".carry-*")]:
+            if keep is None or not leftover.name.startswith(keep):
+                leftover.unlink(missing_ok=True)
         tmp = sdir / f"{INDEX_FILENAME}.rebuild-{os.getpid()}"
         summary = RebuildSummary()
         best: dict[str, tuple[float, str, Mapping[str, Any], int]] = {}
@@ -965,6 +970,70 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
         return False
     finally:
         conn.execute("DETACH DATABASE old")
+
+
+#: Where the completion watcher writes manifests, in the state folder (the
+#: names of :mod:`scp.events.manifest`, which imports this module).
+MANIFEST_FOLDERS = {"series": "series", "studies": "studies"}
+
+
+def _manifests(folder: Path) -> list[dict[str, Any]]:
+    """The manifests in `folder` that read (a damaged one is passed over)."""
+    found = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(folder / name, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("revision"), int) and data["revision"] > 0:
+            found.append(data)
+    return found
+
+
+def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
+    """Completion state from the manifests, for the series and studies the old
+    index did not hand over (it was removed, or the process that carried it
+    over was killed): the manifests are what completed, at which revision. A
+    series whose manifest lists exactly its instances now (UIDs, paths and
+    sizes) stays complete at that revision; one that changed since completes
+    again, at the next revision (never again at one already given, nor at a
+    lower one). A study likewise, from its series and their revisions."""
+    def carry(table: str, key: str, uid: Any, revision: int, same: bool) -> None:
+        conn.execute(
+            f"UPDATE {table} SET completed_revision = ?, revision = ? WHERE {key} = ? AND completed_revision = 0",
+            (revision, revision if same else revision + 1, uid),
+        )
+
+    conn.execute("BEGIN")
+    try:
+        for m in _manifests(sdir / MANIFEST_FOLDERS["series"]):
+            uid, listed = m.get("series_instance_uid"), m.get("instances")
+            if not isinstance(uid, str) or not isinstance(listed, list):
+                continue
+            now = {tuple(r) for r in conn.execute(
+                "SELECT sop_instance_uid, path, size FROM instances WHERE series_instance_uid = ?", (uid,))}
+            then = {(i.get("sop_instance_uid"), i.get("path"), i.get("size")) for i in listed if isinstance(i, dict)}
+            carry("series", "series_instance_uid", uid, m["revision"], now == then)
+        for m in _manifests(sdir / MANIFEST_FOLDERS["studies"]):
+            uid, listed = m.get("study_instance_uid"), m.get("series")
+            if not isinstance(uid, str) or not isinstance(listed, list):
+                continue
+            now = {tuple(r) for r in conn.execute(
+                "SELECT series_instance_uid, revision, instances FROM series WHERE study_instance_uid = ?", (uid,))}
+            then = {(e.get("series_instance_uid"), e.get("revision"), e.get("instance_count"))
+                    for e in listed if isinstance(e, dict)}
+            carry("studies", "study_instance_uid", uid, m["revision"], now == then)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 #: Taken by :func:`repair_in_use` (the index's own lock is shared by a server's processes then).
@@ -1170,7 +1239,8 @@ class SqliteIndex:
                     summary = repair_in_use(self.root, read_identity,
                                             carry_from=copy if self._snapshot(copy) else None)
                 finally:
-                    copy.unlink(missing_ok=True)
+                    for made in (copy, copy.with_name(copy.name + "-journal")):
+                        made.unlink(missing_ok=True)
                 self._reopen()
             finally:
                 os.close(guard)
