@@ -1005,31 +1005,29 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
     sizes) stays complete at that revision; one that changed since completes
     again, at the next revision (never again at one already given, nor at a
     lower one). A study likewise, from its series and their revisions."""
-    def carry(table: str, key: str, uid: Any, revision: int, same: bool) -> None:
-        conn.execute(
-            f"UPDATE {table} SET completed_revision = ?, revision = ? WHERE {key} = ? AND completed_revision = 0",
-            (revision, revision if same else revision + 1, uid),
-        )
-
+    # (folder, table, key, the manifest's list, what it lists of each member, the
+    # same of its members now, in the index): series first, whose revisions studies compare
+    kinds = (
+        ("series", "series", "series_instance_uid", "instances", ("sop_instance_uid", "path", "size"),
+         "SELECT sop_instance_uid, path, size FROM instances WHERE series_instance_uid = ?"),
+        ("studies", "studies", "study_instance_uid", "series", ("series_instance_uid", "revision", "instance_count"),
+         "SELECT series_instance_uid, revision, instances FROM series WHERE study_instance_uid = ?"),
+    )
     conn.execute("BEGIN")
     try:
-        for m in _manifests(sdir / MANIFEST_FOLDERS["series"]):
-            uid, listed = m.get("series_instance_uid"), m.get("instances")
-            if not isinstance(uid, str) or not isinstance(listed, list):
-                continue
-            now = {tuple(r) for r in conn.execute(
-                "SELECT sop_instance_uid, path, size FROM instances WHERE series_instance_uid = ?", (uid,))}
-            then = {(i.get("sop_instance_uid"), i.get("path"), i.get("size")) for i in listed if isinstance(i, dict)}
-            carry("series", "series_instance_uid", uid, m["revision"], now == then)
-        for m in _manifests(sdir / MANIFEST_FOLDERS["studies"]):
-            uid, listed = m.get("study_instance_uid"), m.get("series")
-            if not isinstance(uid, str) or not isinstance(listed, list):
-                continue
-            now = {tuple(r) for r in conn.execute(
-                "SELECT series_instance_uid, revision, instances FROM series WHERE study_instance_uid = ?", (uid,))}
-            then = {(e.get("series_instance_uid"), e.get("revision"), e.get("instance_count"))
-                    for e in listed if isinstance(e, dict)}
-            carry("studies", "study_instance_uid", uid, m["revision"], now == then)
+        for folder, table, key, members, fields, members_now in kinds:
+            for m in _manifests(sdir / MANIFEST_FOLDERS[folder]):
+                uid, listed = m.get(key), m.get(members)
+                if not isinstance(uid, str) or not isinstance(listed, list):
+                    continue
+                now = {tuple(r) for r in conn.execute(members_now, (uid,))}
+                then = {tuple(e.get(f) for f in fields) for e in listed if isinstance(e, dict)}
+                revision = m["revision"]
+                conn.execute(
+                    f"UPDATE {table} SET completed_revision = ?, revision = ?"
+                    f" WHERE {key} = ? AND completed_revision = 0",
+                    (revision, revision if now == then else revision + 1, uid),
+                )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
