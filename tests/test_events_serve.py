@@ -29,7 +29,7 @@ from scp.events.manifest import series_manifest_path, study_manifest_path
 from scp.events.sinks import WEBHOOK_TIMEOUT
 from scp.store.index import index_path, sha256_file
 
-from conftest import free_port, run_cli
+from conftest import free_port, in_threads, run_cli
 from serve_helpers import CALLING_AET, ct_copies, layout_files, send_datasets, timed_stores, wait_until
 
 SUCCESS = 0x0000
@@ -455,6 +455,42 @@ def test_the_metrics_endpoint_counts_what_was_sent(serve_process) -> None:
     assert m["sortscp_associations_total"] == 1
     assert m["sortscp_store_seconds_count"] == 3
     assert m["sortscp_output_free_bytes"] > 0
+
+
+def test_peers_that_reset_as_soon_as_they_are_accepted_leave_no_association_counted_open(serve_process) -> None:
+    """The association's close (in the network thread) could come before its
+    establishment (in the association thread) when the peer resets as soon as
+    it reads the A-ASSOCIATE-AC (a health check killed, a flaky link): that
+    association then stayed in sortscp_associations_active for ever, with no
+    line. Hundreds of them leave the gauge at 0 and one line each."""
+    import struct
+
+    import pdu
+
+    port = free_port()
+    server = serve_process("--metrics-port", str(port), "--workers", "1")
+    accepted = []
+
+    def reset_after_accept(_: int) -> None:
+        for _ in range(100):
+            with pdu.Peer(server.port) as peer:
+                peer.send(pdu.associate_rq([(1, pdu.VERIFICATION, [pdu.IMPLICIT_LE])], calling="RESETTER"))
+                if peer.read_pdu().kind == 0x02:
+                    accepted.append(1)
+                peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    assert in_threads(reset_after_accept, 4, timeout=120) == []
+    assert len(accepted) == 400
+
+    def active() -> float | None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return next((float(line.split()[1]) for line in text.splitlines()
+                     if line.startswith("sortscp_associations_active ")), None)
+
+    wait_until(lambda: active() == 0.0, timeout=20, what="no association counted open")
+    wait_until(lambda: server.log().count("association from RESETTER ") == 400, timeout=20,
+               what="one line per association")
+    assert "Traceback" not in server.log()
 
 
 def test_idle_connections_to_the_metrics_port_hold_no_thread_nor_the_dicom_side(serve_process) -> None:

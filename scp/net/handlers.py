@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -91,6 +92,10 @@ class StoreHandlers:
         self.cfg = cfg
         self.index = index
         self._stats: dict[int, _AssocStats] = {}
+        #: Associations whose connection closed before they were established (the
+        #: close comes from the network thread, the establishment from the
+        #: association's: a peer that resets as soon as it reads the A-ASSOCIATE-AC).
+        self._closed_early: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
         self.stored = 0
         self.already = 0  #: Success for an instance already there (a resend; --on-duplicate keep)
@@ -233,9 +238,17 @@ class StoreHandlers:
             self._settler.join(SETTLE_WAIT_SECONDS + 1)
 
     def on_established(self, event: evt.Event) -> None:
-        self._stats[id(event.assoc)] = _AssocStats()
+        assoc = event.assoc
+        with self._lock:
+            early = assoc in self._closed_early
+            if early:
+                self._closed_early.discard(assoc)
+            else:
+                self._stats[id(assoc)] = _AssocStats()
         if self.pipeline is not None:
             self.pipeline.association_opened()
+        if early:  # its close came first and found nothing to count or tell: now
+            self._log_closed(assoc, _AssocStats())
 
     def on_close(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -244,9 +257,15 @@ class StoreHandlers:
             remove_orphans(self.cfg.out / TMP_DIRNAME)  # left by processes that died (cheap: a scandir)
         except OSError:  # e.g. out of descriptors: the sweeper and the next close do it
             pass
-        stats = self._stats.pop(id(assoc), None)
-        if stats is None:  # rejected, or closed before association
-            return
+        with self._lock:
+            stats = self._stats.pop(id(assoc), None)
+            if stats is None:  # rejected, closed before association, or not established yet
+                self._closed_early.add(assoc)
+                return
+        self._log_closed(assoc, stats)
+
+    def _log_closed(self, assoc, stats: _AssocStats) -> None:  # type: ignore[no-untyped-def]
+        """Count the association closed and give its line."""
         if self.pipeline is not None:
             self.pipeline.association_closed()
         calling = assoc.requestor.ae_title
