@@ -622,6 +622,23 @@ def test_output_under_a_regular_file(tmp_path):
     _cli_error(proc, "cannot write to the output folder", "Not a directory")
 
 
+def test_a_refused_permission_names_who_we_are_and_who_owns_the_folder(tmp_path):
+    """In a container, "Permission denied" alone leaves the operator to find
+    the two ids that must agree (tests run as root, whom no folder refuses:
+    the line is built from the error as the start would get it)."""
+    import errno
+
+    from scp.net.server import _who
+
+    folder = tmp_path / "data"
+    folder.mkdir(mode=0o755)
+    st = folder.stat()
+    text = _who(PermissionError(errno.EACCES, "Permission denied", str(folder / ".sortscp-tmp")), folder)
+    assert f"runs as uid {os.getuid()}, gid {os.getgid()}" in text
+    assert f"{folder} is owned by uid {st.st_uid}, gid {st.st_gid}, mode drwxr-xr-x" in text
+    assert _who(OSError(errno.ENOTDIR, "Not a directory"), folder) == ""
+
+
 @pytest.mark.parametrize("events", [False, True], ids=["plain", "with a hook"])
 def test_port_in_use(tmp_path, events):
     """One clear error; with the events pipeline on, no false 'events not

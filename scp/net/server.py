@@ -9,10 +9,12 @@ hung one cannot hold the stop), then aborts what is left. A stop takes at most
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -104,9 +106,25 @@ def prepare_output(out: Path) -> Path:
     except NotOwnFolder as exc:
         raise ServeError(str(exc)) from None
     except OSError as exc:
-        raise ServeError(f"cannot write to the output folder {out}: {exc.strerror}") from None
+        raise ServeError(f"cannot write to the output folder {out}: {exc.strerror}{_who(exc, out)}") from None
     _remove_stale(tmp)
     return tmp
+
+
+def _who(exc: OSError, out: Path) -> str:
+    """For a refused permission, who we are and who owns the folder (in a
+    container above all, the two ids an operator must make agree)."""
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    folder = Path(exc.filename) if exc.filename else out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = folder.stat()
+    except OSError:
+        return ""
+    return (f" (this process runs as uid {os.getuid()}, gid {os.getgid()}; {folder} is owned by "
+            f"uid {st.st_uid}, gid {st.st_gid}, mode {stat.filemode(st.st_mode)})")
 
 
 def _remove_stale(tmp: Path) -> None:
