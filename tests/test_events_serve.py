@@ -225,6 +225,43 @@ def test_an_index_rebuilt_from_the_files_keeps_what_the_manifests_say_completed(
     assert events_of(events, "series_complete")[-1]["revision"] == 2
 
 
+def test_a_rebuild_takes_only_the_manifest_at_its_name_and_only_if_it_reads_as_one(
+        serve_process, tmp_path: Path) -> None:
+    """Beside a manifest lie what a killed write leaves (``.tmp-*.json``) and an
+    operator's copy; a hand-edited manifest may say anything. Read in name
+    order, a stale copy took a series back a revision (and it completed twice
+    at one); a revision of 10**30 or a list where a value belongs stopped
+    every start with a traceback. Now only the file at the manifest's name
+    counts, and only if it reads as one; else the series is as without one."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    kept, hostile = ct_copies(2), ct_copies(2)
+    assert send_datasets(server.port, kept + hostile) == [SUCCESS] * 4
+    wait_until(lambda: len(events_of(events, "series_complete")) == 2, timeout=30, what="both series")
+    more = copy.deepcopy(kept[0])
+    more.SOPInstanceUID = more.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    assert send_datasets(server.port, [more]) == [SUCCESS]
+    wait_until(lambda: len(events_of(events, "series_complete")) == 3, timeout=30, what="revision 2")
+    assert server.terminate() == 0, server.log()
+    a, b = kept[0].SeriesInstanceUID, hostile[0].SeriesInstanceUID
+    good = series_manifest_path(server.out, a)
+    stale = dict(json.loads(good.read_text()), revision=1)
+    for name in (".tmp-k2j3h4.json", good.name.replace(".json", "-old.json")):
+        (good.parent / name).write_text(json.dumps(stale))
+    bad = series_manifest_path(server.out, b)
+    bad.write_text(json.dumps(dict(json.loads(bad.read_text()), revision=10**30)))
+    for f in (server.out / ".sortscp").glob("index.sqlite*"):
+        f.unlink()
+    again = serve_process(*STABLE, "--events", str(events), out=server.out)
+    wait_until(lambda: len(events_of(events, "series_complete")) == 4, timeout=30, what="the hostile one")
+    time.sleep(3.5)  # past the stable time, several polls: nothing else completes
+    after = [(e["series_instance_uid"], e["revision"]) for e in events_of(events, "series_complete")[3:]]
+    assert after == [(b, 1)], after  # as without a manifest; the kept one stays at revision 2
+    assert json.loads(good.read_text())["revision"] == 2
+    assert send_datasets(again.port, ct_copies(1)) == [SUCCESS]
+    assert "Traceback" not in again.log()
+
+
 @pytest.mark.parametrize("into", ["series", "study"], ids=["into a new series", "into a new study"])
 def test_instances_all_resent_into_another_series_remove_the_old_manifest(
         serve_process, tmp_path: Path, into: str) -> None:

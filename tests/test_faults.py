@@ -680,6 +680,28 @@ def test_a_second_server_on_one_output_folder_is_refused(tmp_path):
     assert len(layout_files(tmp_path / "out")) == 3
 
 
+def test_the_output_folder_made_again_while_serving_is_held_again(tmp_path):
+    """OUT removed whole while serving is made again by the next instance; the
+    server's lock stayed on the removed folder, so a second server started
+    on the new one. It is held again within about a second."""
+    first = ServeProcess(tmp_path / "out")
+    try:
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.9")) == SUCCESS, first.log()
+        shutil.rmtree(tmp_path / "out")
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.10")) == SUCCESS, first.log()
+        wait_until(lambda: "made again while serving: holding the new one" in first.log(), timeout=20,
+                   what="the new folder held")
+        try:
+            proc = run_cli("serve", "--out", tmp_path / "out", "--host", "127.0.0.1", "--port", free_port(),
+                           timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second server started on the folder made again")
+        _cli_error(proc, "another server", "one server per output folder")
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.11")) == SUCCESS, first.log()
+    finally:
+        assert first.terminate() == 0, first.log()
+
+
 @pytest.mark.parametrize("name,value", [("SORTSCP_PORT", "abc"), ("SORTSCP_MAX_ASSOCIATIONS", "0"),
                                         ("SORTSCP_NETWORK_TIMEOUT", "soon"), ("SORTSCP_ON_DUPLICATE", "merge"),
                                         ("SORTSCP_WEBHOOK", "http://"), ("SORTSCP_WEBHOOK", "http://h:port/"),

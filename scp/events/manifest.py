@@ -15,17 +15,23 @@ path).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from scp.store.index import MANIFEST_FOLDERS, InstanceRow, SeriesState, StudyState, sha256_file, state_dir
+from scp.store.index import (
+    MANIFEST_FOLDERS,
+    InstanceRow,
+    SeriesState,
+    StudyState,
+    manifest_name,
+    sha256_file,
+    state_dir,
+)
 
 MANIFEST_VERSION = 1
 SERIES_DIRNAME = MANIFEST_FOLDERS["series"]
@@ -37,32 +43,12 @@ def _iso(t: float | None) -> str | None:
 
 
 #: What a UID that names its manifest as it is looks like (the standard's form).
-_PLAIN_UID = re.compile(r"[0-9][0-9.]{0,63}")
-
-
-def _safe_uid(uid: str) -> str:
-    """A UID as a file name of its own: a UID of the standard's form as it is;
-    anything else (a sender's odd UID: other characters, over 64) made safe,
-    cut short, and given a digest of the whole, so two such UIDs never share
-    a manifest and none makes a name too long for the file system.
-
-    >>> _safe_uid("1.2.3")
-    '1.2.3'
-    >>> _safe_uid("X/5") != _safe_uid("X_5"), len(_safe_uid("1." * 200)) < 100
-    (True, True)
-    """
-    if _PLAIN_UID.fullmatch(uid):
-        return uid
-    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in uid)[:64]
-    return f"{safe}~{hashlib.sha256(uid.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
-
-
 def series_manifest_path(out: Path, series_uid: str) -> Path:
-    return state_dir(out) / SERIES_DIRNAME / f"{_safe_uid(series_uid)}.json"
+    return state_dir(out) / SERIES_DIRNAME / manifest_name(series_uid)
 
 
 def study_manifest_path(out: Path, study_uid: str) -> Path:
-    return state_dir(out) / STUDIES_DIRNAME / f"{_safe_uid(study_uid)}.json"
+    return state_dir(out) / STUDIES_DIRNAME / manifest_name(study_uid)
 
 
 def file_digests(out: Path, rows: Sequence[InstanceRow]) -> dict[str, str | None]:

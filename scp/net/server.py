@@ -181,6 +181,48 @@ class _Sweeper(threading.Thread):
 INDEX_WATCH_SECONDS = 1.0
 
 
+class _FolderHold:
+    """The server's hold on its output folder (:func:`~scp.store.tmp.hold_served`),
+    taken again on a folder made at its name when the one held was removed
+    (OUT may be removed while serving: it is made again by the next
+    instance); else a second server or a sort could start there."""
+
+    def __init__(self, out: Path, fd: int | None) -> None:
+        self.out = out
+        self.fd = fd
+        self._error: str | None = None
+
+    def check(self) -> None:
+        if self.fd is None:
+            return  # (a file system without locks on folders)
+        try:
+            now = os.stat(self.out)
+        except FileNotFoundError:
+            return  # not made again yet
+        held = os.fstat(self.fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return
+        try:
+            new = hold_served(self.out)
+        except ServerRunning as exc:
+            if str(exc) != self._error:
+                self._error = str(exc)
+                log.error("the output folder %s was removed and made again while serving, and %s", self.out, exc)
+            return
+        if new is None:
+            return
+        os.close(self.fd)
+        self.fd = new
+        self._error = None
+        log.warning("the output folder %s was removed and made again while serving: holding the new one",
+                    self.out, extra={"event": "output_remade"})
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class _IndexWatch(threading.Thread):
     """Every `interval` seconds, whether the index the server's own connection
     reaches (its events, its settles after a worker died, its clean stop) is
@@ -189,10 +231,12 @@ class _IndexWatch(threading.Thread):
     (:meth:`~scp.store.index.SqliteIndex.repair`), with one WARNING line. The
     workers check before each instance, and wait for this."""
 
-    def __init__(self, index: SqliteIndex, out: Path, interval: float = INDEX_WATCH_SECONDS) -> None:
+    def __init__(self, index: SqliteIndex, out: Path, interval: float = INDEX_WATCH_SECONDS,
+                 hold: _FolderHold | None = None) -> None:
         super().__init__(name="sortscp-index-watch", daemon=True)
         self.index = index
         self.out = out
+        self.hold = hold  #: checked first, each round
         self.interval = interval
         self.stopped = threading.Event()
         self._error: str | None = None
@@ -200,6 +244,8 @@ class _IndexWatch(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
+                if self.hold is not None:
+                    self.hold.check()
                 self.check()
             except Exception as exc:  # (a full disk, a folder that cannot be made): next round
                 reason = f"{type(exc).__name__}: {exc}"
@@ -290,11 +336,12 @@ class Server:
         self.index: SqliteIndex | None = None
         self._sweeper: _Sweeper | None = None
         self._index_watch: _IndexWatch | None = None
-        self._held: int | None = None  #: the hold on the output folder (hold_served)
+        self._held: _FolderHold | None = None  #: the hold on the output folder
         self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
         self._served = False  # start() completed: only then is there a "stopped" to report
+        self._noted: list[signal.Signals] = []  #: NOTED_SIGNALS ignored by run() while starting
 
     @property
     def address(self) -> tuple[str, int]:
@@ -311,10 +358,11 @@ class Server:
         )
         tls = server_tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
         prepare_output(cfg.out)
-        self.index, self._held = _open_index(cfg.out)
+        self.index, held = _open_index(cfg.out)
+        self._held = _FolderHold(cfg.out, held)
         self._sweeper = _Sweeper(cfg.out / TMP_DIRNAME)
         self._sweeper.start()
-        self._index_watch = _IndexWatch(self.index, cfg.out)
+        self._index_watch = _IndexWatch(self.index, cfg.out, hold=self._held)
         self._index_watch.start()
         self.pool = WorkerPool(cfg.workers)
         self.pool.warm_up()
@@ -329,6 +377,10 @@ class Server:
             self.index.close(clean=True)
             raise ServeError(exc.strerror or str(exc)) from None
         self.handlers.pipeline = self.pipeline
+        # Every process of ours is started (they keep these ignored): one line from now
+        # on, before the port listens (a signal sent once it accepts gets the line).
+        for s in self._noted:
+            signal.signal(s, _noted)
         self.ae = build_ae(cfg)
         try:
             self.server = start_server(
@@ -410,7 +462,7 @@ class Server:
                             "checks it", exc)
             self.index = None
         if self._held is not None:
-            os.close(self._held)
+            self._held.close()
             self._held = None
         if self.handlers is not None and self._served:
             h = self.handlers
@@ -425,13 +477,11 @@ class Server:
         # Ignored while the processes are started, which keep that (the forkserver and its
         # workers, the resource tracker, the hook helper: ``systemctl kill -s USR1`` signals
         # them all); then one line in this process. (Hooks get the default back.)
-        noted = [s for s in NOTED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        previous.update((s, signal.signal(s, signal.SIG_IGN)) for s in noted)
+        self._noted = [s for s in NOTED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        previous.update((s, signal.signal(s, signal.SIG_IGN)) for s in self._noted)
         try:
             try:
-                self.start()
-                for s in noted:
-                    signal.signal(s, _noted)
+                self.start()  # (which gives them their line once its processes are started)
                 if on_ready:
                     on_ready(self)
                 self.wait()

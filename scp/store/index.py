@@ -170,6 +170,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -975,26 +976,49 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
 #: Where the completion watcher writes manifests, in the state folder (the
 #: names of :mod:`scp.events.manifest`, which imports this module).
 MANIFEST_FOLDERS = {"series": "series", "studies": "studies"}
+_PLAIN_UID = re.compile(r"[0-9][0-9.]{0,63}")
+#: The highest revision taken from a manifest (a hand-edited one may say anything).
+_MAX_REVISION = 1 << 31
 
 
-def _manifests(folder: Path) -> list[dict[str, Any]]:
-    """The manifests in `folder` that read (a damaged one is passed over)."""
-    found = []
+def manifest_name(uid: str) -> str:
+    """The file name of the manifest of the series or study `uid`: a UID of
+    the standard's form as it is; anything else (a sender's odd UID: other
+    characters, over 64) made safe, cut short, and given a digest of the
+    whole, so two such UIDs never share a manifest and none makes a name too
+    long for the file system.
+
+    >>> manifest_name("1.2.3")
+    '1.2.3.json'
+    >>> manifest_name("X/5") != manifest_name("X_5"), len(manifest_name("1." * 200)) < 100
+    (True, True)
+    """
+    if _PLAIN_UID.fullmatch(uid):
+        return f"{uid}.json"
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in uid)[:64]
+    return f"{safe}~{hashlib.sha256(uid.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.json"
+
+
+def _listed(path: Path, key: str, uid: str, members: str, fields: tuple[str, ...]) -> tuple[int, set] | None:
+    """The revision of the manifest at `path` and what it lists of each member
+    (`fields` of each entry of its `members`), if it is the manifest of `uid`
+    and reads as one: anything else (damaged, hand-edited, of other types)
+    is passed over, as if there were none."""
     try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return []
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        try:
-            with open(folder / name, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("revision"), int) and data["revision"] > 0:
-            found.append(data)
-    return found
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        revision, listed = data[key] == uid and data["revision"], data[members]
+        if type(revision) is not int or not 0 < revision < _MAX_REVISION or not isinstance(listed, list):
+            return None
+        then = set()
+        for entry in listed:
+            values = tuple(entry[f] for f in fields)
+            if not all(v is None or type(v) in (str, int) for v in values):
+                return None
+            then.add(values)
+        return revision, then
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return None
 
 
 def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
@@ -1004,7 +1028,9 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
     series whose manifest lists exactly its instances now (UIDs, paths and
     sizes) stays complete at that revision; one that changed since completes
     again, at the next revision (never again at one already given, nor at a
-    lower one). A study likewise, from its series and their revisions."""
+    lower one). A study likewise, from its series and their revisions. Only
+    the file at the manifest's own name counts (not a copy beside it, nor a
+    write cut short), and only if it reads as a manifest."""
     # (folder, table, key, the manifest's list, what it lists of each member, the
     # same of its members now, in the index): series first, whose revisions studies compare
     kinds = (
@@ -1016,16 +1042,17 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
     conn.execute("BEGIN")
     try:
         for folder, table, key, members, fields, members_now in kinds:
-            for m in _manifests(sdir / MANIFEST_FOLDERS[folder]):
-                uid, listed = m.get(key), m.get(members)
-                if not isinstance(uid, str) or not isinstance(listed, list):
+            uids = [r[0] for r in conn.execute(f"SELECT {key} FROM {table} WHERE completed_revision = 0")]
+            for uid in uids:
+                if not isinstance(uid, str):
                     continue
+                found = _listed(sdir / MANIFEST_FOLDERS[folder] / manifest_name(uid), key, uid, members, fields)
+                if found is None:
+                    continue
+                revision, then = found
                 now = {tuple(r) for r in conn.execute(members_now, (uid,))}
-                then = {tuple(e.get(f) for f in fields) for e in listed if isinstance(e, dict)}
-                revision = m["revision"]
                 conn.execute(
-                    f"UPDATE {table} SET completed_revision = ?, revision = ?"
-                    f" WHERE {key} = ? AND completed_revision = 0",
+                    f"UPDATE {table} SET completed_revision = ?, revision = ? WHERE {key} = ?",
                     (revision, revision if now == then else revision + 1, uid),
                 )
         conn.execute("COMMIT")
