@@ -303,6 +303,30 @@ def test_recover_settles_dead_intents(root, idx, linked, expect_path, expect_rem
     assert_agree(root, idx)
 
 
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not replaced"])
+def test_a_dead_replace_at_the_same_name_is_told_by_the_inode_not_the_clock(root, idx, replaced):
+    """A worker claims a UID for the name its file already has, replaces that
+    file (same size, other bytes) and is killed before its commit. Recovery
+    took the file for untouched when its ctime was older than the claim, but
+    the file system's clock lags ours by up to a tick: a file replaced just
+    after the claim looks older, and the index kept the old digest for the
+    new bytes (seen once under load in the SIGKILL test below). The claim now
+    holds the inode that was there; a replace puts another one."""
+    put(root, idx, "1.1", "A/S/1.1.dcm", b"one")
+    _pending(root, "1.1", "A/S/1.1.dcm", "A/S/1.1.dcm", b"two")
+    if replaced:
+        tmp = root / "two.part"
+        tmp.write_bytes(b"two")
+        os.replace(tmp, root / "A/S/1.1.dcm")
+    # the claim as if made a moment after the file's change (the clock's lag)
+    after = (root / "A/S/1.1.dcm").lstat().st_ctime + 0.002
+    raw(root).execute("UPDATE instances SET since = ? WHERE sop_instance_uid = '1.1'", (after,))
+    finish_recovery(root, idx)
+    assert idx.lookup("1.1").path == "A/S/1.1.dcm"
+    assert (root / "A/S/1.1.dcm").read_bytes() == (b"two" if replaced else b"one")
+    assert_agree(root, idx)  # the row's size and digest are the file's
+
+
 def test_recover_finishes_removal_of_obsolete_files(root, idx):
     put(root, idx, "1.1", "A/S/1.1.dcm", b"one")
     claim = idx.begin("1.1", "B/S/1.1.dcm", facts_for(b"two"))

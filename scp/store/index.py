@@ -973,6 +973,9 @@ def _carry_completion(conn: sqlite3.Connection, final: Path) -> bool:
         conn.execute("DETACH DATABASE old")
 
 
+#: The key of a claim's intent that holds the inode of the file at its name when it was made.
+_HELD = "~held_inode"
+
 #: Where the completion watcher writes manifests, in the state folder (the
 #: names of :mod:`scp.events.manifest`, which imports this module).
 MANIFEST_FOLDERS = {"series": "series", "studies": "studies"}
@@ -1345,9 +1348,23 @@ class SqliteIndex:
                 cur.execute(
                     "UPDATE instances SET state = 'pending', pending_path = ?, owner = ?, pid = ?,"
                     " since = ?, intent = ? WHERE sop_instance_uid = ?",
-                    (relpath, owner, self._pid, now, intent, uid),
+                    (relpath, owner, self._pid, now, self._held_intent(facts, intent, row, relpath), uid),
                 )
                 return Claim(uid, relpath, facts, row, owner)
+
+    def _held_intent(self, facts: dict, intent: str, row: InstanceRow, relpath: str) -> str:
+        """The claim's intent, with the inode of the committed file when the
+        claim goes to its very name: a replace puts another inode there, so
+        after the claimer's death the recovery knows whether it did (the
+        file's ctime cannot tell: the file system's clock lags ours by up to
+        a tick, and a file replaced just after the claim can look older)."""
+        if row.path != relpath:
+            return intent
+        try:
+            st = (self.root / relpath).lstat()
+        except OSError:
+            return intent
+        return json.dumps({**facts, _HELD: st.st_ino})
 
     def _take_obsolete(self, cur: sqlite3.Cursor, relpath: str, owner: str) -> bool:
         """If `relpath` is an obsolete file, make the claim `owner` its owner
@@ -1454,14 +1471,21 @@ class SqliteIndex:
         """True if the committed file of `row` is the same size and its inode
         unchanged (ctime) since the pending claim was made: the claim's owner
         never replaced it."""
-        since = cur.execute("SELECT since FROM instances WHERE sop_instance_uid = ?",
+        found = cur.execute("SELECT since, intent FROM instances WHERE sop_instance_uid = ?",
                             (row.sop_instance_uid,)).fetchone()
         try:
             st = (self.root / str(row.path)).lstat()
         except OSError:
             return False
-        return bool(since and since[0] is not None and st.st_size == row.size
-                    and st.st_ctime < since[0])
+        if not found or found[0] is None or st.st_size != row.size:
+            return False
+        try:
+            held = json.loads(found[1] or "{}").get(_HELD)
+        except (ValueError, AttributeError):
+            held = None
+        if held is not None:  # (see _held_intent)
+            return bool(held == st.st_ino)
+        return bool(st.st_ctime < found[0])
 
     def _file_matches(self, relpath: str | None, facts: Mapping[str, Any]) -> bool:
         if relpath is None:
