@@ -186,7 +186,6 @@ class AccessControl:
         )
 
 
-
 def _others(assoc) -> int:  # type: ignore[no-untyped-def]
     """Associations we accepted, open beside `assoc`."""
     return sum(1 for a in assoc.ae.active_associations if a.is_acceptor and a is not assoc)
