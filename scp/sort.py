@@ -51,6 +51,9 @@ from scp.store.tmp import (
     ServerRunning,
     SortRunning,
     fs_clock_ns,
+    held_around,
+    held_folder,
+    holder_text,
     lock_holder,
     lock_taker,
     remove_orphans,
@@ -109,6 +112,7 @@ def iter_entries(
     changed_before_ns: int | None = None,
     follow_symlinks: bool = False,
     changed: list[Item] | None = None,
+    leave_held: bool = False,
 ) -> Iterator[Entry]:
     """Every entry under `src`, lazily, depth first, in a stable order (names
     sorted, except in a folder too large to sort: see :class:`_Listing`).
@@ -126,6 +130,8 @@ def iter_entries(
     With `changed_before_ns`, files whose inode changed after that moment (our
     own output, when sorting a tree in place) are passed over: appended to
     `changed`, if given, for the caller to sort those that are not its output.
+    With `leave_held` (a move), a folder that another running server, sort or
+    reindex holds as its output folder is not entered: it is ``failed``.
     """
     skip_real = os.path.realpath(skip) if skip is not None else None
     skip_inode = os.stat(skip_real).st_ino if skip_real and os.path.isdir(skip_real) else None
@@ -140,6 +146,12 @@ def iter_entries(
     stack: list[tuple[str, bool]] = [(os.fspath(src), False)]
     while stack:
         folder, via_link = stack.pop()
+        if leave_held:
+            pid = held_folder(folder)
+            if pid is not None and pid != os.getpid():  # (ours: DST, sorted in place)
+                yield Outcome(Result.FAILED, folder, "", "not moved: this folder is the output folder of "
+                              f"a running sortscp{holder_text(pid)} (stop it first)")
+                continue
         try:
             entries = _Listing(folder)
         except OSError as exc:
@@ -306,9 +318,11 @@ def iter_files(
             yield entry[0]
 
 
-def count_entries(src: Path, skip: Path | None = None, follow_symlinks: bool = False) -> int:
+def count_entries(
+    src: Path, skip: Path | None = None, follow_symlinks: bool = False, leave_held: bool = False
+) -> int:
     """How many entries :func:`iter_entries` will yield (for a progress total)."""
-    return sum(1 for _ in iter_entries(src, skip, follow_symlinks=follow_symlinks))
+    return sum(1 for _ in iter_entries(src, skip, follow_symlinks=follow_symlinks, leave_held=leave_held))
 
 
 def _dst_inside_src(cfg: SortConfig) -> bool:
@@ -400,6 +414,12 @@ def sort_tree(
         writer = stack.enter_context(_ReportWriter(cfg.report, cfg.dst)) if cfg.report else None
         changed_before_ns = started_ns = None
         index_lock = None
+        try:
+            _refuse_held_around(cfg)
+        except DestinationLockedError:
+            if writer is not None:
+                writer.discard()
+            raise
         if cfg.dry_run:
             _refused_as_the_run_would_be(cfg.dst)
         else:
@@ -440,12 +460,13 @@ def sort_tree(
             return hash(os.path.join(dst_real, rel))
         entries = iter_entries(
             cfg.src, skip, changed_before_ns=changed_before_ns,
-            follow_symlinks=cfg.follow_symlinks, changed=changed,
+            follow_symlinks=cfg.follow_symlinks, changed=changed, leave_held=cfg.mode is Mode.MOVE,
         )
         pool = WorkerPool(cfg.workers, fork=True, preload=SORT_JOBS)  # before any thread of ours starts
         if on_total is not None:
             threading.Thread(
-                target=lambda: on_total(count_entries(cfg.src, skip, cfg.follow_symlinks)),
+                target=lambda: on_total(
+                    count_entries(cfg.src, skip, cfg.follow_symlinks, cfg.mode is Mode.MOVE)),
                 name="count", daemon=True,
             ).start()
         stack.enter_context(_signals(stop))
@@ -607,6 +628,30 @@ def _refused_as_the_run_would_be(dst: Path) -> None:
     if lock_holder(state / INDEX_LOCK_FILENAME) is not None or lock_holder(dst) is not None:
         # (a server holds both: the index's lock, and DST itself even while its state folder is gone)
         raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst))
+
+
+def _refuse_held_around(cfg: SortConfig) -> None:
+    """Refused (75), before anything is touched: DST inside the output folder
+    of a running server (or of another sort or a reindex), whose index would
+    not know the files put there; and a move out of such a folder, or out of
+    a folder inside one, which would take files from under its index.
+    (Folders of SRC that such a process holds are left alone by the walk.)"""
+    around = held_around(cfg.dst)
+    if around is not None:
+        raise DestinationLockedError(
+            f"{shown(os.fspath(cfg.dst))} is inside {shown(os.fspath(around[0]))}, the output folder "
+            f"of a running sortscp{holder_text(around[1])}: sort into a folder outside it, or send "
+            "the files to that server (storescu +sd +r ...)")
+    if cfg.mode is not Mode.MOVE:
+        return
+    same = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
+    pid = None if same else held_folder(cfg.src)  # (DST itself: refused at its own lock)
+    around = (cfg.src, pid) if pid is not None else held_around(cfg.src)
+    if around is not None:
+        raise DestinationLockedError(
+            f"--mode move would take the files of {shown(os.fspath(around[0]))}, the output folder of "
+            f"a running sortscp{holder_text(around[1])}, from under its index: stop it first, or "
+            "--mode copy")
 
 
 def _sort_running(dst: Path, pid: str) -> str:

@@ -680,6 +680,62 @@ def test_a_second_server_on_one_output_folder_is_refused(tmp_path):
     assert len(layout_files(tmp_path / "out")) == 3
 
 
+def _layout_digests(root: Path) -> dict[str, str]:
+    return {os.fspath(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in layout_files(root)}
+
+
+def test_folders_inside_or_around_a_served_folder_are_refused_or_left_alone(tmp_path):
+    """The folder lock covers OUT, not what lies under it: a second server or
+    a sort into ``OUT/sub`` was accepted (its files behind the index's
+    back), and ``sort --mode move PARENT PARENT`` moved the running server's
+    files out of OUT. Now: refused at start (2 for serve, 75 for sort,
+    nothing touched), the served folder left alone by a move's walk (one
+    failed entry, exit 1), and a copy out of it still allowed."""
+    parent = tmp_path / "parent"
+    out = parent / "out"
+    loose = parent / "loose"
+    loose.mkdir(parents=True)
+    for n in (1, 2):
+        ct(f"1.2.826.0.1.3680043.10.16.{20 + n}").save_as(loose / f"f{n}.dcm", enforce_file_format=True)
+    first = ServeProcess(out)
+    try:
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.20")) == SUCCESS, first.log()
+        served = _layout_digests(out)
+        assert len(layout_files(out)) == 1
+        inner = out / "inner"
+        proc = run_cli("serve", "--out", inner, "--host", "127.0.0.1", "--port", free_port(), timeout=60)
+        _cli_error(proc, f"{inner} is inside {out}, the output folder of a running sortscp "
+                   f"(pid {first.proc.pid})", "give this server a folder outside it")
+        assert not inner.exists()
+        for args in ([loose, inner], [loose, inner, "--dry-run"],
+                     [out, tmp_path / "elsewhere", "--mode", "move"],
+                     [layout_files(out)[0].parent, tmp_path / "elsewhere", "--mode", "move"]):
+            proc = run_cli("sort", *args, timeout=120)
+            assert proc.returncode == 75, (args, proc.stdout, proc.stderr)
+            assert "the output folder of a running sortscp" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr, proc.stderr
+        assert not inner.exists() and not (tmp_path / "elsewhere").exists()
+        assert _layout_digests(out) == served
+
+        proc = run_cli("sort", parent, parent, "--mode", "move", timeout=120)
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert f"{out}: not moved: this folder is the output folder of a running sortscp" in (
+            proc.stdout + proc.stderr), (proc.stdout, proc.stderr)
+        assert _layout_digests(out) == served  # the server's files, all still where it filed them
+        assert not loose.exists()  # (emptied folders are removed)
+        moved = [p for p in layout_files(parent) if out not in p.parents and p.suffix == ".dcm"]
+        assert sorted(p.name for p in moved) == [f"1.2.826.0.1.3680043.10.16.{20 + n}.dcm" for n in (1, 2)]
+
+        proc = run_cli("sort", out, tmp_path / "copied", timeout=120)  # reading a served folder is fine
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        assert [p.name for p in layout_files(tmp_path / "copied")] == ["1.2.826.0.1.3680043.10.16.20.dcm"]
+        assert store_one(first.port, ct("1.2.826.0.1.3680043.10.16.23")) == SUCCESS, first.log()
+    finally:
+        assert first.terminate() == 0, first.log()
+    assert "Traceback" not in first.log()
+
+
 def test_the_output_folder_made_again_while_serving_is_held_again(tmp_path):
     """OUT removed whole while serving is made again by the next instance; the
     server's lock stayed on the removed folder, so a second server started

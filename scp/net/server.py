@@ -43,7 +43,9 @@ from scp.store.tmp import (
     NotOwnFolder,
     ServerRunning,
     SortRunning,
+    held_around,
     hold_served,
+    holder_text,
     own_folder,
     remove_orphans,
     take_sort_lock,
@@ -97,7 +99,13 @@ def prepare_output(out: Path) -> Path:
 
     Pynetdicom writes each incoming dataset into the temporary folder, on the
     same file system as the layout, so that the final step is a link, not a copy.
+    Refused before anything is made inside another server's (or a sort's)
+    output folder: that one's index would not know the files filed here.
     """
+    around = held_around(out)
+    if around is not None:
+        raise ServeError(f"{out} is inside {around[0]}, the output folder of a running sortscp"
+                         f"{holder_text(around[1])}: give this server a folder outside it")
     try:
         tmp = own_folder(out, TMP_DIRNAME)
         own_folder(out, STATE_DIRNAME)

@@ -151,8 +151,7 @@ def hold_served(root: Path) -> int | None:
 
 
 def _holder(root: Path) -> str:
-    pid = lock_holder(root)  # (0 or None: in another PID namespace, a container)
-    return f" (pid {pid})" if pid else ""
+    return holder_text(lock_holder(root) or 0)  # (0 or None: in another PID namespace, a container)
 
 
 def take_unserved(root: Path) -> int | None:
@@ -165,6 +164,34 @@ def take_unserved(root: Path) -> int | None:
     except BlockingIOError:
         raise ServerRunning(f"a running server (sortscp serve){_holder(root)} files into {root}: "
                             "stop it first") from None
+
+
+def held_folder(folder: str | Path) -> int | None:
+    """If `folder` is an output folder that a running server, sort or reindex
+    holds (:func:`hold_served`, :func:`take_unserved`), the holder's PID (0:
+    in another PID namespace, a container); None otherwise. Only looks."""
+    if not os.path.isdir(os.path.join(folder, STATE_DIRNAME)):
+        return None  # (one stat: never an output folder of ours)
+    return lock_holder(Path(folder))
+
+
+def held_around(path: Path) -> tuple[Path, int] | None:
+    """The nearest folder above `path` (links resolved; not `path` itself)
+    that a running server, sort or reindex holds (:func:`held_folder`), and
+    its holder's PID. The folder locks cover a folder, not what lies under
+    it: a second server or a sort into ``OUT/sub``, or a move out of it,
+    would add files to a served tree, or take them from it, behind its
+    index's back. Only looks."""
+    for folder in Path(os.path.realpath(path)).parents:
+        pid = held_folder(folder)
+        if pid is not None:
+            return folder, pid
+    return None
+
+
+def holder_text(pid: int) -> str:
+    """``" (pid N)"``, or nothing for a holder in another PID namespace."""
+    return f" (pid {pid})" if pid else ""
 
 
 def lock_holder(path: Path) -> int | None:
