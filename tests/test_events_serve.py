@@ -225,6 +225,36 @@ def test_an_index_rebuilt_from_the_files_keeps_what_the_manifests_say_completed(
     assert events_of(events, "series_complete")[-1]["revision"] == 2
 
 
+def test_manifests_a_killed_write_left_half_written_are_removed_at_the_next_start(
+        serve_process, tmp_path: Path) -> None:
+    """A manifest is written to ``.tmp-*.json`` beside its name, then renamed;
+    a kill in between left that half-written file for ever (a pipeline that
+    takes every ``*.json`` there, dot files too, would read it). The next
+    server removes such files, and nothing else."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    sent = ct_copies(2)
+    assert send_datasets(server.port, sent) == [SUCCESS] * 2
+    wait_until(lambda: len(events_of(events, "study_complete")) == 1, timeout=30, what="the study")
+    assert server.terminate() == 0, server.log()
+    series = series_manifest_path(server.out, sent[0].SeriesInstanceUID)
+    study = study_manifest_path(server.out, sent[0].StudyInstanceUID)
+    kept = {p: p.read_bytes() for p in (series, study)}
+    partial = [series.parent / ".tmp-k1ll3d.json", study.parent / ".tmp-0a9b8c.json"]
+    for p in partial:
+        p.write_bytes(kept[series][: len(kept[series]) // 2])
+    notes = series.parent / ".tmp-notes.txt"  # not a manifest's name: not ours
+    notes.write_text("an operator's")
+    again = serve_process(*STABLE, "--events", str(events), out=server.out)
+    wait_until(lambda: "removed 2 manifests a killed write left half-written" in again.log(), timeout=30,
+               what="the line")
+    assert not any(p.exists() for p in partial)
+    assert {p: p.read_bytes() for p in kept} == kept and notes.read_text() == "an operator's"
+    assert sorted(p.name for p in series.parent.iterdir()) == sorted([series.name, notes.name])
+    time.sleep(2.5)  # past the stable time: nothing completes again
+    assert len(events_of(events, "series_complete")) == 1, again.log()
+
+
 def test_a_rebuild_takes_only_the_manifest_at_its_name_and_only_if_it_reads_as_one(
         serve_process, tmp_path: Path) -> None:
     """Beside a manifest lie what a killed write leaves (``.tmp-*.json``) and an

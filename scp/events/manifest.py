@@ -42,7 +42,6 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
-#: What a UID that names its manifest as it is looks like (the standard's form).
 def series_manifest_path(out: Path, series_uid: str) -> Path:
     return state_dir(out) / SERIES_DIRNAME / manifest_name(series_uid)
 
@@ -143,10 +142,14 @@ def study_manifest(study: StudyState, series: Sequence[tuple[SeriesState, Sequen
     }
 
 
+#: How :func:`write_json` names a manifest being written, beside the manifests.
+_PART_PREFIX, _PART_SUFFIX = ".tmp-", ".json"
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` to `path` atomically and durably (temp + fsync + os.replace + folder fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PART_PREFIX, suffix=_PART_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=1, default=str)
@@ -165,3 +168,26 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def remove_partial_manifests(out: Path) -> int:
+    """Remove the manifests a killed write left half-written in `out`'s
+    manifest folders (``.tmp-*.json``: never read, but a pipeline that picks
+    up every ``*.json`` there with its dot files would take them); how many.
+    For a server's start: only the server writes manifests, and it holds the
+    folder (one server per folder), so no write is under way."""
+    removed = 0
+    for folder in (SERIES_DIRNAME, STUDIES_DIRNAME):
+        try:
+            with os.scandir(state_dir(out) / folder) as it:
+                names = [e.name for e in it if e.name.startswith(_PART_PREFIX) and e.name.endswith(_PART_SUFFIX)
+                         and e.is_file(follow_symlinks=False)]
+        except OSError:  # (no such folder yet)
+            continue
+        for name in names:
+            try:
+                os.unlink(state_dir(out) / folder / name)
+                removed += 1
+            except OSError:
+                pass
+    return removed

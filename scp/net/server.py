@@ -27,6 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig, stop_signals
 from scp.errors import InstanceIndexError, SortscpError
+from scp.events.manifest import remove_partial_manifests
 from scp.events.pipeline import Pipeline
 from scp.jobs import header_tags, identity_facts
 from scp.net import _pynetdicom, sink
@@ -368,6 +369,9 @@ class Server:
         prepare_output(cfg.out)
         self.index, held = _open_index(cfg.out)
         self._held = _FolderHold(cfg.out, held)
+        partial = remove_partial_manifests(cfg.out)
+        if partial:
+            log.info("removed %d manifests a killed write left half-written", partial)
         self._sweeper = _Sweeper(cfg.out / TMP_DIRNAME)
         self._sweeper.start()
         self._index_watch = _IndexWatch(self.index, cfg.out, hold=self._held)
