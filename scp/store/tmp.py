@@ -143,15 +143,19 @@ def hold_served(root: Path) -> int | None:
     exists, so :func:`take_unserved` refuses a sort or a reindex even in the
     moment before the server makes its state folder again. Raises
     :class:`ServerRunning` if another server holds it."""
+    # (not a sort nor a reindex that holds it: they hold the sort lock, which we have)
+    return _hold_folder(root, "another server{holder} files into {root}: one server per output folder "
+                        "(stop it, or give this one another --out)")
+
+
+def _hold_folder(root: Path, refused: str) -> int | None:
+    """The folder's exclusive ``flock`` (:func:`_folder_lock`); held already:
+    :class:`ServerRunning`, `refused` filled in with the holder and `root`."""
     try:
         return _folder_lock(root, fcntl.LOCK_EX)
-    except BlockingIOError:  # (not a sort nor a reindex: they hold the sort lock, which we have)
-        raise ServerRunning(f"another server{_holder(root)} files into {root}: one server per output "
-                            "folder (stop it, or give this one another --out)") from None
-
-
-def _holder(root: Path) -> str:
-    return holder_text(lock_holder(root) or 0)  # (0 or None: in another PID namespace, a container)
+    except BlockingIOError:  # (0 or None: in another PID namespace, a container)
+        holder = holder_text(lock_holder(root) or 0)
+        raise ServerRunning(refused.format(holder=holder, root=root)) from None
 
 
 def take_unserved(root: Path) -> int | None:
@@ -159,11 +163,7 @@ def take_unserved(root: Path) -> int | None:
     the folder's ``flock`` taken exclusively for the run (None where the file
     system takes none). Raises :class:`ServerRunning` if a server holds it
     (:func:`hold_served`)."""
-    try:
-        return _folder_lock(root, fcntl.LOCK_EX)
-    except BlockingIOError:
-        raise ServerRunning(f"a running server (sortscp serve){_holder(root)} files into {root}: "
-                            "stop it first") from None
+    return _hold_folder(root, "a running server (sortscp serve){holder} files into {root}: stop it first")
 
 
 def held_folder(folder: str | Path) -> int | None:
