@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -157,6 +159,65 @@ def test_a_resend_answered_by_the_file_already_there_flushes_that_file(tmp_path:
     assert outcome.destination == first.destination
     assert (out / outcome.destination).read_bytes() == FILES[0].read_bytes()
     assert flushes >= 3, flushes
+
+
+_FSYNCED = re.compile(r"^\d+\s+f(?:data)?sync\(\d+<(.*)>\)\s+=\s+0$")
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-qq", "-o", "/dev/null", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _strace_works(), reason="needs strace (allowed to trace)")
+@pytest.mark.parametrize("policy", ["replace", "keep"])
+def test_the_file_and_folder_a_resend_is_answered_by_are_the_ones_flushed(tmp_path: Path, policy: str) -> None:
+    """The test above counts flushes; this one traces them (``strace -y``
+    names each flushed descriptor's file): after the resend, the file at the
+    instance's path and the folder holding its name are among them."""
+    out = tmp_path / "out"
+    script = f"""
+import os, sys
+from pathlib import Path
+import pydicom
+from scp.config import ServeConfig
+from scp.enums import Duplicate, Fsync
+from scp.jobs import store_received
+from scp.store.tmp import new_tmp
+out, source = Path({str(out)!r}), Path({str(FILES[0])!r})
+def received(data):
+    tmp = new_tmp(out)
+    tmp.write_bytes(data)
+    return str(tmp)
+cfg = ServeConfig(out=out, workers=1, fsync=Fsync.ALWAYS, on_duplicate=Duplicate({policy!r}))
+first = store_received(received(source.read_bytes()), "SENDER", cfg)
+data = source.read_bytes()
+if {policy!r} == "keep":  # other bytes of the same instance: the first copy is kept
+    ds = pydicom.dcmread(source)
+    ds.StudyDate = "19990101"
+    path = new_tmp(out)
+    ds.save_as(path, enforce_file_format=True)
+    again = str(path)
+else:
+    again = received(data)
+os.write(2, b"RESEND\\n")
+outcome = store_received(again, "SENDER", cfg)
+print(outcome.destination, first.destination)
+"""
+    trace = tmp_path / "trace.txt"
+    proc = subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,write", "-o", str(trace),
+                           sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    destination, first = proc.stdout.split()
+    assert destination == first
+    lines = trace.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "write(2<" in line and "RESEND" in line)
+    flushed = {m.group(1) for m in map(_FSYNCED.match, lines[start:]) if m}
+    final = out / destination
+    assert str(final) in flushed, flushed
+    assert str(final.parent) in flushed, flushed
+    assert final.read_bytes() == FILES[0].read_bytes()
 
 
 def test_serve_config_defaults_to_always() -> None:
