@@ -23,6 +23,9 @@ class SourceChanged(StoreError):
     """A source file was replaced or written to while it was being sorted: it
     is neither placed from its new bytes nor removed (a rerun sorts it)."""
 
+    #: True once a move's link in DST (the source's own file) was removed with it
+    unfiled: bool = False
+
 
 class FolderGone(StoreError):
     """The folder a file was being named into was removed meanwhile (a

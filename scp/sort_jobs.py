@@ -60,7 +60,7 @@ _SORTED = {
 }
 _REPLACED_WHY = {
     Mode.COPY: "a link or a hard link of the source held the name; now a copy",
-    Mode.MOVE: "a link or a hard link of the source held the name; now the file itself",
+    Mode.MOVE: "a link, or a file another name shares (a hard link), held the name; now the file itself",
     Mode.HARDLINK: "a symbolic link held the name; now a hard link",
     Mode.SYMLINK: "replaced what held the name",
 }
@@ -107,9 +107,9 @@ def sort_file(
         if mode is Mode.MOVE:
             mode = Mode.COPY
         fast = None
-    elif fsops.SOURCES is not None and not fsops.SOURCES.reaches(path):
-        return _through_swapped_link(path)
     try:
+        if not via_link and fsops.SOURCES is not None and not fsops.SOURCES.reaches(path):
+            return _through_swapped_link(path)
         # (O_NONBLOCK: a FIFO put in its place since the walk must not block the worker)
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -302,8 +302,10 @@ def _named(
 def _unremoved(o: Outcome, exc: OSError | SourceChanged) -> Outcome:
     if isinstance(exc, FileNotFoundError):  # someone else removed it: it is in place
         return o
-    # (its copy is in place: the row names it, and a rename of it to ~N after the walk finds it)
-    return Outcome(Result.FAILED, o.source, o.destination, failure_reason(exc))
+    # (its copy is in place: the row names it, and a rename of it to ~N after the walk finds it;
+    # unless that was the source's own file, a hard link, removed with it: nothing is filed)
+    unfiled = isinstance(exc, SourceChanged) and exc.unfiled
+    return Outcome(Result.FAILED, o.source, "" if unfiled else o.destination, failure_reason(exc))
 
 
 def sort_claims(

@@ -19,7 +19,7 @@ from scp.store.fsops import identity
 from scp.store.place import PENDING, PLACED, TAKEN, MoveBatch, SortBatch, place
 from scp.store.tmp import TMP_DIRNAME
 
-from conftest import TEST_FILES
+from conftest import TEST_FILES, run_cli
 
 CT = TEST_FILES / "CT_small.dcm"
 MR = TEST_FILES / "MR_small.dcm"
@@ -62,8 +62,10 @@ def test_sort_files_moves_a_batch_and_reports_each_file(tmp_path: Path) -> None:
     cfg = SortConfig(src=src, dst=tmp_path / "dst", mode=Mode.MOVE, workers=1)
     cfg.dst.mkdir()
     outcomes = sort_files([*map(str, paths), str(src / "b" / "notes.txt")], cfg)
+    # (the second CT: the first one's name in DST is still a hard link of its source, which
+    # a write would change, so the move makes it a file of its own)
     assert [o.result for o in outcomes] == [
-        Status.STORED, Status.STORED, Status.ALREADY, Status.SKIPPED
+        Status.STORED, Status.STORED, Status.REPLACED, Status.SKIPPED
     ], outcomes
     assert not any(Path(p).exists() for p in paths)
     assert (src / "b" / "notes.txt").exists()
@@ -158,7 +160,10 @@ def test_a_moved_source_changed_before_its_removal_is_kept(tmp_path: Path, chang
     done = batch.finish()
     assert list(done) == [str(src)] and isinstance(done[str(src)], SourceChanged), done
     assert src.read_bytes() == expect_src
-    assert final.read_bytes() == (CT.read_bytes() if change == "replaced" else expect_src)
+    if change == "replaced":  # the file read stays in DST: its only name
+        assert final.read_bytes() == CT.read_bytes() and not done[str(src)].unfiled
+    else:  # its link in DST was the same file, changed too: never filed as the instance
+        assert not final.exists() and done[str(src)].unfiled
 
 
 @pytest.mark.parametrize("when", ["before the copy", "before the removal"])
@@ -245,4 +250,133 @@ def test_a_folder_swapped_for_a_link_before_its_sources_are_removed_removes_noth
         fsops.SOURCES = None
     assert list(failed) == [str(source)] and isinstance(failed[str(source)], SourceChanged), failed
     assert (outside / "IM1").read_bytes() == CT.read_bytes()  # nothing removed through the link
-    assert final.read_bytes() == CT.read_bytes()
+    # and its link in DST, which a write to that file would change, is not filed
+    assert not final.exists() and (src / "d.real" / "IM1").read_bytes() == CT.read_bytes()
+
+
+def test_a_twin_is_not_removed_on_the_strength_of_a_link_its_source_still_shares(tmp_path: Path) -> None:
+    """Two sources with the same bytes in one batch: the first gets its name
+    as a hard link, the second found those bytes there and was removed as
+    `already`. The first's source was then cut short before its own removal:
+    it stayed, "changed", and its link in DST (the same file) held the
+    fragment, filed as the instance; the bytes of both were nowhere. The
+    second now makes that name a file of its own before it is removed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    first, twin = (Path(shutil.copy2(CT, src / name)) for name in ("a.dcm", "b.dcm"))
+    dst = tmp_path / "dst"
+    final = dst / "P" / "S" / "1.dcm"
+    fast, batch = SortBatch(dst, Mode.MOVE, durable=False), MoveBatch(durable=False)
+    fd, st = _opened(first)
+    try:
+        assert fast.claim(first, fd, st, final) == PLACED
+    finally:
+        os.close(fd)
+    name, placement = place(twin, dst, PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch,
+                            expect=identity(os.stat(twin)))
+    assert (name, placement) == (final, Placement.REPLACED)
+    os.truncate(first, CT.stat().st_size // 2)  # a writer cuts the first source short
+    done = fast.finish()
+    assert isinstance(done.get(str(first)), SourceChanged) and not done[str(first)].unfiled, done
+    assert batch.finish() == {}
+    assert not twin.exists()
+    assert final.read_bytes() == CT.read_bytes()  # the twin's bytes: filed, whole
+    assert first.stat().st_size == CT.stat().st_size // 2 and final.stat().st_nlink == 1
+
+
+def test_a_move_changed_after_its_link_leaves_no_fragment_filed(tmp_path: Path) -> None:
+    """The same through sort_files: a source cut short after its header was
+    read (here: before its batch is sorted, so its link takes the cut file)
+    is refused, and nothing of it is in DST."""
+    src = tmp_path / "src"
+    src.mkdir()
+    source = Path(shutil.copy2(CT, src / "a.dcm"))
+    dst = tmp_path / "dst"
+    fast = SortBatch(dst, Mode.MOVE, durable=False)
+    final = dst / "P" / "S" / "1.dcm"
+    fd, st = _opened(source)
+    try:
+        assert fast.claim(source, fd, st, final) == PLACED
+    finally:
+        os.close(fd)
+    with open(source, "r+b") as f:
+        f.truncate(1000)
+    done = fast.finish()
+    assert done[str(source)].unfiled and "not filed" in str(done[str(source)])
+    assert list(dst.rglob("*.dcm")) == [] and source.stat().st_size == 1000
+
+
+def test_a_copy_rewritten_with_its_time_put_back_is_refused(tmp_path: Path) -> None:
+    """A writer that puts the modification time back (``touch -r``, ``rsync
+    --inplace -t``) while a file is copied (a move to another file system):
+    size and time were the same, so the source was removed and DST held the
+    old bytes. The change time, which no one can set back, tells."""
+    from scp.store.place import _copy_into
+
+    source = Path(shutil.copy2(CT, tmp_path / "a.dcm"))
+    fd, st = _opened(source)
+    out = os.open(tmp_path / "copy.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(source, "r+b") as f:
+            f.seek(1000)
+            f.write(b"\x55" * 64)
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert identity(os.stat(source)) == identity(st)  # size and time as read
+        with pytest.raises(SourceChanged):
+            _copy_into(fd, out, st)
+    finally:
+        os.close(out)
+        os.close(fd)
+
+
+def test_a_move_does_not_take_a_file_shared_with_one_outside_dst_for_its_copy(tmp_path: Path) -> None:
+    """A `hardlink` sort left DST's file a hard link of a working copy outside
+    DST; a move of the same bytes was `already` against it and removed its
+    source, so the next edit of the working copy changed the archive, and
+    the moved bytes were nowhere. The move now gives the name a file of its own."""
+    work, incoming, dst = tmp_path / "work", tmp_path / "incoming", tmp_path / "dst"
+    work.mkdir()
+    incoming.mkdir()
+    shutil.copy2(CT, work / "x.dcm")
+    shutil.copy2(CT, incoming / "y.dcm")
+    assert run_cli("sort", "--mode", "hardlink", work, dst).returncode == 0
+    report = tmp_path / "r.csv"
+    proc = run_cli("sort", "--mode", "move", "--report", report, incoming, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert ",replaced," in report.read_text(), report.read_text()
+    assert not (incoming / "y.dcm").exists()
+    with open(work / "x.dcm", "r+b") as f:  # the working copy edited in place
+        f.seek(2000)
+        f.write(b"\x00" * 32)
+    (filed,) = [p for p in dst.rglob("*.dcm")]
+    assert filed.read_bytes() == CT.read_bytes()
+
+
+def test_a_path_too_long_only_as_an_absolute_one_fails_with_its_reason(tmp_path: Path) -> None:
+    """SRC given as a relative path whose files are within PATH_MAX that way
+    but not as absolute paths: the check of their folders took the error for
+    a folder swapped for a link ("skipped", exit 0), and the file was not
+    filed. It fails (exit 1) with the system's reason, as with an absolute SRC."""
+    deep = tmp_path / "s"
+    parts = ["s"]
+    while (room := 4095 - len("/IM1") - len("/".join(parts)) - 1) > 0:
+        parts.append("d" * min(200, room))
+    rel = Path(*parts)
+    # (made piecewise, relative to the folder below: each call's path stays short)
+    here = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for part in rel.parts:
+            os.mkdir(part, dir_fd=here)
+            nxt = os.open(part, os.O_RDONLY, dir_fd=here)
+            os.close(here)
+            here = nxt
+        with open(os.open("IM1", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=here), "wb") as f:
+            f.write(CT.read_bytes())
+    finally:
+        os.close(here)
+    assert len(os.fspath(rel / "IM1")) < 4096 <= len(os.fspath(tmp_path / rel / "IM1"))
+    proc = run_cli("sort", rel.parts[0], tmp_path / "dst", cwd=tmp_path)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "File name too long" in proc.stdout + proc.stderr, (proc.stdout, proc.stderr)
+    assert "symbolic link" not in proc.stdout + proc.stderr
+    assert deep.exists()

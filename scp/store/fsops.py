@@ -51,8 +51,8 @@ class SourceTree:
             return True  # not under SRC (a link's target, read on purpose): not ours to judge
         try:
             st = os.lstat(folder)
-        except OSError:
-            return False
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # (any other error, such as a path too long, is the caller's to report)
         ident = (st.st_dev, st.st_ino)
         if folder not in self.seen:
             real = rel == "." or os.path.realpath(folder) == os.path.join(self.real, rel)
@@ -69,9 +69,17 @@ SOURCES: SourceTree | None = None
 LEAVING_PREFIX = ".sortscp-leaving-"
 
 
-def remove_source(path: Path, expect: Identity | None) -> None:
+def remove_source(path: Path, expect: Identity | None, placed: Path | None = None) -> None:
     """Remove the source `path` of a move, if it is still the file `expect`
     describes; else :class:`~scp.errors.SourceChanged` and it stays.
+
+    `placed` is the move's name in DST. A move within one file system makes
+    it a hard link of the source: until the source's name is removed, a
+    write to the source writes that file too. So when the source stays, its
+    link in DST is removed as well (:func:`unfile`): DST never keeps, as the
+    instance, bytes that changed after their header was read, and no other
+    move takes that shared file for a copy of its own (see
+    :func:`~scp.store.place.scan`).
 
     Checking the name and then unlinking it would remove a new version
     another process renames over `path` in between. So the name is first
@@ -80,6 +88,30 @@ def remove_source(path: Path, expect: Identity | None) -> None:
     keeps the aside name then, named in the error). A move killed in between
     leaves the source under ``.sortscp-leaving-*`` beside it: a rerun finds
     it already in place and removes it."""
+    try:
+        _remove_source(path, expect)
+    except SourceChanged as exc:
+        if placed is not None and expect is not None and unfile(placed, expect):
+            exc.unfiled = True
+            exc.args = (f"{exc.args[0]} (its link in DST, the same file, is removed: not filed)",)
+        raise
+
+
+def unfile(placed: Path, expect: Identity) -> bool:
+    """Remove the name `placed` (in DST) if it is a hard link of the file
+    `expect` describes that has another name too (never a file's last name);
+    whether it did."""
+    try:
+        st = os.lstat(placed)
+        if (st.st_dev, st.st_ino) != expect[:2] or st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+            return False
+        os.unlink(placed)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_source(path: Path, expect: Identity | None) -> None:
     if SOURCES is not None and not SOURCES.reaches(path):
         raise SourceChanged(f"{path}: a folder on its path became a symbolic link during the run; "
                             "nothing is removed through it")

@@ -113,9 +113,15 @@ def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
         if not same_content(src, candidate):
             continue
         link = os.path.islink(candidate)
-        if mode in (Mode.COPY, Mode.MOVE):
+        if mode is Mode.COPY:
             own_inode = not link and _same_inode(src, candidate)
             return candidate, _STALE if link or own_inode else _IDENTICAL
+        if mode is Mode.MOVE:
+            # Removing the source needs a real copy of its own: not a link, nor a
+            # file another name shares (the source itself; a move of this run
+            # whose source is not removed yet; a file outside DST that a
+            # hardlink sort put there), whose next write would change it.
+            return candidate, _STALE if link or _shared(candidate) else _IDENTICAL
         if mode is Mode.HARDLINK:
             return candidate, _STALE if link else _IDENTICAL
         return candidate, _IDENTICAL
@@ -245,13 +251,21 @@ def _finish_move(
     if durable and identical and not _same_inode(src, name):
         fsync_path(name)  # stored by an earlier copy that may not be on disk yet
     if batch is not None:
-        batch.remove_after_flush(src, name.parent, expect)
+        batch.remove_after_flush(src, name, expect)
         return
     if durable:
         fsync_dir(name.parent)
-    remove_source(src, expect)
+    remove_source(src, expect, name)
     if durable:
         fsync_dir(src.parent)
+
+
+def _shared(path: Path) -> bool:
+    """Whether the file at `path` has another name too (a hard link)."""
+    try:
+        return os.lstat(path).st_nlink > 1
+    except OSError:
+        return False
 
 
 def _same_inode(a: Path, b: Path) -> bool:
@@ -275,11 +289,12 @@ class MoveBatch:
     def __init__(self, durable: bool = True) -> None:
         self.durable = durable
         self._flush: dict[Path, None] = {}
-        self._sources: list[tuple[Path, Identity | None]] = []
+        self._sources: list[tuple[Path, Identity | None, Path]] = []
 
-    def remove_after_flush(self, src: Path, dst_folder: Path, expect: Identity | None = None) -> None:
-        self._flush.setdefault(dst_folder)
-        self._sources.append((src, expect))
+    def remove_after_flush(self, src: Path, placed: Path, expect: Identity | None = None) -> None:
+        """Remove `src` in :meth:`finish`, once the folder of its name `placed` is flushed."""
+        self._flush.setdefault(placed.parent)
+        self._sources.append((src, expect, placed))
 
     def finish(self) -> dict[str, OSError | SourceChanged]:
         """Flush, remove the sources (each while it is still the file placed);
@@ -289,9 +304,9 @@ class MoveBatch:
                 fsync_dir(folder)
         failed: dict[str, OSError | SourceChanged] = {}
         emptied: dict[Path, None] = {}
-        for src, expect in self._sources:
+        for src, expect, placed in self._sources:
             try:
-                remove_source(src, expect)
+                remove_source(src, expect, placed)
             except (OSError, SourceChanged) as exc:
                 failed[os.fspath(src)] = exc
                 continue
@@ -345,7 +360,7 @@ class SortBatch:
         self.root, self.mode, self.durable = root, mode, durable
         self._folders: set[Path] = set()
         self._copies: list[tuple[str, Path, Path]] = []  # source, temporary file, final
-        self._moved: list[tuple[Path, Identity]] = []
+        self._moved: list[tuple[Path, Identity, Path]] = []  # source, as read, its name
         self._made: dict[Path, None] = {}  # folders that got new entries
         self._tmp: Path | None = None
 
@@ -386,7 +401,7 @@ class SortBatch:
         if self.mode is not Mode.SYMLINK:
             _check_link(src, final, read)
         if self.mode is Mode.MOVE:
-            self._moved.append((src, read))
+            self._moved.append((src, read, final))
         return PLACED
 
     def finish(self) -> dict[str, str | Exception]:
@@ -417,9 +432,9 @@ class SortBatch:
                 for folder in self._made:
                     fsync_dir(folder)
             emptied: dict[Path, None] = {}
-            for src, read in self._moved:
+            for src, read, final in self._moved:
                 try:
-                    remove_source(src, read)
+                    remove_source(src, read, final)
                 except (OSError, SourceChanged) as exc:
                     results[os.fspath(src)] = exc
                     continue
@@ -500,6 +515,6 @@ def _copy_into(fd: int, out: int, st: os.stat_result) -> None:
                 raise
     os.chmod(out, stat.S_IMODE(st.st_mode))
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-    now = os.fstat(fd)
-    if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+    now = os.fstat(fd)  # (the change time too: a writer can put the modification time back)
+    if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
         raise SourceChanged("the file was written to while it was being copied; left in place, run again")
