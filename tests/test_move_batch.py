@@ -254,13 +254,10 @@ def test_a_folder_swapped_for_a_link_before_its_sources_are_removed_removes_noth
     assert not final.exists() and (src / "d.real" / "IM1").read_bytes() == CT.read_bytes()
 
 
-def test_a_twin_is_not_removed_on_the_strength_of_a_link_its_source_still_shares(tmp_path: Path) -> None:
-    """Two sources with the same bytes in one batch: the first gets its name
-    as a hard link, the second found those bytes there and was removed as
-    `already`. The first's source was then cut short before its own removal:
-    it stayed, "changed", and its link in DST (the same file) held the
-    fragment, filed as the instance; the bytes of both were nowhere. The
-    second now makes that name a file of its own before it is removed."""
+def _twins_in_one_batch(tmp_path: Path) -> tuple[Path, Path, Path, SortBatch, MoveBatch]:
+    """Two sources with the same bytes: the first linked at its name by the
+    fast path, the twin placed after it (not yet finished): both sources,
+    the name, the two batches."""
     src = tmp_path / "src"
     src.mkdir()
     first, twin = (Path(shutil.copy2(CT, src / name)) for name in ("a.dcm", "b.dcm"))
@@ -275,6 +272,17 @@ def test_a_twin_is_not_removed_on_the_strength_of_a_link_its_source_still_shares
     name, placement = place(twin, dst, PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch,
                             expect=identity(os.stat(twin)))
     assert (name, placement) == (final, Placement.REPLACED)
+    return first, twin, final, fast, batch
+
+
+def test_a_twin_is_not_removed_on_the_strength_of_a_link_its_source_still_shares(tmp_path: Path) -> None:
+    """Two sources with the same bytes in one batch: the first gets its name
+    as a hard link, the second found those bytes there and was removed as
+    `already`. The first's source was then cut short before its own removal:
+    it stayed, "changed", and its link in DST (the same file) held the
+    fragment, filed as the instance; the bytes of both were nowhere. The
+    second now makes that name a file of its own before it is removed."""
+    first, twin, final, fast, batch = _twins_in_one_batch(tmp_path)
     os.truncate(first, CT.stat().st_size // 2)  # a writer cuts the first source short
     done = fast.finish()
     assert isinstance(done.get(str(first)), SourceChanged) and not done[str(first)].unfiled, done
@@ -380,3 +388,38 @@ def test_a_path_too_long_only_as_an_absolute_one_fails_with_its_reason(tmp_path:
     assert "File name too long" in proc.stdout + proc.stderr, (proc.stdout, proc.stderr)
     assert "symbolic link" not in proc.stdout + proc.stderr
     assert deep.exists()
+
+
+def test_a_twin_that_makes_the_name_its_own_leaves_a_copy_that_backs_both_sources(tmp_path: Path) -> None:
+    """The first source's name in DST is still its hard link when a twin (of
+    another worker, or later in the batch) finds it: had the twin put its own
+    link there, the first source would be removed on the strength of bytes
+    that the twin's source still shares, and a write to the twin then took
+    them from DST too (the attack's mutation campaign lost such files). The
+    twin puts a copy of its own there, which backs the first one's removal."""
+    first, twin, final, fast, batch = _twins_in_one_batch(tmp_path)
+    assert final.stat().st_nlink == 1 and final.stat().st_ino not in (first.stat().st_ino, twin.stat().st_ino)
+    assert fast.finish() == {} and not first.exists()  # the copy backs it: the same bytes, its own file
+    with open(twin, "ab") as f:  # the twin written to before its own removal
+        f.write(b"\0" * 16)
+    done = batch.finish()
+    assert isinstance(done.get(str(twin)), SourceChanged), done
+    assert twin.read_bytes() == CT.read_bytes() + b"\0" * 16
+    assert final.read_bytes() == CT.read_bytes()  # the first source's bytes, still filed
+
+
+def test_a_source_whose_name_in_dst_no_longer_holds_its_bytes_is_kept(tmp_path: Path) -> None:
+    """A source is removed only while its name in DST still backs it: here
+    that name was given other bytes (a file no other name shares) before
+    the removal; the source stays, "run again"."""
+    source = Path(shutil.copy2(CT, tmp_path / "a.dcm"))
+    dst = tmp_path / "dst"
+    batch = MoveBatch(durable=False)
+    final, _ = place(source, dst, PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch,
+                     expect=identity(os.stat(source)))
+    other = final.with_name("other")
+    other.write_bytes(MR.read_bytes())
+    os.replace(other, final)
+    done = batch.finish()
+    assert "holds another file now" in str(done.get(str(source))), done
+    assert source.read_bytes() == CT.read_bytes()

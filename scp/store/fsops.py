@@ -69,17 +69,26 @@ SOURCES: SourceTree | None = None
 LEAVING_PREFIX = ".sortscp-leaving-"
 
 
-def remove_source(path: Path, expect: Identity | None, placed: Path | None = None) -> None:
+def remove_source(
+    path: Path, expect: Identity | None, placed: Path | None = None, backing: Identity | None = None,
+) -> None:
     """Remove the source `path` of a move, if it is still the file `expect`
     describes; else :class:`~scp.errors.SourceChanged` and it stays.
 
-    `placed` is the move's name in DST. A move within one file system makes
-    it a hard link of the source: until the source's name is removed, a
-    write to the source writes that file too. So when the source stays, its
-    link in DST is removed as well (:func:`unfile`): DST never keeps, as the
-    instance, bytes that changed after their header was read, and no other
-    move takes that shared file for a copy of its own (see
-    :func:`~scp.store.place.scan`).
+    `placed` is the move's name in DST, and `backing` the identity of the
+    file the move left there (default `expect`: the source's own hard
+    link). The source is removed only while that name still backs it: the
+    same file, the source's own or one no other name shares; or else (a
+    twin of this run made it a copy of its own meanwhile) a file no other
+    name shares with the source's bytes. Otherwise it stays
+    (:class:`~scp.errors.SourceChanged`, "run again").
+
+    A move within one file system makes `placed` a hard link of the source:
+    until the source's name is removed, a write to the source writes that
+    file too. So when the source stays, changed, its link in DST is removed
+    as well (:func:`unfile`): DST never keeps, as the instance, bytes that
+    changed after their header was read, and no other move takes that shared
+    file for a copy of its own (see :func:`~scp.store.place.scan`).
 
     Checking the name and then unlinking it would remove a new version
     another process renames over `path` in between. So the name is first
@@ -89,7 +98,7 @@ def remove_source(path: Path, expect: Identity | None, placed: Path | None = Non
     leaves the source under ``.sortscp-leaving-*`` beside it: a rerun finds
     it already in place and removes it."""
     try:
-        _remove_source(path, expect)
+        _remove_source(path, expect, placed, backing or expect)
     except SourceChanged as exc:
         if placed is not None and expect is not None and unfile(placed, expect):
             exc.unfiled = True
@@ -111,7 +120,23 @@ def unfile(placed: Path, expect: Identity) -> bool:
     return True
 
 
-def _remove_source(path: Path, expect: Identity | None) -> None:
+def _backs(placed: Path, backing: Identity | None, source: Path, expect: Identity) -> bool:
+    """Whether the file at `placed` is a copy that lets the source (renamed
+    `source` now, the file `expect`) go: see :func:`remove_source`."""
+    try:
+        st = os.lstat(placed)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    own = (st.st_dev, st.st_ino) == expect[:2]
+    if identity(st) == backing and (own or st.st_nlink == 1):
+        return True
+    # (rare: a twin of this run gave the name a copy of its own since)
+    return not own and st.st_nlink == 1 and same_content(source, placed)
+
+
+def _remove_source(path: Path, expect: Identity | None, placed: Path | None, backing: Identity | None) -> None:
     if SOURCES is not None and not SOURCES.reaches(path):
         raise SourceChanged(f"{path}: a folder on its path became a symbolic link during the run; "
                             "nothing is removed through it")
@@ -127,7 +152,8 @@ def _remove_source(path: Path, expect: Identity | None) -> None:
         ours = identity(os.lstat(aside)) == expect
     except OSError:
         ours = False
-    if ours:
+    backed = not ours or placed is None or _backs(placed, backing, aside, expect)
+    if ours and backed:
         os.unlink(aside)
         return
     try:
@@ -141,6 +167,8 @@ def _remove_source(path: Path, expect: Identity | None) -> None:
         os.rename(aside, path)  # (not a file one can link: put it back as it was)
     else:
         os.unlink(aside)
+    if not backed:
+        raise SourceChanged(f"{path}: its name in DST ({placed}) holds another file now; left in place, run again")
     raise source_changed(path)
 
 

@@ -26,8 +26,10 @@ from scp.store.fsops import (
 )
 from scp.store.tmp import new_tmp, tmp_dir, tmp_prefix, unlink_quietly
 
-#: What a sort may find at a name that holds the bytes it brings.
-_IDENTICAL, _STALE = "identical", "stale"
+#: What a sort may find at a name that holds the bytes it brings: as the mode
+#: makes it; to replace (a link, the source's own hard link); for a move, a
+#: file another name shares, to replace by a copy of its own.
+_IDENTICAL, _STALE, _SHARED = "identical", "stale", "shared"
 
 
 def place(
@@ -80,7 +82,8 @@ def place(
             if kind == _IDENTICAL:
                 _finish_move(src, name, mode, batch, identical=True, durable=durable, expect=expect)
                 return name, Placement.IDENTICAL
-            place_at(src, root, name, mode, durable=durable, replace=True, batch=batch, expect=expect)
+            place_at(src, root, name, mode, durable=durable, replace=True, batch=batch, expect=expect,
+                     own_copy=kind == _SHARED)
             return name, Placement.REPLACED
         free = next(c for c in candidates(final, Duplicate.BOTH) if not os.path.lexists(c))
         if free != final and defer:
@@ -120,8 +123,12 @@ def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
             # Removing the source needs a real copy of its own: not a link, nor a
             # file another name shares (the source itself; a move of this run
             # whose source is not removed yet; a file outside DST that a
-            # hardlink sort put there), whose next write would change it.
-            return candidate, _STALE if link or _shared(candidate) else _IDENTICAL
+            # hardlink sort put there), whose next write would change it. That
+            # one is replaced by a copy: a link of this source would be shared
+            # in turn until its removal, and back no other source meanwhile.
+            if link or _same_inode(src, candidate):
+                return candidate, _STALE
+            return candidate, _SHARED if _shared(candidate) else _IDENTICAL
         if mode is Mode.HARDLINK:
             return candidate, _STALE if link else _IDENTICAL
         return candidate, _IDENTICAL
@@ -130,12 +137,13 @@ def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
 
 def place_at(
     src: Path, root: Path, name: Path, mode: Mode, *, durable: bool, replace: bool,
-    batch: MoveBatch | None = None, expect: Identity | None = None,
+    batch: MoveBatch | None = None, expect: Identity | None = None, own_copy: bool = False,
 ) -> None:
     """Give `name` the content of `src` as `mode` makes it: create it (a link,
     which never overwrites: ``FileExistsError`` if taken) or, with `replace`,
     atomically replace what is there. A move then removes `src` (see
-    :func:`place`, and its `expect`)."""
+    :func:`place`, and its `expect`); with `own_copy`, it puts a copy there,
+    not a link of `src`."""
     ensure_parent(root, name, durable)
     if mode is Mode.MOVE and replace and _same_inode(src, name) and not os.path.islink(name):
         _finish_move(src, name, mode, batch, identical=False, durable=durable,
@@ -154,7 +162,7 @@ def place_at(
         try:
             unlink_quietly(tmp)
             try:
-                expect = _make(src, tmp, mode, expect)
+                expect = _make(src, tmp, Mode.COPY if own_copy else mode, expect)
             except OSError as exc:
                 if exc.errno != errno.EXDEV or mode is not Mode.MOVE:
                     raise
@@ -250,12 +258,13 @@ def _finish_move(
         return
     if durable and identical and not _same_inode(src, name):
         fsync_path(name)  # stored by an earlier copy that may not be on disk yet
+    backing = identity(os.lstat(name))  # what must still be there when the source goes
     if batch is not None:
-        batch.remove_after_flush(src, name, expect)
+        batch.remove_after_flush(src, name, expect, backing)
         return
     if durable:
         fsync_dir(name.parent)
-    remove_source(src, expect, name)
+    remove_source(src, expect, name, backing)
     if durable:
         fsync_dir(src.parent)
 
@@ -289,12 +298,14 @@ class MoveBatch:
     def __init__(self, durable: bool = True) -> None:
         self.durable = durable
         self._flush: dict[Path, None] = {}
-        self._sources: list[tuple[Path, Identity | None, Path]] = []
+        self._sources: list[tuple[Path, Identity | None, Path, Identity | None]] = []
 
-    def remove_after_flush(self, src: Path, placed: Path, expect: Identity | None = None) -> None:
-        """Remove `src` in :meth:`finish`, once the folder of its name `placed` is flushed."""
+    def remove_after_flush(self, src: Path, placed: Path, expect: Identity | None = None,
+                           backing: Identity | None = None) -> None:
+        """Remove `src` in :meth:`finish`, once the folder of its name `placed`
+        is flushed (see :func:`~scp.store.fsops.remove_source`)."""
         self._flush.setdefault(placed.parent)
-        self._sources.append((src, expect, placed))
+        self._sources.append((src, expect, placed, backing))
 
     def finish(self) -> dict[str, OSError | SourceChanged]:
         """Flush, remove the sources (each while it is still the file placed);
@@ -304,9 +315,9 @@ class MoveBatch:
                 fsync_dir(folder)
         failed: dict[str, OSError | SourceChanged] = {}
         emptied: dict[Path, None] = {}
-        for src, expect, placed in self._sources:
+        for src, expect, placed, backing in self._sources:
             try:
-                remove_source(src, expect, placed)
+                remove_source(src, expect, placed, backing)
             except (OSError, SourceChanged) as exc:
                 failed[os.fspath(src)] = exc
                 continue
