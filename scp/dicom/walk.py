@@ -632,6 +632,18 @@ class DatasetWalker:
                         return n
                     i = j
                     pos = end
+                    if tag == 0 and length == 0 and buf[i : i + 8] == _ZERO_HEADER:
+                        # A run of zero bytes (padding; a deflate bomb) reads as
+                        # empty (0000,0000) elements, each noted as the first one
+                        # was: taken in one step, not one slow header at a time.
+                        run = _zero_run(buf, i, min(n, limit - base))
+                        count += run // 8
+                        if count > MAX_ELEMENTS:
+                            raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+                        if top:
+                            self._note("top-level tag (0000,0000) out of order", True)
+                        i += run
+                        pos += run
                     if pos == fr_end or n - i < 8:
                         break
                     if count > MAX_ELEMENTS:
@@ -645,6 +657,23 @@ class DatasetWalker:
                     self._leading = leading
             if count > MAX_ELEMENTS:
                 raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+
+
+_ZERO_HEADER = bytes(8)
+
+
+def _zero_run(buf, i: int, stop: int) -> int:
+    """How many bytes of whole 8-byte groups of zeros start `buf[i:stop]`
+    (looked at in growing pieces: the cost is the run's, not the buffer's)."""
+    run, step = 0, 64
+    while i + run < stop:
+        seg = bytes(buf[i + run : min(stop, i + run + step)])
+        zeros = len(seg) - len(seg.lstrip(b"\0"))
+        run += zeros
+        if zeros < len(seg):
+            break
+        step = min(step * 2, 1 << 20)
+    return run - run % 8
 
 
 def walk_file(
