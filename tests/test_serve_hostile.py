@@ -40,6 +40,7 @@ import pdu
 from conftest import run_cli
 from localnet import descendants
 from pdu import LAST, Peer
+from serve_helpers import wait_until
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
@@ -523,6 +524,36 @@ def test_c_store_without_dataset_is_refused_and_files_nothing_from_cwd(serve_pro
     assert status == CANNOT_UNDERSTAND, f"status 0x{status:04X}, layout {filed}\n{server.log()}"
     assert filed == [], "a file of the server's working directory was filed"
     assert (cwd / "None").is_file()
+    still_serving(server)
+
+
+def test_a_dataset_cut_by_an_early_last_bit_is_refused_in_one_line_and_nothing_sent_after_the_abort(
+        serve_process):
+    """The last-fragment bit set too early, then one more dataset fragment in
+    the same write: the cut dataset is refused (0xC000) and the association
+    aborted for the stray fragment; the response was then still sent on the
+    aborted association, and pynetdicom's state machine logged two ERROR
+    lines of its own ("Invalid event 'Evt9' ... 'Sta13'"). Tried five times:
+    the order of the two depends on timing."""
+    server = serve_process(*FAST)
+    ds = ct_dataset()
+    data = encode_ds(ds)
+    for _ in range(5):
+        with Peer(server.port) as peer:
+            cid = peer.associate(CT_CONTEXT).accepted_ids()[0]
+            command = pdu.c_store_rq(pdu.CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+            peer.send(pdu.p_data((cid, pdu.COMMAND | LAST, command)) + pdu.p_data((cid, LAST, data[:20000]))
+                      + pdu.p_data((cid, 0, data[20000:])))
+            try:
+                while peer.read_pdu(5).kind != pdu.A_ABORT:
+                    pass
+            except (pdu.PeerClosed, OSError, TimeoutError):
+                pass
+    wait_until(lambda: len(log_lines(server, "aborting the association")) == 5, timeout=20, what="5 aborts")
+    time.sleep(0.5)
+    assert log_lines(server, r"\spynetdicom\.") == [], server.log()  # (pynetdicom's own loggers)
+    assert len(log_lines(server, r"C-STORE failed .* -> status 0xC000")) <= 5, server.log()
+    assert layout_files(server.out) == []
     still_serving(server)
 
 

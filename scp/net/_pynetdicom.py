@@ -369,6 +369,7 @@ def _protocol_error(msg: DIMSEMessage, assoc: Any, why: str) -> bool:
     log.warning("aborting the association with %s: %s", safe(_peer(assoc)), why,
                    extra={"event": "protocol_error", "reason": why})
     if assoc is not None:
+        assoc._sortscp_aborting = True  # (nothing more is sent on it: see _dimse_send_msg)
         assoc.dul.event_queue.put("Evt19")
     return False
 
@@ -1119,6 +1120,16 @@ def _dul_run_reactor(self: Any) -> None:
             except queue.Empty:
                 _dul_wait(self, state)
                 continue
+            if event == "Evt9" and self.state_machine.current_state == "Sta13":
+                # A P-DATA (a C-STORE's response) queued just as the association was
+                # aborted: no one to send it to. pynetdicom's state machine would
+                # log two ERROR lines for it, which say nothing to an operator.
+                log.debug("a P-DATA after the abort of the association with %s: not sent", _who(self))
+                try:
+                    self.to_provider_queue.get(block=False)
+                except queue.Empty:
+                    pass
+                continue
             try:
                 self.state_machine.do_action(event)
             except fsm.InvalidEventError as exc:
@@ -1468,8 +1479,8 @@ def _serve_store(assoc: Any, request: StoreRequest, context_id: int) -> None:
             os.unlink(sink.name)
         except OSError:
             pass
-    if not assoc.is_established:
-        return
+    if not assoc.is_established or _aborting(assoc):
+        return  # (the status is in the handler's line; no one is left to hear it)
     if not isinstance(status, int) or not 0 <= status <= 0xFFFF:
         log.error("the EVT_C_STORE handler returned %r, not a status", status)
         status = HANDLER_FAILED
@@ -1565,11 +1576,25 @@ def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
     hand and sent as one PDV. pynetdicom's path stays for everything else, for
     a response that would not fit one PDU, and whenever something else than
     its debug logger listens to ``EVT_DIMSE_SENT`` (or that logger is on):
-    that event needs the message object this path never builds."""
+    that event needs the message object this path never builds. Nothing is
+    sent on an association already aborted (a response to a dataset whose
+    association was aborted while it was checked): pynetdicom's state machine
+    would refuse it in Sta13 with two ERROR lines of its own."""
+    if _aborting(self.assoc):
+        log.debug("%s not sent: the association is aborted", type(primitive).__name__)
+        return
     fields = _plain_store_rsp(primitive)
     if fields is not None and _send_store_rsp(self, context_id, *fields):
         return
     _ORIGINALS.get((DIMSEServiceProvider, "send_msg"), _ORIGINAL_SEND_MSG)(self, primitive, context_id)
+
+
+def _aborting(assoc: Any) -> bool:
+    """Whether `assoc` is aborted, or its abort is on its way (queued by
+    :func:`_protocol_error`): a P-DATA sent now would reach pynetdicom's state
+    machine after the abort, in Sta13, which refuses it with ERROR lines."""
+    return bool(getattr(assoc, "_sortscp_aborting", False) or getattr(assoc, "is_aborted", False)
+                or assoc.dul.state_machine.current_state == "Sta13")
 
 
 def _send_command(dimse: Any, command: bytes, context_id: int) -> bool:
