@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from conftest import DCMTK_ENV, TEST_FILES, cli_env, dcmtk_tool, free_port, run_cli
+from serve_helpers import wait_until
 
 CT = TEST_FILES / "CT_small.dcm"
 #: Seconds any single network step of a test may take before it is a failure.
@@ -253,7 +254,8 @@ def test_tls_refuses_clients_without_a_valid_certificate(serve_process, certs, c
     result = scu(server.port, tls=client_tls(certs, client_cert), store=ct_instance("22"))
     assert not result.established and result.statuses == [], result
     assert layout_files(server.out) == []
-    assert "TLS handshake with 127.0.0.1" in server.log()
+    # the client can see the alert before the server has written its line
+    wait_until(lambda: "TLS handshake with 127.0.0.1" in server.log(), timeout=STEP, what="the handshake line")
     # ... and the server keeps serving a client with a valid certificate
     assert scu(server.port, tls=client_tls(certs)).statuses == [SUCCESS]
 
@@ -412,6 +414,7 @@ def test_a_tls_peer_whose_first_pdu_is_not_a_request_is_refused(serve_process, c
         answer = peer.read_pdu(timeout=10)
         assert answer.kind == pdu.A_ABORT, f"expected an A-ABORT, got PDU type {answer.kind:#x}"
         assert peer.closed_within(5) is not None, "the connection stayed open"
+    wait_until(lambda: "is not an A-ASSOCIATE-RQ" in server.log(), timeout=STEP, what="the refusal line")
     lines = [line for line in server.log().splitlines() if "is not an A-ASSOCIATE-RQ" in line]
     assert len(lines) == 1, server.log()
     assert "(type 0x05)" in lines[0], lines[0]
@@ -451,4 +454,4 @@ def test_tls_peer_dripping_its_dataset_is_cut_off(serve_process, certs, drip):
                 break
     assert cut is not None, f"a TLS peer dripping its dataset was never cut off\n{server.log()}"
     assert cut < 2 + 5, f"cut off only after {cut:.1f} s"
-    assert "DIMSE message still incomplete" in server.log()
+    wait_until(lambda: "DIMSE message still incomplete" in server.log(), timeout=STEP, what="the timeout line")

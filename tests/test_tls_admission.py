@@ -15,6 +15,7 @@ from test_serve_hostile import SUCCESS, _closed_by_server, _connect, ct_bytes, c
 from scp.net.transport import PENDING_PER_HOST, REQUEST_PEEK_LIMIT
 
 import pdu
+from serve_helpers import wait_until
 
 
 def _associate_and_store(peer, uid: str, data: bytes, rq: bytes) -> int:
@@ -209,6 +210,7 @@ def test_tls_port_probes_that_send_nothing_are_not_logged(serve_process, certs):
     assert _closed_by_server([bad], 10.0) == {bad}
     bad.close()
     still_stores_over_tls(server, certs, "AFTERPROBES")
+    wait_until(lambda: "TLS handshake" in server.log(), timeout=10, what="the handshake line")
     lines = [line for line in server.log().splitlines() if "TLS handshake" in line]
     assert len(lines) == 1, server.log()  # the garbage sender's, not the 20 probes'
     assert "Traceback" not in server.log()
