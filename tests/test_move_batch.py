@@ -15,7 +15,7 @@ from scp.enums import Mode, Placement
 from scp.enums import Result as Status
 from scp.errors import SourceChanged
 from scp.sort_jobs import sort_files
-from scp.store.fsops import identity
+from scp.store.fsops import identity, same_file
 from scp.store.place import PENDING, PLACED, TAKEN, MoveBatch, SortBatch, place
 from scp.store.tmp import TMP_DIRNAME
 
@@ -136,6 +136,77 @@ def test_a_source_replaced_after_its_header_was_read_is_not_linked(tmp_path: Pat
     assert batch.finish() == {}
     assert not final.exists()
     assert src.read_bytes() == MR.read_bytes()
+
+
+def _rewrite_keeping_mtime(path: Path) -> bytes:
+    """What a second writer does with ``rsync --inplace -t`` or ``touch -r``:
+    the file rewritten in place as another patient's instance of the same
+    size, its modification time put back. Returns the new bytes."""
+    old = path.read_bytes()
+    assert old.count(b"CompressedSamples^CT1") == 1
+    new = old.replace(b"CompressedSamples^CT1", b"SomeoneElse^Patient22")
+    assert len(new) == len(old)
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert same_file(os.stat(path), identity(st))  # size and times as they were
+    return new
+
+
+@pytest.mark.parametrize("path", ["free name", "taken name"])
+@pytest.mark.parametrize("when", ["before its link", "before its removal"])
+def test_a_source_rewritten_with_its_modification_time_put_back_is_neither_filed_nor_removed(
+    tmp_path: Path, path: str, when: str,
+) -> None:
+    """Size, inode and modification time said nothing had changed: the source
+    was removed, and its name in DST (its hard link) held another patient's
+    instance under the first one's path and name. The change time, which no
+    writer can put back, tells."""
+    src = Path(shutil.copy2(CT, tmp_path / "in.dcm"))
+    dst = tmp_path / "dst"
+    fd, st = _opened(src)
+    os.close(fd)
+    if when == "before its link":
+        new = _rewrite_keeping_mtime(src)
+    if path == "free name":
+        final = dst / "P" / "S" / "1.dcm"
+        fast = SortBatch(dst, Mode.MOVE, durable=False)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            if when == "before its link":
+                with pytest.raises(SourceChanged):
+                    fast.claim(src, fd, st, final)
+            else:
+                assert fast.claim(src, fd, st, final) == PLACED
+        finally:
+            os.close(fd)
+        if when == "before its removal":
+            new = _rewrite_keeping_mtime(src)
+        done = fast.finish()
+    else:  # place(), as for a name another file holds: ~2
+        (dst / "P" / "S").mkdir(parents=True)
+        shutil.copy2(MR, dst / "P" / "S" / "1.dcm")
+        batch = MoveBatch(durable=False)
+        if when == "before its link":
+            with pytest.raises(SourceChanged):
+                place(src, dst, PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch, expect=identity(st))
+        else:
+            final, placement = place(src, dst, PurePosixPath("P/S/1.dcm"), Mode.MOVE, batch=batch,
+                                     expect=identity(st))
+            assert placement is Placement.STORED_AS_COPY
+            new = _rewrite_keeping_mtime(src)
+        done = batch.finish()
+    assert src.read_bytes() == new  # the source stays, as the writer left it
+    if when == "before its removal":
+        assert list(done) == [str(src)] and isinstance(done[str(src)], SourceChanged), done
+        assert done[str(src)].unfiled
+    else:
+        assert done == {}
+    held = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.dcm") if TMP_DIRNAME not in p.parts)
+    assert held == ([] if path == "free name" else ["P/S/1.dcm"]), held  # nothing filed
+    if path == "taken name":
+        assert (dst / "P" / "S" / "1.dcm").read_bytes() == MR.read_bytes()
 
 
 @pytest.mark.parametrize("change", ["replaced", "appended to"])
@@ -329,7 +400,7 @@ def test_a_copy_rewritten_with_its_time_put_back_is_refused(tmp_path: Path) -> N
             f.seek(1000)
             f.write(b"\x55" * 64)
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert identity(os.stat(source)) == identity(st)  # size and time as read
+        assert same_file(os.stat(source), identity(st))  # size and time as read
         with pytest.raises(SourceChanged):
             _copy_into(fd, out, st)
     finally:

@@ -17,12 +17,29 @@ from scp.errors import SourceChanged, StoreError
 
 CHUNK = 1 << 20
 
-#: What says a file is still the one read: device, inode, size, modification time.
-Identity = tuple[int, int, int, int]
+#: What says a file is still the one read: device, inode, size, modification
+#: time, and its change time and link count (see :func:`untouched`).
+Identity = tuple[int, int, int, int, int, int]
 
 
 def identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+
+
+def same_file(st: os.stat_result, ident: Identity) -> bool:
+    """Whether `st` is the file `ident` describes, its size and modification
+    time as they were: what a check made just after our own link or rename of
+    it can ask (either changes its change time)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == ident[:4]
+
+
+def untouched(st: os.stat_result, ident: Identity) -> bool:
+    """Whether nothing but a link or an unlink (another name made or removed,
+    a twin's move) happened to the file `ident` describes: a write changes its
+    change time, also when the writer puts the modification time back (``touch
+    -r``, ``rsync --inplace -t``), and leaves its link count. Asked just
+    before each step of ours that changes the change time itself."""
+    return same_file(st, ident) and (st.st_ctime_ns == ident[4] or st.st_nlink != ident[5])
 
 
 class SourceTree:
@@ -130,7 +147,7 @@ def _backs(placed: Path, backing: Identity | None, source: Path, expect: Identit
     if not stat.S_ISREG(st.st_mode):
         return False
     own = (st.st_dev, st.st_ino) == expect[:2]
-    if identity(st) == backing and (own or st.st_nlink == 1):
+    if backing is not None and same_file(st, backing) and (own or st.st_nlink == 1):
         return True
     # (rare: a twin of this run gave the name a copy of its own since)
     return not own and st.st_nlink == 1 and same_content(source, placed)
@@ -145,11 +162,17 @@ def _remove_source(path: Path, expect: Identity | None, placed: Path | None, bac
         return
     aside = path.with_name(f"{LEAVING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
     try:
+        before = os.lstat(path)  # (the rename changes the change time: look first)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    if not untouched(before, expect):
+        raise source_changed(path)
+    try:
         os.rename(path, aside)
     except OSError as exc:  # (said of the source, as its unlink would)
         raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
     try:
-        ours = identity(os.lstat(aside)) == expect
+        ours = same_file(os.lstat(aside), expect)
     except OSError:
         ours = False
     backed = not ours or placed is None or _backs(placed, backing, aside, expect)

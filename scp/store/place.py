@@ -21,8 +21,10 @@ from scp.store.fsops import (
     identity,
     remove_source,
     same_content,
+    same_file,
     source_changed,
     sync_filesystem,
+    untouched,
 )
 from scp.store.tmp import new_tmp, tmp_dir, tmp_prefix, unlink_quietly
 
@@ -159,6 +161,7 @@ def place_at(
             direct = False
     if not direct:
         tmp = new_tmp(root)
+        linked = False  # tmp is a hard link of the source
         try:
             unlink_quietly(tmp)
             try:
@@ -169,6 +172,11 @@ def place_at(
                 expect = _make(src, tmp, Mode.COPY, expect)
             if mode in (Mode.COPY, Mode.MOVE) and durable:
                 fsync_path(tmp)
+            if expect is not None and mode is not Mode.SYMLINK:
+                made = os.lstat(tmp)
+                linked = (made.st_dev, made.st_ino) == expect[:2]
+                if linked and not untouched(made, expect):
+                    raise source_changed(src)
             if replace:
                 os.replace(tmp, name)
             else:
@@ -177,6 +185,10 @@ def place_at(
             raise _as_source(exc, tmp, src) from None
         finally:
             unlink_quietly(tmp)
+        if linked:  # the rename (or link and unlink) moved its change time: what the removal compares
+            now = os.lstat(name)
+            if expect is not None and same_file(now, expect):
+                expect = identity(now)
     if durable and batch is None and mode is not Mode.MOVE:
         fsync_dir(name.parent)
     _finish_move(src, name, mode, batch, identical=False, durable=durable, expect=expect)
@@ -219,7 +231,7 @@ def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identit
         fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            if expect is not None and identity(st) != expect:
+            if expect is not None and not untouched(st, expect):
                 raise source_changed(src)
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -232,19 +244,30 @@ def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identit
         finally:
             os.close(fd)
         return identity(st)
+    _check_source(src, expect)
     os.link(src, path)
     return _check_link(src, path, expect)
 
 
+def _check_source(src: Path, expect: Identity | None) -> None:
+    """Before a link of `src` (which changes its change time): still the
+    file `expect` describes, not written since (:func:`~scp.store.fsops.untouched`)?
+    Else :class:`~scp.errors.SourceChanged`."""
+    if expect is not None and not untouched(os.lstat(src), expect):
+        raise source_changed(src)
+
+
 def _check_link(src: Path, link: Path, expect: Identity | None) -> Identity:
-    """The identity of the file the new hard link `link` to `src` took. If it
-    is not `expect` (a rename over `src` since it was read, or a write to it),
-    the link is removed and :class:`~scp.errors.SourceChanged` raised."""
-    made = identity(os.lstat(link))
-    if expect is not None and made != expect:
+    """The identity of the file the new hard link `link` to `src` took (its
+    change time and link count as the link left them: what a later removal
+    compares). If it is not the file `expect` describes (a rename over `src`
+    since it was read, or a write to it), the link is removed and
+    :class:`~scp.errors.SourceChanged` raised."""
+    st = os.lstat(link)
+    if expect is not None and not same_file(st, expect):
         unlink_quietly(link)
         raise source_changed(src)
-    return made
+    return identity(st)
 
 
 def _finish_move(
@@ -371,7 +394,7 @@ class SortBatch:
         self.root, self.mode, self.durable = root, mode, durable
         self._folders: set[Path] = set()
         self._copies: list[tuple[str, Path, Path]] = []  # source, temporary file, final
-        self._moved: list[tuple[Path, Identity, Path]] = []  # source, as read, its name
+        self._moved: list[tuple[Path, Identity, Path]] = []  # source, as linked, its name
         self._made: dict[Path, None] = {}  # folders that got new entries
         self._tmp: Path | None = None
 
@@ -400,6 +423,9 @@ class SortBatch:
                 break
             self._copies.append((os.fspath(src), tmp, final))
             return PENDING
+        read = identity(st)
+        if self.mode is not Mode.SYMLINK:
+            _check_source(src, read)
         try:
             self._entry(src, final)
         except FileExistsError:
@@ -408,11 +434,10 @@ class SortBatch:
             if exc.errno != errno.EXDEV:
                 raise
             return TAKEN  # another file system: place() copies
-        read = identity(st)
         if self.mode is not Mode.SYMLINK:
-            _check_link(src, final, read)
-        if self.mode is Mode.MOVE:
-            self._moved.append((src, read, final))
+            made = _check_link(src, final, read)
+            if self.mode is Mode.MOVE:
+                self._moved.append((src, made, final))
         return PLACED
 
     def finish(self) -> dict[str, str | Exception]:
@@ -527,5 +552,5 @@ def _copy_into(fd: int, out: int, st: os.stat_result) -> None:
     os.chmod(out, stat.S_IMODE(st.st_mode))
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     now = os.fstat(fd)  # (the change time too: a writer can put the modification time back)
-    if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+    if not untouched(now, identity(st)):
         raise SourceChanged("the file was written to while it was being copied; left in place, run again")
