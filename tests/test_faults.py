@@ -527,7 +527,9 @@ def test_sigkill_during_a_burst_keeps_every_acknowledged_instance(tmp_path):
     sender.start()
     others: list[int] = []
     try:
-        wait_until(lambda: len(layout_files(out)) >= 20, timeout=60, what="20 instances stored")
+        # (acknowledged, not just on disk: a file is in place before its C-STORE is answered)
+        wait_until(lambda: sum(s == SUCCESS for s in list(statuses.values())) >= 20, timeout=60,
+                   what="20 instances acknowledged")
         others = descendants(server.proc.pid)
         assert len(worker_pids(server.proc.pid)) == 2
         server.proc.send_signal(signal.SIGKILL)

@@ -20,6 +20,7 @@ from scp._process import pid_alive
 from scp.pool import JobTimeout, WorkerPool
 
 from conftest import cli_env, run_cli
+from serve_helpers import wait_until
 
 
 def write_after(path: str, seconds: float) -> str:
@@ -90,9 +91,11 @@ def test_a_job_queued_past_its_deadline_never_runs(pool, tmp_path):
     """One worker busy (within its own deadline): the queued job fails without
     killing anyone, and does not run when the worker gets free."""
     busy: dict = {}
-    first = threading.Thread(target=lambda: busy.update(pid=pool.run(pid_after, 3, timeout=10)))
+    started = tmp_path / "started"
+    first = threading.Thread(target=lambda: busy.update(pid=pool.run(pid_to_file_then_sleep, str(started), 3,
+                                                                     timeout=10)))
     first.start()
-    time.sleep(0.5)
+    wait_until(lambda: started.exists() and started.read_text(), what="the busy job to run")
     queued = tmp_path / "queued"
     with pytest.raises(JobTimeout, match="free"):
         pool.run(write_after, str(queued), 0, timeout=1)
@@ -204,13 +207,14 @@ def test_a_worker_dying_mid_job_fails_that_job_only(tmp_path):
         assert other["pid"] in pids and doomed_pid not in pids and len(pids) == 2, pids
 
 
-def test_the_deadline_counts_running_time_not_the_wait_for_a_worker(pool):
+def test_the_deadline_counts_running_time_not_the_wait_for_a_worker(pool, tmp_path):
     """A job that waited for the busy worker gets its whole deadline once it runs."""
-    first = threading.Thread(target=lambda: pool.run(pid_after, 1.5, timeout=10))
+    started = tmp_path / "started"
+    first = threading.Thread(target=lambda: pool.run(pid_to_file_then_sleep, str(started), 1.5, timeout=10))
     first.start()
-    time.sleep(0.2)
+    wait_until(lambda: started.exists() and started.read_text(), what="the first job to run")
     start = time.monotonic()
-    pool.run(pid_after, 1.5, timeout=2.5)  # waits ~1.3 s, runs 1.5 s: 2.8 s; not JobTimeout
+    pool.run(pid_after, 1.5, timeout=2.5)  # waits ~1.5 s, runs 1.5 s: ~3 s; not JobTimeout
     took = time.monotonic() - start
     first.join(10)
     assert took > 2.5, f"the job did not wait for the busy worker ({took:.1f} s)"

@@ -152,6 +152,8 @@ def test_the_stop_line_counts_resends_as_already_there_as_each_association_does(
     try:
         for _ in range(3):
             assert send_files(server.port, [CT]) == {CT: SUCCESS}
+        # (each association's line is written at its close, after the sender saw its release)
+        wait_until(lambda: _log(server).count("association from") == 3, what="the 3 association lines")
     finally:
         assert server.terminate() == 0, _log(server)
     lines = _log(server).rstrip().splitlines()
