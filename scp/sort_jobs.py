@@ -37,6 +37,7 @@ from scp.store.place import (
     TAKEN,
     MoveBatch,
     SortBatch,
+    needs_own_copy,
     place,
     place_at,
     place_identical,
@@ -411,6 +412,10 @@ def _claimed(
         size = os.path.getsize(target)
         durable = cfg.fsync is Fsync.ALWAYS
         if placement is Placement.IDENTICAL:
+            if not cfg.dry_run and needs_own_copy(Path(target), name, mode):
+                place_at(Path(target), cfg.dst, name, mode, durable=durable, replace=True,
+                         expect=claim.expect, own_copy=True)
+                return Outcome(Result.REPLACED, claim.source, dest, _REPLACED_WHY[mode], size)
             if not cfg.dry_run:
                 place_identical(Path(target), name, mode, durable, expect=claim.expect)
             return Outcome(Result.ALREADY, claim.source, dest, "", size)

@@ -4,6 +4,7 @@ reported as failed, never lost."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path, PurePosixPath
@@ -429,6 +430,41 @@ def test_a_move_does_not_take_a_file_shared_with_one_outside_dst_for_its_copy(tm
         f.write(b"\x00" * 32)
     (filed,) = [p for p in dst.rglob("*.dcm")]
     assert filed.read_bytes() == CT.read_bytes()
+
+
+def test_twins_named_after_the_walk_get_a_copy_of_their_own_not_a_failure(tmp_path: Path) -> None:
+    """Other bytes hold the instance's plain name, so its two copies in SRC
+    take ``~2`` after the walk. The first was a hard link of a working copy
+    outside SRC, so the name's file had another name: the second was failed
+    ("holds another file now"), though the name held its very bytes. It now
+    gives the name a copy of its own, as a move does when it finds the name
+    shared during the walk."""
+    src, dst, work = tmp_path / "src", tmp_path / "dst", tmp_path / "work"
+    src.mkdir()
+    work.mkdir()
+    shutil.copy2(CT, src / "a.dcm")
+    os.link(src / "a.dcm", work / "w.dcm")
+    shutil.copy2(CT, src / "b.dcm")
+    other = bytearray(CT.read_bytes())
+    other[-1] ^= 0xFF  # the same instance UID, other pixel bytes
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy2(CT, first / "x.dcm")
+    assert run_cli("sort", "--mode", "copy", first, dst).returncode == 0
+    (plain,) = dst.rglob("*.dcm")
+    plain.write_bytes(bytes(other))
+    report = tmp_path / "r.csv"
+    proc = run_cli("sort", "--mode", "move", "--workers", "1", "--report", report, src, dst)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(src.iterdir()) == []
+    with open(report, newline="") as f:
+        rows = sorted(row["outcome"] for row in csv.DictReader(f))
+    assert rows == ["kept_as_copy", "replaced"], report.read_text()
+    assert plain.read_bytes() == bytes(other)
+    (twin,) = [p for p in dst.rglob("*.dcm") if p != plain and TMP_DIRNAME not in p.parts]
+    assert twin.name.endswith("~2.dcm") and twin.read_bytes() == CT.read_bytes()
+    assert twin.stat().st_nlink == 1  # its own: the working copy's next edit does not change it
+    assert (work / "w.dcm").read_bytes() == CT.read_bytes()
 
 
 def test_a_path_too_long_only_as_an_absolute_one_fails_with_its_reason(tmp_path: Path) -> None:

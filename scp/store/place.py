@@ -130,7 +130,7 @@ def scan(src: Path, final: Path, mode: Mode) -> tuple[Path, str] | None:
             # in turn until its removal, and back no other source meanwhile.
             if link or _same_inode(src, candidate):
                 return candidate, _STALE
-            return candidate, _SHARED if _shared(candidate) else _IDENTICAL
+            return candidate, _SHARED if needs_own_copy(src, candidate, mode) else _IDENTICAL
         if mode is Mode.HARDLINK:
             return candidate, _STALE if link else _IDENTICAL
         return candidate, _IDENTICAL
@@ -290,6 +290,15 @@ def _finish_move(
     remove_source(src, expect, name, backing)
     if durable:
         fsync_dir(src.parent)
+
+
+def needs_own_copy(src: Path, name: Path, mode: Mode) -> bool:
+    """Whether a move of `src` must give `name`, which holds its bytes, a copy
+    of its own before the source goes: the file there has another name too
+    (a twin's source not removed yet, a working copy outside DST that a
+    hardlink sort linked), whose next write would change it (see :func:`scan`)."""
+    return (mode is Mode.MOVE and not os.path.islink(name) and not _same_inode(src, name)
+            and _shared(name))
 
 
 def _shared(path: Path) -> bool:
