@@ -267,7 +267,8 @@ def _one_line_usage_error(message: str) -> typer.Exit:
     + "\n\b\nExit status: 0 every DICOM file is in place (the rest skipped, each with\n"
     "its reason), 1 an entry failed (listed in the report), 2 usage error,\n"
     "75 another sort is writing into DST or a running server holds its index\n"
-    "(or DST is inside a served folder, or a move would take files from one),\n"
+    "(or DST is inside a served folder or holds one, or a move would take\n"
+    "files from one),\n"
     "130 interrupted (SIGINT), 143 SIGTERM, 129 SIGHUP.",
 )
 def sort(

@@ -52,6 +52,7 @@ from scp.store.tmp import (
     SortRunning,
     fs_clock_ns,
     held_around,
+    held_below,
     held_folder,
     holder_text,
     lock_holder,
@@ -633,7 +634,8 @@ def _refused_as_the_run_would_be(dst: Path) -> None:
 def _refuse_held_around(cfg: SortConfig) -> None:
     """Refused (75), before anything is touched: DST inside the output folder
     of a running server (or of another sort or a reindex), whose index would
-    not know the files put there; and a move out of such a folder, or out of
+    not know the files put there, or holding one, whose files this sort's
+    index would take for its own; and a move out of such a folder, or out of
     a folder inside one, which would take files from under its index.
     (Folders of SRC that such a process holds are left alone by the walk.)"""
     around = held_around(cfg.dst)
@@ -642,6 +644,12 @@ def _refuse_held_around(cfg: SortConfig) -> None:
             f"{shown(os.fspath(cfg.dst))} is inside {shown(os.fspath(around[0]))}, the output folder "
             f"of a running sortscp{holder_text(around[1])}: sort into a folder outside it, or send "
             "the files to that server (storescu +sd +r ...)")
+    below = held_below(cfg.dst)
+    if below is not None:
+        raise DestinationLockedError(
+            f"{shown(os.fspath(cfg.dst))} holds {shown(os.fspath(below[0]))}, the output folder of a "
+            f"running sortscp{holder_text(below[1])}, whose files this sort would index and file "
+            "among its own: sort into a folder that holds no other's")
     if cfg.mode is not Mode.MOVE:
         return
     same = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)

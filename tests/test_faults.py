@@ -690,10 +690,12 @@ def _layout_digests(root: Path) -> dict[str, str]:
 def test_folders_inside_or_around_a_served_folder_are_refused_or_left_alone(tmp_path):
     """The folder lock covers OUT, not what lies under it: a second server or
     a sort into ``OUT/sub`` was accepted (its files behind the index's
-    back), and ``sort --mode move PARENT PARENT`` moved the running server's
-    files out of OUT. Now: refused at start (2 for serve, 75 for sort,
-    nothing touched), the served folder left alone by a move's walk (one
-    failed entry, exit 1), and a copy out of it still allowed."""
+    back), so were a server or a sort into a folder that holds OUT (their
+    index took OUT's files for their own), and ``sort --mode move PARENT
+    PARENT`` moved the running server's files out of OUT. Now: refused at
+    start (2 for serve, 75 for sort, nothing touched), the served folder left
+    alone by a move's walk (one failed entry, exit 1), and a copy out of it
+    still allowed."""
     parent = tmp_path / "parent"
     out = parent / "out"
     loose = parent / "loose"
@@ -720,13 +722,27 @@ def test_folders_inside_or_around_a_served_folder_are_refused_or_left_alone(tmp_
         assert not inner.exists() and not (tmp_path / "elsewhere").exists()
         assert _layout_digests(out) == served
 
-        proc = run_cli("sort", parent, parent, "--mode", "move", timeout=120)
+        # a folder that holds a served one: its index would take the server's files for its own
+        for folder in (parent, tmp_path):
+            proc = run_cli("serve", "--out", folder, "--host", "127.0.0.1", "--port", free_port(), timeout=60)
+            _cli_error(proc, f"{folder} holds {out}, the output folder of a running sortscp "
+                       f"(pid {first.proc.pid})", "give this server a folder that holds no other's")
+            for args in ([loose, folder], [loose, folder, "--dry-run"], [parent, folder, "--mode", "move"]):
+                proc = run_cli("sort", *args, timeout=120)
+                assert proc.returncode == 75, (args, proc.stdout, proc.stderr)
+                assert f"holds {out}, the output folder of a running sortscp" in proc.stderr, proc.stderr
+                assert "Traceback" not in proc.stderr, proc.stderr
+            assert not (folder / ".sortscp").exists()
+        assert sorted(p.name for p in loose.iterdir()) == ["f1.dcm", "f2.dcm"]
+        assert _layout_digests(out) == served
+
+        proc = run_cli("sort", parent, tmp_path / "moved", "--mode", "move", timeout=120)
         assert proc.returncode == 1, (proc.stdout, proc.stderr)
         assert f"{out}: not moved: this folder is the output folder of a running sortscp" in (
             proc.stdout + proc.stderr), (proc.stdout, proc.stderr)
         assert _layout_digests(out) == served  # the server's files, all still where it filed them
         assert not loose.exists()  # (emptied folders are removed)
-        moved = [p for p in layout_files(parent) if out not in p.parents and p.suffix == ".dcm"]
+        moved = layout_files(tmp_path / "moved")
         assert sorted(p.name for p in moved) == [f"1.2.826.0.1.3680043.10.16.{20 + n}.dcm" for n in (1, 2)]
 
         proc = run_cli("sort", out, tmp_path / "copied", timeout=120)  # reading a served folder is fine

@@ -45,6 +45,7 @@ from scp.store.tmp import (
     ServerRunning,
     SortRunning,
     held_around,
+    held_below,
     hold_served,
     holder_text,
     own_folder,
@@ -107,6 +108,10 @@ def prepare_output(out: Path) -> Path:
     if around is not None:
         raise ServeError(f"{out} is inside {around[0]}, the output folder of a running sortscp"
                          f"{holder_text(around[1])}: give this server a folder outside it")
+    below = held_below(out)
+    if below is not None:
+        raise ServeError(f"{out} holds {below[0]}, the output folder of a running sortscp"
+                         f"{holder_text(below[1])}: give this server a folder that holds no other's")
     try:
         tmp = own_folder(out, TMP_DIRNAME)
         own_folder(out, STATE_DIRNAME)

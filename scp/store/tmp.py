@@ -189,6 +189,53 @@ def held_around(path: Path) -> tuple[Path, int] | None:
     return None
 
 
+def held_below(path: Path) -> tuple[Path, int] | None:
+    """A folder under `path` (not `path` itself) that a running server, sort
+    or reindex holds (:func:`held_folder`), and its holder's PID: a server or
+    a sort whose folder holds it would index its files as their own, and file
+    into it. Found from the holders of ``flock`` locks (``/proc/locks``) and
+    the folders they have open (``/proc/PID/fd``); a holder whose descriptors
+    cannot be read (another user's, another PID namespace's) is not seen.
+    Only looks."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    held: dict[int, set[str]] = {}
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or "FLOCK" not in fields:
+            continue
+        for at, field in enumerate(fields):
+            if _LOCK_KEY.fullmatch(field) and fields[at - 1].isdigit():
+                held.setdefault(int(fields[at - 1]), set()).add(field)
+                break
+    for pid, keys in held.items():
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+                if not target.startswith(real.rstrip(os.sep) + os.sep):
+                    continue
+                st = os.stat(target)
+            except OSError:
+                continue
+            key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+            if key in keys and os.path.isdir(os.path.join(target, STATE_DIRNAME)):
+                return Path(target), pid
+    return None
+
+
+#: A lock's file in ``/proc/locks``: major:minor:inode.
+_LOCK_KEY = re.compile(r"[0-9a-f]+:[0-9a-f]+:\d+")
+
+
 def holder_text(pid: int) -> str:
     """``" (pid N)"``, or nothing for a holder in another PID namespace."""
     return f" (pid {pid})" if pid else ""
