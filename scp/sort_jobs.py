@@ -160,6 +160,8 @@ def sort_file(
 
 
 def _through_swapped_link(path: str) -> Outcome:
+    if not os.path.lexists(path):  # (its folder is gone: another process moved it and pruned the folder)
+        return gone(path)
     return Outcome(Result.SKIPPED, path, "", "a folder on its path became a symbolic link during the run; "
                    "not followed (see --follow-symlinks)", category=SkipCategory.SYMLINK.value)
 

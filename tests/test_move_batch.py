@@ -302,6 +302,21 @@ def test_a_folder_swapped_for_a_link_before_its_files_are_read_is_not_followed(t
     assert not cfg.dst.exists() or list(cfg.dst.rglob("*.dcm")) == []
 
 
+@pytest.mark.parametrize("mode", [Mode.MOVE, Mode.COPY])
+def test_a_file_whose_folder_was_removed_since_the_walk_is_gone_not_a_link(tmp_path: Path, mode: Mode) -> None:
+    """Another move over an overlapping tree took the file and pruned its
+    folder: reported as a folder swapped for a symbolic link."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    listed = str(shutil.copy2(CT, src / "d" / "IM1"))
+    os.rename(listed, tmp_path / "taken.dcm")
+    (src / "d").rmdir()
+    cfg = SortConfig(src=src, dst=tmp_path / "dst", mode=mode, workers=1)
+    (outcome,) = sort_files([listed], cfg)
+    assert outcome.result is Status.SKIPPED and outcome.category == "gone", outcome
+    assert (tmp_path / "taken.dcm").read_bytes() == CT.read_bytes()
+
+
 def test_a_folder_swapped_for_a_link_before_its_sources_are_removed_removes_nothing(tmp_path: Path) -> None:
     from scp.store import fsops
 
