@@ -409,15 +409,51 @@ def test_zero_bytes_read_as_empty_elements_whatever_the_chunking(implicit: bool,
     assert w._count == one._count >= len(zeros) // 8
 
 
-def test_a_deflated_run_of_zeros_past_the_element_limit_is_refused() -> None:
+@pytest.mark.parametrize("unit", [bytes(8), b"\0\0\0\0UL\0\0", b"\x08\x00\x05\x00CS\x00\x00",
+                                  b"\x08\x00\x05\x00CS\x02\x00AB" + b"\x08\x00\x06\x00SH\x00\x00"],
+                         ids=["zeros", "empty-UL", "empty-CS", "two-alternating"])
+def test_a_deflate_bomb_of_any_repeated_element_is_refused_after_a_bounded_walk(unit: bytes) -> None:
+    """The zero bomb's run is taken in one step; the same bomb of any other
+    small element, repeated or alternating (49 KB inflating to 4 Mi headers),
+    was walked header by header up to MAX_ELEMENTS: 8 s of a server's
+    thread. Deflated data now gets DEFLATED_PER_BYTE headers per compressed
+    byte received: refused after a few hundred thousand."""
+    from scp.dicom.walk import DEFLATED_PER_BYTE
+
     z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    stream = z.compress(UID + bytes(33 << 20)) + z.flush()
-    assert len(stream) < 64 * 1024
+    stream = z.compress(UID + unit * ((4 << 20) * 8 // len(unit))) + z.flush()
+    assert len(stream) < 128 * 1024
     w = DatasetWalker(implicit=False, little=True, deflated=True)
-    with pytest.raises(NotDicomError, match="element headers"):
+    with pytest.raises(NotDicomError, match="deflate bomb"):
         for i in range(0, len(stream), 16 * 1024):
             w.feed(stream[i : i + 16 * 1024])
         w.close()
+    assert w._count <= DEFLATED_PER_BYTE * len(stream) + 1
+
+
+def test_a_deflated_dataset_of_many_near_identical_items_walks_whole() -> None:
+    """What a real deflated dataset of the most repetitive kind looks like (an
+    enhanced multi-frame object's per-frame items, each frame's position its
+    only difference): far below the headers a compressed byte may bring."""
+    from scp.dicom.walk import DEFLATED_PER_BYTE
+
+    items = b""
+    for frame in range(20_000):
+        position = f"-125.0\\-125.0\\{frame * 0.5:.1f}".encode()
+        position += b" " * (len(position) % 2)
+        inner = el(0x0020, 0x0032, b"DS", position) + el(0x0020, 0x9157, b"UL", frame.to_bytes(4, "little"))
+        plane = el(0x0020, 0x9113, b"SQ", b"", length=0xFFFFFFFF) + _item(inner) + SEQ_END
+        items += _item(plane)
+    body = UID + NAME + el(0x5200, 0x9230, b"SQ", b"", length=0xFFFFFFFF) + items + SEQ_END
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = z.compress(body) + z.flush()
+    w = DatasetWalker(implicit=False, little=True, deflated=True, wanted=[0x00100010])
+    for i in range(0, len(stream), 16 * 1024):
+        w.feed(stream[i : i + 16 * 1024])
+    w.close()
+    assert w.position == len(body) and w.elements[0x00100010] == ("PN", b"Doe^John")
+    assert w._count > 100_000
+    assert w._count < DEFLATED_PER_BYTE * len(stream) / 4, (w._count, len(stream))  # a margin of 4
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64 * 1024, 1 << 24])

@@ -448,6 +448,26 @@ def test_deflate_bomb_does_not_inflate_into_memory(serve_process):
     still_serving(server)
 
 
+def test_a_deflate_bomb_of_a_repeated_small_element_is_refused_in_one_line(serve_process):
+    """49 KB of deflate that inflate to 4 Mi empty elements: the association's
+    thread walked them one header at a time (8 s of CPU, the GIL held) before
+    the element limit refused them. Deflated data may bring so many headers
+    per compressed byte: refused with 0xC000, one line, nothing stored."""
+    server = serve_process(*FAST)
+    uid = generate_uid()
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = z.compress(_bomb_head(uid) + b"\0\0\0\0UL\0\0" * (4 << 20)) + z.flush()
+    data += b"\0" if len(data) % 2 else b""
+    assert len(data) < 64 << 10
+    status = raw_store(server.port, uid, data, DEFLATE_CONTEXT, pdu.SECONDARY_CAPTURE)
+    assert status == CANNOT_UNDERSTAND, f"status 0x{status:04X}\n{server.log()}"
+    assert len(log_lines(server, r"deflate bomb")) == 1, server.log()
+    assert layout_files(server.out) == []
+    assert no_temp_files_within(server.out) == []
+    assert "Traceback" not in server.log()
+    still_serving(server)
+
+
 @pytest.mark.parametrize("damage", ["cut", "corrupt"])
 def test_broken_deflate_stream_is_refused(serve_process, damage):
     server = serve_process(*FAST)

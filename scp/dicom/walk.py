@@ -71,6 +71,14 @@ SOP_INSTANCE_UID = 0x00080018
 MAX_DEPTH = 32
 #: Most element, item and fragment headers followed in one dataset.
 MAX_ELEMENTS = 1 << 22
+#: In deflated data, at most this many headers per compressed byte received
+#: (and :data:`DEFLATED_FLOOR` in any case): a deflate bomb of a repeated
+#: small element (49 KB inflating to 4 Mi headers) would otherwise cost the
+#: walk of :data:`MAX_ELEMENTS` headers, seconds of a server's thread. Real
+#: datasets, even of many near-identical items, hold well under one header
+#: per compressed byte.
+DEFLATED_PER_BYTE = 16
+DEFLATED_FLOOR = 1 << 16
 #: Bytes :func:`walk_file` reads at a time.
 FILE_CHUNK = 64 * 1024
 
@@ -176,7 +184,7 @@ class DatasetWalker:
         "elements", "value_offsets", "past_wanted", "leading_meta_end", "position",
         "irregular", "irregular_in_header", "_implicit", "_little", "_wanted", "_max_wanted",
         "_frames", "_skip", "_cur", "_collect", "_tail", "_count", "_leading", "_last_tag",
-        "_z", "_max_inflate", "_closed", "_impl", "_expl", "_ul", "_expl_n", "_short_n", "_long_n",
+        "_z", "_compressed", "_max_elements", "_max_inflate", "_closed", "_impl", "_expl", "_ul", "_expl_n", "_short_n", "_long_n",
     )
 
     def __init__(
@@ -214,6 +222,8 @@ class DatasetWalker:
         self._leading = True
         self._last_tag = -1
         self._z = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
+        self._compressed = 0  # deflated bytes fed
+        self._max_elements = DEFLATED_FLOOR if deflated else MAX_ELEMENTS
         self._max_inflate = max(1024, int(max_inflate))
         self._closed = False
         e = "<" if little else ">"
@@ -252,6 +262,8 @@ class DatasetWalker:
         limit = self._max_inflate
         if z.eof:
             return  # bytes after the end of the deflate stream (padding to an even length)
+        self._compressed += len(data)
+        self._max_elements = min(MAX_ELEMENTS, max(DEFLATED_FLOOR, DEFLATED_PER_BYTE * self._compressed))
         try:
             out = z.decompress(data, limit)
             while True:
@@ -351,6 +363,12 @@ class DatasetWalker:
         if header or not self.past_wanted:
             self.irregular_in_header = True
 
+    def _too_many(self) -> NotDicomError:
+        if self._z is None or self._max_elements == MAX_ELEMENTS:
+            return NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+        return NotDicomError(f"more than {self._max_elements} element headers in the first "
+                             f"{self._compressed} bytes of deflated data (a deflate bomb)")
+
     def _run(self, buf, i: int, n: int) -> int:
         """Walk `buf[i:n]`; return the index where more bytes are needed.
         The caller advances :attr:`position`."""
@@ -361,6 +379,7 @@ class DatasetWalker:
         max_wanted = self._max_wanted
         long_vrs, short_vrs = _LONG_VRS, _SHORT_VRS
         elements = self.elements
+        max_elements = self._max_elements
         while True:
             if self._skip:
                 left = n - i
@@ -393,8 +412,8 @@ class DatasetWalker:
 
             if kind == _SEQ or kind == _FRAGS:
                 self._count += 1
-                if self._count > MAX_ELEMENTS:
-                    raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+                if self._count > self._max_elements:
+                    raise self._too_many()
                 g, e, length = impl(buf, i)
                 tag = g << 16 | e
                 if pos + 8 > limit:
@@ -474,7 +493,7 @@ class DatasetWalker:
                     # (group FFFE) are left to the general loop
                     stop = max_wanted if top and not past else _LAST_PLAIN_TAG
                     lim = min(n, limit - base)  # a value may end here at most
-                    if MAX_ELEMENTS - count > (n - i) // 8:  # never reached in this buffer
+                    if max_elements - count > (n - i) // 8:  # never reached in this buffer
                         n8 = n - 8
                         if implicit:
                             while i <= n8:
@@ -638,16 +657,16 @@ class DatasetWalker:
                         # was: taken in one step, not one slow header at a time.
                         run = _zero_run(buf, i, min(n, limit - base))
                         count += run // 8
-                        if count > MAX_ELEMENTS:
-                            raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+                        if count > max_elements:
+                            raise self._too_many()
                         if top:
                             self._note("top-level tag (0000,0000) out of order", True)
                         i += run
                         pos += run
                     if pos == fr_end or n - i < 8:
                         break
-                    if count > MAX_ELEMENTS:
-                        raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+                    if count > max_elements:
+                        raise self._too_many()
                     if not leading:
                         break  # back to the lean loop
             finally:
@@ -655,8 +674,8 @@ class DatasetWalker:
                 if top:
                     self._last_tag = last_tag
                     self._leading = leading
-            if count > MAX_ELEMENTS:
-                raise NotDicomError(f"more than {MAX_ELEMENTS} element headers")
+            if count > max_elements:
+                raise self._too_many()
 
 
 _ZERO_HEADER = bytes(8)
