@@ -13,6 +13,7 @@ them up front: its forkserver preloads them once for every worker).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -123,7 +124,7 @@ def sort_file(
             rel = _sort_name(fd, st, cfg.template)  # header and completeness: one pass
             if fast is not None:
                 final = destination(cfg.dst, rel)
-                claimed = fast.claim(Path(target), fd, st, final)
+                claimed = fast.claim(Path(target), fd, st, final, str(rel))
                 if claimed == PENDING:
                     return _Pending(path, str(rel), size)
                 if claimed == PLACED:
@@ -133,7 +134,7 @@ def sort_file(
         final, placement = place(
             Path(target), cfg.dst, rel, mode, on_conflict=Duplicate.BOTH,
             durable=cfg.fsync is Fsync.ALWAYS, batch=batch, defer=True, dry_run=cfg.dry_run,
-            expect=identity(st),
+            expect=identity(st, str(rel)),
         )
     except TruncatedError as exc:
         return Outcome(Result.SKIPPED, path, "", f"truncated: {exc}", category=SkipCategory.TRUNCATED.value)
@@ -146,7 +147,7 @@ def sort_file(
     except Exception as exc:  # never lose track of a file: report it
         return Outcome(Result.FAILED, path, "", f"{type(exc).__name__}: {exc}")
     if placement is Placement.DEFERRED:
-        return Deferred(path, str(rel), via_link, identity(st))
+        return Deferred(path, str(rel), via_link, identity(st, str(rel)))
     dest = str(final.relative_to(cfg.dst))
     if placement is Placement.REPLACED:
         result, note = Result.REPLACED, _REPLACED_WHY[mode]
@@ -218,6 +219,25 @@ def _sort_name(fd: int, st: os.stat_result, template: Template) -> PurePosixPath
             src.close()  # not the descriptor (closefd=False)
 
 
+def _name_by(cfg: SortConfig) -> None:
+    """What a move's checks ask when only a source's change time moved: the
+    name its header gives it now, by this sort's template."""
+    fsops.NAMER = functools.partial(_name_now, template=cfg.template)
+
+
+def _name_now(path: str, template: Template) -> str:
+    """The name (relative to DST) the header of the file at `path` gives it
+    now (:data:`~scp.store.fsops.NAMER`); raises if it gives none."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotDicomError("not a regular file")
+        return str(_sort_name(fd, st, template))
+    finally:
+        os.close(fd)
+
+
 def gone(path: str) -> Outcome:
     return Outcome(
         Result.SKIPPED, path, "", "removed by someone else before it was sorted",
@@ -248,6 +268,7 @@ def sort_files(items: Sequence[Item], cfg: SortConfig) -> list[Outcome | Deferre
     if fsops.SOURCES is None or fsops.SOURCES.root != os.path.abspath(cfg.src):
         fsops.SOURCES = SourceTree(cfg.src)
     fsops.SOURCES.seen.clear()
+    _name_by(cfg)
     durable = cfg.fsync is Fsync.ALWAYS
     if cfg.dry_run or _nested(cfg):
         return [_settled(sort_file(p, cfg, via_link=v)) for p, v in items]
@@ -340,6 +361,7 @@ def sort_claims(
     gives the plain name as the run would). Returns the outcomes and, if the
     plain name's file was renamed, its new name relative to DST.
     """
+    _name_by(cfg)
     root = cfg.dst
     final = destination(root, PurePosixPath(rel))
     taken = list(itertools.takewhile(os.path.lexists, candidates(final, Duplicate.BOTH)))

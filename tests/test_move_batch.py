@@ -210,6 +210,103 @@ def test_a_source_rewritten_with_its_modification_time_put_back_is_neither_filed
         assert (dst / "P" / "S" / "1.dcm").read_bytes() == MR.read_bytes()
 
 
+@pytest.fixture
+def namer(monkeypatch: pytest.MonkeyPatch):
+    """What a sort's batch sets: the name a file's header gives it now."""
+    import functools
+
+    from scp.layout import DEFAULT_TEMPLATE, Template
+    from scp.sort_jobs import _name_now
+    from scp.store import fsops
+
+    name_now = functools.partial(_name_now, template=Template.parse(DEFAULT_TEMPLATE))
+    monkeypatch.setattr(fsops, "NAMER", name_now)
+    return name_now
+
+
+@pytest.mark.parametrize("sibling", ["linked", "linked and removed", "none"])
+def test_a_rewrite_with_the_time_put_back_is_seen_whatever_another_name_of_the_file_did(
+    tmp_path: Path, namer, sibling: str,
+) -> None:
+    """The change time moves for a write and also for a link or an unlink of
+    another name of the file (a `cp -al` tree's sibling, moved by another
+    worker meanwhile). A link count that had changed was taken to explain a
+    changed change time: a rewrite that came with a sibling's link was filed
+    under the old header's name, the old bytes nowhere. Now a moved change
+    time means the header is read again: the name it gives must be the one
+    the move files it under."""
+    src = tmp_path / "src"
+    src.mkdir()
+    b = Path(shutil.copy2(CT, src / "b.dcm"))
+    rel = namer(str(b))
+    read = identity(os.stat(b), rel)
+    new = _rewrite_keeping_mtime(b)
+    assert namer(str(b)) != rel
+    if sibling != "none":
+        os.link(b, src / "a.dcm")
+        if sibling == "linked and removed":
+            os.unlink(src / "a.dcm")
+    batch = MoveBatch(durable=False)
+    with pytest.raises(SourceChanged):
+        place(b, tmp_path / "dst", PurePosixPath(rel), Mode.MOVE, batch=batch, expect=read)
+    assert batch.finish() == {}
+    assert b.read_bytes() == new
+    assert not (tmp_path / "dst").exists() or list((tmp_path / "dst").rglob("*.dcm")) == []
+
+
+@pytest.mark.parametrize("meanwhile", ["a sibling moved", "chmod"])
+def test_a_change_time_moved_by_no_write_does_not_fail_the_move(tmp_path: Path, namer, meanwhile: str) -> None:
+    """A `cp -al` tree's other name of the file linked into DST and removed
+    (the link count back where it was), or a `chmod`: only the change time
+    moved, the bytes did not. Such moves failed "changed while it was being
+    sorted" (and, for the sibling, removed the link it had made in DST)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    b = Path(shutil.copy2(CT, src / "b.dcm"))
+    rel = namer(str(b))
+    read = identity(os.stat(b), rel)
+    if meanwhile == "chmod":
+        os.chmod(b, 0o600)
+    else:
+        os.link(b, src / "a.dcm")
+        os.link(src / "a.dcm", tmp_path / "elsewhere.dcm")  # a's move, to another tree
+        os.unlink(src / "a.dcm")
+    assert os.stat(b).st_ctime_ns != read[4]
+    batch = MoveBatch(durable=False)
+    final, placement = place(b, dst, PurePosixPath(rel), Mode.MOVE, batch=batch, expect=read)
+    assert placement is Placement.STORED
+    assert batch.finish() == {}
+    assert not b.exists() and final.read_bytes() == CT.read_bytes()
+
+
+def test_names_of_one_file_named_after_the_walk_are_all_moved(tmp_path: Path) -> None:
+    """Two names of one file (`cp -al`), other bytes at their plain name, so
+    both are named after the walk: the first's link and removal moved the
+    change time with the link count back where it was, and the second was
+    failed "changed", its own link in DST (the first's file) removed, so the
+    first's row named a file that was not there."""
+    src, dst, first = tmp_path / "src", tmp_path / "dst", tmp_path / "first"
+    src.mkdir()
+    first.mkdir()
+    shutil.copy2(CT, src / "a.dcm")
+    os.link(src / "a.dcm", src / "b.dcm")
+    other = bytearray(CT.read_bytes())
+    other[-1] ^= 0xFF
+    (first / "x.dcm").write_bytes(bytes(other))
+    assert run_cli("sort", "--mode", "copy", first, dst).returncode == 0
+    report = tmp_path / "r.csv"
+    proc = run_cli("sort", "--mode", "move", "--workers", "1", "--report", report, src, dst)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(src.iterdir()) == []
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(row["outcome"] != "failed" for row in rows), rows
+    for row in rows:
+        assert Path(row["destination"]).is_file(), row
+    held = sorted(p.read_bytes() == CT.read_bytes() for p in dst.rglob("*.dcm") if TMP_DIRNAME not in p.parts)
+    assert held == [False, True], held  # the other bytes, and one copy of the file
+
+
 @pytest.mark.parametrize("change", ["replaced", "appended to"])
 def test_a_moved_source_changed_before_its_removal_is_kept(tmp_path: Path, change: str) -> None:
     """Its removal waits for the batch's flush; a new version put at its path

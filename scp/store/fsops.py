@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,12 +19,13 @@ from scp.errors import SourceChanged, StoreError
 CHUNK = 1 << 20
 
 #: What says a file is still the one read: device, inode, size, modification
-#: time, and its change time and link count (see :func:`untouched`).
-Identity = tuple[int, int, int, int, int, int]
+#: time, change time and link count, and (for a sort) the name its header gave
+#: it, relative to DST ("" if none: see :func:`untouched`).
+Identity = tuple[int, int, int, int, int, int, str]
 
 
-def identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+def identity(st: os.stat_result, rel: str = "") -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, rel)
 
 
 def same_file(st: os.stat_result, ident: Identity) -> bool:
@@ -33,13 +35,42 @@ def same_file(st: os.stat_result, ident: Identity) -> bool:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == ident[:4]
 
 
-def untouched(st: os.stat_result, ident: Identity) -> bool:
-    """Whether nothing but a link or an unlink (another name made or removed,
-    a twin's move) happened to the file `ident` describes: a write changes its
-    change time, also when the writer puts the modification time back (``touch
-    -r``, ``rsync --inplace -t``), and leaves its link count. Asked just
-    before each step of ours that changes the change time itself."""
-    return same_file(st, ident) and (st.st_ctime_ns == ident[4] or st.st_nlink != ident[5])
+#: For a sort: the name (relative to DST) the header of the file at a path
+#: gives it now; raises if it gives none (set per batch by the sort's jobs).
+NAMER: Callable[[str], str] | None = None
+
+
+def untouched(st: os.stat_result, ident: Identity, path: str | os.PathLike[str]) -> bool:
+    """Whether the file at `path` (its ``stat`` `st`) is still the one
+    `ident` describes, not written since. A write changes the change time,
+    also when the writer puts the modification time back (``touch -r``,
+    ``rsync --inplace -t``). So do a link or an unlink of another of its
+    names (a ``cp -al`` tree's sibling moved meanwhile), a ``chmod``, a
+    ``chown``: when only the change time moved, the file's header is read
+    again, and it is untouched if it still gives the file its name
+    (:data:`NAMER`). Asked just before each step of ours that moves the
+    change time itself (a link, a rename)."""
+    if not same_file(st, ident):
+        return False
+    if st.st_ctime_ns == ident[4]:
+        return True
+    return named_as(path, ident)
+
+
+def named_as(path: str | os.PathLike[str], ident: Identity) -> bool:
+    """Whether the header of the file at `path` gives it the name `ident` records."""
+    if not ident[6] or NAMER is None:
+        return False
+    try:
+        return NAMER(os.fspath(path)) == ident[6]
+    except Exception:  # not DICOM now, cut short, gone: not the file read
+        return False
+
+
+def rebased(st: os.stat_result, ident: Identity | None) -> Identity:
+    """`st`'s identity, with the name `ident` records: after a step of ours
+    that moved the change time (what a later check compares)."""
+    return identity(st, ident[6] if ident is not None else "")
 
 
 class SourceTree:
@@ -165,7 +196,12 @@ def _remove_source(path: Path, expect: Identity | None, placed: Path | None, bac
         before = os.lstat(path)  # (the rename changes the change time: look first)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
-    if not untouched(before, expect):
+    if not same_file(before, expect) or (
+        before.st_ctime_ns != expect[4] and not _unchanged_since(path, expect, placed)
+    ):
+        if placed is not None and backing is not None and backing[:2] == expect[:2] and not _is(placed, expect):
+            raise SourceChanged(f"{path}: its name in DST ({placed}) holds another file now; left in place, "
+                                "run again")
         raise source_changed(path)
     try:
         os.rename(path, aside)
@@ -193,6 +229,27 @@ def _remove_source(path: Path, expect: Identity | None, placed: Path | None, bac
     if not backed:
         raise SourceChanged(f"{path}: its name in DST ({placed}) holds another file now; left in place, run again")
     raise source_changed(path)
+
+
+def _is(path: Path, ident: Identity) -> bool:
+    """Whether the entry at `path` is the file `ident` describes."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident[:2]
+
+
+def _unchanged_since(path: Path, expect: Identity, placed: Path | None) -> bool:
+    """Only the change time of the source `path` moved since `expect`: may it
+    go? If `placed` is its own hard link, it holds the source's bytes whatever
+    they are: their header must still give them its name. A copy must hold
+    the same bytes."""
+    if placed is None:
+        return False
+    if _is(placed, expect):
+        return named_as(path, expect)
+    return same_content(path, placed)  # (False if it is gone)
 
 
 def source_changed(path: Path) -> SourceChanged:

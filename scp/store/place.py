@@ -19,6 +19,7 @@ from scp.store.fsops import (
     fsync_dir,
     fsync_path,
     identity,
+    rebased,
     remove_source,
     same_content,
     same_file,
@@ -175,7 +176,7 @@ def place_at(
             if expect is not None and mode is not Mode.SYMLINK:
                 made = os.lstat(tmp)
                 linked = (made.st_dev, made.st_ino) == expect[:2]
-                if linked and not untouched(made, expect):
+                if linked and not untouched(made, expect, tmp):
                     raise source_changed(src)
             if replace:
                 os.replace(tmp, name)
@@ -188,7 +189,7 @@ def place_at(
         if linked:  # the rename (or link and unlink) moved its change time: what the removal compares
             now = os.lstat(name)
             if expect is not None and same_file(now, expect):
-                expect = identity(now)
+                expect = rebased(now, expect)
     if durable and batch is None and mode is not Mode.MOVE:
         fsync_dir(name.parent)
     _finish_move(src, name, mode, batch, identical=False, durable=durable, expect=expect)
@@ -231,7 +232,7 @@ def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identit
         fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            if expect is not None and not untouched(st, expect):
+            if expect is not None and not untouched(st, expect, src):
                 raise source_changed(src)
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -243,7 +244,7 @@ def _make(src: Path, path: Path, mode: Mode, expect: Identity | None) -> Identit
             os.close(out)
         finally:
             os.close(fd)
-        return identity(st)
+        return rebased(st, expect)
     _check_source(src, expect)
     os.link(src, path)
     return _check_link(src, path, expect)
@@ -253,7 +254,7 @@ def _check_source(src: Path, expect: Identity | None) -> None:
     """Before a link of `src` (which changes its change time): still the
     file `expect` describes, not written since (:func:`~scp.store.fsops.untouched`)?
     Else :class:`~scp.errors.SourceChanged`."""
-    if expect is not None and not untouched(os.lstat(src), expect):
+    if expect is not None and not untouched(os.lstat(src), expect, src):
         raise source_changed(src)
 
 
@@ -267,7 +268,7 @@ def _check_link(src: Path, link: Path, expect: Identity | None) -> Identity:
     if expect is not None and not same_file(st, expect):
         unlink_quietly(link)
         raise source_changed(src)
-    return identity(st)
+    return rebased(st, expect)
 
 
 def _finish_move(
@@ -407,7 +408,7 @@ class SortBatch:
         self._made: dict[Path, None] = {}  # folders that got new entries
         self._tmp: Path | None = None
 
-    def claim(self, src: Path, fd: int, st: os.stat_result, final: Path) -> str:
+    def claim(self, src: Path, fd: int, st: os.stat_result, final: Path, rel: str = "") -> str:
         """Put `src` (open as `fd`, its ``fstat`` `st`) at `final` if that name
         is free: :data:`PLACED`, :data:`PENDING` (a copy, named by
         :meth:`finish`) or :data:`TAKEN` (nothing done). Raises ``OSError``."""
@@ -432,7 +433,7 @@ class SortBatch:
                 break
             self._copies.append((os.fspath(src), tmp, final))
             return PENDING
-        read = identity(st)
+        read = identity(st, rel)
         if self.mode is not Mode.SYMLINK:
             _check_source(src, read)
         try:
@@ -561,5 +562,5 @@ def _copy_into(fd: int, out: int, st: os.stat_result) -> None:
     os.chmod(out, stat.S_IMODE(st.st_mode))
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     now = os.fstat(fd)  # (the change time too: a writer can put the modification time back)
-    if not untouched(now, identity(st)):
+    if (now.st_ctime_ns, now.st_mtime_ns, now.st_size) != (st.st_ctime_ns, st.st_mtime_ns, st.st_size):
         raise SourceChanged("the file was written to while it was being copied; left in place, run again")
