@@ -19,13 +19,13 @@ from scp.errors import SourceChanged, StoreError
 CHUNK = 1 << 20
 
 #: What says a file is still the one read: device, inode, size, modification
-#: time, change time and link count, and (for a sort) the name its header gave
-#: it, relative to DST ("" if none: see :func:`untouched`).
-Identity = tuple[int, int, int, int, int, int, str]
+#: time, change time, and (for a sort) the name its header gave it, relative
+#: to DST ("" if none: see :func:`untouched`).
+Identity = tuple[int, int, int, int, int, str]
 
 
 def identity(st: os.stat_result, rel: str = "") -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, rel)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, rel)
 
 
 def same_file(st: os.stat_result, ident: Identity) -> bool:
@@ -59,10 +59,10 @@ def untouched(st: os.stat_result, ident: Identity, path: str | os.PathLike[str])
 
 def named_as(path: str | os.PathLike[str], ident: Identity) -> bool:
     """Whether the header of the file at `path` gives it the name `ident` records."""
-    if not ident[6] or NAMER is None:
+    if not ident[5] or NAMER is None:
         return False
     try:
-        return NAMER(os.fspath(path)) == ident[6]
+        return NAMER(os.fspath(path)) == ident[5]
     except Exception:  # not DICOM now, cut short, gone: not the file read
         return False
 
@@ -70,7 +70,7 @@ def named_as(path: str | os.PathLike[str], ident: Identity) -> bool:
 def rebased(st: os.stat_result, ident: Identity | None) -> Identity:
     """`st`'s identity, with the name `ident` records: after a step of ours
     that moved the change time (what a later check compares)."""
-    return identity(st, ident[6] if ident is not None else "")
+    return identity(st, ident[5] if ident is not None else "")
 
 
 class SourceTree:

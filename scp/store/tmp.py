@@ -197,21 +197,10 @@ def held_below(path: Path) -> tuple[Path, int] | None:
     the folders they have open (``/proc/PID/fd``); a holder whose descriptors
     cannot be read (another user's, another PID namespace's) is not seen.
     Only looks."""
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
+    below = os.path.realpath(path).rstrip(os.sep) + os.sep
     held: dict[int, set[str]] = {}
-    for line in lines:
-        fields = line.split()
-        if "->" in fields or "FLOCK" not in fields:
-            continue
-        for at, field in enumerate(fields):
-            if _LOCK_KEY.fullmatch(field) and fields[at - 1].isdigit():
-                held.setdefault(int(fields[at - 1]), set()).add(field)
-                break
+    for key, pid in _flocks().items():
+        held.setdefault(pid, set()).add(key)
     for pid, keys in held.items():
         fd_dir = f"/proc/{pid}/fd"
         try:
@@ -221,15 +210,40 @@ def held_below(path: Path) -> tuple[Path, int] | None:
         for fd in fds:
             try:
                 target = os.readlink(os.path.join(fd_dir, fd))
-                if not target.startswith(real.rstrip(os.sep) + os.sep):
+                if not target.startswith(below):
                     continue
-                st = os.stat(target)
+                key = _lock_key(os.stat(target))
             except OSError:
                 continue
-            key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
             if key in keys and os.path.isdir(os.path.join(target, STATE_DIRNAME)):
                 return Path(target), pid
     return None
+
+
+def _lock_key(st: os.stat_result) -> str:
+    """How ``/proc/locks`` names the file `st` describes: major:minor:inode."""
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+
+
+def _flocks() -> dict[str, int]:
+    """The ``flock`` locks held now (not waited for), by file
+    (:func:`_lock_key`): the PID of a holder. Empty if ``/proc/locks``
+    cannot be read."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    held: dict[str, int] = {}
+    for line in lines:
+        fields = line.split()
+        if "->" in fields or "FLOCK" not in fields:
+            continue  # (a "->" line waits for the lock: it holds nothing)
+        for at, field in enumerate(fields):
+            if _LOCK_KEY.fullmatch(field) and fields[at - 1].isdigit():
+                held.setdefault(field, int(fields[at - 1]))
+                break
+    return held
 
 
 #: A lock's file in ``/proc/locks``: major:minor:inode.
@@ -247,22 +261,10 @@ def lock_holder(path: Path) -> int | None:
     asks it, and must not hold anything a starting server or sort would
     then find taken."""
     try:
-        st = os.stat(path)
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
+        key = _lock_key(os.stat(path))
     except OSError:
         return None
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in lines:
-        fields = line.split()
-        if "->" in fields or "FLOCK" not in fields or key not in fields:
-            continue  # (a "->" line waits for the lock: it holds nothing)
-        at = fields.index(key)
-        try:
-            return int(fields[at - 1])
-        except ValueError:
-            return None
-    return None
+    return _flocks().get(key)
 
 
 def tmp_prefix(kind: str) -> str:
