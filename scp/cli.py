@@ -268,7 +268,7 @@ def _one_line_usage_error(message: str) -> typer.Exit:
     "its reason), 1 an entry failed (listed in the report), 2 usage error,\n"
     "75 another sort is writing into DST or a running server holds its index\n"
     "(or DST is inside a served folder or holds one, or a move would take\n"
-    "files from one),\n"
+    "files from one; or DST or a move's SRC is in the SRC of a running move),\n"
     "130 interrupted (SIGINT), 143 SIGTERM, 129 SIGHUP.",
 )
 def sort(

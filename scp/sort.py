@@ -50,10 +50,12 @@ from scp.store.tmp import (
     NotOwnFolder,
     ServerRunning,
     SortRunning,
+    being_moved,
     fs_clock_ns,
     held_around,
     held_below,
     held_folder,
+    hold_moved,
     holder_text,
     lock_holder,
     lock_taker,
@@ -431,6 +433,10 @@ def sort_tree(
                 held = _take_unserved(cfg.dst)
                 if held is not None:
                     stack.callback(os.close, held)
+                if cfg.mode is Mode.MOVE and not in_place:
+                    moved = _hold_moved(cfg.src)  # (in place: DST's own hold covers it)
+                    if moved is not None:
+                        stack.callback(os.close, moved)
                 index_lock = _lock_served_index(cfg.dst)
             except (DestinationLockedError, NotOwnFolder):
                 if writer is not None:
@@ -650,8 +656,20 @@ def _refuse_held_around(cfg: SortConfig) -> None:
             f"{shown(os.fspath(cfg.dst))} holds {shown(os.fspath(below[0]))}, the output folder of a "
             f"running sortscp{holder_text(below[1])}, whose files this sort would index and file "
             "among its own: sort into a folder that holds no other's")
+    moving = being_moved(cfg.dst)
+    if moving is not None:
+        raise DestinationLockedError(
+            f"{shown(os.fspath(cfg.dst))} {_in_moved(cfg.dst, moving)}, which a running sortscp "
+            f"sort --mode move{holder_text(moving[1])} is emptying: what this sort files there would "
+            "be taken with it; sort when it has finished, or into another folder")
     if cfg.mode is not Mode.MOVE:
         return
+    moving = being_moved(cfg.src)
+    if moving is not None:
+        raise DestinationLockedError(
+            f"{shown(os.fspath(cfg.src))} {_in_moved(cfg.src, moving)}, which another sortscp sort "
+            f"--mode move{holder_text(moving[1])} is emptying: one move at a time; run this one when "
+            "it has finished")
     same = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
     pid = None if same else held_folder(cfg.src)  # (DST itself: refused at its own lock)
     around = (cfg.src, pid) if pid is not None else held_around(cfg.src)
@@ -662,6 +680,13 @@ def _refuse_held_around(cfg: SortConfig) -> None:
             "--mode copy")
 
 
+def _in_moved(path: Path, moving: tuple[Path, int]) -> str:
+    """How `path` stands to the folder a move empties (:func:`being_moved`)."""
+    if moving[0] == Path(os.path.realpath(path)):
+        return "is the SRC of a move"
+    return f"is inside {shown(os.fspath(moving[0]))}"
+
+
 def _sort_running(dst: Path, pid: str) -> str:
     return (f"another sortscp sort (or a server starting on it) is writing into {shown(os.fspath(dst))} "
             f"({lock_taker(dst, pid)}); try again when it has finished")
@@ -669,6 +694,17 @@ def _sort_running(dst: Path, pid: str) -> str:
 
 _SERVER_RUNNING = ("a running server (sortscp serve) holds the instance index of {dst}: stop it "
                    "first, or send these files to it (storescu +sd +r ...)")
+
+
+def _hold_moved(src: Path) -> int | None:
+    """A move's hold on SRC for the run (:func:`~scp.store.tmp.hold_moved`):
+    a server or a sort starting on it, or in it, sees it and is refused."""
+    try:
+        return hold_moved(src)
+    except BlockingIOError:  # (a server started on it since it was looked at)
+        raise DestinationLockedError(
+            f"--mode move would take the files of {shown(os.fspath(src))}, the output folder of a "
+            "running sortscp, from under its index: stop it first, or --mode copy") from None
 
 
 def _take_unserved(dst: Path) -> int | None:

@@ -18,6 +18,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -752,6 +753,83 @@ def test_folders_inside_or_around_a_served_folder_are_refused_or_left_alone(tmp_
     finally:
         assert first.terminate() == 0, first.log()
     assert "Traceback" not in first.log()
+
+
+def _flock_holders(path: Path, kind: str) -> set[int]:
+    """The PIDs of the ``flock`` locks of `kind` (READ, WRITE) on `path`, as ``/proc/locks`` lists them."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return {int(fields[4]) for fields in map(str.split, f) if fields[1] == "FLOCK"
+                and fields[3] == kind and fields[5] == key}
+
+
+def test_a_folder_a_move_is_emptying_is_refused_to_servers_sorts_and_other_moves(tmp_path):
+    """A move held nothing on SRC, so a server started on SRC, or on a folder
+    in it, while the move ran indexed files the move then took (its index
+    listed instances that were gone), and a sort into such a folder had its
+    output moved away behind its report. Now a move holds a shared lock on
+    SRC for its run: a server on SRC or inside it is refused (2), a sort into
+    it or a second move of it too (75), touching nothing; an operator's own
+    shared lock on a folder refuses nothing; once the move ends, all start."""
+    src, dst = tmp_path / "incoming", tmp_path / "sorted"
+    (src / "deep").mkdir(parents=True)
+    uids = [f"1.2.826.0.1.3680043.10.16.{300 + n}" for n in range(400)]
+    for n, uid in enumerate(uids):
+        ct(uid).save_as(src / ("deep" if n % 2 else "") / f"f{n}.dcm", enforce_file_format=True)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    ct("1.2.826.0.1.3680043.10.16.299").save_as(loose / "x.dcm", enforce_file_format=True)
+    move = subprocess.Popen([sys.executable, "-m", "scp", "sort", str(src), str(dst), "--mode", "move"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), start_new_session=True)
+    try:
+        wait_until(lambda: move.pid in _flock_holders(src, "READ") or move.poll() is not None,
+                   timeout=60, what="the move's hold on SRC")
+        assert move.poll() is None, "the move ended before its hold was seen"
+        os.killpg(move.pid, signal.SIGSTOP)  # it and its workers: the move stays where it is
+        left = sorted(p.relative_to(src) for p in src.rglob("*"))
+        for out in (src, src / "deep", src / "new"):
+            proc = run_cli("serve", "--out", out, "--host", "127.0.0.1", "--port", free_port(), timeout=60)
+            where = "is the SRC of" if out == src else f"is inside {src}, the SRC of"
+            _cli_error(proc, f"{out} {where} a running sortscp sort --mode move (pid {move.pid})",
+                       "start it when the move has finished")
+        for args, text in (([loose, src / "new"], f"is inside {src}, which a running"),
+                           ([loose, src], "is the SRC of a move, which a running"),
+                           ([src, tmp_path / "other", "--mode", "move"], "is the SRC of a move, which another"),
+                           ([src / "deep", tmp_path / "other", "--mode", "move"], f"is inside {src}, which another")):
+            proc = run_cli("sort", *args, timeout=120)
+            assert proc.returncode == 75, (args, proc.stdout, proc.stderr)
+            assert f"{text} sortscp sort --mode move (pid {move.pid}) is emptying" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr, proc.stderr
+        assert sorted(p.relative_to(src) for p in src.rglob("*")) == left  # nothing made, nothing taken
+        assert not (tmp_path / "other").exists() and [p.name for p in loose.iterdir()] == ["x.dcm"]
+        os.killpg(move.pid, signal.SIGCONT)
+        out, err = move.communicate(timeout=300)
+        assert move.returncode == 0, (out, err)
+    finally:
+        if move.poll() is None:
+            os.killpg(move.pid, signal.SIGCONT)
+            os.killpg(move.pid, signal.SIGKILL)
+            move.wait()
+    assert sorted(p.name for p in layout_files(dst)) == sorted(f"{uid}.dcm" for uid in uids)
+    assert not src.exists() or not any(p.is_file() for p in src.rglob("*"))
+
+    # an operator's shared lock on a folder is not a move's; and the folder is free again
+    src.mkdir(exist_ok=True)
+    holder = subprocess.Popen(["flock", "-s", str(src), "sleep", "60"])
+    try:
+        wait_until(lambda: bool(_flock_holders(src, "READ")), timeout=20, what="flock -s")
+        proc = run_cli("sort", loose, src / "new", timeout=120)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        assert [p.name for p in layout_files(src / "new")] == ["1.2.826.0.1.3680043.10.16.299.dcm"]
+    finally:
+        holder.kill()
+        holder.wait()
+    server = ServeProcess(src / "served")
+    try:
+        assert store_one(server.port, ct("1.2.826.0.1.3680043.10.16.298")) == SUCCESS, server.log()
+    finally:
+        assert server.terminate() == 0, server.log()
 
 
 def test_the_output_folder_made_again_while_serving_is_held_again(tmp_path):

@@ -172,7 +172,7 @@ def held_folder(folder: str | Path) -> int | None:
     in another PID namespace, a container); None otherwise. Only looks."""
     if not os.path.isdir(os.path.join(folder, STATE_DIRNAME)):
         return None  # (one stat: never an output folder of ours)
-    return lock_holder(Path(folder))
+    return lock_holder(Path(folder), "WRITE")  # (not a move's shared hold on it: being_moved)
 
 
 def held_around(path: Path) -> tuple[Path, int] | None:
@@ -199,7 +199,7 @@ def held_below(path: Path) -> tuple[Path, int] | None:
     Only looks."""
     below = os.path.realpath(path).rstrip(os.sep) + os.sep
     held: dict[int, set[str]] = {}
-    for key, pid in _flocks().items():
+    for key, pid in _flocks("WRITE").items():
         held.setdefault(pid, set()).add(key)
     for pid, keys in held.items():
         fd_dir = f"/proc/{pid}/fd"
@@ -225,10 +225,12 @@ def _lock_key(st: os.stat_result) -> str:
     return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
 
 
-def _flocks() -> dict[str, int]:
+def _flocks(kind: str = "") -> dict[str, int]:
     """The ``flock`` locks held now (not waited for), by file
-    (:func:`_lock_key`): the PID of a holder. Empty if ``/proc/locks``
-    cannot be read."""
+    (:func:`_lock_key`): the PID of a holder. Of one `kind` only if given:
+    ``WRITE``, the exclusive ones (a server's, a sort's or a reindex's on its
+    folder), or ``READ``, the shared ones (a move's on its SRC, a server's on
+    its index lock). Empty if ``/proc/locks`` cannot be read."""
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             lines = f.read().splitlines()
@@ -237,7 +239,7 @@ def _flocks() -> dict[str, int]:
     held: dict[str, int] = {}
     for line in lines:
         fields = line.split()
-        if "->" in fields or "FLOCK" not in fields:
+        if "->" in fields or "FLOCK" not in fields or (kind and kind not in fields):
             continue  # (a "->" line waits for the lock: it holds nothing)
         for at, field in enumerate(fields):
             if _LOCK_KEY.fullmatch(field) and fields[at - 1].isdigit():
@@ -250,21 +252,65 @@ def _flocks() -> dict[str, int]:
 _LOCK_KEY = re.compile(r"[0-9a-f]+:[0-9a-f]+:\d+")
 
 
+def hold_moved(src: Path) -> int | None:
+    """A move's hold on its SRC for its whole run: a shared ``flock`` on the
+    folder itself (its descriptor, to keep open; None where the file system
+    takes none). It takes nothing from anyone: it is how a server or a sort
+    starting on SRC, or on a folder in it, sees that a move is emptying it
+    (:func:`being_moved`). Raises BlockingIOError if a server, sort or
+    reindex holds SRC (refused before, by the caller: a race)."""
+    return _folder_lock(src, fcntl.LOCK_SH)
+
+
+def being_moved(path: Path) -> tuple[Path, int] | None:
+    """`path`, or the nearest folder above it (links resolved), that a running
+    ``sortscp sort --mode move`` is emptying (:func:`hold_moved`), and that
+    move's PID: a server or a sort filing there would have its files taken
+    from under its index. Only a shared lock whose holder runs sortscp counts
+    (an operator's own ``flock -s`` on a folder does not); a holder whose
+    command line cannot be read (another user's, another PID namespace's) is
+    not seen. Only looks."""
+    held = _flocks("READ")
+    if not held:
+        return None
+    real = Path(os.path.realpath(path))
+    for folder in (real, *real.parents):
+        try:
+            pid = held.get(_lock_key(os.stat(folder)))
+        except OSError:
+            continue
+        if pid is not None and _runs_a_move(pid):
+            return folder, pid
+    return None
+
+
+def _runs_a_move(pid: int) -> bool:
+    """Whether process `pid` is a ``sortscp sort`` (or one of its workers,
+    which share its command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    program = [a for a in argv if a.endswith(b"sortscp") or a == b"scp"]
+    return bool(program) and b"sort" in argv
+
+
 def holder_text(pid: int) -> str:
     """``" (pid N)"``, or nothing for a holder in another PID namespace."""
     return f" (pid {pid})" if pid else ""
 
 
-def lock_holder(path: Path) -> int | None:
-    """The PID of a process holding a ``flock`` on `path`, read from
-    ``/proc/locks`` (None: no one, or no way to tell). Only looks: a dry run
-    asks it, and must not hold anything a starting server or sort would
-    then find taken."""
+def lock_holder(path: Path, kind: str = "") -> int | None:
+    """The PID of a process holding a ``flock`` on `path` (of `kind`, as
+    :func:`_flocks`), read from ``/proc/locks`` (None: no one, or no way to
+    tell). Only looks: a dry run asks it, and must not hold anything a
+    starting server or sort would then find taken."""
     try:
         key = _lock_key(os.stat(path))
     except OSError:
         return None
-    return _flocks().get(key)
+    return _flocks(kind).get(key)
 
 
 def tmp_prefix(kind: str) -> str:
