@@ -519,16 +519,20 @@ def reindex(
     Exit status: 0 done; 1 OUT does not exist, files could not be read (a file
     cut short is not indexed) or the index cannot be put in place; 2 usage
     error (OUT is a file); 75 a running server holds the index (stop it
-    first), or a sort fills OUT.
+    first), a sort fills OUT, or a move empties it.
     """
     from scp.jobs import identity_facts
     from scp.store.index import IndexInUseError, InstanceIndexError, rebuild
-    from scp.store.tmp import NotOwnFolder, ServerRunning, SortRunning, take_sort_lock, take_unserved
+    from scp.store.tmp import NotOwnFolder, ServerRunning, SortRunning, moved_under, take_sort_lock, take_unserved
 
     setup_logging("WARNING")  # pydicom's warnings about the files go through the escaping log
     if not out.is_dir():
         typer.echo(f"reindex: {out} is not a folder", err=True)
         raise typer.Exit(1)
+    moving = moved_under(out)
+    if moving is not None:
+        typer.echo(f"reindex: {moving}, which takes the files away: reindex when it has finished", err=True)
+        raise typer.Exit(EXIT_LOCKED)
     try:
         sort_lock = take_sort_lock(out)  # a sort filling OUT would place files after the walk
     except SortRunning as exc:

@@ -50,7 +50,6 @@ from scp.store.tmp import (
     NotOwnFolder,
     ServerRunning,
     SortRunning,
-    being_moved,
     fs_clock_ns,
     held_around,
     held_below,
@@ -59,6 +58,7 @@ from scp.store.tmp import (
     holder_text,
     lock_holder,
     lock_taker,
+    moved_under,
     remove_orphans,
     take_sort_lock,
     take_unserved,
@@ -656,20 +656,15 @@ def _refuse_held_around(cfg: SortConfig) -> None:
             f"{shown(os.fspath(cfg.dst))} holds {shown(os.fspath(below[0]))}, the output folder of a "
             f"running sortscp{holder_text(below[1])}, whose files this sort would index and file "
             "among its own: sort into a folder that holds no other's")
-    moving = being_moved(cfg.dst)
+    moving = moved_under(cfg.dst, shown)
     if moving is not None:
-        raise DestinationLockedError(
-            f"{shown(os.fspath(cfg.dst))} {_in_moved(cfg.dst, moving)}, which a running sortscp "
-            f"sort --mode move{holder_text(moving[1])} is emptying: what this sort files there would "
-            "be taken with it; sort when it has finished, or into another folder")
+        raise DestinationLockedError(f"{moving}, which would take what this sort files there with it: "
+                                     "sort when it has finished, or into another folder")
     if cfg.mode is not Mode.MOVE:
         return
-    moving = being_moved(cfg.src)
+    moving = moved_under(cfg.src, shown)
     if moving is not None:
-        raise DestinationLockedError(
-            f"{shown(os.fspath(cfg.src))} {_in_moved(cfg.src, moving)}, which another sortscp sort "
-            f"--mode move{holder_text(moving[1])} is emptying: one move at a time; run this one when "
-            "it has finished")
+        raise DestinationLockedError(f"{moving}: one move at a time; run this one when it has finished")
     same = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
     pid = None if same else held_folder(cfg.src)  # (DST itself: refused at its own lock)
     around = (cfg.src, pid) if pid is not None else held_around(cfg.src)
@@ -678,13 +673,6 @@ def _refuse_held_around(cfg: SortConfig) -> None:
             f"--mode move would take the files of {shown(os.fspath(around[0]))}, the output folder of "
             f"a running sortscp{holder_text(around[1])}, from under its index: stop it first, or "
             "--mode copy")
-
-
-def _in_moved(path: Path, moving: tuple[Path, int]) -> str:
-    """How `path` stands to the folder a move empties (:func:`being_moved`)."""
-    if moving[0] == Path(os.path.realpath(path)):
-        return "is the SRC of a move"
-    return f"is inside {shown(os.fspath(moving[0]))}"
 
 
 def _sort_running(dst: Path, pid: str) -> str:

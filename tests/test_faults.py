@@ -793,13 +793,16 @@ def test_a_folder_a_move_is_emptying_is_refused_to_servers_sorts_and_other_moves
             where = "is the SRC of" if out == src else f"is inside {src}, the SRC of"
             _cli_error(proc, f"{out} {where} a running sortscp sort --mode move (pid {move.pid})",
                        "start it when the move has finished")
-        for args, text in (([loose, src / "new"], f"is inside {src}, which a running"),
-                           ([loose, src], "is the SRC of a move, which a running"),
-                           ([src, tmp_path / "other", "--mode", "move"], "is the SRC of a move, which another"),
-                           ([src / "deep", tmp_path / "other", "--mode", "move"], f"is inside {src}, which another")):
-            proc = run_cli("sort", *args, timeout=120)
+        for args in (["sort", loose, src / "new"], ["sort", loose, src],
+                     ["sort", src, tmp_path / "other", "--mode", "move"],
+                     ["sort", src / "deep", tmp_path / "other", "--mode", "move"],
+                     ["sort", loose, src / "deep", "--dry-run"], ["reindex", src / "deep"]):
+            proc = run_cli(*args, timeout=120)
             assert proc.returncode == 75, (args, proc.stdout, proc.stderr)
-            assert f"{text} sortscp sort --mode move (pid {move.pid}) is emptying" in proc.stderr, proc.stderr
+            folder = args[2] if args[0] == "sort" and "move" not in args else args[1]
+            where = "is the SRC of" if folder == src else f"is inside {src}, the SRC of"
+            assert f"{folder} {where} a running sortscp sort --mode move (pid {move.pid})" in proc.stderr, (
+                args, proc.stderr)
             assert "Traceback" not in proc.stderr, proc.stderr
         assert sorted(p.relative_to(src) for p in src.rglob("*")) == left  # nothing made, nothing taken
         assert not (tmp_path / "other").exists() and [p.name for p in loose.iterdir()] == ["x.dcm"]

@@ -44,11 +44,11 @@ from scp.store.tmp import (
     NotOwnFolder,
     ServerRunning,
     SortRunning,
-    being_moved,
     held_around,
     held_below,
     hold_served,
     holder_text,
+    moved_under,
     own_folder,
     remove_orphans,
     take_sort_lock,
@@ -113,12 +113,10 @@ def prepare_output(out: Path) -> Path:
     if below is not None:
         raise ServeError(f"{out} holds {below[0]}, the output folder of a running sortscp"
                          f"{holder_text(below[1])}: give this server a folder that holds no other's")
-    moving = being_moved(out)
+    moving = moved_under(out)
     if moving is not None:
-        where = "is the SRC of" if moving[0] == Path(os.path.realpath(out)) else f"is inside {moving[0]}, the SRC of"
-        raise ServeError(f"{out} {where} a running sortscp sort --mode move{holder_text(moving[1])}, "
-                         "which would take what this server files from under its index: start it "
-                         "when the move has finished, or give it another folder")
+        raise ServeError(f"{moving}, which would take what this server files from under its index: "
+                         "start it when the move has finished, or give it another folder")
     try:
         tmp = own_folder(out, TMP_DIRNAME)
         own_folder(out, STATE_DIRNAME)

@@ -15,6 +15,7 @@ import re
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -282,6 +283,20 @@ def being_moved(path: Path) -> tuple[Path, int] | None:
         if pid is not None and _runs_a_move(pid):
             return folder, pid
     return None
+
+
+def moved_under(path: Path, show: Callable[[str], str] = str) -> str | None:
+    """``PATH is the SRC of a running sortscp sort --mode move (pid N)`` (or
+    ``is inside FOLDER, the SRC of``; paths as `show` writes them) while a
+    move empties `path` or a folder above it (:func:`being_moved`); None
+    otherwise. Only looks."""
+    moving = being_moved(path)
+    if moving is None:
+        return None
+    folder, pid = moving
+    where = ("is the SRC of" if folder == Path(os.path.realpath(path))
+             else f"is inside {show(os.fspath(folder))}, the SRC of")
+    return f"{show(os.fspath(path))} {where} a running sortscp sort --mode move{holder_text(pid)}"
 
 
 def _runs_a_move(pid: int) -> bool:
