@@ -755,6 +755,44 @@ def test_folders_inside_or_around_a_served_folder_are_refused_or_left_alone(tmp_
     assert "Traceback" not in first.log()
 
 
+def test_a_folder_that_holds_a_served_folder_through_a_bind_mount_is_refused(tmp_path):
+    """A folder that holds a served OUT was found by the path the server has
+    OUT open under, so a server whose OUT is reached through a bind mount (a
+    container's volume, ``mount --bind``) was not seen: a server or a sort on
+    the folder that really holds it was accepted, and its index took the
+    served files for its own. Now each path is placed on its file system
+    through the mounts: refused (2 for serve, 75 for sort), nothing made."""
+    real = tmp_path / "archive"
+    (real / "site").mkdir(parents=True)
+    bound = tmp_path / "volume"
+    bound.mkdir()
+    mount = subprocess.run(["mount", "--bind", str(real / "site"), str(bound)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mount.stderr.strip()}")
+    try:
+        server = ServeProcess(bound / "out")  # the server names its folder volume/out
+        try:
+            assert store_one(server.port, ct("1.2.826.0.1.3680043.10.16.40")) == SUCCESS, server.log()
+            loose = tmp_path / "loose"
+            loose.mkdir()
+            ct("1.2.826.0.1.3680043.10.16.41").save_as(loose / "x.dcm", enforce_file_format=True)
+            for folder in (real, real / "site"):
+                proc = run_cli("serve", "--out", folder, "--host", "127.0.0.1", "--port", free_port(), timeout=60)
+                _cli_error(proc, f"{folder} holds {bound / 'out'}, the output folder of a running sortscp "
+                           f"(pid {server.proc.pid})")
+                proc = run_cli("sort", loose, folder, timeout=120)
+                assert proc.returncode == 75, (proc.stdout, proc.stderr)
+                assert f"holds {bound / 'out'}, the output folder of a running sortscp" in proc.stderr, proc.stderr
+                assert not (folder / ".sortscp").exists()
+            proc = run_cli("sort", loose, tmp_path / "elsewhere", timeout=120)  # beside it: fine
+            assert proc.returncode == 0, (proc.stdout, proc.stderr)
+            assert [p.name for p in layout_files(real / "site" / "out")] == ["1.2.826.0.1.3680043.10.16.40.dcm"]
+        finally:
+            assert server.terminate() == 0, server.log()
+    finally:
+        subprocess.run(["umount", "-l", str(bound)], check=False)
+
+
 def _flock_holders(path: Path, kind: str) -> set[int]:
     """The PIDs of the ``flock`` locks of `kind` (READ, WRITE) on `path`, as ``/proc/locks`` lists them."""
     st = os.stat(path)

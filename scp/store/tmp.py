@@ -192,13 +192,17 @@ def held_around(path: Path) -> tuple[Path, int] | None:
 
 def held_below(path: Path) -> tuple[Path, int] | None:
     """A folder under `path` (not `path` itself) that a running server, sort
-    or reindex holds (:func:`held_folder`), and its holder's PID: a server or
-    a sort whose folder holds it would index its files as their own, and file
-    into it. Found from the holders of ``flock`` locks (``/proc/locks``) and
-    the folders they have open (``/proc/PID/fd``); a holder whose descriptors
-    cannot be read (another user's, another PID namespace's) is not seen.
-    Only looks."""
-    below = os.path.realpath(path).rstrip(os.sep) + os.sep
+    or reindex holds (:func:`held_folder`), and its holder's PID (the folder
+    as that process names it): a server or a sort whose folder holds it
+    would index its files as their own, and file into it. Found from the
+    holders of ``flock`` locks (``/proc/locks``) and the folders they have
+    open (``/proc/PID/fd``), each placed on its file system through the
+    holder's mounts and ours (``mountinfo``), so a folder reached through a
+    bind mount, or served from a container, is seen; a holder whose
+    descriptors cannot be read (another user's) is not. Only looks."""
+    real = os.path.realpath(path)
+    ours = _on_file_system(real, "self")
+    below = real.rstrip(os.sep) + os.sep
     held: dict[int, set[str]] = {}
     for key, pid in _flocks("WRITE").items():
         held.setdefault(pid, set()).add(key)
@@ -209,16 +213,53 @@ def held_below(path: Path) -> tuple[Path, int] | None:
         except OSError:
             continue
         for fd in fds:
+            link = os.path.join(fd_dir, fd)  # (opened, it is the holder's file, whatever its name here)
             try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-                if not target.startswith(below):
+                target = os.readlink(link)
+                if not target.startswith(os.sep) or _lock_key(os.stat(link)) not in keys:
                     continue
-                key = _lock_key(os.stat(target))
             except OSError:
                 continue
-            if key in keys and os.path.isdir(os.path.join(target, STATE_DIRNAME)):
+            if not target.startswith(below):
+                theirs = _on_file_system(target, str(pid))
+                if ours is None or theirs is None or theirs[0] != ours[0] or \
+                        not theirs[1].startswith(ours[1].rstrip("/") + "/"):
+                    continue
+            if os.path.isdir(os.path.join(link, STATE_DIRNAME)):
                 return Path(target), pid
     return None
+
+
+def _on_file_system(real: str, pid: str) -> tuple[str, str] | None:
+    """Where the resolved path `real`, as process `pid` (or ``self``) names
+    it, lies: its file system's device (major:minor) and its path from that
+    file system's root, read from ``/proc/PID/mountinfo`` (the mount that
+    holds it: the longest mount point above it, the last one mounted there).
+    None if that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best: tuple[str, str, str] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        root, point = _unescape(fields[3]), _unescape(fields[4])
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and \
+                (best is None or len(point) >= len(best[0])):
+            best = (point, root, fields[2])
+    if best is None:
+        return None
+    point, root, dev = best
+    rest = real[len(point):].lstrip("/")
+    return dev, os.path.normpath(os.path.join(root, rest))
+
+
+def _unescape(field: str) -> str:
+    """A path of ``mountinfo`` as written: space, tab, newline and backslash are octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _lock_key(st: os.stat_result) -> str:
