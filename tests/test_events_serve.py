@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -253,6 +254,76 @@ def test_manifests_a_killed_write_left_half_written_are_removed_at_the_next_star
     assert sorted(p.name for p in series.parent.iterdir()) == sorted([series.name, notes.name])
     time.sleep(2.5)  # past the stable time: nothing completes again
     assert len(events_of(events, "series_complete")) == 1, again.log()
+
+
+def test_a_completion_the_index_never_took_is_not_taken_for_one_by_a_rebuild(
+        serve_process, tmp_path: Path) -> None:
+    """The manifest was written at its name before the completion was flipped
+    in the index; when the flip waited (another process writing the index, as
+    a backup tool does) and the server was killed, a rebuild (``reindex``)
+    took that manifest for a completion: the series stayed complete in
+    ``ls`` and its event and hook never came. Now a manifest gets its name
+    only after the flip: the series completes after the restart, once."""
+    events, ran = tmp_path / "events.jsonl", tmp_path / "hook.txt"
+    args = (*STABLE, "--events", str(events), "--hook-shell",
+            "--on-series-complete", f'echo "$SORTSCP_SERIES_INSTANCE_UID" >> {ran}')
+    server = serve_process(*args, new_session=True)
+    sent = ct_copies(2)
+    assert send_datasets(server.port, sent) == [SUCCESS] * 2
+    series = series_manifest_path(server.out, sent[0].SeriesInstanceUID)
+    busy = sqlite3.connect(index_path(server.out), isolation_level=None, timeout=10)
+    try:
+        busy.execute("BEGIN IMMEDIATE")  # the flip waits (up to the index's busy timeout)
+        wait_until(lambda: series.exists() or any(series.parent.glob(".tmp-*.json")), timeout=30,
+                   what="the manifest written")
+        time.sleep(0.5)  # (the flip waits)
+        server.kill()
+    finally:
+        busy.close()
+    proc = run_cli("reindex", server.out, timeout=120)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    again = serve_process(*args, out=server.out)
+    wait_until(lambda: len(events_of(events, "series_complete")) == 1, timeout=30, what="the completion")
+    wait_until(lambda: ran.exists() and ran.read_text().split() == [sent[0].SeriesInstanceUID], timeout=30,
+               what="the hook")
+    manifest = json.loads(series.read_text())
+    assert manifest["revision"] == 1 and len(manifest["instances"]) == 2
+    assert not any(series.parent.glob(".tmp-*.json"))
+    time.sleep(2.5)  # past the stable time: nothing completes again
+    assert len(events_of(events, "series_complete")) == 1, again.log()
+    assert again.terminate() == 0, again.log()
+
+
+def test_a_manifest_staged_when_its_completion_was_flipped_gets_its_name_at_the_next_start(
+        serve_process, tmp_path: Path) -> None:
+    """A kill between the flip and the manifest's rename leaves the manifest
+    staged (``.tmp-*.json``); the next start puts it at its name (one INFO
+    line), and removes one whose completion the index does not hold; no
+    completion comes twice."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    sent = ct_copies(2)
+    assert send_datasets(server.port, sent) == [SUCCESS] * 2
+    wait_until(lambda: len(events_of(events, "study_complete")) == 1, timeout=30, what="the study")
+    assert server.terminate() == 0, server.log()
+    series = series_manifest_path(server.out, sent[0].SeriesInstanceUID)
+    study = study_manifest_path(server.out, sent[0].StudyInstanceUID)
+    done = series.read_bytes()
+    staged = series.parent / ".tmp-fl1pped.json"
+    series.rename(staged)  # flipped, not renamed yet
+    later = json.loads(study.read_text())
+    later["revision"] = 2  # staged, never flipped
+    never = study.parent / ".tmp-n0tfl1p.json"
+    never.write_text(json.dumps(later))
+    kept = study.read_bytes()
+    again = serve_process(*STABLE, "--events", str(events), out=server.out)
+    wait_until(lambda: "put 1 manifests at their names" in again.log(), timeout=30, what="the line")
+    assert "removed 1 manifests a killed write left half-written" in again.log()
+    assert series.read_bytes() == done and study.read_bytes() == kept
+    assert not staged.exists() and not never.exists()
+    time.sleep(2.5)
+    assert len(events_of(events, "series_complete")) == 1 and len(events_of(events, "study_complete")) == 1
+    assert again.terminate() == 0, again.log()
 
 
 def test_a_rebuild_takes_only_the_manifest_at_its_name_and_only_if_it_reads_as_one(

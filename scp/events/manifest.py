@@ -6,8 +6,8 @@
 folder): a reader sees the previous manifest or the new one, never a part.
 A later revision of the same series replaces the file.
 
-The builders are pure (index records in, a dict out); :func:`write_json`
-and :func:`file_digests` do the I/O. Each instance's ``digest`` is the
+The builders are pure (index records in, a dict out); :func:`stage_json`,
+:func:`publish_json` and :func:`file_digests` do the I/O. Each instance's ``digest`` is the
 SHA-256 of its file as stored, computed when the series completes (serve
 leaves it out of the index, to keep a read of every file off the C-STORE
 path).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -142,12 +142,16 @@ def study_manifest(study: StudyState, series: Sequence[tuple[SeriesState, Sequen
     }
 
 
-#: How :func:`write_json` names a manifest being written, beside the manifests.
+#: How :func:`stage_json` names a manifest being written, beside the manifests.
 _PART_PREFIX, _PART_SUFFIX = ".tmp-", ".json"
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` to `path` atomically and durably (temp + fsync + os.replace + folder fsync)."""
+def stage_json(path: Path, data: dict[str, Any]) -> Path:
+    """`data` written and flushed beside `path`, under a temporary name
+    (``.tmp-*.json``), not yet at `path`: :func:`publish_json` puts it there.
+    A manifest is staged before its completion is flipped in the index and
+    published only after, so a manifest at its own name always tells a
+    completion that happened (what a rebuild of the index trusts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PART_PREFIX, suffix=_PART_SUFFIX)
     try:
@@ -156,13 +160,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        discard_staged(Path(tmp))
         raise
+    return Path(tmp)
+
+
+def publish_json(staged: Path, path: Path) -> None:
+    """Rename the `staged` file to `path` and flush its folder."""
+    os.replace(staged, path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -170,24 +176,55 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         os.close(dfd)
 
 
-def remove_partial_manifests(out: Path) -> int:
-    """Remove the manifests a killed write left half-written in `out`'s
-    manifest folders (``.tmp-*.json``: never read, but a pipeline that picks
-    up every ``*.json`` there with its dot files would take them); how many.
-    For a server's start: only the server writes manifests, and it holds the
-    folder (one server per folder), so no write is under way."""
-    removed = 0
-    for folder in (SERIES_DIRNAME, STUDIES_DIRNAME):
+def discard_staged(staged: Path) -> None:
+    try:
+        os.unlink(staged)
+    except OSError:
+        pass
+
+
+def settle_staged_manifests(out: Path, completed: Callable[[str, str], int | None]) -> tuple[int, int]:
+    """At a server's start, the manifests left under their temporary names
+    in `out`'s manifest folders (``.tmp-*.json``): one whose completion the
+    index holds (`completed(kind, uid)`, ``series`` or ``study``, gives that
+    revision) was flipped and not yet renamed when the server was killed, and
+    is put at its name now; the others (written half, or never flipped) are
+    removed: never read, but a pipeline that picks up every ``*.json`` there
+    with its dot files would take them. (published, removed). Only the
+    server writes manifests, and it holds the folder (one server per
+    folder), so no write is under way."""
+    published = removed = 0
+    for folder, kind, key in ((SERIES_DIRNAME, "series", "series_instance_uid"),
+                              (STUDIES_DIRNAME, "study", "study_instance_uid")):
+        where = state_dir(out) / folder
         try:
-            with os.scandir(state_dir(out) / folder) as it:
+            with os.scandir(where) as it:
                 names = [e.name for e in it if e.name.startswith(_PART_PREFIX) and e.name.endswith(_PART_SUFFIX)
                          and e.is_file(follow_symlinks=False)]
         except OSError:  # (no such folder yet)
             continue
         for name in names:
+            staged = where / name
             try:
-                os.unlink(state_dir(out) / folder / name)
-                removed += 1
+                with open(staged, encoding="utf-8") as f:
+                    data = json.load(f)
+                uid, revision = data[key], data["revision"]
+                if not isinstance(uid, str) or not isinstance(revision, int):
+                    raise TypeError
+            except (OSError, ValueError, KeyError, TypeError):
+                flipped = False
+            else:
+                try:
+                    flipped = completed(kind, uid) == revision
+                except Exception:  # (the index cannot tell now: left for the next start)
+                    continue
+            try:
+                if flipped:
+                    publish_json(staged, (series_manifest_path if kind == "series" else study_manifest_path)(out, uid))
+                    published += 1
+                else:
+                    os.unlink(staged)
+                    removed += 1
             except OSError:
                 pass
-    return removed
+    return published, removed

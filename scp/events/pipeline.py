@@ -38,6 +38,7 @@ rebuild needs the index closed everywhere) and stop it before the server's
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -51,12 +52,14 @@ from typing import Any
 from scp.config import ServeConfig
 from scp.events.hooks import HookResult, HookRunner, command_argv
 from scp.events.manifest import (
+    discard_staged,
     file_digests,
+    publish_json,
     series_manifest,
     series_manifest_path,
+    stage_json,
     study_manifest,
     study_manifest_path,
-    write_json,
 )
 from scp.events.metrics import Metrics
 from scp.events.sinks import EventLog, Webhook, event_record
@@ -443,8 +446,8 @@ class Pipeline:
         rows = index.instances_of_series(s.series_instance_uid)
         manifest = series_manifest(s, rows, file_digests(self.out, rows))
         path = series_manifest_path(self.out, s.series_instance_uid)
-        write_json(path, manifest)
-        if not index.mark_series_complete(s.series_instance_uid, s.revision, arrivals=s.arrivals):
+        if not self._flipped(path, manifest, lambda: index.mark_series_complete(
+                s.series_instance_uid, s.revision, arrivals=s.arrivals)):
             return False  # something arrived meanwhile, or another poller flipped it
         self.metrics.series_completed.inc()
         log.info(
@@ -465,6 +468,33 @@ class Pipeline:
         self._run_hook("on_series_complete", record, s.series_instance_uid)
         return True
 
+    @staticmethod
+    def _flipped(path: Path, manifest: dict, flip: Callable[[], bool]) -> bool:
+        """Stage the manifest, `flip` the completion in the index, and only
+        then put the manifest at its name, so that a manifest there always
+        tells a completion that happened (a rebuild of the index takes it
+        for one). False, with the staged file removed, if another flipped
+        it or something arrived meanwhile. One killed between the flip and
+        the rename is put at its name by the next start
+        (:func:`~scp.events.manifest.settle_staged_manifests`)."""
+        staged = stage_json(path, manifest)
+        try:
+            if path.is_dir() and not path.is_symlink():  # (its name cannot be given: not flipped, tried again)
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            flipped = flip()
+        except BaseException:
+            discard_staged(staged)
+            raise
+        if not flipped:
+            discard_staged(staged)
+            return False
+        try:
+            publish_json(staged, path)
+        except OSError as exc:  # (flipped: the event goes out; the next start renames it)
+            log.error("manifest %s not put at its name: %s (the next start does it)",
+                      safe(str(path)), safe(str(exc.strerror or exc)))
+        return True
+
     def _complete_study(self, index: SqliteIndex, t: StudyState) -> bool:
         if t.instances <= 0:
             return self._emptied(index, "study", t.study_instance_uid, t.revision,
@@ -475,8 +505,8 @@ class Pipeline:
         parts = [(s, index.instances_of_series(s.series_instance_uid)) for s in series]
         manifest = study_manifest(t, parts, self.out)
         path = study_manifest_path(self.out, t.study_instance_uid)
-        write_json(path, manifest)
-        if not index.mark_study_complete(t.study_instance_uid, t.revision, arrivals=t.arrivals):
+        if not self._flipped(path, manifest, lambda: index.mark_study_complete(
+                t.study_instance_uid, t.revision, arrivals=t.arrivals)):
             return False
         self.metrics.studies_completed.inc()
         log.info(

@@ -27,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.config import ServeConfig, stop_signals
 from scp.errors import InstanceIndexError, SortscpError
-from scp.events.manifest import remove_partial_manifests
+from scp.events.manifest import settle_staged_manifests
 from scp.events.pipeline import Pipeline
 from scp.jobs import header_tags, identity_facts
 from scp.net import _pynetdicom, sink
@@ -367,6 +367,12 @@ class Server:
         assert self.server is not None
         return self.server.server_address[:2]
 
+    def _completed_revision(self, kind: str, uid: str) -> int | None:
+        """The revision at which the index has series (or study) `uid` complete."""
+        assert self.index is not None
+        state = self.index.series_state(uid) if kind == "series" else self.index.study_state(uid)
+        return state.completed_revision if state is not None else None
+
     def start(self) -> None:
         cfg = self.cfg
         _pynetdicom.check()
@@ -379,7 +385,9 @@ class Server:
         prepare_output(cfg.out)
         self.index, held = _open_index(cfg.out)
         self._held = _FolderHold(cfg.out, held)
-        partial = remove_partial_manifests(cfg.out)
+        published, partial = settle_staged_manifests(cfg.out, self._completed_revision)
+        if published:
+            log.info("put %d manifests at their names: a stop came between their completion and that", published)
         if partial:
             log.info("removed %d manifests a killed write left half-written", partial)
         self._sweeper = _Sweeper(cfg.out / TMP_DIRNAME)
