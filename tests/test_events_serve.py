@@ -226,6 +226,18 @@ def test_an_index_rebuilt_from_the_files_keeps_what_the_manifests_say_completed(
     assert events_of(events, "series_complete")[-1]["revision"] == 2
 
 
+def _one_study_completed(serve_process, events: Path):
+    """A server that completed a study of one series of 2 instances, stopped;
+    it, and the series' and the study's manifest paths."""
+    server = serve_process(*STABLE, "--events", str(events))
+    sent = ct_copies(2)
+    assert send_datasets(server.port, sent) == [SUCCESS] * 2
+    wait_until(lambda: len(events_of(events, "study_complete")) == 1, timeout=30, what="the study")
+    assert server.terminate() == 0, server.log()
+    return (server, series_manifest_path(server.out, sent[0].SeriesInstanceUID),
+            study_manifest_path(server.out, sent[0].StudyInstanceUID))
+
+
 def test_manifests_a_killed_write_left_half_written_are_removed_at_the_next_start(
         serve_process, tmp_path: Path) -> None:
     """A manifest is written to ``.tmp-*.json`` beside its name, then renamed;
@@ -233,13 +245,7 @@ def test_manifests_a_killed_write_left_half_written_are_removed_at_the_next_star
     takes every ``*.json`` there, dot files too, would read it). The next
     server removes such files, and nothing else."""
     events = tmp_path / "events.jsonl"
-    server = serve_process(*STABLE, "--events", str(events))
-    sent = ct_copies(2)
-    assert send_datasets(server.port, sent) == [SUCCESS] * 2
-    wait_until(lambda: len(events_of(events, "study_complete")) == 1, timeout=30, what="the study")
-    assert server.terminate() == 0, server.log()
-    series = series_manifest_path(server.out, sent[0].SeriesInstanceUID)
-    study = study_manifest_path(server.out, sent[0].StudyInstanceUID)
+    server, series, study = _one_study_completed(serve_process, events)
     kept = {p: p.read_bytes() for p in (series, study)}
     partial = [series.parent / ".tmp-k1ll3d.json", study.parent / ".tmp-0a9b8c.json"]
     for p in partial:
@@ -301,13 +307,7 @@ def test_a_manifest_staged_when_its_completion_was_flipped_gets_its_name_at_the_
     line), and removes one whose completion the index does not hold; no
     completion comes twice."""
     events = tmp_path / "events.jsonl"
-    server = serve_process(*STABLE, "--events", str(events))
-    sent = ct_copies(2)
-    assert send_datasets(server.port, sent) == [SUCCESS] * 2
-    wait_until(lambda: len(events_of(events, "study_complete")) == 1, timeout=30, what="the study")
-    assert server.terminate() == 0, server.log()
-    series = series_manifest_path(server.out, sent[0].SeriesInstanceUID)
-    study = study_manifest_path(server.out, sent[0].StudyInstanceUID)
+    server, series, study = _one_study_completed(serve_process, events)
     done = series.read_bytes()
     staged = series.parent / ".tmp-fl1pped.json"
     series.rename(staged)  # flipped, not renamed yet
