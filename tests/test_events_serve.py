@@ -226,6 +226,37 @@ def test_an_index_rebuilt_from_the_files_keeps_what_the_manifests_say_completed(
     assert events_of(events, "series_complete")[-1]["revision"] == 2
 
 
+def test_a_series_uid_a_sender_gives_two_studies_completes_each_study_with_its_own_instances(
+        serve_process, tmp_path: Path) -> None:
+    """A sender gives instances of two studies one SeriesInstanceUID (a
+    mistake, or a corrected resend that moves part of a series). The series
+    row names the last study only: the first study never completed (its
+    series looked missing), and the last one's manifest and event counted the
+    other study's instances. Now each study completes once, with its own
+    instances, and ``ls`` shows the series under both, with each one's count."""
+    events = tmp_path / "events.jsonl"
+    server = serve_process(*STABLE, "--events", str(events))
+    first, second = ct_copies(2), ct_copies(1)
+    second[0].SeriesInstanceUID = first[0].SeriesInstanceUID
+    assert send_datasets(server.port, first + second) == [SUCCESS] * 3
+    studies = {first[0].StudyInstanceUID: 2, second[0].StudyInstanceUID: 1}
+    wait_until(lambda: len(events_of(events, "study_complete")) == 2, timeout=30, what="both studies")
+    done = {e["study_instance_uid"]: e for e in events_of(events, "study_complete")}
+    assert {uid: e["instance_count"] for uid, e in done.items()} == studies
+    for uid, n in studies.items():
+        manifest = json.loads(study_manifest_path(server.out, uid).read_text())
+        assert manifest["instance_count"] == n and [x["instance_count"] for x in manifest["series"]] == [n]
+    (series,) = events_of(events, "series_complete")
+    assert series["instance_count"] == 3
+    listed = {t["study_instance_uid"]: t for t in json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]}
+    assert {uid: (t["instances"], t["complete"], [(x["series_instance_uid"], x["instances"]) for x in t["series"]])
+            for uid, t in listed.items()} == {
+        uid: (n, True, [(first[0].SeriesInstanceUID, n)]) for uid, n in studies.items()}
+    time.sleep(2.5)  # past the stable time: nothing completes again
+    assert len(events_of(events, "study_complete")) == 2, server.log()
+    assert server.terminate() == 0, server.log()
+
+
 def _one_study_completed(serve_process, events: Path):
     """A server that completed a study of one series of 2 instances, stopped;
     it, and the series' and the study's manifest paths."""

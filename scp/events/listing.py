@@ -32,26 +32,33 @@ def listing(out: Path) -> list[dict[str, Any]]:
         try:
             studies = index.studies()
             series = index.series_list()
+            members = index.series_by_study()
         finally:
             index.close()
     except (InstanceIndexError, sqlite3.Error) as exc:  # damaged, not a database, locked
         raise NoIndex(f"cannot read the index of {out}: {exc}") from None
     except OSError as exc:  # its folder not writable (its lock file), unreadable
         raise NoIndex(f"cannot open the index of {out}: {exc.strerror}: {exc.filename}") from None
+    of_series: dict[str, dict[str | None, int]] = {}  # series -> its studies -> how many of their instances
+    for study_uid, counts in members.items():
+        for uid, n in counts.items():
+            of_series.setdefault(uid, {})[study_uid] = n
     by_study: dict[str | None, list[dict[str, Any]]] = {}
     for s in series:
-        by_study.setdefault(s.study_instance_uid, []).append({
-            "series_instance_uid": s.series_instance_uid,
-            "folder": s.folder,
-            "series_description": s.series_description,
-            "series_number": s.series_number,
-            "modality": s.modality,
-            "instances": s.instances,
-            "complete": s.complete,
-            "revision": s.revision,
-            "first_arrival": _local(s.first_arrival),
-            "last_arrival": _local(s.last_arrival),
-        })
+        # (under each study its instances name: a series UID a sender gave two studies is in both)
+        for study, n in (of_series.get(s.series_instance_uid) or {s.study_instance_uid: s.instances}).items():
+            by_study.setdefault(study, []).append({
+                "series_instance_uid": s.series_instance_uid,
+                "folder": s.folder,
+                "series_description": s.series_description,
+                "series_number": s.series_number,
+                "modality": s.modality,
+                "instances": n,
+                "complete": s.complete,
+                "revision": s.revision,
+                "first_arrival": _local(s.first_arrival),
+                "last_arrival": _local(s.last_arrival),
+            })
     return [
         {
             "study_instance_uid": t.study_instance_uid,

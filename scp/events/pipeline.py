@@ -502,7 +502,7 @@ class Pipeline:
         series = index.series_list(t.study_instance_uid)
         if not series or not all(s.complete for s in series):
             return False  # its series complete first (the next round)
-        parts = [(s, index.instances_of_series(s.series_instance_uid)) for s in series]
+        parts = [(s, index.instances_of_series(s.series_instance_uid, t.study_instance_uid)) for s in series]
         manifest = study_manifest(t, parts, self.out)
         path = study_manifest_path(self.out, t.study_instance_uid)
         if not self._flipped(path, manifest, lambda: index.mark_study_complete(

@@ -349,8 +349,9 @@ class InstanceIndex(Protocol):
     def stable_studies(self, older_than: float, *, now: float | None = None) -> list[StudyState]: ...
     def mark_series_complete(self, series_uid: str, revision: int, *, arrivals: int | None = None) -> bool: ...
     def mark_study_complete(self, study_uid: str, revision: int, *, arrivals: int | None = None) -> bool: ...
-    def instances_of_series(self, series_uid: str) -> list[InstanceRow]: ...
+    def instances_of_series(self, series_uid: str, study_uid: str | None = None) -> list[InstanceRow]: ...
     def series_list(self, study_uid: str | None = None) -> list[SeriesState]: ...
+    def series_by_study(self) -> dict[str, dict[str, int]]: ...
     def forget_empty_series(self, series_uid: str, revision: int) -> bool: ...
     def forget_empty_study(self, study_uid: str, revision: int) -> bool: ...
     def studies(self) -> list[StudyState]: ...
@@ -446,6 +447,7 @@ CREATE TABLE instances(
     pending_path TEXT, owner TEXT, pid INTEGER, since REAL, intent TEXT
 ) WITHOUT ROWID;
 CREATE INDEX instances_series ON instances(series_instance_uid);
+CREATE INDEX instances_study ON instances(study_instance_uid);
 CREATE INDEX instances_pending ON instances(state) WHERE state <> 'ok';
 CREATE TABLE series(
     series_instance_uid TEXT PRIMARY KEY,
@@ -471,6 +473,10 @@ CREATE TABLE obsolete(
     path TEXT PRIMARY KEY, sop_instance_uid TEXT, owner TEXT, since REAL
 ) WITHOUT ROWID;
 """
+
+#: The instances of a study, whatever series row names it: a series UID a
+#: sender gave instances of two studies (its row names the last one's).
+_STUDY_INDEX = "instances_study ON instances(study_instance_uid)"
 
 _BUMP = "CASE WHEN completed_revision >= revision THEN revision + 1 ELSE revision END"
 
@@ -1040,7 +1046,9 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
         ("series", "series", "series_instance_uid", "instances", ("sop_instance_uid", "path", "size"),
          "SELECT sop_instance_uid, path, size FROM instances WHERE series_instance_uid = ?"),
         ("studies", "studies", "study_instance_uid", "series", ("series_instance_uid", "revision", "instance_count"),
-         "SELECT series_instance_uid, revision, instances FROM series WHERE study_instance_uid = ?"),
+         "SELECT s.series_instance_uid, s.revision, count(*) FROM instances AS i JOIN series AS s"
+         " ON s.series_instance_uid = i.series_instance_uid WHERE i.study_instance_uid = ?"
+         " AND i.path IS NOT NULL GROUP BY s.series_instance_uid"),
     )
     conn.execute("BEGIN")
     try:
@@ -1063,6 +1071,9 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
         conn.execute("ROLLBACK")
         raise
 
+
+#: The series of a study (one parameter: its UID): those its instances name.
+_SERIES_OF_STUDY = "SELECT series_instance_uid FROM instances WHERE study_instance_uid = ? AND path IS NOT NULL"
 
 #: Taken by :func:`repair_in_use` (the index's own lock is shared by a server's processes then).
 REPAIR_LOCK_FILENAME = "repair.lock"
@@ -1186,6 +1197,9 @@ class SqliteIndex:
             if meta.get("schema_version") != str(SCHEMA_VERSION):
                 conn.close()
                 raise IndexStaleError(f"index {path} has schema {meta.get('schema_version')}, not {SCHEMA_VERSION}")
+            if not read_only:  # (an index made before the series of a study were looked up by it)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {_STUDY_INDEX}")
         except BaseException:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -1660,12 +1674,16 @@ class SqliteIndex:
             found = self._c().execute(_SELECT_ROW, (uid,)).fetchone()
         return None if found is None else _row(found)[0]
 
-    def instances_of_series(self, series_uid: str) -> list[InstanceRow]:
-        """The committed rows of a series (for a manifest), by path."""
+    def instances_of_series(self, series_uid: str, study_uid: str | None = None) -> list[InstanceRow]:
+        """The committed rows of a series (for a manifest), by path; only
+        those of study `study_uid` if given (a series UID a sender gave
+        instances of two studies is part of both)."""
+        where, args = "WHERE series_instance_uid = ? AND path IS NOT NULL", [series_uid]
+        if study_uid is not None:
+            where, args = where + " AND study_instance_uid = ?", [series_uid, study_uid]
         with self._lock:
             rows = self._c().execute(
-                _SELECT_ROW.replace("WHERE sop_instance_uid = ?", "WHERE series_instance_uid = ? AND path IS NOT NULL ORDER BY path"),
-                (series_uid,),
+                _SELECT_ROW.replace("WHERE sop_instance_uid = ?", where + " ORDER BY path"), args,
             ).fetchall()
         return [_row(r)[0] for r in rows]
 
@@ -1732,7 +1750,19 @@ class SqliteIndex:
             return self._series(
                 "WHERE s.instances > 0 ORDER BY t.patient_name, t.patient_id, t.study_date, s.folder", ()
             )
-        return self._series("WHERE s.study_instance_uid = ? AND s.instances > 0 ORDER BY s.folder", (study_uid,))
+        return self._series(f"WHERE s.series_instance_uid IN ({_SERIES_OF_STUDY}) AND s.instances > 0 "
+                            "ORDER BY s.folder", (study_uid,))
+
+    def series_by_study(self) -> dict[str, dict[str, int]]:
+        """For ``ls``: each study's series, with how many of its instances each holds."""
+        with self._lock:
+            rows = self._c().execute(
+                "SELECT study_instance_uid, series_instance_uid, count(*) FROM instances"
+                " WHERE path IS NOT NULL GROUP BY study_instance_uid, series_instance_uid").fetchall()
+        found: dict[str, dict[str, int]] = {}
+        for study, series, n in rows:
+            found.setdefault(study, {})[series] = n
+        return found
 
     def studies(self) -> list[StudyState]:
         """Every study that has instances, with its series count, for ``ls``."""
