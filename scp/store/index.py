@@ -32,7 +32,7 @@ Schema (version :data:`SCHEMA_VERSION`)
     ``modality``, ``calling_aet``, ``received`` (unix time); and the intent
     while ``state = 'pending'``: ``pending_path`` (the new path),
     ``owner`` (``pid.starttime.seq`` of the claimer), ``pid``, ``since``,
-    ``intent`` (JSON of the new facts). Index on ``series_instance_uid``.
+    ``intent`` (JSON of the new facts). Indexes on ``series_instance_uid`` and ``study_instance_uid``.
 
 ``series`` / ``studies``
     ``series_instance_uid`` / ``study_instance_uid PRIMARY KEY``; series:
