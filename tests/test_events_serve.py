@@ -238,7 +238,9 @@ def test_a_series_uid_a_sender_gives_two_studies_completes_each_study_with_its_o
     server = serve_process(*STABLE, "--events", str(events))
     first, second = ct_copies(2), ct_copies(1)
     second[0].SeriesInstanceUID = first[0].SeriesInstanceUID
-    assert send_datasets(server.port, first + second) == [SUCCESS] * 3
+    assert send_datasets(server.port, first) == [SUCCESS] * 2
+    wait_until(lambda: len(events_of(events, "study_complete")) == 1, timeout=30, what="the first study")
+    assert send_datasets(server.port, second) == [SUCCESS]  # (the series' revision 2)
     studies = {first[0].StudyInstanceUID: 2, second[0].StudyInstanceUID: 1}
     wait_until(lambda: len(events_of(events, "study_complete")) == 2, timeout=30, what="both studies")
     done = {e["study_instance_uid"]: e for e in events_of(events, "study_complete")}
@@ -246,8 +248,7 @@ def test_a_series_uid_a_sender_gives_two_studies_completes_each_study_with_its_o
     for uid, n in studies.items():
         manifest = json.loads(study_manifest_path(server.out, uid).read_text())
         assert manifest["instance_count"] == n and [x["instance_count"] for x in manifest["series"]] == [n]
-    (series,) = events_of(events, "series_complete")
-    assert series["instance_count"] == 3
+    assert [(e["revision"], e["instance_count"]) for e in events_of(events, "series_complete")] == [(1, 2), (2, 3)]
     listed = {t["study_instance_uid"]: t for t in json.loads(run_cli("ls", "--json", server.out).stdout)["studies"]}
     assert {uid: (t["instances"], t["complete"], [(x["series_instance_uid"], x["instances"]) for x in t["series"]])
             for uid, t in listed.items()} == {
@@ -255,6 +256,16 @@ def test_a_series_uid_a_sender_gives_two_studies_completes_each_study_with_its_o
     time.sleep(2.5)  # past the stable time: nothing completes again
     assert len(events_of(events, "study_complete")) == 2, server.log()
     assert server.terminate() == 0, server.log()
+    # the index lost: the next start rebuilds it, completions carried from the manifests,
+    # each study by its own instances (the series' revision moved on with the second study)
+    for f in index_path(server.out).parent.glob("index.sqlite*"):
+        f.unlink()
+    again = serve_process(*STABLE, "--events", str(events), out=server.out)
+    wait_until(lambda: run_cli("ls", "--json", server.out).returncode == 0, timeout=30, what="the rebuilt index")
+    time.sleep(3)
+    assert len(events_of(events, "study_complete")) == 2 and len(events_of(events, "series_complete")) == 2, \
+        again.log()
+    assert again.terminate() == 0, again.log()
 
 
 def _one_study_completed(serve_process, events: Path):

@@ -1037,7 +1037,8 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
     series whose manifest lists exactly its instances now (UIDs, paths and
     sizes) stays complete at that revision; one that changed since completes
     again, at the next revision (never again at one already given, nor at a
-    lower one). A study likewise, from its series and their revisions. Only
+    lower one). A study likewise, from how many of its instances, and how many
+    bytes, each of its series holds. Only
     the file at the manifest's own name counts (not a copy beside it, nor a
     write cut short), and only if it reads as a manifest."""
     # (folder, table, key, the manifest's list, what it lists of each member, the
@@ -1045,10 +1046,11 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
     kinds = (
         ("series", "series", "series_instance_uid", "instances", ("sop_instance_uid", "path", "size"),
          "SELECT sop_instance_uid, path, size FROM instances WHERE series_instance_uid = ?"),
-        ("studies", "studies", "study_instance_uid", "series", ("series_instance_uid", "revision", "instance_count"),
-         "SELECT s.series_instance_uid, s.revision, count(*) FROM instances AS i JOIN series AS s"
-         " ON s.series_instance_uid = i.series_instance_uid WHERE i.study_instance_uid = ?"
-         " AND i.path IS NOT NULL GROUP BY s.series_instance_uid"),
+        # (a study by its own instances of each series, not the series' revision, which
+        # another study's instances of a series UID the two share move on too)
+        ("studies", "studies", "study_instance_uid", "series", ("series_instance_uid", "instance_count", "total_bytes"),
+         "SELECT series_instance_uid, count(*), coalesce(sum(size), 0) FROM instances"
+         " WHERE study_instance_uid = ? AND path IS NOT NULL GROUP BY series_instance_uid"),
     )
     conn.execute("BEGIN")
     try:
