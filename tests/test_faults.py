@@ -1205,3 +1205,58 @@ def test_out_of_descriptors_an_association_is_still_answered_without_a_raw_trace
     raw = [line for line in server.log().splitlines() if line.startswith(("Exception in thread", "Traceback"))]
     assert raw == [], server.log()
     assert SUCCESS in answers, f"{answers}\n{server.log()}"
+
+
+def test_out_of_descriptors_every_concurrent_c_store_is_answered_and_logged(serve_process):
+    """Many associations at once on a server out of descriptors: each C-STORE
+    is answered (Success, or 0xA700 so the sender retries) and each failure has
+    its log line. The senders run sortscp's network threads: pynetdicom's own
+    requestor reactor can take a response off its DIMSE queue between its
+    checkpoint and ``get_msg`` ("Received unexpected C-STORE service message"),
+    and its ``send_c_store`` then waits for a response that was received, which
+    a fast 0xA700 made likely and was taken for a lost answer of the server's."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    from scp.net import _pynetdicom
+
+    server = serve_process("--workers", "2", "--max-associations", "30")
+    nfd = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    # enough for the associations' sockets, not for all their sinks and wake-ups
+    subprocess.run([prlimit, f"--pid={server.proc.pid}", f"--nofile={nfd + 36}:"], check=True)
+    senders, per_sender = 24, 3
+    statuses: dict[int, list] = {}
+
+    def send(k: int) -> None:
+        ae = new_ae()
+        ae.dimse_timeout = 10  # (the server answers in well under a second)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="SORTSCP")
+        if not assoc.is_established:
+            return
+        got = statuses.setdefault(k, [])
+        for i in range(per_sender):
+            rsp = assoc.send_c_store(ct(f"1.2.826.0.1.3680043.10.16.{k}.{i}"))
+            got.append(getattr(rsp, "Status", None))
+            if not assoc.is_established:
+                break
+        if assoc.is_established:
+            assoc.release()
+
+    _pynetdicom.install_network_threads()
+    try:
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(6 * STEP)
+        assert not any(t.is_alive() for t in threads), server.log()
+    finally:
+        _pynetdicom.uninstall_network_threads()
+    subprocess.run([prlimit, f"--pid={server.proc.pid}", f"--nofile={nfd + 256}:"], check=True)
+    answered = [s for got in statuses.values() for s in got]
+    assert answered and all(s in (SUCCESS, OUT_OF_RESOURCES) for s in answered), f"{statuses}\n{server.log()}"
+    log = server.log()
+    failures = log.count("C-STORE failed from FAULTSCU")
+    assert failures >= answered.count(OUT_OF_RESOURCES) > 0, f"{statuses}\n{log}"
+    raw = [line for line in log.splitlines() if line.startswith(("Exception in thread", "Traceback"))]
+    assert raw == [], log
