@@ -49,6 +49,7 @@ from scp.store.tmp import (
     TMP_DIRNAME,
     NotOwnFolder,
     ServerRunning,
+    SharedHold,
     SortRunning,
     fs_clock_ns,
     held_around,
@@ -433,7 +434,7 @@ def sort_tree(
                 held = _take_unserved(cfg.dst)
                 if held is not None:
                     stack.callback(os.close, held)
-                if cfg.mode is Mode.MOVE and not in_place:
+                if cfg.mode is Mode.MOVE and not _same_folder(cfg.src, cfg.dst):
                     moved = _hold_moved(cfg.src)  # (in place: DST's own hold covers it)
                     if moved is not None:
                         stack.callback(os.close, moved)
@@ -684,6 +685,14 @@ _SERVER_RUNNING = ("a running server (sortscp serve) holds the instance index of
                    "first, or send these files to it (storescu +sd +r ...)")
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """`a` and `b` are one folder (also through a bind mount, which paths do not show)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _hold_moved(src: Path) -> int | None:
     """A move's hold on SRC for the run (:func:`~scp.store.tmp.hold_moved`):
     a server or a sort starting on it, or in it, sees it and is refused."""
@@ -700,6 +709,8 @@ def _take_unserved(dst: Path) -> int | None:
     a running server holds it, even while its ``.sortscp`` folder is gone."""
     try:
         return take_unserved(dst)
+    except SharedHold as exc:
+        raise DestinationLockedError(str(exc)) from None
     except ServerRunning:
         raise DestinationLockedError(_SERVER_RUNNING.format(dst=dst)) from None
 

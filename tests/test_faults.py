@@ -766,9 +766,7 @@ def test_a_folder_that_holds_a_served_folder_through_a_bind_mount_is_refused(tmp
     (real / "site").mkdir(parents=True)
     bound = tmp_path / "volume"
     bound.mkdir()
-    mount = subprocess.run(["mount", "--bind", str(real / "site"), str(bound)], capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot bind-mount here: {mount.stderr.strip()}")
+    _bind(real / "site", bound)
     try:
         server = ServeProcess(bound / "out")  # the server names its folder volume/out
         try:
@@ -791,6 +789,74 @@ def test_a_folder_that_holds_a_served_folder_through_a_bind_mount_is_refused(tmp
             assert server.terminate() == 0, server.log()
     finally:
         subprocess.run(["umount", "-l", str(bound)], check=False)
+
+
+def _bind(source: Path, target: Path) -> None:
+    """``mount --bind source target``, or the test is skipped where that cannot be done."""
+    mount = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mount.stderr.strip()}")
+
+
+def test_a_move_in_place_through_a_bind_mount_of_dst_runs(tmp_path):
+    """``sort --mode move B D`` where B is a bind mount of D is a move in
+    place; it was refused (75), its hold on SRC colliding with its own on DST."""
+    dst, bound = tmp_path / "d", tmp_path / "b"
+    dst.mkdir()
+    bound.mkdir()
+    uids = [f"1.2.826.0.1.3680043.10.16.{50 + n}" for n in range(3)]
+    for n, uid in enumerate(uids):
+        ct(uid).save_as(dst / f"f{n}.dcm", enforce_file_format=True)
+    _bind(dst, bound)
+    try:
+        proc = run_cli("sort", bound, dst, "--mode", "move", timeout=120)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    finally:
+        subprocess.run(["umount", "-l", str(bound)], check=False)
+    assert sorted(p.name for p in layout_files(dst)) == sorted(f"{uid}.dcm" for uid in uids)
+    assert not any(p.name.startswith("f") for p in dst.rglob("*.dcm"))
+
+
+def test_a_folder_served_from_another_mount_namespace_under_a_name_of_ours_is_not_refused(tmp_path):
+    """A server in another mount namespace (a container) serves ``X/inner``,
+    which there is a bind mount of an unrelated folder U; here ``X/inner`` is
+    an empty folder. A sort into X was refused, its path taken at its word;
+    now the server's folder is placed through its mounts: X is free, U is held."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    x, u = tmp_path / "x", tmp_path / "u"
+    (x / "inner").mkdir(parents=True)
+    u.mkdir()
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    script = (f'mount --bind "$1" "$2" && exec {sys.executable} -m scp serve --out "$2" --host 127.0.0.1 '
+              f"--port {port}")
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen([unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                                   str(u), str(x / "inner")], stdout=log_file, stderr=subprocess.STDOUT,
+                                  env=cli_env(), start_new_session=True)
+    try:
+        wait_until(lambda: "listening on" in log_path.read_text() or server.poll() is not None, timeout=60,
+                   what="the server in its own mount namespace")
+        if server.poll() is not None:
+            pytest.skip(f"cannot serve in a mount namespace of its own here: {log_path.read_text()[-500:]}")
+        loose = tmp_path / "loose"
+        loose.mkdir()
+        ct("1.2.826.0.1.3680043.10.16.60").save_as(loose / "x.dcm", enforce_file_format=True)
+        proc = run_cli("sort", loose, x, timeout=120)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        assert [p.name for p in layout_files(x)] == ["1.2.826.0.1.3680043.10.16.60.dcm"]
+        proc = run_cli("sort", loose, tmp_path, timeout=120)  # the folder that holds U: refused, U named ours
+        assert proc.returncode == 75 and f"holds {u}, the output folder of a running sortscp" in proc.stderr, (
+            proc.stdout, proc.stderr)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def _flock_holders(path: Path, kind: str) -> set[int]:
@@ -863,6 +929,11 @@ def test_a_folder_a_move_is_emptying_is_refused_to_servers_sorts_and_other_moves
         proc = run_cli("sort", loose, src / "new", timeout=120)
         assert proc.returncode == 0, (proc.stdout, proc.stderr)
         assert [p.name for p in layout_files(src / "new")] == ["1.2.826.0.1.3680043.10.16.299.dcm"]
+        # on the folder itself it collides with the folder's own lock: said as it is, not as a server
+        held = f"{src} is held by a shared lock (pid {holder.pid}): a sortscp sort --mode move of it, or "
+        _cli_error(run_cli("serve", "--out", src, "--host", "127.0.0.1", "--port", free_port(), timeout=60), held)
+        proc = run_cli("sort", loose, src, timeout=120)
+        assert proc.returncode == 75 and held in proc.stderr, (proc.stdout, proc.stderr)
     finally:
         holder.kill()
         holder.wait()

@@ -149,12 +149,22 @@ def hold_served(root: Path) -> int | None:
                         "(stop it, or give this one another --out)")
 
 
+class SharedHold(ServerRunning):
+    """The folder is held by a shared ``flock`` alone: a move of it
+    (:func:`hold_moved`), or another program's ``flock -s``; no server."""
+
+
 def _hold_folder(root: Path, refused: str) -> int | None:
     """The folder's exclusive ``flock`` (:func:`_folder_lock`); held already:
-    :class:`ServerRunning`, `refused` filled in with the holder and `root`."""
+    :class:`ServerRunning`, `refused` filled in with the holder and `root`
+    (:class:`SharedHold` if only shared locks hold it)."""
     try:
         return _folder_lock(root, fcntl.LOCK_EX)
     except BlockingIOError:  # (0 or None: in another PID namespace, a container)
+        if lock_holder(root, "WRITE") is None and (shared := lock_holder(root, "READ")) is not None:
+            raise SharedHold(
+                f"{root} is held by a shared lock{holder_text(shared)}: a sortscp sort --mode move of it, "
+                "or another program's flock -s; try again when it has finished") from None
         holder = holder_text(lock_holder(root) or 0)
         raise ServerRunning(refused.format(holder=holder, root=root)) from None
 
@@ -220,13 +230,43 @@ def held_below(path: Path) -> tuple[Path, int] | None:
                     continue
             except OSError:
                 continue
-            if not target.startswith(below):
+            same_mounts = _mount_namespace(str(pid)) == _mount_namespace("self")
+            theirs = None
+            if not (same_mounts and target.startswith(below)):
                 theirs = _on_file_system(target, str(pid))
                 if ours is None or theirs is None or theirs[0] != ours[0] or \
                         not theirs[1].startswith(ours[1].rstrip("/") + "/"):
                     continue
             if os.path.isdir(os.path.join(link, STATE_DIRNAME)):
+                if not same_mounts and theirs is not None:  # (ours for it, if a mount of ours shows it)
+                    target = _our_name(theirs) or f"{target} (as pid {pid} names it)"
                 return Path(target), pid
+    return None
+
+
+def _mount_namespace(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _our_name(place: tuple[str, str]) -> str | None:
+    """A path of ours for `place` (:func:`_on_file_system`), through a mount
+    of ours of that file system whose root holds it; None if none does."""
+    dev, inside = place
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5 or fields[2] != dev:
+            continue
+        root, point = _unescape(fields[3]), _unescape(fields[4])
+        if inside == root or inside.startswith(root.rstrip("/") + "/"):
+            return os.path.join(point, inside[len(root):].lstrip("/")).rstrip("/") or "/"
     return None
 
 
@@ -309,9 +349,10 @@ def being_moved(path: Path) -> tuple[Path, int] | None:
     ``sortscp sort --mode move`` is emptying (:func:`hold_moved`), and that
     move's PID: a server or a sort filing there would have its files taken
     from under its index. Only a shared lock whose holder runs sortscp counts
-    (an operator's own ``flock -s`` on a folder does not); a holder whose
-    command line cannot be read (another user's, another PID namespace's) is
-    not seen. Only looks."""
+    (an operator's own ``flock -s`` on a folder does not), and one whose
+    holder is outside our PID namespace (PID 0: a container's host, whose
+    command line cannot be read); a holder whose command line cannot be read
+    otherwise (another user's) is not seen. Only looks."""
     held = _flocks("READ")
     if not held:
         return None
@@ -321,7 +362,7 @@ def being_moved(path: Path) -> tuple[Path, int] | None:
             pid = held.get(_lock_key(os.stat(folder)))
         except OSError:
             continue
-        if pid is not None and _runs_a_move(pid):
+        if pid is not None and (pid == 0 or _runs_a_move(pid)):  # (0: outside our PID namespace)
             return folder, pid
     return None
 
@@ -337,7 +378,8 @@ def moved_under(path: Path, show: Callable[[str], str] = str) -> str | None:
     folder, pid = moving
     where = ("is the SRC of" if folder == Path(os.path.realpath(path))
              else f"is inside {show(os.fspath(folder))}, the SRC of")
-    return f"{show(os.fspath(path))} {where} a running sortscp sort --mode move{holder_text(pid)}"
+    who = holder_text(pid) if pid else " (or what else holds a shared lock on it from outside this container)"
+    return f"{show(os.fspath(path))} {where} a running sortscp sort --mode move{who}"
 
 
 def _runs_a_move(pid: int) -> bool:
