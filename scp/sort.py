@@ -397,6 +397,10 @@ def sort_tree(
     Raises :class:`DestinationLockedError` if another sort writes into DST, and
     :class:`Interrupted` after a stop signal once the work in flight is done.
     """
+    if _same_folder(cfg.src, cfg.dst):
+        # One folder under two names (a bind mount of DST): sorted in place, by DST's name,
+        # which every check of a run in place compares paths with.
+        cfg = dataclasses.replace(cfg, src=cfg.dst)
     report = Report()
     parent_flushes = flush_count()  # ours (the names given after the walk), beside the workers'
     in_place = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
@@ -434,7 +438,7 @@ def sort_tree(
                 held = _take_unserved(cfg.dst)
                 if held is not None:
                     stack.callback(os.close, held)
-                if cfg.mode is Mode.MOVE and not _same_folder(cfg.src, cfg.dst):
+                if cfg.mode is Mode.MOVE and not in_place:
                     moved = _hold_moved(cfg.src)  # (in place: DST's own hold covers it)
                     if moved is not None:
                         stack.callback(os.close, moved)

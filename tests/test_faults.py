@@ -798,23 +798,67 @@ def _bind(source: Path, target: Path) -> None:
         pytest.skip(f"cannot bind-mount here: {mount.stderr.strip()}")
 
 
-def test_a_move_in_place_through_a_bind_mount_of_dst_runs(tmp_path):
-    """``sort --mode move B D`` where B is a bind mount of D is a move in
-    place; it was refused (75), its hold on SRC colliding with its own on DST."""
+@pytest.mark.parametrize("mode", ["move", "copy"])
+def test_a_sort_in_place_through_a_bind_mount_of_dst_is_a_sort_in_place(tmp_path, mode):
+    """``sort --mode move B D`` where B is a bind mount of D is a sort in
+    place; the move was refused (75), its hold on SRC colliding with its own
+    on DST, and, as a copy did, the walk then met the files the run had just
+    filed into the layout's folders (a batch of 64 files at a time) and sorted them again (a second row each).
+    Now it runs as ``sort D D`` does: one row per entry."""
     dst, bound = tmp_path / "d", tmp_path / "b"
-    dst.mkdir()
+    (dst / "AA").mkdir(parents=True)  # (walked before the layout's folders it is filed into)
     bound.mkdir()
-    uids = [f"1.2.826.0.1.3680043.10.16.{50 + n}" for n in range(3)]
-    for n, uid in enumerate(uids):
-        ct(uid).save_as(dst / f"f{n}.dcm", enforce_file_format=True)
+    for n in range(4):
+        ds = ct(f"1.2.826.0.1.3680043.10.16.5{n}")
+        ds.PatientID = f"P{n % 2}"
+        ds.save_as(dst / f"f{n}.dcm", enforce_file_format=True)
+    proc = run_cli("sort", dst, dst, "--mode", "move", timeout=120)  # the layout, made in place
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    for n in range(300):
+        ds = ct(f"1.2.826.0.1.3680043.10.16.{600 + n}")
+        ds.PatientID = f"P{n % 2}"
+        ds.save_as(dst / "AA" / f"f{n}.dcm", enforce_file_format=True)
     _bind(dst, bound)
     try:
-        proc = run_cli("sort", bound, dst, "--mode", "move", timeout=120)
-        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        proc = run_cli("sort", bound, dst, "--mode", mode, "--workers", "1", timeout=120)
     finally:
         subprocess.run(["umount", "-l", str(bound)], check=False)
-    assert sorted(p.name for p in layout_files(dst)) == sorted(f"{uid}.dcm" for uid in uids)
-    assert not any(p.name.startswith("f") for p in dst.rglob("*.dcm"))
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert "300 new, 0 replaced, 4 already in place, 0 kept as ~N, 0 skipped" in proc.stdout + proc.stderr, (
+        proc.stdout, proc.stderr)
+    filed = [p for p in dst.rglob("*.dcm") if p.parent.name != "AA"]
+    assert sorted(p.name for p in filed) == sorted(
+        [f"1.2.826.0.1.3680043.10.16.5{n}.dcm" for n in range(4)] + [f"1.2.826.0.1.3680043.10.16.{600 + n}.dcm" for n in range(300)])
+    assert len(list((dst / "AA").glob("*.dcm")) if (dst / "AA").exists() else []) == (300 if mode == "copy" else 0)
+
+
+def test_an_output_folder_that_is_a_mount_point_is_not_said_to_hold_itself(tmp_path):
+    """OUT the root of a file system (a volume, a disk): a second server on it
+    and a sort into it were refused as "OUT holds OUT"; they are refused as
+    for any served folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(out)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        server = ServeProcess(out)
+        try:
+            assert store_one(server.port, ct("1.2.826.0.1.3680043.10.16.70")) == SUCCESS, server.log()
+            proc = run_cli("serve", "--out", out, "--host", "127.0.0.1", "--port", free_port(), timeout=60)
+            _cli_error(proc, "one server per output folder")
+            assert "holds" not in proc.stdout + proc.stderr
+            loose = tmp_path / "loose"
+            loose.mkdir()
+            ct("1.2.826.0.1.3680043.10.16.71").save_as(loose / "x.dcm", enforce_file_format=True)
+            proc = run_cli("sort", loose, out, timeout=120)
+            assert proc.returncode == 75 and "a running server (sortscp serve) holds the instance index" in \
+                proc.stderr, (proc.stdout, proc.stderr)
+        finally:
+            assert server.terminate() == 0, server.log()
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
 
 
 def test_a_folder_served_from_another_mount_namespace_under_a_name_of_ours_is_not_refused(tmp_path):

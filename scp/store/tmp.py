@@ -161,10 +161,17 @@ def _hold_folder(root: Path, refused: str) -> int | None:
     try:
         return _folder_lock(root, fcntl.LOCK_EX)
     except BlockingIOError:  # (0 or None: in another PID namespace, a container)
-        if lock_holder(root, "WRITE") is None and (shared := lock_holder(root, "READ")) is not None:
-            raise SharedHold(
-                f"{root} is held by a shared lock{holder_text(shared)}: a sortscp sort --mode move of it, "
-                "or another program's flock -s; try again when it has finished") from None
+        try:
+            probe = _folder_lock(root, fcntl.LOCK_SH)  # (taken: only shared locks hold it, seen or not)
+        except BlockingIOError:
+            probe = None
+        else:
+            if probe is not None:
+                os.close(probe)
+                shared = lock_holder(root, "READ") or 0
+                raise SharedHold(
+                    f"{root} is held by a shared lock{holder_text(shared)}: a sortscp sort --mode move of "
+                    "it, or another program's flock -s; try again when it has finished") from None
         holder = holder_text(lock_holder(root) or 0)
         raise ServerRunning(refused.format(holder=holder, root=root)) from None
 
@@ -234,9 +241,9 @@ def held_below(path: Path) -> tuple[Path, int] | None:
             theirs = None
             if not (same_mounts and target.startswith(below)):
                 theirs = _on_file_system(target, str(pid))
-                if ours is None or theirs is None or theirs[0] != ours[0] or \
+                if ours is None or theirs is None or theirs[0] != ours[0] or theirs[1] == ours[1] or \
                         not theirs[1].startswith(ours[1].rstrip("/") + "/"):
-                    continue
+                    continue  # (not below: elsewhere, or `path` itself, also as a file system's root)
             if os.path.isdir(os.path.join(link, STATE_DIRNAME)):
                 if not same_mounts and theirs is not None:  # (ours for it, if a mount of ours shows it)
                     target = _our_name(theirs) or f"{target} (as pid {pid} names it)"
