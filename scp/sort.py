@@ -397,13 +397,13 @@ def sort_tree(
     Raises :class:`DestinationLockedError` if another sort writes into DST, and
     :class:`Interrupted` after a stop signal once the work in flight is done.
     """
-    if _same_folder(cfg.src, cfg.dst):
-        # One folder under two names (a bind mount of DST): sorted in place, by DST's name,
-        # which every check of a run in place compares paths with.
+    in_place = _same_folder(cfg.src, cfg.dst)
+    if in_place and os.path.realpath(cfg.src) != os.path.realpath(cfg.dst):
+        # One folder under two names (a bind mount of DST): sorted by DST's name, which
+        # every check of a run in place compares paths with.
         cfg = dataclasses.replace(cfg, src=cfg.dst)
     report = Report()
     parent_flushes = flush_count()  # ours (the names given after the walk), beside the workers'
-    in_place = os.path.realpath(cfg.src) == os.path.realpath(cfg.dst)
     skip = cfg.dst if _dst_inside_src(cfg) and not in_place else None
     emptied: set[str] = set()
     deferred: dict[str, list[Deferred]] = {}
@@ -674,10 +674,7 @@ def _refuse_held_around(cfg: SortConfig) -> None:
     pid = None if same else held_folder(cfg.src)  # (DST itself: refused at its own lock)
     around = (cfg.src, pid) if pid is not None else held_around(cfg.src)
     if around is not None:
-        raise DestinationLockedError(
-            f"--mode move would take the files of {shown(os.fspath(around[0]))}, the output folder of "
-            f"a running sortscp{holder_text(around[1])}, from under its index: stop it first, or "
-            "--mode copy")
+        raise DestinationLockedError(_move_from_served(around[0], holder_text(around[1])))
 
 
 def _sort_running(dst: Path, pid: str) -> str:
@@ -703,9 +700,12 @@ def _hold_moved(src: Path) -> int | None:
     try:
         return hold_moved(src)
     except BlockingIOError:  # (a server started on it since it was looked at)
-        raise DestinationLockedError(
-            f"--mode move would take the files of {shown(os.fspath(src))}, the output folder of a "
-            "running sortscp, from under its index: stop it first, or --mode copy") from None
+        raise DestinationLockedError(_move_from_served(src)) from None
+
+
+def _move_from_served(folder: Path, holder: str = "") -> str:
+    return (f"--mode move would take the files of {shown(os.fspath(folder))}, the output folder of a "
+            f"running sortscp{holder}, from under its index: stop it first, or --mode copy")
 
 
 def _take_unserved(dst: Path) -> int | None:

@@ -749,3 +749,26 @@ def test_a_same_size_resend_that_replaced_the_file_before_its_worker_died_is_a_n
     after = idx.series_state(s.series_instance_uid)
     assert after.revision == 2 and not after.complete
     assert idx.lookup("1.1").digest == hashlib.sha256(b"two").hexdigest()
+
+
+def test_an_index_made_before_the_study_lookup_gets_it_when_opened(root):
+    """The series of a study are found by its instances (a series UID a sender
+    gave two studies); an index made before had no SQL index for that, and
+    each study's lookup read every instance row. Opening it for writing makes
+    the SQL index; a read-only open (``ls``) leaves the file alone."""
+    def study_index() -> list:
+        conn = raw(root)
+        try:
+            return conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'instances_study'"
+                                ).fetchall()
+        finally:
+            conn.close()
+
+    assert study_index() == [("instances_study",)]
+    conn = raw(root)
+    conn.execute("DROP INDEX instances_study")
+    conn.close()
+    SqliteIndex(root, read_only=True).close()
+    assert study_index() == []
+    SqliteIndex(root).close()
+    assert study_index() == [("instances_study",)]

@@ -32,17 +32,13 @@ def listing(out: Path) -> list[dict[str, Any]]:
         try:
             studies = index.studies()
             series = index.series_list()
-            members = index.series_by_study()
+            of_series = index.studies_of_series()
         finally:
             index.close()
     except (InstanceIndexError, sqlite3.Error) as exc:  # damaged, not a database, locked
         raise NoIndex(f"cannot read the index of {out}: {exc}") from None
     except OSError as exc:  # its folder not writable (its lock file), unreadable
         raise NoIndex(f"cannot open the index of {out}: {exc.strerror}: {exc.filename}") from None
-    of_series: dict[str, dict[str | None, int]] = {}  # series -> its studies -> how many of their instances
-    for study_uid, counts in members.items():
-        for uid, n in counts.items():
-            of_series.setdefault(uid, {})[study_uid] = n
     by_study: dict[str | None, list[dict[str, Any]]] = {}
     for s in series:
         # (under each study its instances name: a series UID a sender gave two studies is in both)

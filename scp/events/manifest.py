@@ -194,8 +194,8 @@ def settle_staged_manifests(out: Path, completed: Callable[[str, str], int | Non
     server writes manifests, and it holds the folder (one server per
     folder), so no write is under way."""
     published = removed = 0
-    for folder, kind, key in ((SERIES_DIRNAME, "series", "series_instance_uid"),
-                              (STUDIES_DIRNAME, "study", "study_instance_uid")):
+    for folder, kind, key, named in ((SERIES_DIRNAME, "series", "series_instance_uid", series_manifest_path),
+                                     (STUDIES_DIRNAME, "study", "study_instance_uid", study_manifest_path)):
         where = state_dir(out) / folder
         try:
             with os.scandir(where) as it:
@@ -205,22 +205,14 @@ def settle_staged_manifests(out: Path, completed: Callable[[str, str], int | Non
             continue
         for name in names:
             staged = where / name
+            manifest = _staged_manifest(staged, key)
+            try:  # (its name, if its completion was flipped)
+                flipped = named(out, manifest[0]) if manifest and completed(kind, manifest[0]) == manifest[1] else None
+            except Exception:  # (the index cannot tell now: left for the next start)
+                continue
             try:
-                with open(staged, encoding="utf-8") as f:
-                    data = json.load(f)
-                uid, revision = data[key], data["revision"]
-                if not isinstance(uid, str) or not isinstance(revision, int):
-                    raise TypeError
-            except (OSError, ValueError, KeyError, TypeError):
-                flipped = False
-            else:
-                try:
-                    flipped = completed(kind, uid) == revision
-                except Exception:  # (the index cannot tell now: left for the next start)
-                    continue
-            try:
-                if flipped:
-                    publish_json(staged, (series_manifest_path if kind == "series" else study_manifest_path)(out, uid))
+                if flipped is not None:
+                    publish_json(staged, flipped)
                     published += 1
                 else:
                     os.unlink(staged)
@@ -228,3 +220,15 @@ def settle_staged_manifests(out: Path, completed: Callable[[str, str], int | Non
             except OSError:
                 pass
     return published, removed
+
+
+def _staged_manifest(staged: Path, key: str) -> tuple[str, int] | None:
+    """The UID (its `key`) and revision of the manifest staged at `staged`;
+    None if it does not read as one (written half)."""
+    try:
+        with open(staged, encoding="utf-8") as f:
+            data = json.load(f)
+        uid, revision = data[key], data["revision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (uid, revision) if isinstance(uid, str) and type(revision) is int else None

@@ -351,7 +351,7 @@ class InstanceIndex(Protocol):
     def mark_study_complete(self, study_uid: str, revision: int, *, arrivals: int | None = None) -> bool: ...
     def instances_of_series(self, series_uid: str, study_uid: str | None = None) -> list[InstanceRow]: ...
     def series_list(self, study_uid: str | None = None) -> list[SeriesState]: ...
-    def series_by_study(self) -> dict[str, dict[str, int]]: ...
+    def studies_of_series(self) -> dict[str, dict[str | None, int]]: ...
     def forget_empty_series(self, series_uid: str, revision: int) -> bool: ...
     def forget_empty_study(self, study_uid: str, revision: int) -> bool: ...
     def studies(self) -> list[StudyState]: ...
@@ -432,7 +432,12 @@ def _check_facts(facts: Mapping[str, Any]) -> None:
         raise ValueError(f"unknown instance facts: {sorted(unknown)}")
 
 
-_SCHEMA = """
+#: The instances of a study, whatever series row names it: a series UID a
+#: sender gave instances of two studies (its row names the last one's). In the
+#: schema, and made at open in an index made before it.
+_STUDY_INDEX = "instances_study ON instances(study_instance_uid)"
+
+_SCHEMA = f"""
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 CREATE TABLE instances(
     sop_instance_uid TEXT PRIMARY KEY,
@@ -447,7 +452,7 @@ CREATE TABLE instances(
     pending_path TEXT, owner TEXT, pid INTEGER, since REAL, intent TEXT
 ) WITHOUT ROWID;
 CREATE INDEX instances_series ON instances(series_instance_uid);
-CREATE INDEX instances_study ON instances(study_instance_uid);
+CREATE INDEX {_STUDY_INDEX};
 CREATE INDEX instances_pending ON instances(state) WHERE state <> 'ok';
 CREATE TABLE series(
     series_instance_uid TEXT PRIMARY KEY,
@@ -473,10 +478,6 @@ CREATE TABLE obsolete(
     path TEXT PRIMARY KEY, sop_instance_uid TEXT, owner TEXT, since REAL
 ) WITHOUT ROWID;
 """
-
-#: The instances of a study, whatever series row names it: a series UID a
-#: sender gave instances of two studies (its row names the last one's).
-_STUDY_INDEX = "instances_study ON instances(study_instance_uid)"
 
 _BUMP = "CASE WHEN completed_revision >= revision THEN revision + 1 ELSE revision END"
 
@@ -1073,9 +1074,6 @@ def _carry_manifests(conn: sqlite3.Connection, sdir: Path) -> None:
         conn.execute("ROLLBACK")
         raise
 
-
-#: The series of a study (one parameter: its UID): those its instances name.
-_SERIES_OF_STUDY = "SELECT series_instance_uid FROM instances WHERE study_instance_uid = ? AND path IS NOT NULL"
 
 #: Taken by :func:`repair_in_use` (the index's own lock is shared by a server's processes then).
 REPAIR_LOCK_FILENAME = "repair.lock"
@@ -1752,18 +1750,20 @@ class SqliteIndex:
             return self._series(
                 "WHERE s.instances > 0 ORDER BY t.patient_name, t.patient_id, t.study_date, s.folder", ()
             )
-        return self._series(f"WHERE s.series_instance_uid IN ({_SERIES_OF_STUDY}) AND s.instances > 0 "
-                            "ORDER BY s.folder", (study_uid,))
+        # (the series its instances name: a series UID a sender gave two studies is in both)
+        return self._series("WHERE s.series_instance_uid IN (SELECT series_instance_uid FROM instances"
+                            " WHERE study_instance_uid = ? AND path IS NOT NULL) AND s.instances > 0"
+                            " ORDER BY s.folder", (study_uid,))
 
-    def series_by_study(self) -> dict[str, dict[str, int]]:
-        """For ``ls``: each study's series, with how many of its instances each holds."""
+    def studies_of_series(self) -> dict[str, dict[str | None, int]]:
+        """For ``ls``: each series' studies, with how many of its instances each holds."""
         with self._lock:
             rows = self._c().execute(
-                "SELECT study_instance_uid, series_instance_uid, count(*) FROM instances"
-                " WHERE path IS NOT NULL GROUP BY study_instance_uid, series_instance_uid").fetchall()
-        found: dict[str, dict[str, int]] = {}
-        for study, series, n in rows:
-            found.setdefault(study, {})[series] = n
+                "SELECT series_instance_uid, study_instance_uid, count(*) FROM instances"
+                " WHERE path IS NOT NULL GROUP BY series_instance_uid, study_instance_uid").fetchall()
+        found: dict[str, dict[str | None, int]] = {}
+        for series, study, n in rows:
+            found.setdefault(series, {})[study] = n
         return found
 
     def studies(self) -> list[StudyState]:

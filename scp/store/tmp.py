@@ -218,7 +218,8 @@ def held_below(path: Path) -> tuple[Path, int] | None:
     bind mount, or served from a container, is seen; a holder whose
     descriptors cannot be read (another user's) is not. Only looks."""
     real = os.path.realpath(path)
-    ours = _on_file_system(real, "self")
+    own_mounts = _mounts("self")
+    ours = _on_file_system(real, own_mounts)
     below = real.rstrip(os.sep) + os.sep
     held: dict[int, set[str]] = {}
     for key, pid in _flocks("WRITE").items():
@@ -229,6 +230,10 @@ def held_below(path: Path) -> tuple[Path, int] | None:
             fds = os.listdir(fd_dir)
         except OSError:
             continue
+        # A path names the same folder for it as for us only in our own mount namespace;
+        # else (a container) it is placed on its file system through its mounts.
+        same_mounts = _mount_namespace(str(pid)) == _mount_namespace("self")
+        their_mounts: list[_Mount] | None = None
         for fd in fds:
             link = os.path.join(fd_dir, fd)  # (opened, it is the holder's file, whatever its name here)
             try:
@@ -237,16 +242,17 @@ def held_below(path: Path) -> tuple[Path, int] | None:
                     continue
             except OSError:
                 continue
-            same_mounts = _mount_namespace(str(pid)) == _mount_namespace("self")
             theirs = None
             if not (same_mounts and target.startswith(below)):
-                theirs = _on_file_system(target, str(pid))
+                if their_mounts is None:
+                    their_mounts = _mounts(str(pid))
+                theirs = _on_file_system(target, their_mounts)
                 if ours is None or theirs is None or theirs[0] != ours[0] or theirs[1] == ours[1] or \
-                        not theirs[1].startswith(ours[1].rstrip("/") + "/"):
+                        not _under(theirs[1], ours[1]):
                     continue  # (not below: elsewhere, or `path` itself, also as a file system's root)
             if os.path.isdir(os.path.join(link, STATE_DIRNAME)):
                 if not same_mounts and theirs is not None:  # (ours for it, if a mount of ours shows it)
-                    target = _our_name(theirs) or f"{target} (as pid {pid} names it)"
+                    target = _our_name(theirs, own_mounts) or f"{target} (as pid {pid} names it)"
                 return Path(target), pid
     return None
 
@@ -258,50 +264,50 @@ def _mount_namespace(pid: str) -> str | None:
         return None
 
 
-def _our_name(place: tuple[str, str]) -> str | None:
-    """A path of ours for `place` (:func:`_on_file_system`), through a mount
-    of ours of that file system whose root holds it; None if none does."""
-    dev, inside = place
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 5 or fields[2] != dev:
-            continue
-        root, point = _unescape(fields[3]), _unescape(fields[4])
-        if inside == root or inside.startswith(root.rstrip("/") + "/"):
-            return os.path.join(point, inside[len(root):].lstrip("/")).rstrip("/") or "/"
-    return None
+#: A mount as ``mountinfo`` lists it: its device (major:minor), the folder of
+#: that file system it shows (its root), and where it is mounted.
+_Mount = tuple[str, str, str]
 
 
-def _on_file_system(real: str, pid: str) -> tuple[str, str] | None:
-    """Where the resolved path `real`, as process `pid` (or ``self``) names
-    it, lies: its file system's device (major:minor) and its path from that
-    file system's root, read from ``/proc/PID/mountinfo`` (the mount that
-    holds it: the longest mount point above it, the last one mounted there).
-    None if that cannot be read."""
+def _mounts(pid: str) -> list[_Mount]:
+    """The mounts process `pid` (or ``self``) sees, in the order they were
+    made (``/proc/PID/mountinfo``; empty if that cannot be read)."""
     try:
         with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
-        return None
-    best: tuple[str, str, str] | None = None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 5:
-            continue
-        root, point = _unescape(fields[3]), _unescape(fields[4])
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and \
-                (best is None or len(point) >= len(best[0])):
-            best = (point, root, fields[2])
+        return []
+    return [(fields[2], _unescape(fields[3]), _unescape(fields[4]))
+            for fields in map(str.split, lines) if len(fields) >= 5]
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _on_file_system(real: str, mounts: list[_Mount]) -> tuple[str, str] | None:
+    """Where the resolved path `real`, named through `mounts`, lies: its file
+    system's device and its path from that file system's root (the mount that
+    holds it: the longest mount point above it, the last one mounted there).
+    None if no mount holds it (its mounts could not be read)."""
+    best: _Mount | None = None
+    for mount in mounts:
+        if _under(real, mount[2]) and (best is None or len(mount[2]) >= len(best[2])):
+            best = mount
     if best is None:
         return None
-    point, root, dev = best
-    rest = real[len(point):].lstrip("/")
-    return dev, os.path.normpath(os.path.join(root, rest))
+    dev, root, point = best
+    return dev, os.path.normpath(os.path.join(root, real[len(point):].lstrip("/")))
+
+
+def _our_name(place: tuple[str, str], mounts: list[_Mount]) -> str | None:
+    """A path through `mounts` for `place` (:func:`_on_file_system`): a mount
+    of that file system whose root holds it; None if none does."""
+    dev, inside = place
+    for mount_dev, root, point in mounts:
+        if mount_dev == dev and _under(inside, root):
+            return os.path.join(point, inside[len(root):].lstrip("/")).rstrip("/") or "/"
+    return None
 
 
 def _unescape(field: str) -> str:
